@@ -1,0 +1,393 @@
+"""The per-document envelope (DESIGN §4): zstd → secretstream → signed header.
+
+Rules of the format:
+
+1. A random 32-byte stream key encrypts the zstd-compressed package with XChaCha20-Poly1305
+   secretstream in ``chunk_size`` chunks; every chunk but the last is TAG_MESSAGE, the last is
+   TAG_FINAL. PyNaCl does not notice a missing final chunk, so the opener requires TAG_FINAL.
+2. The stream key is sealed (X25519 ``SealedBox``) to central's public key: the edge box itself
+   cannot decrypt its own outbox once the key is forgotten.
+3. The header (in the clear) carries no file names or text — only what central needs to verify:
+   device, document id, sequence number, central key id, sealed key, stream header, sizes and the
+   sha256 of the ciphertext. The device's Ed25519 signature covers the whole header.
+4. Central verifies the signature and then the ciphertext's size and sha256 *before* decrypting
+   anything (:func:`verify_ciphertext` returns the token the opener requires).
+5. The opener decompresses with a running cap equal to the signed plaintext size, feeding zstd
+   small input slices so one call never produces more than a few MiB, checks the frame's declared
+   content size first, and rejects bytes after the frame.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import nacl.bindings as sodium
+import nacl.exceptions
+import nacl.public
+import nacl.signing
+import zstandard
+
+from protocol.errors import (
+    CiphertextHashError,
+    DecompressError,
+    DecryptError,
+    HeaderError,
+    SignatureError,
+    SizeLimitError,
+    TrailingDataError,
+    TruncatedStreamError,
+    UnknownKeyError,
+)
+from protocol.names import DEVICE_ID_RE
+
+MAGIC = b"SOHOAENV"
+FORMAT_VERSION = 1
+DEFAULT_CHUNK_SIZE = 64 * 1024
+MIN_CHUNK_SIZE = 1024
+MAX_CHUNK_SIZE = 1024 * 1024
+ABYTES = sodium.crypto_secretstream_xchacha20poly1305_ABYTES
+HEADERBYTES = sodium.crypto_secretstream_xchacha20poly1305_HEADERBYTES
+KEYBYTES = sodium.crypto_secretstream_xchacha20poly1305_KEYBYTES
+TAG_MESSAGE = sodium.crypto_secretstream_xchacha20poly1305_TAG_MESSAGE
+TAG_FINAL = sodium.crypto_secretstream_xchacha20poly1305_TAG_FINAL
+SEALED_KEY_BYTES = KEYBYTES + sodium.crypto_box_SEALBYTES
+SIGNATURE_BYTES = 64
+KEY_ID_BYTES = 8
+DOC_ID_BYTES = 16
+# zstd blocks carry at most 128 KiB of output and need at least 4 input bytes, so a 256-byte input
+# slice can never expand past 8 MiB in one call, however hostile the frame.
+_ZSTD_SLICE = 256
+
+# magic, version, device-id length, device id (variable), then the fixed tail below.
+_FIXED = struct.Struct(f">{DOC_ID_BYTES}sQ{KEY_ID_BYTES}s{SEALED_KEY_BYTES}s{HEADERBYTES}sIQQ32sQ")
+
+
+def key_id(public_key: bytes) -> bytes:
+    """Short identifier of a central X25519 public key (lets central rotate keys)."""
+    return hashlib.sha256(b"sohoa-key-id\0" + public_key).digest()[:KEY_ID_BYTES]
+
+
+def chunk_count(ciphertext_size: int, chunk_size: int) -> int:
+    """Number of secretstream chunks in a ciphertext of this size (the last may be short)."""
+    full = chunk_size + ABYTES
+    return max(1, -(-ciphertext_size // full))
+
+
+@dataclass(frozen=True, slots=True)
+class EnvelopeHeader:
+    """The signed, in-the-clear part of an envelope. ``tid`` (transfer id) is the doc id in hex."""
+
+    device_id: str
+    doc_id: bytes
+    seq: int
+    central_key_id: bytes
+    sealed_key: bytes
+    stream_header: bytes
+    chunk_size: int
+    plaintext_size: int
+    ciphertext_size: int
+    ciphertext_sha256: bytes
+    created_at: int
+
+    def __post_init__(self) -> None:
+        if not DEVICE_ID_RE.fullmatch(self.device_id):
+            raise HeaderError(f"invalid device id {self.device_id!r}")
+        checks = [
+            (len(self.doc_id) == DOC_ID_BYTES, "doc_id must be 16 bytes"),
+            (0 <= self.seq < 1 << 63, "seq out of range"),
+            (len(self.central_key_id) == KEY_ID_BYTES, "central_key_id must be 8 bytes"),
+            (len(self.sealed_key) == SEALED_KEY_BYTES, "sealed_key has the wrong length"),
+            (len(self.stream_header) == HEADERBYTES, "stream_header has the wrong length"),
+            (MIN_CHUNK_SIZE <= self.chunk_size <= MAX_CHUNK_SIZE, "chunk_size out of range"),
+            (0 <= self.plaintext_size < 1 << 48, "plaintext_size out of range"),
+            (ABYTES <= self.ciphertext_size < 1 << 48, "ciphertext_size out of range"),
+            (len(self.ciphertext_sha256) == 32, "ciphertext_sha256 must be 32 bytes"),
+            (0 <= self.created_at < 1 << 63, "created_at out of range"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise HeaderError(message, device=self.device_id)
+        # Every chunk carries ABYTES of overhead; a size that cannot be split into chunks is forged.
+        chunks = chunk_count(self.ciphertext_size, self.chunk_size)
+        last = self.ciphertext_size - (chunks - 1) * (self.chunk_size + ABYTES)
+        if not ABYTES <= last <= self.chunk_size + ABYTES:
+            raise HeaderError("ciphertext_size does not split into chunks", device=self.device_id)
+
+    @property
+    def tid(self) -> str:
+        return self.doc_id.hex()
+
+    def encode(self) -> bytes:
+        device = self.device_id.encode("ascii")
+        return (MAGIC + bytes([FORMAT_VERSION, len(device)]) + device + _FIXED.pack(
+            self.doc_id, self.seq, self.central_key_id, self.sealed_key, self.stream_header,
+            self.chunk_size, self.plaintext_size, self.ciphertext_size, self.ciphertext_sha256,
+            self.created_at))
+
+    @classmethod
+    def decode(cls, data: bytes) -> EnvelopeHeader:
+        if len(data) < len(MAGIC) + 2:
+            raise HeaderError(f"header truncated at {len(data)} bytes")
+        if data[: len(MAGIC)] != MAGIC:
+            raise HeaderError("not a sohoa envelope (bad magic)")
+        version, device_len = data[len(MAGIC)], data[len(MAGIC) + 1]
+        if version != FORMAT_VERSION:
+            raise HeaderError(f"unsupported envelope version {version}")
+        start = len(MAGIC) + 2
+        if len(data) != start + device_len + _FIXED.size:
+            raise HeaderError(f"header is {len(data)} bytes, expected {start + device_len + _FIXED.size}")
+        try:
+            device = data[start: start + device_len].decode("ascii")
+        except UnicodeDecodeError as exc:
+            raise HeaderError("device id is not ASCII") from exc
+        fields = _FIXED.unpack(data[start + device_len:])
+        return cls(device, *fields)
+
+
+@dataclass(frozen=True, slots=True)
+class SignedHeader:
+    """Header plus the device's Ed25519 signature over the encoded header."""
+
+    header: EnvelopeHeader
+    signature: bytes
+
+    def __post_init__(self) -> None:
+        if len(self.signature) != SIGNATURE_BYTES:
+            raise HeaderError("signature must be 64 bytes", device=self.header.device_id)
+
+    def encode(self) -> bytes:
+        encoded = self.header.encode()
+        return struct.pack(">H", len(encoded)) + encoded + self.signature
+
+    @classmethod
+    def decode(cls, data: bytes) -> SignedHeader:
+        if len(data) < 2:
+            raise HeaderError(f"signed header truncated at {len(data)} bytes")
+        (length,) = struct.unpack(">H", data[:2])
+        if len(data) != 2 + length + SIGNATURE_BYTES:
+            raise HeaderError(f"signed header is {len(data)} bytes, expected {2 + length + SIGNATURE_BYTES}")
+        return cls(EnvelopeHeader.decode(data[2: 2 + length]), data[2 + length:])
+
+    def verify(self, device_key: nacl.signing.VerifyKey) -> EnvelopeHeader:
+        """Check the device's signature; raise :class:`SignatureError` if it does not verify."""
+        try:
+            device_key.verify(self.header.encode(), self.signature)
+        except nacl.exceptions.BadSignatureError as exc:
+            raise SignatureError("device signature does not verify", device=self.header.device_id,
+                                 tid=self.header.tid) from exc
+        return self.header
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedHeader:
+    """Proof that the signature *and* the assembled ciphertext's size and hash were checked."""
+
+    header: EnvelopeHeader
+
+
+def verify_ciphertext(signed: SignedHeader, device_key: nacl.signing.VerifyKey, *, size: int,
+                      sha256: bytes) -> VerifiedHeader:
+    """Verify signature, then the ciphertext size and hash against the signed header."""
+    header = signed.verify(device_key)
+    if size != header.ciphertext_size or sha256 != header.ciphertext_sha256:
+        raise CiphertextHashError(
+            f"ciphertext is {size} bytes sha256 {sha256.hex()[:16]}…, header says "
+            f"{header.ciphertext_size} bytes {header.ciphertext_sha256.hex()[:16]}…",
+            device=header.device_id, tid=header.tid)
+    return VerifiedHeader(header)
+
+
+class EnvelopeSealer:
+    """Streaming sealer: feed the package bytes, append the returned ciphertext, then finish().
+
+    Memory is bounded by ``chunk_size`` whatever the package size.
+    """
+
+    def __init__(self, *, device_id: str, doc_id: bytes, seq: int,
+                 signing_key: nacl.signing.SigningKey, central_public_key: nacl.public.PublicKey,
+                 plaintext_size: int, created_at: int, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                 level: int = 10) -> None:
+        self._device_id = device_id
+        self._doc_id = doc_id
+        self._seq = seq
+        self._signing_key = signing_key
+        self._plaintext_size = plaintext_size
+        self._created_at = created_at
+        self._chunk_size = chunk_size
+        stream_key = sodium.crypto_secretstream_xchacha20poly1305_keygen()
+        self._central_key_id = key_id(bytes(central_public_key))
+        self._sealed_key = nacl.public.SealedBox(central_public_key).encrypt(stream_key)
+        self._state = sodium.crypto_secretstream_xchacha20poly1305_state()
+        self._stream_header = sodium.crypto_secretstream_xchacha20poly1305_init_push(
+            self._state, stream_key)
+        self._compressor = zstandard.ZstdCompressor(
+            level=level, write_checksum=True, write_content_size=True
+        ).compressobj(size=plaintext_size)
+        self._pending = bytearray()
+        self._fed = 0
+        self._hash = hashlib.sha256()
+        self._ciphertext_size = 0
+        self._finished = False
+
+    def update(self, data: bytes) -> bytes:
+        if self._finished:
+            raise RuntimeError("sealer already finished")
+        self._fed += len(data)
+        if self._fed > self._plaintext_size:
+            raise ValueError(f"fed {self._fed} bytes, declared {self._plaintext_size}")
+        self._pending += self._compressor.compress(data)
+        return self._drain(final=False)
+
+    def finish(self) -> tuple[bytes, SignedHeader]:
+        if self._fed != self._plaintext_size:
+            raise ValueError(f"fed {self._fed} bytes, declared {self._plaintext_size}")
+        self._pending += self._compressor.flush()
+        tail = self._drain(final=True)
+        self._finished = True
+        header = EnvelopeHeader(
+            device_id=self._device_id, doc_id=self._doc_id, seq=self._seq,
+            central_key_id=self._central_key_id, sealed_key=self._sealed_key,
+            stream_header=self._stream_header, chunk_size=self._chunk_size,
+            plaintext_size=self._plaintext_size, ciphertext_size=self._ciphertext_size,
+            ciphertext_sha256=self._hash.digest(), created_at=self._created_at)
+        signature = self._signing_key.sign(header.encode()).signature
+        return tail, SignedHeader(header, signature)
+
+    def _drain(self, *, final: bool) -> bytes:
+        out = bytearray()
+        size = self._chunk_size
+        # Keep at least one byte back until finish(): the last chunk must carry TAG_FINAL.
+        while len(self._pending) > size or (final and len(self._pending) == size):
+            out += self._push(bytes(self._pending[:size]), TAG_MESSAGE)
+            del self._pending[:size]
+        if final:
+            out += self._push(bytes(self._pending), TAG_FINAL)
+            self._pending.clear()
+        return bytes(out)
+
+    def _push(self, chunk: bytes, tag: int) -> bytes:
+        encrypted: bytes = sodium.crypto_secretstream_xchacha20poly1305_push(
+            self._state, chunk, None, tag)
+        self._hash.update(encrypted)
+        self._ciphertext_size += len(encrypted)
+        return encrypted
+
+
+class EnvelopeOpener:
+    """Streaming opener: feed ciphertext in any slicing; authenticated plaintext goes to ``sink``.
+
+    Only a :class:`VerifiedHeader` is accepted, so nothing is decrypted before the signature and
+    the ciphertext hash are checked. ``sink`` receives decompressed package bytes in pieces of at
+    most a few MiB; the total is capped at the signed ``plaintext_size`` and at ``max_plaintext``.
+    """
+
+    def __init__(self, verified: VerifiedHeader, central_private_key: nacl.public.PrivateKey, *,
+                 max_plaintext: int, sink: Callable[[bytes], None]) -> None:
+        header = verified.header
+        self._header = header
+        ids = {"device": header.device_id, "tid": header.tid}
+        if header.central_key_id != key_id(bytes(central_private_key.public_key)):
+            raise UnknownKeyError(f"envelope sealed to key id {header.central_key_id.hex()}, "
+                                  "not this central's key", **ids)
+        if header.plaintext_size > max_plaintext:
+            raise SizeLimitError(f"declared plaintext {header.plaintext_size} bytes exceeds the "
+                                 f"cap of {max_plaintext}", **ids)
+        try:
+            stream_key = nacl.public.SealedBox(central_private_key).decrypt(header.sealed_key)
+        except nacl.exceptions.CryptoError as exc:
+            raise DecryptError("sealed stream key does not open", **ids) from exc
+        self._state = sodium.crypto_secretstream_xchacha20poly1305_state()
+        try:
+            sodium.crypto_secretstream_xchacha20poly1305_init_pull(
+                self._state, header.stream_header, stream_key)
+        except (nacl.exceptions.CryptoError, ValueError) as exc:
+            raise DecryptError("stream header rejected", **ids) from exc
+        self._ids = ids
+        self._sink = sink
+        self._buffer = bytearray()
+        self._consumed = 0
+        self._chunks_left = chunk_count(header.ciphertext_size, header.chunk_size)
+        self._final_seen = False
+        self._decompressor = zstandard.ZstdDecompressor().decompressobj(read_across_frames=False)
+        self._frame_checked = False
+        self._frame_prefix = bytearray()
+        self._produced = 0
+
+    def update(self, ciphertext: bytes) -> None:
+        self._buffer += ciphertext
+        full = self._header.chunk_size + ABYTES
+        while self._chunks_left > 0:
+            expected = full if self._chunks_left > 1 else (
+                self._header.ciphertext_size - self._consumed)
+            if len(self._buffer) < expected:
+                break
+            chunk = bytes(self._buffer[:expected])
+            del self._buffer[:expected]
+            self._consumed += expected
+            self._open_chunk(chunk, last=self._chunks_left == 1)
+            self._chunks_left -= 1
+        if self._chunks_left == 0 and self._buffer:
+            raise TrailingDataError(f"{len(self._buffer)} bytes after the final chunk", **self._ids)
+
+    def finish(self) -> None:
+        if self._chunks_left > 0 or not self._final_seen:
+            raise TruncatedStreamError(
+                f"stream ended with {self._chunks_left} chunk(s) missing", **self._ids)
+        if not self._decompressor.eof:
+            raise DecompressError("zstd frame is incomplete", **self._ids)
+        if self._produced != self._header.plaintext_size:
+            raise SizeLimitError(f"package is {self._produced} bytes, header declared "
+                                 f"{self._header.plaintext_size}", **self._ids)
+
+    def _open_chunk(self, chunk: bytes, *, last: bool) -> None:
+        try:
+            message, tag = sodium.crypto_secretstream_xchacha20poly1305_pull(self._state, chunk, None)
+        except (nacl.exceptions.CryptoError, ValueError) as exc:
+            raise DecryptError("chunk failed authentication (modified, reordered or duplicated)",
+                               offset=self._consumed - len(chunk), **self._ids) from exc
+        if tag == TAG_FINAL and not last:
+            raise TrailingDataError("TAG_FINAL before the end of the ciphertext", **self._ids)
+        if last and tag != TAG_FINAL:
+            raise TruncatedStreamError("last chunk is not TAG_FINAL (stream cut short)", **self._ids)
+        if tag not in (TAG_MESSAGE, TAG_FINAL):
+            raise DecryptError(f"unexpected secretstream tag {tag}", **self._ids)
+        self._final_seen = tag == TAG_FINAL
+        self._decompress(message)
+
+    def _decompress(self, data: bytes) -> None:
+        if not self._frame_checked:
+            self._frame_prefix += data
+            if len(self._frame_prefix) < 18 and not self._final_seen:
+                return
+            data = bytes(self._frame_prefix)
+            self._frame_prefix.clear()
+            self._check_frame_header(data)
+        for start in range(0, len(data), _ZSTD_SLICE):
+            piece = data[start: start + _ZSTD_SLICE]
+            if self._decompressor.eof:
+                raise TrailingDataError("bytes after the end of the zstd frame", **self._ids)
+            try:
+                out = self._decompressor.decompress(piece)
+            except zstandard.ZstdError as exc:
+                raise DecompressError(f"corrupt zstd data: {exc}", **self._ids) from exc
+            if self._decompressor.eof and self._decompressor.unused_data:
+                raise TrailingDataError("bytes after the end of the zstd frame", **self._ids)
+            self._produced += len(out)
+            if self._produced > self._header.plaintext_size:
+                raise SizeLimitError(f"decompressed past the declared {self._header.plaintext_size} "
+                                     "bytes (bomb or forged size)", **self._ids)
+            if out:
+                self._sink(out)
+
+    def _check_frame_header(self, data: bytes) -> None:
+        self._frame_checked = True
+        try:
+            params = zstandard.get_frame_parameters(data)
+        except zstandard.ZstdError as exc:
+            raise DecompressError(f"not a zstd frame: {exc}", **self._ids) from exc
+        if params.content_size != self._header.plaintext_size:
+            raise SizeLimitError(f"zstd frame declares {params.content_size} bytes, signed header "
+                                 f"{self._header.plaintext_size}", **self._ids)
