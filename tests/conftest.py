@@ -1,0 +1,20 @@
+"""Shared fixtures: a real Mosquitto on a free loopback port."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.broker import Broker, anonymous_config, free_port, running_broker
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path) -> Iterator[Broker]:
+    """An anonymous broker for tests that are not about authentication."""
+    port = free_port()
+    directory = tmp_path / "broker"
+    directory.mkdir()
+    with running_broker(anonymous_config(directory, port), port, directory / "mosquitto.log") as broker:
+        yield broker
