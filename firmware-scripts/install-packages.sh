@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Install the Debian packages sohoa needs on this machine (edge box, central server or a developer
+# machine). Idempotent: packages already present are not reinstalled and apt-get update runs only
+# when something is missing.
+#   usage: install-packages.sh [edge|central|dev]
+set -o errexit -o nounset -o pipefail
+
+role="${1:-dev}"
+common=(python3 python3-venv python3-dev ca-certificates sqlite3)
+edge=(tesseract-ocr tesseract-ocr-vie)
+central=(mosquitto mosquitto-clients)
+dev=(fonts-dejavu-core poppler-utils shellcheck)
+
+case "${role}" in
+  edge) wanted=("${common[@]}" "${edge[@]}") ;;
+  central) wanted=("${common[@]}" "${central[@]}") ;;
+  dev) wanted=("${common[@]}" "${edge[@]}" "${central[@]}" "${dev[@]}") ;;
+  *) echo "usage: $0 [edge|central|dev]" >&2; exit 2 ;;
+esac
+
+missing=()
+for pkg in "${wanted[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "${pkg}" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("${pkg}")
+  fi
+done
+
+if [ "${#missing[@]}" -eq 0 ]; then
+  exit 0
+fi
+
+if [ "$(id -u)" -ne 0 ]; then
+  if command -v sudo >/dev/null 2>&1; then
+    sudo_cmd=(sudo)
+  else
+    echo "missing packages: ${missing[*]} (run as root or install them)" >&2
+    exit 1
+  fi
+else
+  sudo_cmd=()
+fi
+
+echo "installing: ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+"${sudo_cmd[@]}" apt-get update -q
+"${sudo_cmd[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"
