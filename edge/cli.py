@@ -1,0 +1,126 @@
+"""``sohoa edge …``: init from an enrollment bundle, run the service, show status."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from edge import config as edge_config
+from edge.config import CONFIG_NAME, KEY_PATH, Bundle, ConfigError
+from edge.fsutil import atomic_write_bytes
+
+
+def register(subparsers: Any) -> None:
+    edge = subparsers.add_parser("edge", help="the commune edge box", description="Run and inspect an edge box.")
+    sub = edge.add_subparsers(dest="edge_command", required=True)
+
+    init = sub.add_parser("init", help="configure this box from an enrollment bundle",
+                          description="Create HOME/edge.toml and the device signing key from the secret "
+                                      "bundle written by `sohoa central enroll`.")
+    init.add_argument("--home", type=Path, required=True, help="the edge's state directory")
+    init.add_argument("--bundle", type=Path, required=True, help="bundle file from `sohoa central enroll`")
+    init.add_argument("--watch", type=Path, required=True, help="folder the scanner writes into")
+    init.add_argument("--force", action="store_true", help="overwrite an existing configuration")
+    init.set_defaults(func=_init)
+
+    run = sub.add_parser("run", help="run the edge service until SIGTERM",
+                         description="Watch, OCR, package and sync until stopped.")
+    run.add_argument("--home", type=Path, required=True)
+    run.set_defaults(func=_run)
+
+    status = sub.add_parser("status", help="counts per state, bytes queued, last receipt, failures",
+                            description="Read the outbox (safe while the service runs).")
+    status.add_argument("--home", type=Path, required=True)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(func=_status)
+
+
+def init(home: Path, bundle_path: Path, watch: Path, *, force: bool = False) -> Path:
+    """Write ``edge.toml`` (0600) and ``keys/device.key`` (0600) from the bundle."""
+    bundle = Bundle.load(bundle_path)
+    config_path = home / CONFIG_NAME
+    if config_path.exists() and not force:
+        raise ConfigError(f"{config_path} exists: pass --force to overwrite")
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(home, 0o700)
+    (home / KEY_PATH).parent.mkdir(mode=0o700, exist_ok=True)
+    atomic_write_bytes(home / KEY_PATH, bundle.signing_key.encode() + b"\n", mode=0o600)
+    broker: dict[str, Any] = {"url": bundle.broker.url, "username": bundle.broker.username,
+                              "password": bundle.broker.password}
+    if bundle.broker.ca_file:
+        broker["ca_file"] = bundle.broker.ca_file
+    document = {
+        "device_id": bundle.device_id,
+        "watch_dir": str(watch.resolve()),
+        "broker": broker,
+        "central": {"encryption_public_key": bundle.central.encryption_public_key,
+                    "receipt_public_key": bundle.central.receipt_public_key},
+    }
+    atomic_write_bytes(config_path, tomli_w.dumps(document).encode(), mode=0o600)
+    watch.mkdir(parents=True, exist_ok=True)
+    edge_config.load(home)  # validate what we wrote, with the same rules as `run`
+    return config_path
+
+
+def _init(args: argparse.Namespace) -> int:
+    path = init(args.home, args.bundle, args.watch, force=args.force)
+    print(f"wrote {path}; start with: sohoa edge run --home {args.home}")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from edge.service import run
+    return run(args.home)
+
+
+async def status_report(home: Path) -> dict[str, Any]:
+    from edge.outbox import Outbox
+    from edge.quarantine import list_failed
+
+    cfg = edge_config.load(home)
+    outbox = await Outbox.open(cfg.outbox_path, cap_bytes=cfg.outbox.cap_bytes)
+    try:
+        stats = await outbox.stats()
+    finally:
+        await outbox.close()
+    failed = list_failed(cfg.failed_dir) if cfg.failed_dir.exists() else []
+    alarms = []
+    if stats.queued_bytes >= cfg.outbox.cap_bytes * 0.95:
+        alarms.append("outbox full: new scans wait in the watch folder")
+    return {
+        "device_id": cfg.device_id,
+        "counts": dict(stats.counts),
+        "queued_docs": stats.queued_docs,
+        "queued_bytes": stats.queued_bytes,
+        "cap_bytes": cfg.outbox.cap_bytes,
+        "oldest_age_s": round(stats.oldest_age_s, 1),
+        "last_receipt_at": stats.last_receipt_at,
+        "failed": [{"name": f.name, "reason": f.reason, "since": str(f.since)} for f in failed],
+        "alarms": alarms,
+    }
+
+
+def _status(args: argparse.Namespace) -> int:
+    report = asyncio.run(status_report(args.home))
+    if args.json:
+        print(json.dumps(report, ensure_ascii=False, indent=2))
+        return 0
+    print(f"device {report['device_id']}")
+    for state, count in sorted(report["counts"].items()):
+        print(f"  {state:<10} {count}")
+    print(f"queued: {report['queued_docs']} document(s), {report['queued_bytes']} bytes "
+          f"(cap {report['cap_bytes']}), oldest {report['oldest_age_s']} s")
+    print(f"last receipt: {report['last_receipt_at'] or 'never'}")
+    for alarm in report["alarms"]:
+        print(f"ALARM: {alarm}")
+    if report["failed"]:
+        print(f"failed ({len(report['failed'])}), see the failed/ folder:")
+        for item in report["failed"]:
+            print(f"  {item['name']}: {item['reason']}")
+    return 0

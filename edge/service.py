@@ -1,0 +1,312 @@
+"""The edge service: the stages of one document, wired in order, in one TaskGroup.
+
+    intake (watch + settle) → take (probe, hash, outbox row, move to processed/)
+        → ocr → package → seal → outbox 'packaged' → uplink → receipt → forget
+
+Where a document is at every moment:
+- in the watch folder until it is *taken*; an outbox row is written before the file leaves it;
+- in ``processed/`` (named by its sha256) from then until central's signed receipt arrives;
+- its envelope in ``envelopes/<tid>.env`` from packaging until the receipt;
+- in ``failed/`` (with ``<name>.reason.txt``) if it is refused, never deleted by us.
+After a crash, ``recover()`` re-queues rows left half-way and sweeps files of receipted rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edge import config as edge_config
+from edge.config import EdgeConfig
+from edge.errors import BadInputError, EdgeError
+from edge.fsutil import disk_free, move_durably, sha256_file
+from edge.media import probe
+from edge.ocr import OcrEngine, TesseractEngine
+from edge.outbox import Doc, DocState, Outbox
+from edge.package import build_package, seal_package
+from edge.quarantine import quarantine
+from edge.uplink import Uplink
+from edge.watch import Intake
+from protocol.bag import MEDIA_EXTENSIONS
+from protocol.messages import Status
+from protocol.names import display_name
+
+log = logging.getLogger("sohoa.edge")
+VERSION = "0.1.0"
+MAX_ATTEMPTS = 3
+
+
+@dataclass
+class EdgeCounters:
+    """Live figures for the demo and the status message."""
+
+    taken: int = 0
+    failed: int = 0
+    duplicates: int = 0
+    pages: int = 0
+    original_bytes: int = 0
+    ciphertext_bytes: int = 0
+    ocr_seconds: float = 0.0
+    alarms: set[str] = field(default_factory=set)
+    last_error: str | None = None
+
+
+class EdgeService:
+    """One edge box: owns the outbox, the OCR engine, the intake and the uplink."""
+
+    def __init__(self, config: EdgeConfig, *, ocr_engine: OcrEngine | None = None) -> None:
+        self.config = config
+        self.counters = EdgeCounters()
+        self._engine = ocr_engine
+        self._outbox: Outbox | None = None
+        self._uplink: Uplink | None = None
+        self._queue: asyncio.Queue[str] = asyncio.Queue()
+        self._signing_key = config.signing_key()
+        self.ready = asyncio.Event()
+
+    @property
+    def outbox(self) -> Outbox:
+        assert self._outbox is not None, "service not started"
+        return self._outbox
+
+    @property
+    def uplink(self) -> Uplink:
+        assert self._uplink is not None, "service not started"
+        return self._uplink
+
+    async def run(self) -> None:
+        cfg = self.config
+        for directory in (cfg.envelopes_dir, cfg.work_dir, cfg.processed_dir, cfg.failed_dir):
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        cfg.watch_dir.mkdir(parents=True, exist_ok=True)
+        self._outbox = await Outbox.open(cfg.outbox_path, cap_bytes=cfg.outbox.cap_bytes)
+        engine = self._engine or TesseractEngine(cfg.ocr.languages, workers=cfg.ocr.worker_count,
+                                                 dpi=cfg.ocr.dpi)
+        up = cfg.uplink
+        self._uplink = Uplink(
+            device_id=cfg.device_id, broker_url=cfg.broker.url, username=cfg.broker.username,
+            password=cfg.broker.password, outbox=self._outbox, receipt_key=cfg.central.receipt_key,
+            segment_size=up.segment_size, window=up.window, rate_kbit=up.rate_kbit or None,
+            max_active=up.max_active, resend_after=up.resend_after, on_delivered=self._forget,
+            on_rejected=self._rejected, status=self.status, status_interval=up.status_interval,
+            ca_file=Path(cfg.broker.ca_file) if cfg.broker.ca_file else None)
+        try:
+            await self.recover()
+            async with Intake(cfg.watch_dir, quiet_seconds=cfg.intake.quiet_seconds,
+                              rescan_seconds=cfg.intake.rescan_seconds,
+                              check_interval=cfg.intake.check_interval) as intake:
+                self.ready.set()
+                async with asyncio.TaskGroup() as group:
+                    group.create_task(self._intake_loop(intake), name="intake")
+                    for index in range(cfg.ocr.worker_count):
+                        group.create_task(self._process_loop(engine), name=f"process-{index}")
+                    group.create_task(self._uplink.run(), name="uplink")
+        finally:
+            with contextlib.suppress(Exception):
+                await engine.aclose()
+            await self._outbox.close()
+
+    # -- recovery ---------------------------------------------------------------------------
+    async def recover(self) -> None:
+        """Continue after a crash: re-queue half-done rows, adopt orphans, sweep receipted files."""
+        outbox = self.outbox
+        known: set[str] = set()
+        for doc in await outbox.unfinished():
+            known.add(Path(doc.src_path).name)
+            self._queue.put_nowait(doc.tid)
+        for doc in await outbox.delivered_with_files():
+            await self._forget(doc)
+        # A file moved to processed/ whose outbox row never committed (power cut in between):
+        # hand it back to the watch folder so the intake takes it again properly.
+        for path in self.config.processed_dir.iterdir():
+            if path.name.startswith(".") or path.name in known:
+                continue
+            sha = path.stem.split("-")[0]
+            existing = await outbox.find_active_by_sha256(sha)
+            if existing is None:
+                log.warning("adopting orphan %s back into the watch folder", path.name)
+                move_durably(path, self.config.watch_dir / f"recovered-{path.name}")
+
+    # -- stages -----------------------------------------------------------------------------
+    async def _intake_loop(self, intake: Intake) -> None:
+        async for path in intake.stable():
+            try:
+                await self._take(path)
+            except BadInputError as exc:
+                await self._quarantine_new(path, exc.reason)
+            except FileNotFoundError:
+                continue  # gone between settling and taking: nothing to do, nothing lost
+            except OSError as exc:
+                # Disk full or similar: leave the file where it is; the next rescan retries it.
+                self._alarm(f"cannot take {path.name}: {exc.strerror or exc}")
+
+    async def _take(self, path: Path) -> None:
+        cfg = self.config
+        media = probe(path, max_bytes=cfg.intake.max_file_bytes)
+        name = display_name(path.name)
+        relative = str(path.relative_to(cfg.watch_dir)) if path.is_relative_to(cfg.watch_dir) else path.name
+        sha = await asyncio.to_thread(sha256_file, path)
+        earlier = await self.outbox.find_active_by_sha256(sha)
+        if earlier is not None and earlier.state in (DocState.DELIVERED, DocState.DUPLICATE):
+            # The same bytes are already receipted by central: this copy adds nothing.
+            await self.outbox.add_duplicate(name=name, sha256=sha, size=media.size, of_tid=earlier.tid)
+            path.unlink()
+            self.counters.duplicates += 1
+            log.info("duplicate of %s already delivered: %s", earlier.tid, name)
+            return
+        if not await self.outbox.room_for(media.size * 2):
+            self._alarm("outbox full: new scans wait in the watch folder")
+            return
+        self.counters.alarms.discard("outbox full: new scans wait in the watch folder")
+        ext = MEDIA_EXTENSIONS[media.media_type]
+        held = cfg.processed_dir / f"{sha}.{ext}"
+        if held.exists():
+            # Identical bytes already held for an in-flight document: let central deduplicate.
+            held = cfg.processed_dir / f"{sha}-{time.time_ns()}.{ext}"
+        move_durably(path, held)
+        doc = await self.outbox.add(name=name, src_path=str(held), size=media.size, sha256=sha,
+                                    media_type=media.media_type, pages=media.pages,
+                                    priority=cfg.intake.priority_of(relative))
+        self.counters.taken += 1
+        self.counters.original_bytes += media.size
+        log.info("took %s as %s (%d page(s))", name, doc.tid, media.pages)
+        self._queue.put_nowait(doc.tid)
+
+    async def _process_loop(self, engine: OcrEngine) -> None:
+        while True:
+            tid = await self._queue.get()
+            doc = await self.outbox.get(tid)
+            if doc is None or doc.state not in (DocState.STABLE, DocState.OCR_DONE):
+                continue
+            try:
+                await self._process(doc, engine)
+            except BadInputError as exc:
+                await self._fail(doc, exc.reason)
+            except (EdgeError, OSError) as exc:
+                attempts = await self.outbox.bump_attempts(tid, str(exc))
+                self.counters.last_error = f"{doc.name}: {exc}"
+                if attempts >= MAX_ATTEMPTS:
+                    await self._fail(doc, f"gave up after {attempts} attempts: {exc}")
+                else:
+                    log.warning("processing %s failed (attempt %d): %s", doc.name, attempts, exc)
+                    asyncio.get_running_loop().call_later(
+                        10.0 * attempts, self._queue.put_nowait, tid)
+
+    async def _process(self, doc: Doc, engine: OcrEngine) -> None:
+        cfg = self.config
+        original = Path(doc.src_path)
+        media = await asyncio.to_thread(probe, original, max_bytes=cfg.intake.max_file_bytes)
+        started = time.monotonic()
+        result = await engine.recognize(original, media)
+        self.counters.ocr_seconds += time.monotonic() - started
+        await self.outbox.mark_ocr_done(doc.tid, result.pages)
+        package = cfg.work_dir / f"{doc.tid}.tar"
+        envelope = cfg.envelopes_dir / f"{doc.tid}.env"
+        captured = dt.datetime.fromtimestamp(doc.created_at, dt.UTC).isoformat(timespec="seconds")
+        await asyncio.to_thread(
+            build_package, original, package, media=media, ocr=result, tid=doc.tid,
+            device_id=cfg.device_id, seq=doc.seq, original_name=doc.name,
+            original_sha256=doc.sha256, captured_at=captured)
+        try:
+            signed = await asyncio.to_thread(
+                seal_package, package, envelope, device_id=cfg.device_id, tid=doc.tid, seq=doc.seq,
+                signing_key=self._signing_key, central_public_key=cfg.central.encryption_key,
+                created_at=int(time.time()))
+        finally:
+            package.unlink(missing_ok=True)
+        await self.outbox.mark_packaged(
+            doc.tid, envelope_path=str(envelope), signed_header=signed.encode(),
+            ciphertext_size=signed.header.ciphertext_size, segment_size=cfg.uplink.segment_size)
+        self.counters.pages += result.pages
+        self.counters.ciphertext_bytes += signed.header.ciphertext_size
+        log.info("packaged %s: %d page(s), %d → %d bytes", doc.name, result.pages, doc.size,
+                 signed.header.ciphertext_size)
+        self.uplink.wake()
+
+    # -- endings ----------------------------------------------------------------------------
+    async def _forget(self, doc: Doc) -> None:
+        """Central's signed receipt is durably recorded: the plaintext may go now."""
+        if doc.envelope_path:
+            Path(doc.envelope_path).unlink(missing_ok=True)
+        (self.config.work_dir / f"{doc.tid}.tar").unlink(missing_ok=True)
+        if not self.config.retention.keep_originals:
+            Path(doc.src_path).unlink(missing_ok=True)
+        await self.outbox.clear_envelope(doc.tid)
+
+    async def _rejected(self, doc: Doc, reason: str) -> None:
+        await self._fail(doc, f"central refused it: {reason}")
+
+    async def _fail(self, doc: Doc, reason: str) -> None:
+        self.counters.failed += 1
+        self.counters.last_error = f"{doc.name}: {reason}"
+        original = Path(doc.src_path)
+        if original.exists():
+            # Give the clerk back a file with its own name, beside the reason.
+            staged = self.config.work_dir / doc.name
+            move_durably(original, staged)
+            quarantine(staged, self.config.failed_dir, reason)
+        if doc.envelope_path:
+            Path(doc.envelope_path).unlink(missing_ok=True)
+        await self.outbox.mark_failed(doc.tid, reason)
+        log.warning("quarantined %s: %s", doc.name, reason)
+
+    async def _quarantine_new(self, path: Path, reason: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            quarantine(path, self.config.failed_dir, reason)
+            self.counters.failed += 1
+            self.counters.last_error = f"{display_name(path.name)}: {reason}"
+            log.warning("quarantined %s: %s", display_name(path.name), reason)
+
+    def _alarm(self, text: str) -> None:
+        if text not in self.counters.alarms:
+            log.warning("alarm: %s", text)
+        self.counters.alarms.add(text)
+
+    async def status(self) -> Status:
+        stats = await self.outbox.stats()
+        last = (dt.datetime.fromtimestamp(stats.last_receipt_at, dt.UTC).isoformat(timespec="seconds")
+                if stats.last_receipt_at else None)
+        return Status(
+            device=self.config.device_id, online=True, queue_docs=stats.queued_docs,
+            queue_bytes=stats.queued_bytes, oldest_age_s=round(stats.oldest_age_s, 1),
+            failed_docs=stats.failed, last_receipt_at=last,
+            disk_free_bytes=disk_free(self.config.home), version=VERSION,
+            last_error=self.counters.last_error, alarms=tuple(sorted(self.counters.alarms)),
+            updated_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
+
+
+def run(home: Path) -> int:
+    """``sohoa edge run``: serve until SIGTERM/SIGINT, then stop cleanly."""
+    config = edge_config.load(home)
+
+    async def main() -> None:
+        service = EdgeService(config)
+        task = asyncio.create_task(service.run(), name="edge")
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    return 0
+
+
+async def wait_until(predicate: Callable[[], Awaitable[bool]], timeout: float, interval: float = 0.2) -> bool:
+    """Poll an async predicate (used by the demo and tests where no event exists to await)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await predicate():
+            return True
+        await asyncio.sleep(interval)
+    return False
+
+

@@ -1,0 +1,60 @@
+"""The ``sohoa`` console script: ``sohoa central …``, ``sohoa edge …``, ``sohoa demo``.
+
+Errors from either side are turned into one-line messages and exit codes here, in one place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from central import cli as central_cli
+from edge import cli as edge_cli
+from edge.config import ConfigError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sohoa", description="Digitise commune archives: edge boxes OCR and sync scans to a central archive.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    central_cli.register(sub)
+    edge_cli.register(sub)
+    demo = sub.add_parser("demo", help="run broker, central and one edge on this machine with sample pages",
+                          description="Start Mosquitto, a central and one edge in a temporary home, feed "
+                                      "sample Vietnamese pages, show progress until all are receipted.")
+    demo.add_argument("--scans", type=Path, help="use these scans instead of generated sample pages")
+    demo.add_argument("--pages", type=int, default=10, help="number of generated sample pages (default 10)")
+    demo.add_argument("--home", type=Path, help="keep state here instead of a temporary directory")
+    demo.add_argument("--exit-when-synced", action="store_true", help="stop once everything is receipted")
+    demo.add_argument("--json", action="store_true", help="print the summary as JSON")
+    demo.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds")
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from sohoa.demo import main as demo_main
+    return demo_main(scans=args.scans, pages=args.pages, home=args.home,
+                     exit_when_synced=args.exit_when_synced, as_json=args.json, timeout=args.timeout)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        code: int = args.func(args)
+    except ConfigError as exc:
+        print(f"sohoa: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""``sohoa demo``: the whole path on one machine — Mosquitto, central, one edge, sample pages.
+
+Everything is real (broker, tesseract ``vie``, encryption, receipts); only the distance is missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from central import commands as central_commands
+from edge import cli as edge_cli
+from edge import config as edge_config
+from edge.service import EdgeService
+from protocol.names import nfc
+
+DEVICE_ID = "xa-tan-trao"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _mosquitto() -> str:
+    for candidate in ("mosquitto", "/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"):
+        found = shutil.which(candidate)
+        if found:
+            return found
+    raise SystemExit("mosquitto not found: run `make demo` (it installs it) or apt-get install mosquitto")
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"mosquitto exited with {proc.returncode}; see its log")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return
+        time.sleep(0.05)
+    raise SystemExit(f"mosquitto did not listen on port {port}")
+
+
+def _scans(scans: Path | None, pages: int, into: Path) -> list[Path]:
+    if scans is not None:
+        files = sorted(p for p in scans.rglob("*") if p.is_file() and not p.name.startswith("."))
+        if not files:
+            raise SystemExit(f"no files in {scans}")
+        return files
+    from edge.samples import generate_samples
+    return [sample.path for sample in generate_samples(into, pages=pages)]
+
+
+def _drop_like_a_scanner(files: list[Path], watch: Path) -> None:
+    """Write each file under a temporary name, then rename: what most network scanners do."""
+    for source in files:
+        target = watch / nfc(source.name)
+        temp = watch / f".{target.name}.part"
+        shutil.copyfile(source, temp)
+        temp.rename(target)
+
+
+def _bar(done: int, total: int, width: int = 30) -> str:
+    filled = int(width * done / total) if total else width
+    return "[" + "#" * filled + "-" * (width - filled) + f"] {done}/{total}"
+
+
+async def _run(home: Path, files: list[Path], *, http_port: int, exit_when_synced: bool,
+               as_json: bool, timeout: float) -> dict[str, Any]:
+    central_home, edge_home = home / "central", home / "edge"
+    ready = asyncio.Event()
+    central_task = asyncio.create_task(central_commands.serve(central_home, ready=ready), name="central")
+    await asyncio.wait_for(ready.wait(), 30)
+    cfg = edge_config.load(edge_home)
+    # A demo should not make people wait for a slow scanner: settle after one quiet second.
+    cfg = dataclasses.replace(cfg, intake=dataclasses.replace(cfg.intake, quiet_seconds=1.0,
+                                                              check_interval=0.25))
+    service = EdgeService(cfg)
+    edge_task = asyncio.create_task(service.run(), name="edge")
+    await asyncio.wait_for(service.ready.wait(), 30)
+    started = time.monotonic()
+    _drop_like_a_scanner(files, cfg.watch_dir)
+    total = len(files)
+    done = failed = 0
+    interactive = sys.stdout.isatty() and not as_json
+    while time.monotonic() - started < timeout:
+        stats = await service.outbox.stats()
+        done = stats.counts.get("delivered", 0) + stats.counts.get("duplicate", 0)
+        # Every refusal (at intake or later) leaves a reason file beside the file in failed/.
+        failed = len(list(cfg.failed_dir.glob("*.reason.txt")))
+        if not as_json:
+            line = f"{_bar(done, total)} receipted, {failed} failed"
+            print(("\r" + line) if interactive else line, end="" if interactive else "\n", flush=True)
+        if done + failed >= total:
+            break
+        await asyncio.sleep(0.5 if interactive else 2.0)
+    seconds = time.monotonic() - started
+    if interactive:
+        print()
+    token = (central_home / "api-token").read_text().strip()
+    summary = {
+        "documents": total,
+        "receipted": done,
+        "failed": failed,
+        "pages": service.counters.pages,
+        "bytes_original": service.counters.original_bytes,
+        "bytes_compressed_encrypted": service.counters.ciphertext_bytes,
+        "bytes_on_wire": service.uplink.bytes_on_wire,
+        "ocr_seconds": round(service.counters.ocr_seconds, 2),
+        "seconds": round(seconds, 2),
+        "dashboard": f"http://127.0.0.1:{http_port}/",
+        "api_token_file": str(central_home / "api-token"),
+        "home": str(home),
+    }
+    if not exit_when_synced and done + failed >= total:
+        print(f"dashboard: {summary['dashboard']} (token: {token[:4]}… in {summary['api_token_file']}); "
+              "Ctrl-C to stop")
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.Event().wait()
+    for task in (edge_task, central_task):
+        task.cancel()
+    for task in (edge_task, central_task):
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    return summary
+
+
+def main(*, scans: Path | None, pages: int, home: Path | None, exit_when_synced: bool, as_json: bool,
+         timeout: float) -> int:
+    home = home or Path(tempfile.mkdtemp(prefix="sohoa-demo-"))
+    home.mkdir(parents=True, exist_ok=True)
+    broker_port, http_port = _free_port(), _free_port()
+    central_home = home / "central"
+    central_commands.init(central_home, broker_url=f"mqtt://127.0.0.1:{broker_port}",
+                          http=f"127.0.0.1:{http_port}")
+    log_path = home / "mosquitto.out"
+    with log_path.open("ab") as log:
+        broker = subprocess.Popen([_mosquitto(), "-c", str(central_home / "mosquitto.conf")],
+                                  stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait_port(broker_port, broker)
+        bundle = home / "bundle.toml"
+        central_commands.enroll(central_home, DEVICE_ID, bundle)
+        edge_cli.init(home / "edge", bundle, home / "scans")
+        bundle.unlink()  # the bundle holds the device's secret key: it has served its purpose
+        files = _scans(scans, pages, home / "samples")
+        if not as_json:
+            print(f"sohoa demo in {home}: broker :{broker_port}, central http :{http_port}, "
+                  f"{len(files)} document(s)")
+        try:
+            summary = asyncio.run(_run(home, files, http_port=http_port, exit_when_synced=exit_when_synced,
+                                       as_json=as_json, timeout=timeout))
+        except KeyboardInterrupt:
+            return 130
+    finally:
+        broker.terminate()
+        broker.wait(timeout=10)
+    if as_json:
+        print(json.dumps(summary, ensure_ascii=False, indent=2))
+    else:
+        mib = 1024 * 1024
+        print(f"documents: {summary['receipted']}/{summary['documents']} receipted, {summary['failed']} failed; "
+              f"pages: {summary['pages']}")
+        print(f"bytes: original {summary['bytes_original'] / mib:.2f} MiB, compressed+encrypted "
+              f"{summary['bytes_compressed_encrypted'] / mib:.2f} MiB, on the wire "
+              f"{summary['bytes_on_wire'] / mib:.2f} MiB")
+        print(f"time: {summary['seconds']} s (OCR {summary['ocr_seconds']} s)")
+        print(f"dashboard: {summary['dashboard']} (token in {summary['api_token_file']})")
+    return 0 if summary["receipted"] + summary["failed"] == summary["documents"] else 1
