@@ -1,1 +1,1 @@
-"""The edge appliance: watch a scan folder, OCR, package, encrypt, keep an outbox and sync to central."""
+"""The edge appliance: watch a scan folder, OCR, package, seal and send documents to central."""

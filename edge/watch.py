@@ -1,0 +1,184 @@
+"""Intake: turn a scan folder into a stream of finished files.
+
+Watchdog events only *hint* that a path changed (they are lost on overflow, on SMB/NFS mounts and
+while the service is down), so a startup scan and a periodic rescan are the ground truth. The
+watchdog thread never touches shared state: it hands paths to the event loop with
+``call_soon_threadsafe``. Whether a file is finished is decided by :mod:`edge.settle`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import stat
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from types import TracebackType
+
+from watchdog.events import (
+    DirCreatedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
+
+from edge.errors import EdgeError
+from edge.settle import Settler, is_ignored
+
+log = logging.getLogger(__name__)
+
+# Opening or reading a file (which we do ourselves) must not make it a candidate again.
+_INTERESTING = (FileCreatedEvent, FileModifiedEvent, FileMovedEvent, FileClosedEvent, DirCreatedEvent,
+                DirMovedEvent)
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, loop: asyncio.AbstractEventLoop, touch: Callable[[Path, bool], None]) -> None:
+        self._loop = loop
+        self._touch = touch
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if not isinstance(event, _INTERESTING):
+            return
+        raw = event.dest_path if isinstance(event, FileMovedEvent | DirMovedEvent) else event.src_path
+        path = Path(os.fsdecode(raw))
+        with contextlib.suppress(RuntimeError):  # the loop is closing; the next scan catches up
+            self._loop.call_soon_threadsafe(self._touch, path, event.is_directory)
+
+
+class Intake:
+    """Async context manager yielding settled scan files from ``watch_dir`` (recursively)."""
+
+    def __init__(self, watch_dir: Path, *, quiet_seconds: float = 5.0, rescan_seconds: float = 30.0,
+                 check_interval: float = 1.0, clock: Callable[[], float] = time.monotonic,
+                 wall_clock: Callable[[], float] = time.time, use_events: bool = True) -> None:
+        self.watch_dir = watch_dir
+        self.rescan_seconds = rescan_seconds
+        self.check_interval = check_interval
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._use_events = use_events
+        self._settler = Settler(quiet_seconds)
+        self._dirty: set[Path] = set()
+        self._dirty_dirs: set[Path] = set()
+        self._next_rescan = float("-inf")
+        self._wake = asyncio.Event()
+        self._observer: BaseObserver | None = None
+
+    @property
+    def pending(self) -> int:
+        """Files seen but not settled yet (for status reports)."""
+        return self._settler.pending()
+
+    async def __aenter__(self) -> Intake:
+        if not self.watch_dir.is_dir():
+            raise EdgeError(f"watch folder {self.watch_dir} does not exist or is not a folder",
+                            hint="create it or fix 'watch_dir' in edge.toml")
+        if self._use_events:
+            self._start_observer()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        observer, self._observer = self._observer, None
+        if observer is not None:
+            observer.stop()
+            await asyncio.to_thread(observer.join, 10)
+
+    def _start_observer(self) -> None:
+        observer = Observer()
+        observer.schedule(_Handler(asyncio.get_running_loop(), self._touch), str(self.watch_dir),
+                          recursive=True)
+        try:
+            observer.start()
+        except OSError as exc:
+            # inotify watch limit reached or an exotic mount: polling by rescan still works.
+            log.warning("file events unavailable for %s (%s); relying on rescans every %.0f s",
+                        self.watch_dir, exc, self.rescan_seconds)
+            return
+        self._observer = observer
+
+    def _touch(self, path: Path, is_directory: bool) -> None:
+        if is_directory:
+            self._dirty_dirs.add(path)  # a folder moved in brings files that raise no events
+        else:
+            self._dirty.add(path)
+        self._wake.set()
+
+    def rescan_now(self) -> None:
+        self._next_rescan = float("-inf")
+        self._wake.set()
+
+    async def stable(self) -> AsyncIterator[Path]:
+        """Yield settled files forever; re-yields a file still present at a later rescan."""
+        while True:
+            now = self._clock()
+            if now >= self._next_rescan:
+                self._next_rescan = now + self.rescan_seconds
+                self._dirty.update(await asyncio.to_thread(self._scan, self.watch_dir))
+            if self._dirty_dirs:
+                dirs, self._dirty_dirs = self._dirty_dirs, set()
+                for directory in dirs:
+                    if self._inside(directory):
+                        self._dirty.update(await asyncio.to_thread(self._scan, directory))
+            candidates = {p for p in self._dirty if self._inside(p)} | set(self._settler.tracked())
+            self._dirty.clear()
+            stats = await asyncio.to_thread(_lstat_all, candidates)
+            now, wall = self._clock(), self._wall_clock()
+            for path, info in stats.items():
+                self._settler.observe(path, info, now, wall_now=wall)
+            for path in self._settler.due(now):
+                info = _lstat(path)  # right before handing it out: still a regular file?
+                if info is not None and stat.S_ISREG(info.st_mode):
+                    yield path
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.check_interval)
+
+    def _inside(self, path: Path) -> bool:
+        try:
+            relative = path.relative_to(self.watch_dir)
+        except ValueError:
+            return False
+        return bool(relative.parts) and not any(is_ignored(part) for part in relative.parts)
+
+    def _scan(self, top: Path) -> set[Path]:
+        return set(_walk(top)) if top.is_dir() and not top.is_symlink() else set()
+
+
+def _walk(top: Path) -> Iterator[Path]:
+    try:
+        entries = list(os.scandir(top))
+    except OSError as exc:
+        log.warning("cannot list %s: %s", top, exc)
+        return
+    for entry in entries:
+        if is_ignored(entry.name):
+            continue
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                yield from _walk(Path(entry.path))
+            elif entry.is_file(follow_symlinks=False):
+                yield Path(entry.path)
+        except OSError:
+            continue
+
+
+def _lstat(path: Path) -> os.stat_result | None:
+    try:
+        return path.lstat()
+    except OSError:
+        return None
+
+
+def _lstat_all(paths: set[Path]) -> dict[Path, os.stat_result | None]:
+    return {path: _lstat(path) for path in sorted(paths)}
