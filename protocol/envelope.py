@@ -34,6 +34,7 @@ from protocol.errors import (
     CiphertextHashError,
     DecompressError,
     DecryptError,
+    EnvelopeError,
     HeaderError,
     SignatureError,
     SizeLimitError,
@@ -60,6 +61,7 @@ DOC_ID_BYTES = 16
 # zstd blocks carry at most 128 KiB of output and need at least 4 input bytes, so a 256-byte input
 # slice can never expand past 8 MiB in one call, however hostile the frame.
 _ZSTD_SLICE = 256
+_ZSTD_FRAME_HEADER_MAX = 18   # ZSTD_FRAMEHEADERSIZE_MAX: magic + descriptor + window + dict id + size
 
 # magic, version, device-id length, device id (variable), then the fixed tail below.
 _FIXED = struct.Struct(f">{DOC_ID_BYTES}sQ{KEY_ID_BYTES}s{SEALED_KEY_BYTES}s{HEADERBYTES}sIQQ32sQ")
@@ -210,6 +212,14 @@ class EnvelopeSealer:
                  signing_key: nacl.signing.SigningKey, central_public_key: nacl.public.PublicKey,
                  plaintext_size: int, created_at: int, chunk_size: int = DEFAULT_CHUNK_SIZE,
                  level: int = 10) -> None:
+        # Fail before compressing and encrypting a whole package, not at finish().
+        if not DEVICE_ID_RE.fullmatch(device_id):
+            raise HeaderError(f"invalid device id {device_id!r}")
+        if len(doc_id) != DOC_ID_BYTES or not 0 <= seq < 1 << 63 or not 0 <= created_at < 1 << 63:
+            raise HeaderError("doc_id must be 16 bytes; seq and created_at non-negative 63-bit",
+                              device=device_id)
+        if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE or not 0 <= plaintext_size < 1 << 48:
+            raise HeaderError("chunk_size or plaintext_size out of range", device=device_id)
         self._device_id = device_id
         self._doc_id = doc_id
         self._seq = seq
@@ -242,6 +252,8 @@ class EnvelopeSealer:
         return self._drain(final=False)
 
     def finish(self) -> tuple[bytes, SignedHeader]:
+        if self._finished:
+            raise RuntimeError("sealer already finished")
         if self._fed != self._plaintext_size:
             raise ValueError(f"fed {self._fed} bytes, declared {self._plaintext_size}")
         self._pending += self._compressor.flush()
@@ -281,34 +293,40 @@ class EnvelopeOpener:
 
     Only a :class:`VerifiedHeader` is accepted, so nothing is decrypted before the signature and
     the ciphertext hash are checked. ``sink`` receives decompressed package bytes in pieces of at
-    most a few MiB; the total is capped at the signed ``plaintext_size`` and at ``max_plaintext``.
+    most a few MiB, and only from chunks that secretstream authenticated; the total is capped at the
+    signed ``plaintext_size`` and at ``max_plaintext``. The opener also re-hashes the ciphertext it
+    is fed, so ``finish`` fails unless exactly the verified bytes went through it. After any error
+    the opener refuses further input: a half-failed stream is never resumed.
     """
 
     def __init__(self, verified: VerifiedHeader, central_private_key: nacl.public.PrivateKey, *,
                  max_plaintext: int, sink: Callable[[bytes], None]) -> None:
         header = verified.header
         self._header = header
-        ids = {"device": header.device_id, "tid": header.tid}
+        self._failed = False
+        self._finished = False
         if header.central_key_id != key_id(bytes(central_private_key.public_key)):
-            raise UnknownKeyError(f"envelope sealed to key id {header.central_key_id.hex()}, "
-                                  "not this central's key", **ids)
+            raise self._error(UnknownKeyError, f"envelope sealed to key id {header.central_key_id.hex()}, "
+                              "not this central's key")
         if header.plaintext_size > max_plaintext:
-            raise SizeLimitError(f"declared plaintext {header.plaintext_size} bytes exceeds the "
-                                 f"cap of {max_plaintext}", **ids)
+            raise self._error(SizeLimitError, f"declared plaintext {header.plaintext_size} bytes exceeds "
+                              f"the cap of {max_plaintext}")
         try:
             stream_key = nacl.public.SealedBox(central_private_key).decrypt(header.sealed_key)
         except nacl.exceptions.CryptoError as exc:
-            raise DecryptError("sealed stream key does not open", **ids) from exc
+            raise self._error(DecryptError, "sealed stream key does not open") from exc
+        if len(stream_key) != KEYBYTES:
+            raise self._error(DecryptError, "sealed stream key has the wrong length")
         self._state = sodium.crypto_secretstream_xchacha20poly1305_state()
         try:
             sodium.crypto_secretstream_xchacha20poly1305_init_pull(
                 self._state, header.stream_header, stream_key)
         except (nacl.exceptions.CryptoError, ValueError) as exc:
-            raise DecryptError("stream header rejected", **ids) from exc
-        self._ids = ids
+            raise self._error(DecryptError, "stream header rejected") from exc
         self._sink = sink
         self._buffer = bytearray()
         self._consumed = 0
+        self._hash = hashlib.sha256()
         self._chunks_left = chunk_count(header.ciphertext_size, header.chunk_size)
         self._final_seen = False
         self._decompressor = zstandard.ZstdDecompressor().decompressobj(read_across_frames=False)
@@ -316,7 +334,50 @@ class EnvelopeOpener:
         self._frame_prefix = bytearray()
         self._produced = 0
 
+    @property
+    def produced(self) -> int:
+        """Plaintext bytes handed to the sink so far."""
+        return self._produced
+
     def update(self, ciphertext: bytes) -> None:
+        self._check_usable()
+        try:
+            self._update(ciphertext)
+        except BaseException:
+            self._failed = True
+            raise
+
+    def finish(self) -> None:
+        self._check_usable()
+        self._failed = True   # whatever happens next, this opener is spent
+        if self._chunks_left > 0 or not self._final_seen:
+            raise self._error(TruncatedStreamError,
+                              f"stream ended with {self._chunks_left} chunk(s) missing")
+        if self._buffer:
+            raise self._error(TrailingDataError, f"{len(self._buffer)} bytes after the final chunk")
+        if self._consumed != self._header.ciphertext_size or (
+                self._hash.digest() != self._header.ciphertext_sha256):
+            raise self._error(CiphertextHashError, "the ciphertext fed to the opener is not the one "
+                              "whose hash was verified")
+        if not self._frame_checked:
+            self._check_frame_header(bytes(self._frame_prefix))
+        if not self._decompressor.eof:
+            raise self._error(DecompressError, "zstd frame is incomplete")
+        if self._produced != self._header.plaintext_size:
+            raise self._error(SizeLimitError, f"package is {self._produced} bytes, header declared "
+                              f"{self._header.plaintext_size}")
+        self._finished = True
+
+    def _check_usable(self) -> None:
+        if self._finished:
+            raise RuntimeError("opener already finished")
+        if self._failed:
+            raise RuntimeError("opener already failed; start again from a fresh opener")
+
+    def _error(self, cls: type[EnvelopeError], message: str, offset: int | None = None) -> EnvelopeError:
+        return cls(message, device=self._header.device_id, tid=self._header.tid, offset=offset)
+
+    def _update(self, ciphertext: bytes) -> None:
         self._buffer += ciphertext
         full = self._header.chunk_size + ABYTES
         while self._chunks_left > 0:
@@ -326,41 +387,37 @@ class EnvelopeOpener:
                 break
             chunk = bytes(self._buffer[:expected])
             del self._buffer[:expected]
+            self._hash.update(chunk)
             self._consumed += expected
             self._open_chunk(chunk, last=self._chunks_left == 1)
             self._chunks_left -= 1
         if self._chunks_left == 0 and self._buffer:
-            raise TrailingDataError(f"{len(self._buffer)} bytes after the final chunk", **self._ids)
-
-    def finish(self) -> None:
-        if self._chunks_left > 0 or not self._final_seen:
-            raise TruncatedStreamError(
-                f"stream ended with {self._chunks_left} chunk(s) missing", **self._ids)
-        if not self._decompressor.eof:
-            raise DecompressError("zstd frame is incomplete", **self._ids)
-        if self._produced != self._header.plaintext_size:
-            raise SizeLimitError(f"package is {self._produced} bytes, header declared "
-                                 f"{self._header.plaintext_size}", **self._ids)
+            raise self._error(TrailingDataError, f"{len(self._buffer)} bytes after the final chunk",
+                              self._consumed)
 
     def _open_chunk(self, chunk: bytes, *, last: bool) -> None:
+        offset = self._consumed - len(chunk)
         try:
             message, tag = sodium.crypto_secretstream_xchacha20poly1305_pull(self._state, chunk, None)
         except (nacl.exceptions.CryptoError, ValueError) as exc:
-            raise DecryptError("chunk failed authentication (modified, reordered or duplicated)",
-                               offset=self._consumed - len(chunk), **self._ids) from exc
+            raise self._error(DecryptError, "chunk failed authentication (modified, reordered or "
+                              "duplicated)", offset) from exc
         if tag == TAG_FINAL and not last:
-            raise TrailingDataError("TAG_FINAL before the end of the ciphertext", **self._ids)
+            raise self._error(TrailingDataError, "TAG_FINAL before the end of the ciphertext", offset)
         if last and tag != TAG_FINAL:
-            raise TruncatedStreamError("last chunk is not TAG_FINAL (stream cut short)", **self._ids)
+            raise self._error(TruncatedStreamError, "last chunk is not TAG_FINAL (stream cut short)",
+                              offset)
         if tag not in (TAG_MESSAGE, TAG_FINAL):
-            raise DecryptError(f"unexpected secretstream tag {tag}", **self._ids)
+            raise self._error(DecryptError, f"unexpected secretstream tag {tag}", offset)
         self._final_seen = tag == TAG_FINAL
         self._decompress(message)
 
     def _decompress(self, data: bytes) -> None:
         if not self._frame_checked:
+            # The frame header (at most 18 bytes) must be whole before its declared content size
+            # can be checked; a short first chunk is held back until more arrives or the stream ends.
             self._frame_prefix += data
-            if len(self._frame_prefix) < 18 and not self._final_seen:
+            if len(self._frame_prefix) < _ZSTD_FRAME_HEADER_MAX and not self._final_seen:
                 return
             data = bytes(self._frame_prefix)
             self._frame_prefix.clear()
@@ -368,17 +425,17 @@ class EnvelopeOpener:
         for start in range(0, len(data), _ZSTD_SLICE):
             piece = data[start: start + _ZSTD_SLICE]
             if self._decompressor.eof:
-                raise TrailingDataError("bytes after the end of the zstd frame", **self._ids)
+                raise self._error(TrailingDataError, "bytes after the end of the zstd frame")
             try:
                 out = self._decompressor.decompress(piece)
             except zstandard.ZstdError as exc:
-                raise DecompressError(f"corrupt zstd data: {exc}", **self._ids) from exc
+                raise self._error(DecompressError, f"corrupt zstd data: {exc}") from exc
             if self._decompressor.eof and self._decompressor.unused_data:
-                raise TrailingDataError("bytes after the end of the zstd frame", **self._ids)
+                raise self._error(TrailingDataError, "bytes after the end of the zstd frame")
             self._produced += len(out)
             if self._produced > self._header.plaintext_size:
-                raise SizeLimitError(f"decompressed past the declared {self._header.plaintext_size} "
-                                     "bytes (bomb or forged size)", **self._ids)
+                raise self._error(SizeLimitError, f"decompressed past the declared "
+                                  f"{self._header.plaintext_size} bytes (bomb or forged size)")
             if out:
                 self._sink(out)
 
@@ -387,7 +444,7 @@ class EnvelopeOpener:
         try:
             params = zstandard.get_frame_parameters(data)
         except zstandard.ZstdError as exc:
-            raise DecompressError(f"not a zstd frame: {exc}", **self._ids) from exc
+            raise self._error(DecompressError, f"not a zstd frame: {exc}") from exc
         if params.content_size != self._header.plaintext_size:
-            raise SizeLimitError(f"zstd frame declares {params.content_size} bytes, signed header "
-                                 f"{self._header.plaintext_size}", **self._ids)
+            raise self._error(SizeLimitError, f"zstd frame declares {params.content_size} bytes, "
+                              f"signed header {self._header.plaintext_size}")

@@ -8,10 +8,11 @@ raises :class:`DecodeError`. Binary payloads for the bulk path, canonical JSON f
 from __future__ import annotations
 
 import json
+import math
 import struct
 import zlib
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 import nacl.exceptions
@@ -20,14 +21,17 @@ import nacl.signing
 from protocol.envelope import SignedHeader
 from protocol.errors import DecodeError, ProtocolError, ReceiptError
 from protocol.names import check_device_id, check_tid
-from protocol.topics import Kind, Topic, parse_topic
+from protocol.topics import MAX_OFFSET, Kind, Topic, parse_topic
 
 MAX_SEGMENT = 1024 * 1024
+MAX_ACK_RANGES = 4096       # an ack with more ranges is hostile: a sane receiver coalesces them
+MAX_TEXT = 4000             # error strings, abort reasons, status texts: enough for a hint, no more
+MAX_JSON_BYTES = 64 * 1024  # acks, status and receipts are small; refuse to parse anything bigger
 _FIN = struct.Struct(">4sQ32s")
 _FIN_MAGIC = b"SFIN"
 
 
-class AckState(str, Enum):
+class AckState(StrEnum):
     """What central holds for a transfer."""
 
     RECEIVING = "receiving"   # ranges tell what is durably held; send the rest
@@ -58,7 +62,7 @@ class Segment:
     def __post_init__(self) -> None:
         check_device_id(self.device)
         check_tid(self.tid)
-        if self.offset < 0 or not 0 < len(self.data) <= MAX_SEGMENT:
+        if not 0 <= self.offset < MAX_OFFSET or not 0 < len(self.data) <= MAX_SEGMENT:
             raise DecodeError(f"segment of {len(self.data)} bytes at {self.offset} is out of bounds",
                               device=self.device, tid=self.tid, offset=self.offset)
 
@@ -81,7 +85,7 @@ class Fin:
     def __post_init__(self) -> None:
         check_device_id(self.device)
         check_tid(self.tid)
-        if len(self.sha256) != 32 or self.size < 0:
+        if len(self.sha256) != 32 or not 0 <= self.size < MAX_OFFSET:
             raise DecodeError("fin needs a size and a 32-byte sha256", device=self.device, tid=self.tid)
 
 
@@ -115,6 +119,11 @@ class Status:
 
     def __post_init__(self) -> None:
         check_device_id(self.device)
+        counts = (self.queue_docs, self.queue_bytes, self.failed_docs, self.disk_free_bytes or 0)
+        if any(not _is_int(c) or not 0 <= c < 1 << 63 for c in counts):
+            raise DecodeError("status counts must be non-negative integers", device=self.device)
+        if not math.isfinite(self.oldest_age_s):
+            raise DecodeError("status oldest_age_s must be a finite number", device=self.device)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,12 +138,24 @@ class Ack:
     def __post_init__(self) -> None:
         check_device_id(self.device)
         check_tid(self.tid)
-        previous = -1
-        for start, end in self.ranges:
-            if not previous < start < end if previous >= 0 else not 0 <= start < end:
-                raise DecodeError("ack ranges must be sorted, disjoint and non-empty",
+        if not isinstance(self.state, AckState):
+            raise DecodeError(f"ack state {self.state!r} is not an AckState", device=self.device,
+                              tid=self.tid)
+        if len(self.ranges) > MAX_ACK_RANGES:
+            raise DecodeError(f"ack carries {len(self.ranges)} ranges, at most {MAX_ACK_RANGES}",
+                              device=self.device, tid=self.tid)
+        # Canonical form: sorted, disjoint, non-adjacent (coalesced), non-empty, within offsets.
+        previous_end: int | None = None
+        for item in self.ranges:
+            if len(item) != 2 or not all(_is_int(v) for v in item):
+                raise DecodeError(f"ack range {item!r} is not a pair of integers",
                                   device=self.device, tid=self.tid)
-            previous = end
+            start, end = item
+            lower_ok = start >= 0 if previous_end is None else start > previous_end
+            if not (lower_ok and start < end <= MAX_OFFSET):
+                raise DecodeError("ack ranges must be sorted, disjoint, coalesced and non-empty",
+                                  device=self.device, tid=self.tid)
+            previous_end = end
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +184,11 @@ class Receipt:
     body: ReceiptBody
     signature: bytes = field(repr=False)
 
+    def __post_init__(self) -> None:
+        if len(self.signature) != 64:
+            raise ReceiptError("receipt signature must be 64 bytes", device=self.body.device,
+                               tid=self.body.tid)
+
     @property
     def device(self) -> str:
         return self.body.device
@@ -187,14 +213,59 @@ class Receipt:
 Message = Init | Segment | Fin | Abort | Status | Ack | Receipt
 
 
+def _is_int(value: object) -> bool:
+    # bool is an int subclass; JSON true/false is never an offset or a count.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int(obj: dict[str, Any], key: str, default: int | None = None) -> int:
+    value = obj.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 63:
+        raise DecodeError(f"field {key!r} must be a non-negative integer, got {value!r:.80}")
+    return value
+
+
+def _opt_int(obj: dict[str, Any], key: str) -> int | None:
+    return None if obj.get(key) is None else _int(obj, key)
+
+
+def _opt_str(obj: dict[str, Any], key: str) -> str | None:
+    value = obj.get(key)
+    if value is not None and not isinstance(value, str):
+        raise DecodeError(f"field {key!r} must be a string or null, got {value!r:.80}")
+    return value[:MAX_TEXT] if value is not None else None
+
+
+def _str(obj: dict[str, Any], key: str) -> str:
+    value = obj.get(key)
+    if not isinstance(value, str):
+        raise DecodeError(f"field {key!r} must be a string, got {value!r:.80}")
+    return value
+
+
+def _bool(obj: dict[str, Any], key: str) -> bool:
+    value = obj.get(key)
+    if not isinstance(value, bool):
+        raise DecodeError(f"field {key!r} must be true or false, got {value!r:.80}")
+    return value
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not JSON")
+
+
 def _canonical(obj: object) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def _json(payload: bytes, what: str) -> dict[str, Any]:
+    if len(payload) > MAX_JSON_BYTES:
+        raise DecodeError(f"{what} payload is {len(payload)} bytes, at most {MAX_JSON_BYTES}")
     try:
-        obj = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+        # NaN/Infinity are not JSON (and int(inf) raises OverflowError); deep nesting raises
+        # RecursionError inside the parser.
+        obj = json.loads(payload.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise DecodeError(f"{what} payload is not JSON: {exc}") from exc
     if not isinstance(obj, dict):
         raise DecodeError(f"{what} payload must be a JSON object")
@@ -267,30 +338,44 @@ def _decode(parsed: Topic, device: str, tid: str | None, payload: bytes) -> Mess
         return Fin(device, tid, size, digest)
     if kind is Kind.ABORT:
         assert tid is not None
-        return Abort(device, tid, payload.decode("utf-8", errors="replace")[:1000])
+        return Abort(device, tid, payload[: MAX_TEXT * 4].decode("utf-8", errors="replace")[:MAX_TEXT])
     if kind is Kind.STATUS:
         obj = _json(payload, "status")
         if obj.get("device") != device:
             raise DecodeError("status device does not match its topic")
+        age = obj.get("oldest_age_s", 0.0)
+        if not isinstance(age, int | float) or isinstance(age, bool) or not math.isfinite(age):
+            raise DecodeError(f"field 'oldest_age_s' must be a number, got {age!r:.80}")
+        alarms = obj.get("alarms", [])
+        if not isinstance(alarms, list) or len(alarms) > 100 or not all(
+                isinstance(a, str) for a in alarms):
+            raise DecodeError("field 'alarms' must be a list of at most 100 strings")
         return Status(
-            device=device, online=bool(obj["online"]), queue_docs=int(obj.get("queue_docs", 0)),
-            queue_bytes=int(obj.get("queue_bytes", 0)), oldest_age_s=float(obj.get("oldest_age_s", 0)),
-            failed_docs=int(obj.get("failed_docs", 0)), last_receipt_at=obj.get("last_receipt_at"),
-            disk_free_bytes=obj.get("disk_free_bytes"), version=obj.get("version"),
-            last_error=obj.get("last_error"), alarms=tuple(str(a) for a in obj.get("alarms", [])),
-            updated_at=obj.get("updated_at"))
+            device=device, online=_bool(obj, "online"), queue_docs=_int(obj, "queue_docs", 0),
+            queue_bytes=_int(obj, "queue_bytes", 0), oldest_age_s=float(age),
+            failed_docs=_int(obj, "failed_docs", 0), last_receipt_at=_opt_str(obj, "last_receipt_at"),
+            disk_free_bytes=_opt_int(obj, "disk_free_bytes"), version=_opt_str(obj, "version"),
+            last_error=_opt_str(obj, "last_error"), alarms=tuple(a[:MAX_TEXT] for a in alarms),
+            updated_at=_opt_str(obj, "updated_at"))
     if kind is Kind.ACK:
         obj = _json(payload, "ack")
-        ranges = tuple((int(s), int(e)) for s, e in obj.get("ranges", []))
-        return Ack(device, str(obj["tid"]), AckState(obj["state"]), ranges, obj.get("error"),
-                   obj.get("error_class"))
+        raw_ranges = obj.get("ranges", [])
+        if not isinstance(raw_ranges, list) or not all(
+                isinstance(r, list) and len(r) == 2 for r in raw_ranges):
+            raise DecodeError("field 'ranges' must be a list of [start, end] pairs")
+        try:
+            state = AckState(_str(obj, "state"))
+        except ValueError as exc:
+            raise DecodeError(f"unknown ack state {obj.get('state')!r:.80}") from exc
+        return Ack(device, _str(obj, "tid"), state, tuple((r[0], r[1]) for r in raw_ranges),
+                   _opt_str(obj, "error"), _opt_str(obj, "error_class"))
     if kind is Kind.RECEIPT:
         if len(payload) < 65:
             raise ReceiptError(f"receipt payload truncated at {len(payload)} bytes")
         obj = _json(payload[64:], "receipt")
-        body = ReceiptBody(device=str(obj["device"]), tid=str(obj["tid"]), sha256=str(obj["sha256"]),
-                           stored_at=str(obj["stored_at"]), document_id=int(obj["document_id"]),
-                           duplicate=bool(obj["duplicate"]))
+        body = ReceiptBody(device=_str(obj, "device"), tid=_str(obj, "tid"), sha256=_str(obj, "sha256"),
+                           stored_at=_str(obj, "stored_at"), document_id=_int(obj, "document_id"),
+                           duplicate=_bool(obj, "duplicate"))
         if body.device != device or body.canonical() != payload[64:]:
             raise ReceiptError("receipt body is not canonical or names another device")
         return Receipt(body, payload[:64])

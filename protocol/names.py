@@ -43,7 +43,7 @@ def display_name(raw: str) -> str:
     cleaned = "".join(ch if unicodedata.category(ch)[0] != "C" else "\ufffd" for ch in nfc(raw))
     cleaned = cleaned.replace("/", "\u2215").replace("\\", "\u2216")
     if len(cleaned) > MAX_NAME_CHARS:
-        stem, dot, ext = cleaned.rpartition(".")
+        _stem, dot, ext = cleaned.rpartition(".")
         keep = ext if dot and len(ext) <= 10 else ""
         cleaned = cleaned[: MAX_NAME_CHARS - len(keep) - 2] + "…" + ("." + keep if keep else "")
     return cleaned or "unnamed"

@@ -28,6 +28,10 @@ class RangeSet:
             raise ValueError(f"invalid range [{start}, {end})")
         if start == end:
             return
+        if not self._ranges or self._ranges[-1][1] < start:
+            # Segments mostly arrive in order: appending keeps rebuilding from a log linear.
+            self._ranges.append((start, end))
+            return
         merged: list[tuple[int, int]] = []
         placed = False
         for s, e in self._ranges:

@@ -6,8 +6,9 @@ Every id in a topic is validated, so a topic can never smuggle ``+``, ``#``, ``/
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 from protocol.errors import DecodeError, TopicError
 from protocol.names import check_device_id, check_tid
@@ -16,9 +17,12 @@ PREFIX = "sohoa/v1"
 UP = f"{PREFIX}/up"
 DOWN = f"{PREFIX}/down"
 MAX_OFFSET = 1 << 48
+# ASCII digits only, no leading zeros, at most 15 digits (MAX_OFFSET has 15): ``str.isdigit`` would
+# accept "²" and Arabic-Indic digits, and ``int`` refuses strings over 4300 digits with ValueError.
+_OFFSET_RE = re.compile(r"0|[1-9][0-9]{0,14}")
 
 
-class Kind(str, Enum):
+class Kind(StrEnum):
     INIT = "init"
     SEG = "seg"
     FIN = "fin"
@@ -62,30 +66,38 @@ class Topic:
 
 def parse_topic(topic: str) -> Topic:
     """Parse a concrete topic; raise :class:`TopicError` for anything outside the scheme."""
-    parts = topic.split("/")
     try:
-        if parts[:2] != ["sohoa", "v1"] or len(parts) < 5:
-            raise TopicError(f"not a sohoa/v1 topic: {topic!r}")
-        direction, device = parts[2], parts[3]
-        if direction == "down" and len(parts) == 5 and parts[4] in ("ack", "receipt"):
-            return Topic(Kind(parts[4]), device)
-        if direction != "up":
-            raise TopicError(f"unknown topic {topic!r}")
-        if len(parts) == 5 and parts[4] == "status":
-            return Topic(Kind.STATUS, device)
-        if len(parts) >= 7 and parts[4] == "tx":
-            tid, kind = parts[5], parts[6]
-            if kind == "seg" and len(parts) == 8:
-                if not parts[7].isdigit() or (len(parts[7]) > 1 and parts[7][0] == "0"):
-                    raise TopicError(f"bad segment offset in {topic!r}")
-                return Topic(Kind.SEG, device, tid, int(parts[7]))
-            if kind in ("init", "fin", "abort") and len(parts) == 7:
-                return Topic(Kind(kind), device, tid)
-        raise TopicError(f"unknown topic {topic!r}")
+        return _parse_topic(topic)
     except TopicError:
         raise
     except DecodeError as exc:
-        raise TopicError(f"{exc} in topic {topic!r}") from exc
+        raise TopicError(f"{exc} in topic {topic[:200]!r}") from exc
+
+
+def _unknown(topic: str) -> TopicError:
+    return TopicError(f"unknown topic {topic[:200]!r}")
+
+
+def _parse_topic(topic: str) -> Topic:
+    parts = topic.split("/")
+    if parts[:2] != ["sohoa", "v1"] or len(parts) < 5:
+        raise TopicError(f"not a sohoa/v1 topic: {topic[:200]!r}")
+    direction, device = parts[2], parts[3]
+    if direction == "down" and len(parts) == 5 and parts[4] in ("ack", "receipt"):
+        return Topic(Kind(parts[4]), device)
+    if direction != "up":
+        raise _unknown(topic)
+    if len(parts) == 5 and parts[4] == "status":
+        return Topic(Kind.STATUS, device)
+    if len(parts) >= 7 and parts[4] == "tx":
+        tid, kind = parts[5], parts[6]
+        if kind == "seg" and len(parts) == 8:
+            if not _OFFSET_RE.fullmatch(parts[7]):
+                raise TopicError(f"bad segment offset in {topic[:200]!r}")
+            return Topic(Kind.SEG, device, tid, int(parts[7]))
+        if kind in ("init", "fin", "abort") and len(parts) == 7:
+            return Topic(Kind(kind), device, tid)
+    raise _unknown(topic)
 
 
 def device_up_filter(device: str) -> str:

@@ -9,6 +9,13 @@ Sender (edge), one per transfer id:
   - Segments lie on a fixed grid of ``segment_size`` bytes; at most ``window`` are in flight.
   - A segment counts as delivered only when an ack's ranges cover it (a PUBACK promises nothing
     durable). An in-flight segment not covered after ``resend_after`` seconds is sent again.
+  - Central acks only durably stored bytes, so what it holds only grows: RECEIVING acks are merged
+    into what the sender knows, and a stale ack overtaken by a newer one costs nothing. The one
+    exception is an ack that shows a gap *after* fin was sent: central has seen everything we sent
+    and still misses bytes, so its view replaces ours and the gap is sent again.
+  - Acks that arrive while disconnected update what is held but never make the sender active.
+  - Call ``poll`` after every input (connected, ack, receipt); ``next_deadline`` is only
+    meaningful after a ``poll``.
   - When acks cover ``[0, size)`` it sends ``fin`` (repeated every ``resend_after`` until
     central answers STORED). A STORED ack means "receipt follows"; the receipt ends the transfer.
   - A REJECTED ack ends the transfer as failed; UNKNOWN means central lost it: announce again.
@@ -19,21 +26,22 @@ Receiver (central), one per transfer id, rebuilt from the durable segment log af
     duplicate: acknowledged, not written. Any other overlap is a conflict: an error, never a merge.
   - The caller writes an accepted segment durably, then calls ``committed``; only then do its
     bytes appear in acked ranges.
-  - The transfer is complete when the held ranges cover ``[0, ciphertext_size)``.
+  - The transfer is complete when the held ranges cover ``[0, ciphertext_size)``; a ``fin`` must
+    name the signed ciphertext size and hash, anything else is a conflict.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 from protocol.envelope import EnvelopeHeader
 from protocol.errors import TransferError
-from protocol.messages import Ack, AckState, Segment
+from protocol.messages import Ack, AckState, Fin, Segment
 from protocol.ranges import RangeSet
 
 
-class SenderState(str, Enum):
+class SenderState(StrEnum):
     IDLE = "idle"                 # not connected
     ANNOUNCING = "announcing"     # init sent, waiting for the first ack (resumed transfers)
     SENDING = "sending"
@@ -67,8 +75,8 @@ class TransferSender:
 
     def __init__(self, tid: str, size: int, *, segment_size: int, window: int,
                  resend_after: float = 30.0, fresh: bool = True) -> None:
-        if segment_size <= 0 or window <= 0 or size <= 0:
-            raise ValueError("size, segment_size and window must be positive")
+        if segment_size <= 0 or window <= 0 or size <= 0 or not resend_after > 0:
+            raise ValueError("size, segment_size, window and resend_after must be positive")
         self.tid = tid
         self.size = size
         self.segment_size = segment_size
@@ -103,29 +111,38 @@ class TransferSender:
         if ack.tid != self.tid or self.state in (SenderState.DONE, SenderState.REJECTED):
             return
         self._fresh = False
+        idle = self.state is SenderState.IDLE
         if ack.state is AckState.REJECTED:
             self.state = SenderState.REJECTED
             self.error, self.error_class = ack.error or "rejected by central", ack.error_class
+            self._in_flight.clear()
             return
         if ack.state is AckState.STORED:
             self.held = RangeSet.of([(0, self.size)])
             self._in_flight.clear()
-            self.state = SenderState.AWAITING_RECEIPT
+            if not idle:
+                self.state = SenderState.AWAITING_RECEIPT
+                self._fin_sent_at = None   # poll() starts the wait for the receipt
             return
         if ack.state is AckState.UNKNOWN:
             self.held = RangeSet()
             self._in_flight.clear()
             self._init_sent_at = None
-            self.state = SenderState.ANNOUNCING
+            if not idle:
+                self.state = SenderState.ANNOUNCING
             return
-        # Central's view replaces ours: it is the durable truth (it may have lost unsynced bytes).
-        self.held = RangeSet.of(r for r in ack.ranges if r[0] < self.size)
+        ranges = [(start, min(end, self.size)) for start, end in ack.ranges if start < self.size]
+        if self.state is SenderState.FINISHING and not RangeSet.of(ranges).covers(0, self.size):
+            # fin was sent and central still misses bytes: its view is the truth, send the gap.
+            self.held = RangeSet.of(ranges)
+            self._fin_sent_at = None
+            self.state = SenderState.SENDING
+        else:
+            for start, end in ranges:
+                self.held.add(start, end)
         for offset in [o for o in self._in_flight if self.held.covers(o, self._end(o))]:
             del self._in_flight[offset]
-        if self.state in (SenderState.ANNOUNCING, SenderState.IDLE):
-            if self.state is SenderState.ANNOUNCING:
-                self.state = SenderState.SENDING
-        if self.state is SenderState.FINISHING and not self.held.covers(0, self.size):
+        if self.state is SenderState.ANNOUNCING:
             self.state = SenderState.SENDING
 
     def on_receipt(self) -> None:
@@ -151,6 +168,10 @@ class TransferSender:
                 self._fin_sent_at is None or now - self._fin_sent_at >= self.resend_after):
             self._fin_sent_at = now
             actions.append(SendFin())
+        if self.state is SenderState.AWAITING_RECEIPT and self._fin_sent_at is None:
+            # The STORED ack may have come in answer to init after a reconnect, with the receipt
+            # lost on the way: start the clock so the receipt is asked for again below.
+            self._fin_sent_at = now
         if self.state is SenderState.AWAITING_RECEIPT and self._fin_sent_at is not None and (
                 now - self._fin_sent_at >= self.resend_after * 4):
             # No receipt for a long time: ask again; central answers fin idempotently.
@@ -167,7 +188,8 @@ class TransferSender:
         times = [t + self.resend_after for t in self._in_flight.values()]
         if self.state is SenderState.ANNOUNCING and self._init_sent_at is not None:
             times.append(self._init_sent_at + self.resend_after)
-        if self.state in (SenderState.FINISHING, SenderState.AWAITING_RECEIPT) and self._fin_sent_at:
+        if self.state in (SenderState.FINISHING, SenderState.AWAITING_RECEIPT) and (
+                self._fin_sent_at is not None):
             factor = 1 if self.state is SenderState.FINISHING else 4
             times.append(self._fin_sent_at + self.resend_after * factor)
         return min(times) if times else None
@@ -198,7 +220,7 @@ class TransferSender:
         return actions
 
 
-class SegmentVerdict(str, Enum):
+class SegmentVerdict(StrEnum):
     ACCEPT = "accept"         # new bytes: write durably, then call committed()
     DUPLICATE = "duplicate"   # already held byte-for-byte: just ack
 
@@ -213,14 +235,20 @@ class HeldSegment:
 class TransferReceiver:
     """Central's view of one transfer: which segments are durably held."""
 
-    def __init__(self, header: EnvelopeHeader, held: list[HeldSegment] | tuple[HeldSegment, ...] = ()) -> None:
+    def __init__(self, header: EnvelopeHeader,
+                 held: list[HeldSegment] | tuple[HeldSegment, ...] = ()) -> None:
         self.header = header
         self._segments: dict[int, HeldSegment] = {}
         self._pending: dict[int, HeldSegment] = {}
         self.ranges = RangeSet()
-        for seg in held:
+        # The durable log is ours, but a bug or a torn write there must not turn into a merge.
+        for seg in sorted(held, key=lambda h: h.offset):
+            end = seg.offset + seg.length
+            if seg.length <= 0 or seg.offset < 0 or end > self.size or self.ranges.overlaps(seg.offset, end):
+                raise TransferError(f"held segment [{seg.offset}, {end}) is invalid or overlaps another",
+                                    device=header.device_id, tid=header.tid, offset=seg.offset)
             self._segments[seg.offset] = seg
-            self.ranges.add(seg.offset, seg.offset + seg.length)
+            self.ranges.add(seg.offset, end)
 
     @property
     def tid(self) -> str:
@@ -234,21 +262,27 @@ class TransferReceiver:
     def complete(self) -> bool:
         return self.ranges.covers(0, self.size)
 
+    @property
+    def held_segments(self) -> tuple[HeldSegment, ...]:
+        """Committed segments in offset order (what a restarted receiver is rebuilt from)."""
+        return tuple(self._segments[o] for o in sorted(self._segments))
+
     def on_segment(self, seg: Segment) -> SegmentVerdict:
-        ids = {"device": seg.device, "tid": seg.tid, "offset": seg.offset}
+        def conflict(message: str) -> TransferError:
+            return TransferError(message, device=seg.device, tid=seg.tid, offset=seg.offset)
+
         if seg.tid != self.tid or seg.device != self.header.device_id:
-            raise TransferError("segment for another transfer", **ids)
+            raise conflict("segment for another transfer")
         if seg.end > self.size:
-            raise TransferError(f"segment [{seg.offset}, {seg.end}) past the signed size {self.size}",
-                                **ids)
+            raise conflict(f"segment [{seg.offset}, {seg.end}) past the signed size {self.size}")
         held = self._segments.get(seg.offset) or self._pending.get(seg.offset)
         if held is not None:
             if held.length == len(seg.data) and held.crc == seg.crc:
                 return SegmentVerdict.DUPLICATE
-            raise TransferError("conflicting segment at a held offset", **ids)
-        pending = RangeSet.of((p.offset, p.offset + p.length) for p in self._pending.values())
-        if self.ranges.overlaps(seg.offset, seg.end) or pending.overlaps(seg.offset, seg.end):
-            raise TransferError("segment overlaps held bytes with a different geometry", **ids)
+            raise conflict("conflicting segment at a held offset")
+        if self.ranges.overlaps(seg.offset, seg.end) or any(
+                p.offset < seg.end and seg.offset < p.offset + p.length for p in self._pending.values()):
+            raise conflict("segment overlaps held bytes with a different geometry")
         self._pending[seg.offset] = HeldSegment(seg.offset, len(seg.data), seg.crc)
         return SegmentVerdict.ACCEPT
 
@@ -262,6 +296,16 @@ class TransferReceiver:
     def abandon(self, offset: int) -> None:
         """The durable write failed (disk full): forget the pending segment so it can come again."""
         self._pending.pop(offset, None)
+
+    def on_fin(self, fin: Fin) -> bool:
+        """Check a fin against the signed header; True if every byte is durably held."""
+        if fin.tid != self.tid or fin.device != self.header.device_id:
+            raise TransferError("fin for another transfer", device=fin.device, tid=fin.tid)
+        if fin.size != self.size or fin.sha256 != self.header.ciphertext_sha256:
+            raise TransferError(f"fin names {fin.size} bytes sha256 {fin.sha256.hex()[:16]}…, the signed "
+                                f"header {self.size} bytes {self.header.ciphertext_sha256.hex()[:16]}…",
+                                device=fin.device, tid=fin.tid)
+        return self.complete
 
     def ack(self) -> Ack:
         return Ack(self.header.device_id, self.tid, AckState.RECEIVING, tuple(self.ranges.as_list()))
