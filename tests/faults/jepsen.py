@@ -103,8 +103,8 @@ def classify(
     names_per_content = Counter(sha.lower() for sha in dropped.values())
 
     verdicts = []
-    for name, sha in sorted(dropped.items()):
-        sha = sha.lower()
+    for name, given in sorted(dropped.items()):
+        sha = given.lower()
         count = copies[sha]
         if count == 0:
             outcome = Outcome.LOST

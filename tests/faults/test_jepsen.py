@@ -55,7 +55,7 @@ def test_lost_duplicated_and_unexpected_are_reported() -> None:
     s = report.summary
     assert (s.dropped, s.ok, s.lost, s.duplicated, s.unexpected, s.valid) == (3, 1, 1, 1, 1, False)
     assert report.with_outcome(Outcome.DUPLICATED)[0].tids == ("t1", "t4")
-    with pytest.raises(AssertionError, match="Quyết định 12 – Hà Giang.pdf"):
+    with pytest.raises(AssertionError, match=r"Quyết định 12 – Hà Giang\.pdf"):
         assert_exactly_once(DROPPED, catalog)
 
 
