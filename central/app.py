@@ -1,0 +1,84 @@
+"""The central web application: ``create_app(config)`` wires the catalog, ingest and routes.
+
+Long-lived resources (the reader connection, the ingest service and its TaskGroup) live in
+``cleanup_ctx`` so tests and ``serve`` start and stop them the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from central import handlers
+from central.config import CentralConfig
+from central.db import Database
+from central.keys import load_keys
+from central.metrics import Metrics
+from central.service import IngestService
+from central.state import CONFIG, INGEST, METRICS, READER
+
+log = logging.getLogger("sohoa.central.app")
+
+ROUTES = [
+    web.get("/", handlers.dashboard),
+    web.get("/healthz", handlers.healthz),
+    web.get("/metrics", handlers.metrics),
+    web.get("/api/devices", handlers.devices),
+    web.get("/api/documents", handlers.documents),
+    web.get("/api/documents/{id:[0-9]+}", handlers.document),
+    web.get("/api/documents/{id:[0-9]+}/original", handlers.original),
+]
+
+
+async def _ingest_ctx(app: web.Application) -> AsyncIterator[None]:
+    service = await IngestService.start(app[CONFIG], app[METRICS])
+    app[INGEST] = service
+    task = asyncio.create_task(service.run(), name="central-ingest")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await service.close()
+
+
+async def _reader_ctx(app: web.Application) -> AsyncIterator[None]:
+    reader = Database(app[CONFIG].paths.catalog, readonly=True, name="catalog-reader")
+    app[READER] = reader
+    try:
+        yield
+    finally:
+        await reader.close()
+
+
+def create_app(config: CentralConfig, *, ingest: bool = True) -> web.Application:
+    """The aiohttp app; ``ingest=False`` serves the catalog without connecting to the broker."""
+    load_keys(config.paths)   # refuse to start without keys, before anything listens
+    app = web.Application(middlewares=[handlers.api_auth])
+    app[CONFIG] = config
+    app[METRICS] = Metrics()
+    if ingest:
+        app.cleanup_ctx.append(_ingest_ctx)   # first: the writer creates or migrates the schema
+    app.cleanup_ctx.append(_reader_ctx)
+    app.router.add_routes(ROUTES)
+    return app
+
+
+async def serve_config(config: CentralConfig, *, ready: asyncio.Event | None = None) -> None:
+    """Run the HTTP app (which owns the ingest service) until cancelled."""
+    runner = web.AppRunner(create_app(config), access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, config.http.host, config.http.port)
+        await site.start()
+        log.info("central listening on http://%s", config.http)
+        if ready is not None:
+            ready.set()
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()

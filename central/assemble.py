@@ -1,0 +1,209 @@
+"""Turn a fully received ciphertext into verified, decrypted, unpacked files (DESIGN §1 "assemble").
+
+Order matters and is the point of this module: whole-ciphertext size and hash, then the device
+signature (both via ``verify_ciphertext``), and only then decrypt; the decrypted package is read as
+a tar stream whose member names and order are a closed set (``protocol.bag``), each payload file
+hashed against the manifest. Nothing here names a file after anything the sender chose.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tarfile
+import unicodedata
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import nacl.public
+import nacl.signing
+
+from protocol.bag import (
+    BAGIT_TXT,
+    HOCR,
+    METADATA,
+    TAG_FILES,
+    TEXT,
+    PackageMetadata,
+    check_tid_matches,
+    original_member,
+    parse_manifest,
+    payload_members,
+)
+from protocol.envelope import EnvelopeOpener, SignedHeader, verify_ciphertext
+from protocol.errors import BagError
+
+BLOCK = 1024 * 1024
+MAX_TAG_FILE = 1024 * 1024          # bagit.txt, bag-info.txt, manifest: tiny by construction
+MAX_METADATA = 1024 * 1024
+MAX_TEXT = 256 * 1024 * 1024        # OCR text of a very long register still fits comfortably
+
+
+@dataclass(frozen=True, slots=True)
+class Assembled:
+    """A verified package on local disk, ready to be stored and catalogued."""
+
+    metadata: PackageMetadata
+    metadata_json: str
+    text: str
+    original: Path            # temp file, fsynced; the caller moves it into the object store
+    original_sha256: str
+    package: Path             # the decrypted BagIt tar, fsynced
+    package_sha256: str
+    ciphertext_sha256: str
+
+
+def file_digest(path: Path) -> tuple[int, bytes]:
+    digest = hashlib.sha256()
+    size = 0
+    with path.open("rb") as handle:
+        while chunk := handle.read(BLOCK):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.digest()
+
+
+def _fsync_close(handle: IO[bytes]) -> None:
+    handle.flush()
+    os.fsync(handle.fileno())
+    handle.close()
+
+
+def _private_file(path: Path) -> IO[bytes]:
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb")
+
+
+def decrypt_to_file(staging: Path, signed: SignedHeader, device_key: nacl.signing.VerifyKey,
+                    central_key: nacl.public.PrivateKey, *, max_plaintext: int, out: Path) -> tuple[str, str]:
+    """Verify then decrypt ``staging`` into ``out``; return (ciphertext sha256, package sha256)."""
+    size, ciphertext_digest = file_digest(staging)
+    verified = verify_ciphertext(signed, device_key, size=size, sha256=ciphertext_digest)
+    package_digest = hashlib.sha256()
+    sink = _private_file(out)
+    try:
+        def write(data: bytes) -> None:
+            package_digest.update(data)
+            sink.write(data)
+
+        opener = EnvelopeOpener(verified, central_key, max_plaintext=max_plaintext, sink=write)
+        with staging.open("rb") as source:
+            while chunk := source.read(BLOCK):
+                opener.update(chunk)
+        opener.finish()
+    finally:
+        _fsync_close(sink)
+    return ciphertext_digest.hex(), package_digest.hexdigest()
+
+
+def _read_capped(handle: IO[bytes], cap: int, name: str) -> bytes:
+    data = handle.read(cap + 1)
+    if len(data) > cap:
+        raise BagError(f"{name} is larger than {cap} bytes")
+    return data
+
+
+def _copy_hashing(handle: IO[bytes], write: Callable[[bytes], object]) -> str:
+    digest = hashlib.sha256()
+    while chunk := handle.read(BLOCK):
+        digest.update(chunk)
+        write(chunk)
+    return digest.hexdigest()
+
+
+def unpack(package: Path, *, device: str, tid: str, seq: int,
+           original_out: Path) -> tuple[PackageMetadata, str, str, str]:
+    """Stream-read the package tar; return (metadata, metadata json, text, original sha256)."""
+    try:
+        return _unpack(package, device=device, tid=tid, seq=seq, original_out=original_out)
+    except tarfile.TarError as exc:
+        raise BagError(f"package is not a valid tar: {exc}", device=device, tid=tid) from exc
+
+
+def _unpack(package: Path, *, device: str, tid: str, seq: int,
+            original_out: Path) -> tuple[PackageMetadata, str, str, str]:
+    expected: list[str] = [*TAG_FILES, METADATA, TEXT, HOCR]   # original's name follows metadata
+    hashes: dict[str, str] = {}
+    manifest: dict[str, str] | None = None
+    metadata: PackageMetadata | None = None
+    metadata_json = ""
+    text = ""
+    seen: list[str] = []
+    with package.open("rb") as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
+        for member in tar:
+            position = len(seen)
+            if position >= len(expected):
+                raise BagError(f"unexpected extra member {member.name[:80]!r}", device=device, tid=tid)
+            if member.name != expected[position] or not member.isreg():
+                raise BagError(f"member {position} is {member.name[:80]!r} (type {member.type!r}), "
+                               f"expected regular file {expected[position]!r}", device=device, tid=tid)
+            seen.append(member.name)
+            handle = tar.extractfile(member)
+            assert handle is not None   # regular files always have a body
+            name = member.name
+            if name in TAG_FILES:
+                data = _read_capped(handle, MAX_TAG_FILE, name)
+                if name == "bagit.txt" and data != BAGIT_TXT:
+                    raise BagError("bagit.txt is not BagIt 1.0 UTF-8", device=device, tid=tid)
+                if name == "manifest-sha256.txt":
+                    manifest = parse_manifest(data)
+                continue
+            if name == METADATA:
+                data = _read_capped(handle, MAX_METADATA, name)
+                metadata = PackageMetadata.from_json(data)
+                check_tid_matches(metadata, tid, device)
+                if metadata.seq != seq:
+                    raise BagError(f"metadata seq {metadata.seq} differs from the signed header's {seq}",
+                                   device=device, tid=tid)
+                expected.append(original_member(metadata.media_type))
+                metadata_json = data.decode("utf-8")
+                hashes[name] = hashlib.sha256(data).hexdigest()
+            elif name == TEXT:
+                data = _read_capped(handle, MAX_TEXT, name)
+                try:
+                    text = unicodedata.normalize("NFC", data.decode("utf-8"))
+                except UnicodeDecodeError as exc:
+                    raise BagError("text.txt is not UTF-8", device=device, tid=tid) from exc
+                hashes[name] = hashlib.sha256(data).hexdigest()
+            elif name == HOCR:
+                hashes[name] = _copy_hashing(handle, lambda _chunk: None)
+            else:
+                with _private_file(original_out) as sink:
+                    hashes[name] = _copy_hashing(handle, sink.write)
+                    sink.flush()
+                    os.fsync(sink.fileno())
+    if seen != expected or metadata is None or manifest is None:
+        raise BagError(f"package ends after {seen[-1] if seen else 'nothing'!r}; expected {expected}",
+                       device=device, tid=tid)
+    if set(manifest) != set(payload_members(metadata.media_type)):
+        raise BagError("manifest does not list exactly the payload files", device=device, tid=tid)
+    for name, digest in hashes.items():
+        if manifest[name] != digest:
+            raise BagError(f"{name} hashes to {digest[:16]}…, manifest says {manifest[name][:16]}…",
+                           device=device, tid=tid)
+    original_sha = hashes[expected[-1]]
+    if original_sha != metadata.original_sha256 or original_out.stat().st_size != metadata.original_size:
+        raise BagError("original does not match the size and sha256 in metadata.json", device=device, tid=tid)
+    return metadata, metadata_json, text, original_sha
+
+
+def assemble(staging: Path, signed: SignedHeader, device_key: nacl.signing.VerifyKey,
+             central_key: nacl.public.PrivateKey, *, max_plaintext: int, work_dir: Path) -> Assembled:
+    """Verify, decrypt and unpack one received envelope into files under ``work_dir``."""
+    header = signed.header
+    package = work_dir / f"{header.tid}.tar"
+    original = work_dir / f"{header.tid}.original"
+    try:
+        ciphertext_sha, package_sha = decrypt_to_file(staging, signed, device_key, central_key,
+                                                      max_plaintext=max_plaintext, out=package)
+        metadata, metadata_json, text, original_sha = unpack(
+            package, device=header.device_id, tid=header.tid, seq=header.seq, original_out=original)
+    except BaseException:
+        for leftover in (package, original):
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
+        raise
+    return Assembled(metadata, metadata_json, text, original, original_sha, package, package_sha,
+                     ciphertext_sha)

@@ -1,0 +1,351 @@
+"""The catalog: SQLite schema and the plain SQL functions over it (devices, transfers, documents).
+
+One writer connection (WAL, ``synchronous=FULL``) is owned by the ingest thread; the HTTP side reads
+through its own connection. Functions take the connection explicitly and never commit on their own
+unless their name says so, so the ingest can make a batch of changes durable with one commit.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sqlite3
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from protocol.names import fold
+from protocol.transfer import HeldSegment
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS devices (
+    id            TEXT PRIMARY KEY,
+    verify_key    BLOB NOT NULL,
+    enrolled_at   TEXT NOT NULL,
+    status        TEXT NOT NULL CHECK (status IN ('active', 'revoked')),
+    online        INTEGER NOT NULL DEFAULT 0,
+    last_seen     TEXT,
+    backlog_docs  INTEGER NOT NULL DEFAULT 0,
+    backlog_bytes INTEGER NOT NULL DEFAULT 0,
+    last_error    TEXT,
+    status_json   TEXT
+);
+CREATE TABLE IF NOT EXISTS documents (
+    id             INTEGER PRIMARY KEY,
+    device         TEXT NOT NULL REFERENCES devices (id),
+    tid            TEXT NOT NULL UNIQUE,
+    seq            INTEGER NOT NULL,
+    filename       TEXT NOT NULL,
+    sha256         TEXT NOT NULL UNIQUE,
+    size           INTEGER NOT NULL,
+    pages          INTEGER NOT NULL,
+    media_type     TEXT NOT NULL,
+    received_at    TEXT NOT NULL,
+    text           TEXT NOT NULL,
+    metadata       TEXT NOT NULL,
+    package_sha256 TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS documents_by_device ON documents (device, id);
+-- Folded copies (protocol.names.fold) so 'quyet dinh' finds 'Quyết định'; rowid = documents.id.
+CREATE VIRTUAL TABLE IF NOT EXISTS documents_fts USING fts5 (
+    filename, text, tokenize = 'unicode61 remove_diacritics 2'
+);
+CREATE TABLE IF NOT EXISTS transfers (
+    tid         TEXT PRIMARY KEY,
+    device      TEXT NOT NULL REFERENCES devices (id),
+    seq         INTEGER NOT NULL,
+    header      BLOB NOT NULL,
+    state       TEXT NOT NULL CHECK (state IN ('receiving', 'stored', 'rejected')),
+    created_at  TEXT NOT NULL,
+    updated_at  TEXT NOT NULL,
+    error       TEXT,
+    error_class TEXT,
+    document_id INTEGER REFERENCES documents (id),
+    duplicate   INTEGER NOT NULL DEFAULT 0,
+    receipt     BLOB,
+    stored_at   TEXT,
+    -- Replay protection: a sequence number is used by exactly one transfer of a device.
+    UNIQUE (device, seq)
+);
+CREATE INDEX IF NOT EXISTS transfers_by_state ON transfers (state);
+CREATE TABLE IF NOT EXISTS segments (
+    tid    TEXT NOT NULL REFERENCES transfers (tid),
+    offset INTEGER NOT NULL,
+    length INTEGER NOT NULL,
+    crc    INTEGER NOT NULL,
+    PRIMARY KEY (tid, offset)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS fixity (
+    id                INTEGER PRIMARY KEY,
+    at                TEXT NOT NULL,
+    event             TEXT NOT NULL,
+    device            TEXT NOT NULL,
+    tid               TEXT NOT NULL,
+    document_id       INTEGER,
+    original_sha256   TEXT,
+    package_sha256    TEXT,
+    ciphertext_sha256 TEXT,
+    detail            TEXT
+);
+"""
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
+    """Open the catalog; the writer creates the schema, readers only read."""
+    if readonly:
+        # Not SQLite's mode=ro: a WAL reader must still write the -shm index. query_only suffices.
+        conn = sqlite3.connect(path, check_same_thread=False, timeout=30)
+        conn.execute("PRAGMA query_only = ON")
+    else:
+        if not path.exists():
+            # Document text and device keys live here: private from the first byte.
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+        conn = sqlite3.connect(path, check_same_thread=False, timeout=30)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA busy_timeout = 30000")
+    conn.execute("PRAGMA foreign_keys = ON")
+    if not readonly:
+        conn.execute("PRAGMA journal_mode = WAL")
+        # FULL: a committed segment row must survive power loss, or we would ack bytes we lost.
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.executescript(SCHEMA)
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.commit()
+    return conn
+
+
+# -- devices ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class DeviceRecord:
+    id: str
+    verify_key: bytes
+    status: str
+
+
+def add_device(conn: sqlite3.Connection, device_id: str, verify_key: bytes) -> None:
+    conn.execute("INSERT INTO devices (id, verify_key, enrolled_at, status) VALUES (?, ?, ?, 'active')",
+                 (device_id, verify_key, utc_now()))
+
+
+def get_device(conn: sqlite3.Connection, device_id: str) -> DeviceRecord | None:
+    row = conn.execute("SELECT id, verify_key, status FROM devices WHERE id = ?", (device_id,)).fetchone()
+    return DeviceRecord(row["id"], bytes(row["verify_key"]), row["status"]) if row else None
+
+
+def set_device_status(conn: sqlite3.Connection, device_id: str, status: str) -> bool:
+    cur = conn.execute("UPDATE devices SET status = ? WHERE id = ?", (status, device_id))
+    return cur.rowcount == 1
+
+
+def touch_devices(conn: sqlite3.Connection, device_ids: Iterable[str], at: str) -> None:
+    conn.executemany("UPDATE devices SET last_seen = ? WHERE id = ?", [(at, d) for d in device_ids])
+
+
+def update_device_status(conn: sqlite3.Connection, device_id: str, *, online: bool, backlog_docs: int,
+                         backlog_bytes: int, last_error: str | None, status_json: str, at: str) -> None:
+    conn.execute(
+        "UPDATE devices SET online = ?, backlog_docs = ?, backlog_bytes = ?, last_error = ?,"
+        " status_json = ?, last_seen = ? WHERE id = ?",
+        (int(online), backlog_docs, backlog_bytes, last_error, status_json, at, device_id))
+
+
+def list_devices(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    rows = conn.execute(
+        "SELECT d.id, d.status, d.online, d.last_seen, d.backlog_docs, d.backlog_bytes, d.last_error,"
+        " (SELECT max(stored_at) FROM transfers t WHERE t.device = d.id AND t.state = 'stored')"
+        "   AS last_receipt"
+        " FROM devices d ORDER BY d.id").fetchall()
+    return [{"id": r["id"], "status": r["status"], "online": bool(r["online"]),
+             "last_seen": r["last_seen"], "backlog_docs": r["backlog_docs"],
+             "backlog_bytes": r["backlog_bytes"], "last_receipt": r["last_receipt"],
+             "last_error": r["last_error"]} for r in rows]
+
+
+# -- transfers and the segment log -------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class TransferRecord:
+    tid: str
+    device: str
+    seq: int
+    header: bytes
+    state: str
+    error: str | None
+    error_class: str | None
+    receipt: bytes | None
+
+
+def _transfer(row: sqlite3.Row | None) -> TransferRecord | None:
+    if row is None:
+        return None
+    return TransferRecord(row["tid"], row["device"], row["seq"], bytes(row["header"]), row["state"],
+                          row["error"], row["error_class"],
+                          bytes(row["receipt"]) if row["receipt"] is not None else None)
+
+
+_TRANSFER_COLUMNS = "tid, device, seq, header, state, error, error_class, receipt"
+
+
+def get_transfer(conn: sqlite3.Connection, tid: str) -> TransferRecord | None:
+    return _transfer(conn.execute(f"SELECT {_TRANSFER_COLUMNS} FROM transfers WHERE tid = ?",  # noqa: S608
+                                  (tid,)).fetchone())
+
+
+def transfer_by_seq(conn: sqlite3.Connection, device: str, seq: int) -> TransferRecord | None:
+    return _transfer(conn.execute(
+        f"SELECT {_TRANSFER_COLUMNS} FROM transfers WHERE device = ? AND seq = ?",  # noqa: S608
+        (device, seq)).fetchone())
+
+
+def insert_transfer(conn: sqlite3.Connection, *, tid: str, device: str, seq: int, header: bytes) -> None:
+    now = utc_now()
+    conn.execute("INSERT INTO transfers (tid, device, seq, header, state, created_at, updated_at)"
+                 " VALUES (?, ?, ?, ?, 'receiving', ?, ?)", (tid, device, seq, header, now, now))
+
+
+def reject_transfer(conn: sqlite3.Connection, tid: str, error: str, error_class: str) -> None:
+    conn.execute("UPDATE transfers SET state = 'rejected', error = ?, error_class = ?, updated_at = ?"
+                 " WHERE tid = ?", (error, error_class, utc_now(), tid))
+
+
+def store_transfer(conn: sqlite3.Connection, tid: str, *, document_id: int, duplicate: bool,
+                   receipt: bytes, stored_at: str) -> None:
+    conn.execute("UPDATE transfers SET state = 'stored', document_id = ?, duplicate = ?, receipt = ?,"
+                 " stored_at = ?, updated_at = ? WHERE tid = ?",
+                 (document_id, int(duplicate), receipt, stored_at, stored_at, tid))
+    # The segment log is only needed to resume; the stored objects are now the truth.
+    conn.execute("DELETE FROM segments WHERE tid = ?", (tid,))
+
+
+def add_segments(conn: sqlite3.Connection, tid: str, segments: Iterable[HeldSegment]) -> None:
+    conn.executemany("INSERT OR IGNORE INTO segments (tid, offset, length, crc) VALUES (?, ?, ?, ?)",
+                     [(tid, s.offset, s.length, s.crc) for s in segments])
+
+
+def held_segments(conn: sqlite3.Connection, tid: str) -> list[HeldSegment]:
+    rows = conn.execute("SELECT offset, length, crc FROM segments WHERE tid = ? ORDER BY offset", (tid,))
+    return [HeldSegment(r["offset"], r["length"], r["crc"]) for r in rows]
+
+
+def count_active_transfers(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("SELECT count(*) FROM transfers WHERE state = 'receiving'").fetchone()[0])
+
+
+# -- documents and search -----------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class NewDocument:
+    device: str
+    tid: str
+    seq: int
+    filename: str
+    sha256: str
+    size: int
+    pages: int
+    media_type: str
+    received_at: str
+    text: str
+    metadata: str
+    package_sha256: str
+
+
+def document_by_sha256(conn: sqlite3.Connection, sha256: str) -> int | None:
+    row = conn.execute("SELECT id FROM documents WHERE sha256 = ?", (sha256,)).fetchone()
+    return int(row[0]) if row else None
+
+
+def insert_document(conn: sqlite3.Connection, doc: NewDocument) -> int:
+    cur = conn.execute(
+        "INSERT INTO documents (device, tid, seq, filename, sha256, size, pages, media_type, received_at,"
+        " text, metadata, package_sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (doc.device, doc.tid, doc.seq, doc.filename, doc.sha256, doc.size, doc.pages, doc.media_type,
+         doc.received_at, doc.text, doc.metadata, doc.package_sha256))
+    doc_id = int(cur.lastrowid or 0)
+    conn.execute("INSERT INTO documents_fts (rowid, filename, text) VALUES (?, ?, ?)",
+                 (doc_id, fold(doc.filename), fold(doc.text)))
+    return doc_id
+
+
+def add_fixity(conn: sqlite3.Connection, *, event: str, device: str, tid: str, at: str,
+               document_id: int | None = None, original_sha256: str | None = None,
+               package_sha256: str | None = None, ciphertext_sha256: str | None = None,
+               detail: str | None = None) -> None:
+    conn.execute(
+        "INSERT INTO fixity (at, event, device, tid, document_id, original_sha256, package_sha256,"
+        " ciphertext_sha256, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (at, event, device, tid, document_id, original_sha256, package_sha256, ciphertext_sha256, detail))
+
+
+_WORD = re.compile(r"\w+")
+
+
+def fts_query(q: str) -> str | None:
+    """Folded words of ``q`` as quoted FTS5 terms (implicit AND); None if there are none.
+
+    Quoting every word means user input can never be parsed as FTS5 syntax (NEAR, *, columns...).
+    """
+    words = _WORD.findall(fold(q))
+    return " ".join(f'"{w}"' for w in words) if words else None
+
+
+_SUMMARY = "d.id, d.device, d.filename, d.sha256, d.size, d.pages, d.media_type, d.received_at"
+
+
+def _summary(row: sqlite3.Row) -> dict[str, Any]:
+    return {"id": row["id"], "device": row["device"], "filename": row["filename"], "sha256": row["sha256"],
+            "size": row["size"], "pages": row["pages"], "media_type": row["media_type"],
+            "received_at": row["received_at"]}
+
+
+def search_documents(conn: sqlite3.Connection, *, device: str | None = None, q: str | None = None,
+                     limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+    clauses: list[str] = []
+    params: list[Any] = []
+    source = "documents d"
+    if q:
+        match = fts_query(q)
+        if match is None:
+            return []
+        source = "documents_fts f JOIN documents d ON d.id = f.rowid"
+        clauses.append("documents_fts MATCH ?")
+        params.append(match)
+    if device:
+        clauses.append("d.device = ?")
+        params.append(device)
+    where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+    sql = f"SELECT {_SUMMARY} FROM {source}{where} ORDER BY d.id DESC LIMIT ? OFFSET ?"  # noqa: S608
+    return [_summary(r) for r in conn.execute(sql, [*params, limit, offset])]
+
+
+def get_document(conn: sqlite3.Connection, doc_id: int) -> dict[str, Any] | None:
+    row = conn.execute(f"SELECT {_SUMMARY}, d.text, d.metadata, d.tid, d.seq, d.package_sha256"  # noqa: S608
+                       " FROM documents d WHERE d.id = ?", (doc_id,)).fetchone()
+    if row is None:
+        return None
+    doc = _summary(row)
+    doc.update(text=row["text"], metadata=row["metadata"], tid=row["tid"], seq=row["seq"],
+               package_sha256=row["package_sha256"])
+    return doc
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogTotals:
+    documents: int
+    bytes_stored: int
+    transfers_active: int
+    devices_online: int
+
+
+def totals(conn: sqlite3.Connection) -> CatalogTotals:
+    docs, size = conn.execute("SELECT count(*), coalesce(sum(size), 0) FROM documents").fetchone()
+    online = conn.execute("SELECT count(*) FROM devices WHERE online = 1").fetchone()[0]
+    return CatalogTotals(int(docs), int(size), count_active_transfers(conn), int(online))

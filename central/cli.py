@@ -1,0 +1,83 @@
+"""``sohoa central ...``: argparse wiring; the one place central's errors become exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from central import commands
+from central.errors import CentralError
+from protocol.errors import ProtocolError
+
+log = logging.getLogger("sohoa.central")
+
+
+def _guard(action: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return action(args)
+        except CentralError as exc:
+            print(f"sohoa central: error: {exc}\nhint: {exc.hint}", file=sys.stderr)  # noqa: T201
+            return exc.exit_code
+        except ProtocolError as exc:
+            print(f"sohoa central: error: {exc}\nhint: {exc.hint}", file=sys.stderr)  # noqa: T201
+            return 65
+        except OSError as exc:
+            print(f"sohoa central: error: {exc}", file=sys.stderr)  # noqa: T201
+            return 74
+    return run
+
+
+def _init(args: argparse.Namespace) -> int:
+    commands.init(args.home, broker_url=args.broker, http=args.http)
+    print(f"central home ready in {args.home}\n"  # noqa: T201
+          f"  broker: mosquitto -c {args.home / 'mosquitto.conf'}\n"
+          f"  enroll: sohoa central enroll DEVICE_ID --home {args.home} --out DEVICE.bundle")
+    return 0
+
+
+def _enroll(args: argparse.Namespace) -> int:
+    commands.enroll(args.home, args.device_id, args.out)
+    print(f"enrolled {args.device_id}; bundle (secret, 0600) written to {args.out}")  # noqa: T201
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return commands.run(args.home)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add ``central`` with ``init``, ``enroll`` and ``run`` to the top-level parser."""
+    central = subparsers.add_parser("central", help="the central aggregator (ingest, archive, API)",
+                                    description="Run and administer the central archive.")
+    sub = central.add_subparsers(dest="central_command", required=True, metavar="COMMAND")
+
+    init = sub.add_parser("init", help="create keys, central.toml, broker config and API token",
+                          description="Create a central home: keys, central.toml, mosquitto.conf with "
+                                      "password file and ACL, and a random API token (all 0600).")
+    init.add_argument("--home", type=Path, required=True, help="central home directory (created)")
+    init.add_argument("--broker", default="mqtt://127.0.0.1:1883", metavar="mqtt://HOST:PORT",
+                      help="where the broker listens and devices connect (default: %(default)s)")
+    init.add_argument("--http", default="127.0.0.1:8080", metavar="HOST:PORT",
+                      help="dashboard, API and /metrics address (default: %(default)s)")
+    init.set_defaults(func=_guard(_init))
+
+    enroll = sub.add_parser("enroll", help="enroll a device and write its secret bundle",
+                            description="Generate a device signing key and broker account, record the "
+                                        "device, reload a running broker, and write the bundle for "
+                                        "`sohoa edge init --bundle`.")
+    enroll.add_argument("device_id", metavar="DEVICE_ID", help="e.g. xa-tan-trao (a-z, 0-9, '-')")
+    enroll.add_argument("--home", type=Path, required=True, help="central home directory")
+    enroll.add_argument("--out", type=Path, required=True, help="bundle file to write (0600)")
+    enroll.set_defaults(func=_guard(_enroll))
+
+    run = sub.add_parser("run", help="run ingest and HTTP until SIGTERM",
+                         description="Connect to the broker, ingest transfers, serve the dashboard, "
+                                     "/api and /metrics. SIGTERM or Ctrl-C stops cleanly.")
+    run.add_argument("--home", type=Path, required=True, help="central home directory")
+    run.set_defaults(func=_guard(_run))

@@ -1,0 +1,116 @@
+"""The operator commands as plain functions: the CLI and the demo call these, tests too.
+
+``init`` makes a home (keys, config, broker files, API token), ``enroll`` adds one device and
+writes its secret bundle, ``serve``/``run`` run ingest and HTTP until told to stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import signal
+import sqlite3
+from pathlib import Path
+
+import nacl.signing
+import tomli_w
+
+from central import catalog
+from central.broker_config import CENTRAL_USER, add_user, reload_broker, write_broker_files
+from central.config import load_config, parse_broker_url, parse_config, parse_host_port, render_config
+from central.errors import EnrollError, HomeError
+from central.fsutil import make_private_dir, write_atomic
+from central.keys import b64, generate_keys, load_keys
+from central.paths import CentralPaths
+from protocol.errors import DecodeError
+from protocol.names import check_device_id
+
+log = logging.getLogger("sohoa.central")
+
+BUNDLE_FORMAT = "sohoa-bundle/1"
+RESERVED_DEVICE_IDS = frozenset({CENTRAL_USER})
+
+
+def init(home: Path, *, broker_url: str = "mqtt://127.0.0.1:1883", http: str = "127.0.0.1:8080") -> None:
+    """Create a central home: keys, central.toml, broker config, password file, ACL, API token."""
+    paths = CentralPaths(home)
+    if paths.config.exists():
+        raise HomeError(f"{paths.config} already exists",
+                        hint="this home is initialised; use another --home or remove it first")
+    listen = parse_broker_url(broker_url)
+    parse_host_port(http)
+    password = secrets.token_urlsafe(32)
+    token = secrets.token_urlsafe(32)
+    rendered = render_config(broker_url=broker_url, http=http, password=password)
+    parse_config(home, rendered, token)   # never write a config we would refuse to load
+    for directory in paths.private_dirs():
+        make_private_dir(directory)
+    generate_keys(paths)
+    write_broker_files(paths, listen, password)
+    write_atomic(paths.api_token, (token + "\n").encode())
+    catalog.connect(paths.catalog).close()
+    # The config goes last: its presence is what marks the home as initialised.
+    write_atomic(paths.config, tomli_w.dumps(rendered).encode())
+
+
+def enroll(home: Path, device_id: str, out: Path) -> None:
+    """Enroll a device: signing key, catalog row, broker account (live), and its 0600 bundle."""
+    config = load_config(home)
+    paths = config.paths
+    try:
+        check_device_id(device_id)
+    except DecodeError as exc:
+        raise EnrollError(str(exc)) from exc
+    if device_id in RESERVED_DEVICE_IDS:
+        raise EnrollError(f"device id {device_id!r} is reserved")
+    keys = load_keys(paths)
+    signing_key = nacl.signing.SigningKey.generate()
+    password = secrets.token_urlsafe(32)
+    bundle = {
+        "format": BUNDLE_FORMAT,
+        "device_id": device_id,
+        "broker": {"url": config.broker.url, "username": device_id, "password": password},
+        "central": {"encryption_public_key": keys.encryption_public_b64,
+                    "receipt_public_key": keys.receipt_public_b64},
+        "device": {"signing_key": b64(bytes(signing_key))},
+    }
+    conn = catalog.connect(paths.catalog)
+    try:
+        try:
+            catalog.add_device(conn, device_id, bytes(signing_key.verify_key))
+        except sqlite3.IntegrityError as exc:
+            raise EnrollError(f"device {device_id!r} is already enrolled") from exc
+        # Bundle first, then broker account, then commit: a failure leaves no half-enrolled device.
+        write_atomic(out, tomli_w.dumps(bundle).encode(), mode=0o600)
+        add_user(paths, device_id, password)
+        conn.commit()
+    finally:
+        conn.close()
+    pid = reload_broker(paths)
+    log.info("enrolled %s%s", device_id, f"; broker {pid} reloaded" if pid else "")
+
+
+async def serve(home: Path, *, ready: asyncio.Event | None = None) -> None:
+    """Run ingest and HTTP until cancelled."""
+    from central.app import serve_config  # noqa: PLC0415 - keeps `init` free of aiohttp/paho
+
+    await serve_config(load_config(home), ready=ready)
+
+
+def run(home: Path) -> int:
+    """``asyncio.run(serve)``, with SIGTERM and SIGINT turned into a clean shutdown."""
+    load_config(home)   # fail fast with a config error, before any loop starts
+
+    async def main() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await serve(home)
+
+    asyncio.run(main())
+    return 0

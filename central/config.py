@@ -1,0 +1,176 @@
+"""central.toml: parsed once into a typed, frozen config that every component receives explicitly.
+
+Unknown keys are errors (a typo must not silently fall back to a default), and every error names the
+field, the bad value and a hint.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from central.errors import ConfigError, HomeError
+from central.paths import CentralPaths
+
+CONFIG_FORMAT = "sohoa-central/1"
+DEFAULT_MAX_PLAINTEXT = 2 * 1024 * 1024 * 1024
+DEFAULT_SESSION_EXPIRY_S = 7 * 24 * 3600
+
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerSettings:
+    url: str
+    username: str
+    password: str = field(repr=False)
+    client_id: str = "sohoa-central"
+    session_expiry_s: int = DEFAULT_SESSION_EXPIRY_S
+
+    @property
+    def address(self) -> HostPort:
+        return parse_broker_url(self.url)
+
+
+@dataclass(frozen=True, slots=True)
+class IngestSettings:
+    max_plaintext_bytes: int = DEFAULT_MAX_PLAINTEXT
+    batch_max: int = 64          # messages handled per durable commit (one fsync per staging file)
+
+
+@dataclass(frozen=True, slots=True)
+class CentralConfig:
+    home: Path
+    broker: BrokerSettings
+    http: HostPort
+    ingest: IngestSettings
+    api_token: str = field(repr=False)
+
+    @property
+    def paths(self) -> CentralPaths:
+        return CentralPaths(self.home)
+
+
+def parse_broker_url(url: str) -> HostPort:
+    """``mqtt://HOST:PORT`` → host and port; anything else is a ConfigError naming the value."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if parts.scheme != "mqtt" or not parts.hostname or port is None or parts.path not in ("", "/"):
+        raise ConfigError(f"broker.url = {url!r} is not mqtt://HOST:PORT",
+                          hint="e.g. --broker mqtt://127.0.0.1:1883 (TLS is terminated elsewhere)")
+    return HostPort(parts.hostname, port)
+
+
+def parse_host_port(value: str, what: str = "http.listen") -> HostPort:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{what} = {value!r} is not HOST:PORT", hint="e.g. 127.0.0.1:8080")
+    return HostPort(host.strip("[]"), int(port))
+
+
+class _Table:
+    """A TOML table that remembers which keys were read, so leftovers can be reported."""
+
+    def __init__(self, data: dict[str, Any], prefix: str) -> None:
+        self._data = data
+        self._prefix = prefix
+        self._seen: set[str] = set()
+
+    def _get(self, key: str, kind: type, default: Any) -> Any:
+        self._seen.add(key)
+        name = f"{self._prefix}{key}"
+        if key not in self._data:
+            if default is _REQUIRED:
+                raise ConfigError(f"{name} is missing", hint=f"add {name} to central.toml")
+            return default
+        value = self._data[key]
+        if (kind is int and isinstance(value, bool)) or not isinstance(value, kind):
+            raise ConfigError(f"{name} = {value!r} must be a {kind.__name__}")
+        return value
+
+    def text(self, key: str, default: Any = None) -> str:
+        return str(self._get(key, str, _REQUIRED if default is None else default))
+
+    def integer(self, key: str, default: Any = None, *, minimum: int = 0) -> int:
+        value = int(self._get(key, int, _REQUIRED if default is None else default))
+        if value < minimum:
+            raise ConfigError(f"{self._prefix}{key} = {value} must be at least {minimum}")
+        return value
+
+    def table(self, key: str) -> _Table:
+        value = self._get(key, dict, {})
+        return _Table(value, f"{self._prefix}{key}.")
+
+    def finish(self) -> None:
+        for key in self._data:
+            if key not in self._seen:
+                raise ConfigError(f"unknown key {self._prefix}{key} = {self._data[key]!r} in central.toml",
+                                  hint="remove it or check its spelling against `sohoa central init`")
+
+
+_REQUIRED = object()
+
+
+def parse_config(home: Path, data: dict[str, Any], api_token: str) -> CentralConfig:
+    root = _Table(data, "")
+    fmt = root.text("format")
+    if fmt != CONFIG_FORMAT:
+        raise ConfigError(f"format = {fmt!r} is not {CONFIG_FORMAT!r}", hint="this central is too old or new")
+    b = root.table("broker")
+    broker = BrokerSettings(url=b.text("url"), username=b.text("username"), password=b.text("password"),
+                            client_id=b.text("client_id", "sohoa-central"),
+                            session_expiry_s=b.integer("session_expiry_s", DEFAULT_SESSION_EXPIRY_S))
+    broker.address  # noqa: B018 - validate the URL now, not at first connect
+    b.finish()
+    h = root.table("http")
+    http = parse_host_port(h.text("listen"))
+    h.finish()
+    i = root.table("ingest")
+    ingest = IngestSettings(
+        max_plaintext_bytes=i.integer("max_plaintext_bytes", DEFAULT_MAX_PLAINTEXT, minimum=1024),
+        batch_max=i.integer("batch_max", 64, minimum=1))
+    i.finish()
+    root.finish()
+    return CentralConfig(home=home, broker=broker, http=http, ingest=ingest, api_token=api_token)
+
+
+def load_config(home: Path) -> CentralConfig:
+    paths = CentralPaths(home)
+    if not paths.config.is_file():
+        raise HomeError(f"{paths.config} does not exist")
+    try:
+        data = tomllib.loads(paths.config.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{paths.config}: {exc}") from exc
+    try:
+        token = paths.api_token.read_text(encoding="ascii").strip()
+    except OSError as exc:
+        raise HomeError(f"cannot read {paths.api_token}: {exc.strerror}") from exc
+    if len(token) < 32:
+        raise ConfigError(f"{paths.api_token} holds a token shorter than 32 characters",
+                          hint="re-run `sohoa central init` or write a longer random token")
+    return parse_config(home, data, token)
+
+
+def render_config(*, broker_url: str, http: str, password: str) -> dict[str, Any]:
+    """The dict init writes with tomli_w (validated by parsing it back)."""
+    return {
+        "format": CONFIG_FORMAT,
+        "broker": {"url": broker_url, "username": "central", "password": password,
+                   "client_id": "sohoa-central", "session_expiry_s": DEFAULT_SESSION_EXPIRY_S},
+        "http": {"listen": http},
+        "ingest": {"max_plaintext_bytes": DEFAULT_MAX_PLAINTEXT, "batch_max": 64},
+    }

@@ -1,0 +1,75 @@
+"""Central's error hierarchy: what an operator can act on, translated to exit codes in cli.py.
+
+Wire-level faults from devices are ``protocol.errors`` classes; these are central's own failures
+(bad config, a home that is not initialised, an enrollment that would clobber a device).
+"""
+
+from __future__ import annotations
+
+from protocol.errors import EnvelopeError, ProtocolError
+
+
+class CentralError(Exception):
+    """Base for central failures; ``hint`` tells the operator what to do next."""
+
+    hint = "see the message"
+    exit_code = 1
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        if hint is not None:
+            self.hint = hint
+
+
+class ConfigError(CentralError):
+    """central.toml is missing, malformed, or names a bad value."""
+
+    hint = "fix central.toml or re-run `sohoa central init`"
+    exit_code = 78  # EX_CONFIG
+
+
+class HomeError(CentralError):
+    """The home directory is missing, not initialised, or already initialised."""
+
+    hint = "run `sohoa central init --home DIR` first"
+    exit_code = 66  # EX_NOINPUT
+
+
+class EnrollError(CentralError):
+    """A device id cannot be enrolled (reserved, invalid, already enrolled)."""
+
+    hint = "pick another device id, or revoke the old device first"
+    exit_code = 65  # EX_DATAERR
+
+
+class StorageError(CentralError):
+    """An object could not be stored or read back with the expected hash."""
+
+    hint = "check the storage root's disk space and permissions"
+    exit_code = 74  # EX_IOERR
+
+
+# -- refusals of a device's transfer; their class names travel to the edge as ack error_class ----
+
+class UnknownDeviceError(EnvelopeError):
+    """The init names a device central never enrolled."""
+
+    hint = "enroll the device with `sohoa central enroll` and give it the bundle"
+
+
+class RevokedDeviceError(EnvelopeError):
+    """The device was enrolled but has been revoked."""
+
+    hint = "this box is no longer trusted; re-enroll it under a new id if it was recovered"
+
+
+class ReplayError(EnvelopeError):
+    """A sequence number or transfer id is reused for different bytes."""
+
+    hint = "the device's outbox reused a sequence number; re-package the document"
+
+
+class AbortedError(ProtocolError):
+    """The device aborted the transfer."""
+
+    hint = "the device gave up on this transfer; it will re-package if the document still exists"

@@ -1,0 +1,119 @@
+"""HTTP handlers for DESIGN §7: JSON API (bearer token), /metrics, /healthz and the dashboard.
+
+Errors become HTTP statuses here and nowhere else; stored files are served by their hash path,
+with the sender's name only ever in a Content-Disposition header.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Awaitable, Callable
+from importlib import resources
+from typing import Any
+from urllib.parse import quote
+
+from aiohttp import web
+
+from central import catalog
+from central.metrics import render
+from central.state import CONFIG, INGEST, METRICS, READER
+from central.storage import ObjectStore
+from protocol.names import fold
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+MAX_LIMIT = 5000
+
+
+@web.middleware
+async def api_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every /api route needs ``Authorization: Bearer <api-token>`` (constant-time comparison)."""
+    if request.path.startswith("/api/"):
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        expected = request.app[CONFIG].api_token
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected.encode()):
+            raise web.HTTPUnauthorized(
+                text=json.dumps({"error": "missing or wrong bearer token",
+                                 "hint": "send Authorization: Bearer <contents of HOME/api-token>"}),
+                content_type="application/json", headers={"WWW-Authenticate": 'Bearer realm="sohoa"'})
+    return await handler(request)
+
+
+def _int_param(request: web.Request, name: str, default: int, maximum: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit():
+        raise web.HTTPBadRequest(text=json.dumps({"error": f"{name} must be a non-negative integer"}),
+                                 content_type="application/json")
+    return min(int(raw), maximum)
+
+
+async def devices(request: web.Request) -> web.Response:
+    rows = await request.app[READER].call(catalog.list_devices)
+    return web.json_response(rows, dumps=_dumps)
+
+
+async def documents(request: web.Request) -> web.Response:
+    device = request.query.get("device") or None
+    q = request.query.get("q") or None
+    limit = _int_param(request, "limit", 100, MAX_LIMIT)
+    offset = _int_param(request, "offset", 0, 1 << 31)
+    rows = await request.app[READER].call(
+        lambda conn: catalog.search_documents(conn, device=device, q=q, limit=limit, offset=offset))
+    return web.json_response(rows, dumps=_dumps)
+
+
+async def _document_or_404(request: web.Request) -> dict[str, Any]:
+    doc_id = int(request.match_info["id"])
+    doc = await request.app[READER].call(catalog.get_document, doc_id)
+    if doc is None:
+        raise web.HTTPNotFound(text=json.dumps({"error": f"no document {doc_id}"}),
+                               content_type="application/json")
+    return doc
+
+
+async def document(request: web.Request) -> web.Response:
+    doc = await _document_or_404(request)
+    doc["metadata"] = json.loads(doc["metadata"])
+    return web.json_response(doc, dumps=_dumps)
+
+
+def content_disposition(filename: str) -> str:
+    """RFC 6266/5987: an ASCII fallback plus the exact UTF-8 name in ``filename*``."""
+    fallback = "".join(ch if 32 <= ord(ch) < 127 and ch not in '"\\%' else "_" for ch in fold(filename))
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
+
+
+async def original(request: web.Request) -> web.StreamResponse:
+    doc = await _document_or_404(request)
+    path = ObjectStore(request.app[CONFIG].paths.objects).path_for(doc["sha256"])
+    if not path.is_file():
+        raise web.HTTPGone(text=json.dumps({"error": "the stored original is missing",
+                                            "hint": "run the storage verify command"}),
+                           content_type="application/json")
+    return web.FileResponse(path, headers={"Content-Type": doc["media_type"],
+                                           "Content-Disposition": content_disposition(doc["filename"]),
+                                           "X-Content-SHA256": doc["sha256"]})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    service = request.app.get(INGEST)
+    mqtt = service.client.connected.is_set() if service is not None else None
+    return web.json_response({"status": "ok", "mqtt_connected": mqtt})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    totals = await request.app[READER].call(catalog.totals)
+    return web.Response(text=render(request.app[METRICS], totals),
+                        content_type="text/plain", charset="utf-8",
+                        headers={"X-Prometheus-Format": "0.0.4"})
+
+
+async def dashboard(_request: web.Request) -> web.Response:
+    html = resources.files("central").joinpath("static/dashboard.html").read_text(encoding="utf-8")
+    return web.Response(text=html, content_type="text/html", charset="utf-8")
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False)

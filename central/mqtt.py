@@ -1,0 +1,195 @@
+"""The only module on central that touches paho: an asyncio face over paho's MQTT v5 client.
+
+paho runs its network loop on a private thread; every callback hands its event to the asyncio loop
+with ``call_soon_threadsafe``. Publishes and subscribes are futures keyed by message id and are
+always removed (resolved, or failed when the connection drops). Incoming QoS 1 messages are
+acknowledged only when the caller says so (``ack``), i.e. after central stored them durably.
+Reconnects use jittered exponential backoff; the session survives them (clean_start=False).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+log = logging.getLogger("sohoa.central.mqtt")
+
+
+@dataclass(frozen=True, slots=True)
+class MqttSettings:
+    host: str
+    port: int
+    username: str
+    password: str = field(repr=False)
+    client_id: str
+    session_expiry_s: int = 7 * 24 * 3600
+    subscriptions: tuple[tuple[str, int], ...] = ()
+    receive_maximum: int = 64      # bounds how many unacked messages the broker pushes at us
+    keepalive_s: int = 30
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    mid: int
+
+
+class PublishError(ConnectionError):
+    """A publish was refused by the broker or lost with the connection."""
+
+
+class MqttClient:
+    def __init__(self, settings: MqttSettings, *, manual_ack: bool = True) -> None:
+        self.settings = settings
+        self.inbox: asyncio.Queue[Inbound] = asyncio.Queue()
+        self.connected = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self._manual_ack = manual_ack
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._early: dict[int, Any] = {}
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"mqtt-{settings.client_id}")
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=settings.client_id,
+                             protocol=paho.MQTTv5, reconnect_on_failure=False, manual_ack=manual_ack)
+        client.username_pw_set(settings.username, settings.password)
+        client.max_inflight_messages_set(32)
+        client.on_connect = self._cb_connect
+        client.on_disconnect = self._cb_disconnect
+        client.on_message = self._cb_message
+        client.on_publish = self._cb_publish
+        client.on_subscribe = self._cb_subscribe
+        self._client = client
+
+    # -- paho thread → loop ---------------------------------------------------------------------
+    def _cb_connect(self, client: paho.Client, _userdata: Any, flags: Any, reason: ReasonCode,
+                    _props: Any) -> None:
+        if reason.is_failure:
+            log.warning("broker refused connection: %s", reason)
+            return
+        # Subscribing on every connect is idempotent and covers a broker that lost its sessions.
+        if self.settings.subscriptions:
+            client.subscribe(list(self.settings.subscriptions))
+        self._loop.call_soon_threadsafe(self._on_connected, bool(flags.session_present))
+
+    def _cb_disconnect(self, _client: paho.Client, _userdata: Any, _flags: Any, reason: ReasonCode,
+                       _props: Any) -> None:
+        self._loop.call_soon_threadsafe(self._on_disconnected, str(reason))
+
+    def _cb_message(self, _client: paho.Client, _userdata: Any, message: paho.MQTTMessage) -> None:
+        inbound = Inbound(message.topic, bytes(message.payload), message.qos, bool(message.retain),
+                          message.mid)
+        self._loop.call_soon_threadsafe(self.inbox.put_nowait, inbound)
+
+    def _cb_publish(self, _client: paho.Client, _userdata: Any, mid: int, reason: ReasonCode,
+                    _props: Any) -> None:
+        self._loop.call_soon_threadsafe(self._resolve, mid, reason)
+
+    def _cb_subscribe(self, _client: paho.Client, _userdata: Any, mid: int, reasons: list[ReasonCode],
+                      _props: Any) -> None:
+        self._loop.call_soon_threadsafe(self._resolve, mid, list(reasons))
+
+    # -- loop side ------------------------------------------------------------------------------
+    def _on_connected(self, session_present: bool) -> None:
+        log.info("connected to %s:%d (session %s)", self.settings.host, self.settings.port,
+                 "resumed" if session_present else "new")
+        self.connected.set()
+
+    def _on_disconnected(self, reason: str) -> None:
+        if self.connected.is_set():
+            log.warning("disconnected from broker: %s", reason)
+        self.connected.clear()
+        pending, self._pending = self._pending, {}
+        self._early.clear()
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(PublishError(f"connection lost before the broker answered ({reason})"))
+
+    def _resolve(self, mid: int, result: Any) -> None:
+        future = self._pending.pop(mid, None)
+        if future is None:
+            self._early[mid] = result   # answered before we registered the future
+            return
+        if not future.done():
+            future.set_result(result)
+
+    def _track(self, mid: int) -> asyncio.Future[Any]:
+        future: asyncio.Future[Any] = self._loop.create_future()
+        if mid in self._early:
+            future.set_result(self._early.pop(mid))
+        else:
+            self._pending[mid] = future
+        return future
+
+    # -- public API -----------------------------------------------------------------------------
+    async def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+        """Publish and wait for the broker's PUBACK; raise PublishError on refusal (e.g. 0x87)."""
+        if not self.connected.is_set():
+            raise PublishError("not connected to the broker")
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            raise PublishError(f"publish failed: {paho.error_string(info.rc)}")
+        if qos == 0:
+            return
+        reason: ReasonCode = await self._track(info.mid)
+        if reason.is_failure:
+            raise PublishError(f"broker refused publish to {topic}: {reason} (0x{reason.value:02x})")
+
+    async def subscribe(self, topic: str, qos: int = 1) -> list[ReasonCode]:
+        """Subscribe now; return the granted reason codes (0x87 means not authorised)."""
+        if not self.connected.is_set():
+            raise PublishError("not connected to the broker")
+        result, mid = self._client.subscribe(topic, qos)
+        if result != paho.MQTT_ERR_SUCCESS or mid is None:
+            raise PublishError(f"subscribe failed: {paho.error_string(result)}")
+        reasons: list[ReasonCode] = await self._track(mid)
+        return reasons
+
+    def ack(self, message: Inbound) -> None:
+        """Acknowledge a QoS 1 message: call only once it is durably handled."""
+        if self._manual_ack and message.qos > 0 and self.connected.is_set():
+            self._client.ack(message.mid, message.qos)
+
+    async def run(self) -> None:
+        """Stay connected until cancelled, reconnecting with jittered exponential backoff."""
+        attempt = 0
+        try:
+            while True:
+                try:
+                    await self._loop.run_in_executor(self._executor, self._connect)
+                    await self._loop.run_in_executor(self._executor, self._client.loop_forever)
+                except OSError as exc:
+                    log.warning("cannot reach broker %s:%d: %s", self.settings.host, self.settings.port, exc)
+                was_connected = self.connected.is_set()
+                self._on_disconnected("network loop ended")
+                attempt = 0 if was_connected else attempt + 1
+                await asyncio.sleep(self._backoff(attempt))
+        finally:
+            self._client.disconnect()
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._on_disconnected("client stopped")
+
+    def _backoff(self, attempt: int) -> float:
+        ceiling = min(self.settings.backoff_max_s, self.settings.backoff_initial_s * 2 ** min(attempt, 16))
+        # "Equal jitter": never hammer at once after a broker restart, never wait more than the cap.
+        return float(ceiling / 2 + random.uniform(0, ceiling / 2))  # noqa: S311 - not cryptographic
+
+    def _connect(self) -> None:
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = self.settings.session_expiry_s
+        props.ReceiveMaximum = self.settings.receive_maximum
+        self._client.connect(self.settings.host, self.settings.port, keepalive=self.settings.keepalive_s,
+                             clean_start=False, properties=props)

@@ -1,0 +1,76 @@
+"""Where everything lives under a central home directory (one place, so nothing guesses paths)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True, slots=True)
+class CentralPaths:
+    home: Path
+
+    @property
+    def config(self) -> Path:
+        return self.home / "central.toml"
+
+    @property
+    def keys(self) -> Path:
+        return self.home / "keys"
+
+    @property
+    def encryption_key(self) -> Path:
+        return self.keys / "encryption.key"
+
+    @property
+    def receipt_key(self) -> Path:
+        return self.keys / "receipt.key"
+
+    @property
+    def api_token(self) -> Path:
+        return self.home / "api-token"
+
+    @property
+    def mosquitto_conf(self) -> Path:
+        return self.home / "mosquitto.conf"
+
+    @property
+    def mosquitto_passwd(self) -> Path:
+        return self.home / "mosquitto.passwd"
+
+    @property
+    def mosquitto_acl(self) -> Path:
+        return self.home / "mosquitto.acl"
+
+    @property
+    def mosquitto_pid(self) -> Path:
+        return self.home / "mosquitto.pid"
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.home / "broker"
+
+    @property
+    def catalog(self) -> Path:
+        return self.home / "catalog.db"
+
+    @property
+    def staging(self) -> Path:
+        return self.home / "staging"
+
+    @property
+    def quarantine(self) -> Path:
+        return self.home / "quarantine"
+
+    @property
+    def tmp(self) -> Path:
+        return self.home / "tmp"
+
+    @property
+    def objects(self) -> Path:
+        return self.home / "storage" / "objects"
+
+    def private_dirs(self) -> tuple[Path, ...]:
+        """Directories created 0700 by init and checked at start-up."""
+        return (self.home, self.keys, self.broker_dir, self.staging, self.quarantine, self.tmp,
+                self.home / "storage", self.objects)

@@ -1,0 +1,19 @@
+"""Typed application keys shared by the app factory and the handlers."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from central.config import CentralConfig
+from central.db import Database
+from central.metrics import Metrics
+
+if TYPE_CHECKING:
+    from central.service import IngestService
+
+CONFIG = web.AppKey("config", CentralConfig)
+METRICS = web.AppKey("metrics", Metrics)
+READER = web.AppKey("reader", Database)
+INGEST: web.AppKey[IngestService] = web.AppKey("ingest")
