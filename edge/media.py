@@ -122,8 +122,10 @@ def _image_pages(handle: BinaryIO, media_type: str, max_pages: int, max_pixels: 
         raise BadInputError(f"the {kind} image is too large in pixels (a decompression bomb?)") from None
     except UnidentifiedImageError:
         raise BadInputError(f"the file looks like {kind} but cannot be read as one") from None
-    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
-        raise BadInputError(f"the {kind} image is truncated or corrupt ({exc})") from None
+    except Exception as exc:
+        # Pillow's decoders raise whatever a malformed header trips over (TypeError, KeyError,
+        # struct.error, ...): any failure to decode a scan means the scan is unusable.
+        raise BadInputError(f"the {kind} image is truncated or corrupt ({exc!r})") from None
 
 
 def _decode_frames(image: Image.Image, media_type: str, max_pages: int, max_pixels: int) -> int:

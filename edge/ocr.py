@@ -120,8 +120,10 @@ def rasterize(path: Path, media_type: str, index: int, dpi: int) -> tuple[Image.
     """Page ``index`` of ``path`` as a grayscale image plus the resolution to tell tesseract."""
     try:
         return _rasterize(path, media_type, index, dpi)
-    except (OSError, ValueError, SyntaxError, EOFError, pdfium.PdfiumError) as exc:
-        raise BadInputError(f"page {index + 1} cannot be decoded for OCR ({exc})") from None
+    except BadInputError:
+        raise
+    except Exception as exc:  # any decoder failure on a page means the page is unusable
+        raise BadInputError(f"page {index + 1} cannot be decoded for OCR ({exc!r})") from None
 
 
 def _rasterize(path: Path, media_type: str, index: int, dpi: int) -> tuple[Image.Image, int]:
@@ -161,11 +163,14 @@ class PageJob:
     dpi: int
     languages: str
     timeout: float
+    tesseract_cmd: str = "tesseract"
 
 
 def ocr_page(job: PageJob) -> PageText:
     """Rasterize one page and run tesseract once for both text and hOCR."""
     index, timeout = job.index, job.timeout
+    # This worker process runs only OCR pages, so setting pytesseract's module-level command is safe.
+    pytesseract.pytesseract.tesseract_cmd = job.tesseract_cmd
     image, resolution = rasterize(Path(job.path), job.media_type, index, job.dpi)
     with tempfile.TemporaryDirectory(prefix="sohoa-ocr-") as tmp:
         png = Path(tmp) / "page.png"
@@ -188,13 +193,24 @@ def ocr_page(job: PageJob) -> PageText:
 
 # ---- engines ----------------------------------------------------------------------------------
 
-def installed_languages() -> tuple[str, ...]:
+def _run_tesseract_info(tesseract_cmd: str, flag: str) -> str:
     try:
-        output = subprocess.run(["tesseract", "--list-langs"], capture_output=True, text=True,  # noqa: S607
-                                timeout=30, check=True).stdout
+        # The command comes from the operator's config, never from a scan.
+        return subprocess.run([tesseract_cmd, flag], capture_output=True, text=True, timeout=30,  # noqa: S603
+                              check=True).stdout
     except (OSError, subprocess.SubprocessError) as exc:
-        raise OcrEngineError(f"cannot run tesseract --list-langs: {exc}") from None
+        raise OcrEngineError(f"cannot run {tesseract_cmd} {flag}: {exc}") from None
+
+
+def installed_languages(tesseract_cmd: str = "tesseract") -> tuple[str, ...]:
+    output = _run_tesseract_info(tesseract_cmd, "--list-langs")
     return tuple(line.strip() for line in output.splitlines()[1:] if line.strip())
+
+
+def tesseract_version(tesseract_cmd: str = "tesseract") -> str:
+    """``tesseract 5.3.0`` (recorded in every package's metadata)."""
+    first = _run_tesseract_info(tesseract_cmd, "--version").splitlines()
+    return first[0].strip() if first else "tesseract"
 
 
 class TesseractEngine:
@@ -203,7 +219,8 @@ class TesseractEngine:
     name = "tesseract"
 
     def __init__(self, languages: Sequence[str] = ("vie",), workers: int | None = None, dpi: int = 300,
-                 page_timeout: float = 300.0, *, allow_non_vie_first: bool = False) -> None:
+                 page_timeout: float = 300.0, *, allow_non_vie_first: bool = False,
+                 tesseract_cmd: str = "tesseract") -> None:
         languages = tuple(languages)
         if not languages:
             raise ValueError("languages must not be empty; use ('vie',)")
@@ -218,6 +235,7 @@ class TesseractEngine:
         self.workers = workers or os.cpu_count() or 1
         self.dpi = dpi
         self.page_timeout = page_timeout
+        self.tesseract_cmd = tesseract_cmd
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
         self._version: str | None = None
 
@@ -231,7 +249,7 @@ class TesseractEngine:
 
     def check(self) -> None:
         """Fail early (at start-up) if tesseract or a language is missing."""
-        missing = set(self.languages) - set(installed_languages())
+        missing = set(self.languages) - set(installed_languages(self.tesseract_cmd))
         if missing:
             raise OcrEngineError(f"tesseract language data missing: {sorted(missing)}",
                                  hint="apt-get install tesseract-ocr-vie")
@@ -241,7 +259,7 @@ class TesseractEngine:
         started = time.monotonic()
         pool = self._executor()
         jobs = [PageJob(str(path), media.media_type, index, self.dpi, "+".join(self.languages),
-                        self.page_timeout) for index in range(media.pages)]
+                        self.page_timeout, self.tesseract_cmd) for index in range(media.pages)]
         futures = [loop.run_in_executor(pool, ocr_page, job) for job in jobs]
         try:
             pages = await asyncio.wait_for(asyncio.gather(*futures),
@@ -262,11 +280,7 @@ class TesseractEngine:
 
     async def version(self) -> str:
         if self._version is None:
-            try:
-                found = await asyncio.to_thread(pytesseract.get_tesseract_version)
-            except pytesseract.TesseractNotFoundError:
-                raise OcrEngineError("tesseract is not installed or not on PATH") from None
-            self._version = f"tesseract {found}"
+            self._version = await asyncio.to_thread(tesseract_version, self.tesseract_cmd)
         return self._version
 
     async def aclose(self) -> None:

@@ -1,0 +1,104 @@
+"""OCR engines: real tesseract ``vie`` per page in a process pool, and the fake for unit tests."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import unicodedata
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from edge.errors import BadInputError, EdgeError, OcrEngineError
+from edge.media import MediaInfo, probe
+from edge.ocr import FakeOcrEngine, TesseractEngine, join_pages, mean_confidence, merge_hocr
+from edge.samples import generate_samples
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def samples(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return {s.media_type: s.path for s in generate_samples(tmp_path_factory.mktemp("ocr"), 7)}
+
+
+async def test_multipage_tiff_and_pdf_in_page_order_nfc_with_diacritics(samples: dict[str, Path]) -> None:
+    engine = TesseractEngine(workers=2)
+    try:
+        tiff = await engine.recognize(samples["image/tiff"], probe(samples["image/tiff"]))
+        pdf = await engine.recognize(samples["application/pdf"], probe(samples["application/pdf"]))
+    finally:
+        await engine.aclose()
+    for result, pages in ((tiff, 3), (pdf, 2)):
+        assert result.pages == pages and result.languages == ("vie",) and result.dpi == 300
+        assert result.engine.startswith("tesseract 5")
+        assert unicodedata.is_normalized("NFC", result.text)
+        assert "CỘNG HÒA XÃ HỘI CHỦ NGHĨA VIỆT NAM" in result.text
+        assert "Độc lập" in result.text and "Hạnh phúc" in result.text
+        parts = result.text.split("\f")
+        assert [re.search(r"Trang (\d)/\d", p).group(1) for p in parts] == [  # type: ignore[union-attr]
+            str(n) for n in range(1, pages + 1)]
+        assert result.mean_confidence is not None and result.mean_confidence > 80
+        # One hOCR document, one ocr_page per page, renumbered, no temp paths leaked.
+        assert result.hocr.count("<body>") == 1 and result.hocr.count("class='ocr_page'") == pages
+        assert f"id='page_{pages}'" in result.hocr and "/tmp" not in result.hocr
+        assert ">Trào" in result.hocr  # hOCR holds one word per span
+
+
+async def test_unreadable_page_is_bad_input_and_missing_tesseract_is_retryable(tmp_path: Path) -> None:
+    frames = [Image.new("L", (300, 300), 255) for _ in range(2)]
+    tif = tmp_path / "hai trang.tif"
+    frames[0].save(tif, save_all=True, append_images=frames[1:])
+    engine = TesseractEngine(workers=1)
+    try:
+        with pytest.raises(BadInputError, match="page 3"):  # claims a page the file does not have
+            await engine.recognize(tif, MediaInfo("image/tiff", 3, tif.stat().st_size))
+        blank = await engine.recognize(tif, probe(tif))
+        assert blank.pages == 2 and blank.mean_confidence is None
+    finally:
+        await engine.aclose()
+    broken = TesseractEngine(workers=1, tesseract_cmd=str(tmp_path / "no-tesseract"))
+    try:
+        with pytest.raises(OcrEngineError) as info:
+            await broken.recognize(tif, probe(tif))
+        assert not isinstance(info.value, BadInputError) and isinstance(info.value, EdgeError)
+        assert "tesseract" in info.value.hint
+    finally:
+        await broken.aclose()
+
+
+def test_language_validation() -> None:
+    with pytest.raises(ValueError, match="empty"):
+        TesseractEngine(())
+    with pytest.raises(ValueError, match="'vie' must come first"):
+        TesseractEngine(("eng", "vie"))
+    assert TesseractEngine(("eng",), allow_non_vie_first=True).languages == ("eng",)
+    with pytest.raises(ValueError, match="invalid"):
+        TesseractEngine(("vie", "eng; rm -rf /"))
+    assert TesseractEngine().workers >= 1
+
+
+def test_pure_helpers() -> None:
+    decomposed = unicodedata.normalize("NFD", "Quyết định")
+    assert join_pages([decomposed + "\n\f", "Trang 2\n\f"]) == "Quyết định\n\fTrang 2\n"
+    page = ("<html><head><title></title></head>\n <body>\n  <div class='ocr_page' id='page_1' "
+            "title='image \"/tmp/x/page.png\"; bbox 0 0 10 10; ppageno 0'>"
+            "<span class='ocrx_word' id='word_1_1' title='bbox 0 0 1 1; x_wconf 90'>Xã</span>"
+            "</div>\n </body>\n</html>\n")
+    merged = merge_hocr([page, page.replace("x_wconf 90", "x_wconf 70")])
+    assert "id='page_2'" in merged and "id='word_2_1'" in merged and "ppageno 1" in merged
+    assert "/tmp" not in merged and merged.count("<body>") == 1
+    assert mean_confidence(merged) == 80.0 and mean_confidence("<p/>") is None
+
+
+async def test_fake_engine_is_deterministic(tmp_path: Path) -> None:
+    engine = FakeOcrEngine("Ủy ban nhân dân xã Tân Trào")
+    media = MediaInfo("application/pdf", 2, 100)
+    first = await engine.recognize(tmp_path / "a.pdf", media)
+    assert first == await engine.recognize(tmp_path / "a.pdf", media)
+    assert first.pages == 2 and "Tân Trào" in first.text and first.hocr.count("class='ocr_page'") == 2
+    failing = FakeOcrEngine(error=OcrEngineError("tesseract crashed"))
+    with pytest.raises(OcrEngineError):
+        await asyncio.wait_for(failing.recognize(tmp_path / "a.pdf", media), 5)
+    await engine.aclose()

@@ -1,0 +1,141 @@
+"""Intake on a real directory: watchdog events, startup scan, periodic rescan and the settle rule."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from edge.errors import EdgeError
+from edge.watch import Intake
+
+pytestmark = pytest.mark.timeout(60)
+
+QUIET = 0.6
+FAST = {"quiet_seconds": QUIET, "check_interval": 0.05, "rescan_seconds": 3600.0}
+
+
+async def take(stream: AsyncIterator[Path], until: Path, *, timeout: float = 15) -> list[Path]:
+    """Everything the intake yields up to and including ``until``."""
+    seen: list[Path] = []
+    async with asyncio.timeout(timeout):
+        async for path in stream:
+            seen.append(path)
+            if path == until:
+                return seen
+    raise AssertionError("stream ended")
+
+
+def write(path: Path, data: bytes = b"%PDF-1.4 scan") -> Path:
+    path.write_bytes(data)
+    return path
+
+
+async def test_startup_scan_finds_existing_files_and_subfolders(tmp_path: Path) -> None:
+    top = write(tmp_path / "Quyết định số 12 – UBND.pdf")
+    (tmp_path / "2024" / "tháng 3").mkdir(parents=True)
+    deep = write(tmp_path / "2024" / "tháng 3" / "Công văn số 5 – Tuyên Quang.png")
+    async with Intake(tmp_path, use_events=False, **FAST) as intake:
+        stream = intake.stable()
+        seen = await take(stream, deep)
+        if top not in seen:
+            seen += await take(stream, top)
+        await stream.aclose()  # type: ignore[attr-defined]
+    assert set(seen) == {top, deep}
+
+
+async def test_slow_writer_in_place_is_yielded_only_after_it_finished(tmp_path: Path) -> None:
+    target = tmp_path / "Biên bản họp thôn.tif"
+    finished_at: list[float] = []  # time of the last write
+
+    async def slow_scanner() -> None:
+        with target.open("wb") as handle:
+            for _ in range(8):  # 8 x 0.25 s: longer than the quiet period in total
+                handle.write(b"x" * 4096)
+                handle.flush()
+                finished_at[:] = [time.monotonic()]
+                await asyncio.sleep(0.25)
+
+    async with Intake(tmp_path, **FAST) as intake:
+        writer = asyncio.create_task(slow_scanner())
+        stream = intake.stable()
+        seen = await take(stream, target)
+        yielded_at = time.monotonic()
+        await stream.aclose()  # type: ignore[attr-defined]
+        await writer
+    assert seen == [target]
+    assert finished_at and yielded_at >= finished_at[0] + QUIET * 0.9
+    assert target.stat().st_size == 8 * 4096
+
+
+async def test_temp_name_then_rename(tmp_path: Path) -> None:
+    final = tmp_path / "Công văn số 5 – Tuyên Quang.pdf"
+    async with Intake(tmp_path, **FAST) as intake:
+        stream = intake.stable()
+        for temp_name in (".Công văn.pdf.part", "scan0001.tmp", "~$scan.pdf"):
+            temp = write(tmp_path / temp_name, b"%PDF-1.4 " + b"x" * 10000)
+        temp.rename(final)
+        seen = await take(stream, final)
+        await stream.aclose()  # type: ignore[attr-defined]
+    assert seen == [final]
+
+
+async def test_ignored_names_symlinks_and_fifos_are_never_yielded(tmp_path: Path) -> None:
+    real = write(tmp_path.parent / f"{tmp_path.name}-outside.pdf")
+    (tmp_path / "link.pdf").symlink_to(real)
+    (tmp_path / "linked-dir").symlink_to(tmp_path.parent)
+    os.mkfifo(tmp_path / "pipe.pdf")
+    (tmp_path / ".recycle").mkdir()
+    write(tmp_path / ".recycle" / "deleted.pdf")
+    for name in (".hidden.pdf", "Thumbs.db", "desktop.ini", "scan.crdownload"):
+        write(tmp_path / name)
+    async with Intake(tmp_path, **FAST) as intake:
+        stream = intake.stable()
+        sentinel = write(tmp_path / "Tờ trình – sentinel.jpg")  # created last, via an event
+        seen = await take(stream, sentinel)
+        await stream.aclose()  # type: ignore[attr-defined]
+    assert seen == [sentinel]
+
+
+async def test_lost_events_are_caught_by_the_periodic_rescan(tmp_path: Path) -> None:
+    # use_events=False stands for every way events get lost (overflow, SMB/NFS, service down).
+    async with Intake(tmp_path, use_events=False, quiet_seconds=0.3, check_interval=0.05,
+                      rescan_seconds=0.5) as intake:
+        stream = intake.stable()
+        first = asyncio.ensure_future(stream.__anext__())
+        await asyncio.sleep(0.2)  # let the startup scan see an empty folder
+        late = write(tmp_path / "Quyết định số 13.pdf")
+        assert await asyncio.wait_for(first, 10) == late
+        await stream.aclose()  # type: ignore[attr-defined]
+
+
+async def test_a_file_left_in_place_is_yielded_again_at_a_later_rescan(tmp_path: Path) -> None:
+    doc = write(tmp_path / "Giấy xác nhận cư trú.png")
+    async with Intake(tmp_path, quiet_seconds=0.2, check_interval=0.05, rescan_seconds=0.5) as intake:
+        stream = intake.stable()
+        async with asyncio.timeout(10):
+            assert await anext(stream) == doc
+            assert await anext(stream) == doc
+        await stream.aclose()  # type: ignore[attr-defined]
+
+
+async def test_rescan_now_finds_a_file_without_events(tmp_path: Path) -> None:
+    async with Intake(tmp_path, use_events=False, quiet_seconds=0.2, check_interval=0.05,
+                      rescan_seconds=3600) as intake:
+        stream = intake.stable()
+        first = asyncio.ensure_future(anext(stream))
+        await asyncio.sleep(0.2)
+        doc = write(tmp_path / "Báo cáo.pdf")
+        intake.rescan_now()
+        assert await asyncio.wait_for(first, 10) == doc
+        await stream.aclose()  # type: ignore[attr-defined]
+
+
+async def test_missing_watch_dir_is_an_edge_error(tmp_path: Path) -> None:
+    with pytest.raises(EdgeError, match="does not exist"):
+        async with Intake(tmp_path / "nope"):
+            pass
