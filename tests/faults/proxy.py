@@ -132,6 +132,7 @@ class FaultProxy:
         self.port = listen_port
         self._server: asyncio.Server | None = None
         self._connections: set[_Connection] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         self._links: dict[Direction, _Link] = {"up": _Link(), "down": _Link()}
         self._flowing = asyncio.Event()
         self._flowing.set()
@@ -146,7 +147,7 @@ class FaultProxy:
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(
-            self._serve, self.listen_host, self.port, reuse_address=True
+            self._accept, self.listen_host, self.port, reuse_address=True
         )
         self.port = int(self._server.sockets[0].getsockname()[1])
 
@@ -155,6 +156,10 @@ class FaultProxy:
             return
         self._server.close()
         await self._abort_all()
+        # Connections accepted a moment ago may not have registered yet.
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._server.wait_closed()
         self._server = None
 
@@ -237,6 +242,13 @@ class FaultProxy:
                 connection.task.cancel()
         tasks = [c.task for c in connections if c.task is not None]
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _accept(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        # The proxy owns each connection's task: if asyncio's stream machinery owned it, cancelling it on
+        # cut() would make Python 3.11 log a spurious "Unhandled exception in client_connected_cb".
+        task = asyncio.get_running_loop().create_task(self._serve(client_reader, client_writer))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _serve(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
         budgets: dict[Direction, int | None] = {"up": None, "down": None}
