@@ -107,7 +107,7 @@ class Ingestor:
             except ProtocolError as exc:
                 self._refused(exc, f"{type(msg).__name__} from {msg.device}")
         self._make_durable(batch)
-        for tid in batch.touched:
+        for tid in sorted(batch.touched):   # a copy: answering may reject (and discard) a tid
             self._answer(tid, batch)
         return batch.replies
 
@@ -184,7 +184,7 @@ class Ingestor:
         elif record.state == "rejected":
             batch.replies.append(Ack(record.device, record.tid, AckState.REJECTED,
                                      error=record.error, error_class=record.error_class))
-        else:
+        elif self._lookup(record.device, record.tid, batch) is not None:
             batch.touched.add(record.tid)
 
     def _lookup(self, device: str, tid: str, batch: _Batch) -> _Active | None:

@@ -108,9 +108,9 @@ class MqttClient:
                  "resumed" if session_present else "new")
         self.connected.set()
 
-    def _on_disconnected(self, reason: str) -> None:
+    def _on_disconnected(self, reason: str, *, expected: bool = False) -> None:
         if self.connected.is_set():
-            log.warning("disconnected from broker: %s", reason)
+            log.log(logging.INFO if expected else logging.WARNING, "disconnected from broker: %s", reason)
         self.connected.clear()
         pending, self._pending = self._pending, {}
         self._early.clear()
@@ -180,7 +180,7 @@ class MqttClient:
         finally:
             self._client.disconnect()
             self._executor.shutdown(wait=False, cancel_futures=True)
-            self._on_disconnected("client stopped")
+            self._on_disconnected("client stopped", expected=True)
 
     def _backoff(self, attempt: int) -> float:
         ceiling = min(self.settings.backoff_max_s, self.settings.backoff_initial_s * 2 ** min(attempt, 16))

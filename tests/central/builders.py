@@ -1,0 +1,95 @@
+"""Test-side edge stand-in: build a BagIt tar per protocol/bag.py, seal it, cut it into messages."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import secrets
+import tarfile
+import time
+from dataclasses import dataclass
+
+import nacl.public
+import nacl.signing
+
+from protocol.bag import (
+    BAGIT_TXT,
+    HOCR,
+    METADATA,
+    TEXT,
+    OcrInfo,
+    PackageMetadata,
+    bag_info,
+    manifest,
+    original_member,
+)
+from protocol.envelope import EnvelopeSealer, SignedHeader
+from protocol.messages import Fin, Init, Message, Segment, encode
+
+
+def build_package(*, device: str, tid: str, seq: int, original: bytes, name: str, text: str,
+                  media_type: str = "application/pdf", pages: int = 1) -> bytes:
+    metadata = PackageMetadata(
+        tid=tid, device_id=device, seq=seq, original_name=name,
+        original_sha256=hashlib.sha256(original).hexdigest(), original_size=len(original),
+        media_type=media_type, pages=pages, captured_at="2024-05-01T08:00:00Z",
+        ocr=OcrInfo(engine="tesseract 5.3", languages=("vie",), dpi=300, seconds=0.6))
+    payload = {METADATA: metadata.to_json(), TEXT: text.encode(), HOCR: b"<html>hocr</html>",
+               original_member(media_type): original}
+    hashes = {n: hashlib.sha256(d).hexdigest() for n, d in payload.items()}
+    tags = {"bagit.txt": BAGIT_TXT,
+            "bag-info.txt": bag_info(device_id=device, tid=tid, bagging_date="2024-05-01",
+                                     payload_bytes=sum(map(len, payload.values())),
+                                     payload_files=len(payload)),
+            "manifest-sha256.txt": manifest(hashes)}
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for member, data in [*tags.items(), *payload.items()]:
+            info = tarfile.TarInfo(member)
+            info.size = len(data)
+            info.mode = 0o600
+            tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+@dataclass(frozen=True, slots=True)
+class Sealed:
+    device: str
+    tid: str
+    seq: int
+    signed: SignedHeader
+    ciphertext: bytes
+
+    def init(self) -> Init:
+        return Init(self.device, self.tid, self.signed)
+
+    def segments(self, size: int) -> list[Segment]:
+        return [Segment(self.device, self.tid, off, self.ciphertext[off: off + size])
+                for off in range(0, len(self.ciphertext), size)]
+
+    def fin(self) -> Fin:
+        return Fin(self.device, self.tid, len(self.ciphertext), hashlib.sha256(self.ciphertext).digest())
+
+    def messages(self, segment_size: int = 16 * 1024) -> list[Message]:
+        return [self.init(), *self.segments(segment_size), self.fin()]
+
+
+def seal_document(*, device: str, seq: int, signing_key: nacl.signing.SigningKey,
+                  central_key: nacl.public.PublicKey, original: bytes,
+                  name: str = "Công văn số 5 – Tuyên Quang.pdf",
+                  text: str = "Quyết định về việc số hoá hồ sơ lưu trữ xã Tân Trào",
+                  media_type: str = "application/pdf", chunk_size: int = 4096) -> Sealed:
+    doc_id = secrets.token_bytes(16)
+    tid = doc_id.hex()
+    package = build_package(device=device, tid=tid, seq=seq, original=original, name=name, text=text,
+                            media_type=media_type)
+    sealer = EnvelopeSealer(device_id=device, doc_id=doc_id, seq=seq, signing_key=signing_key,
+                            central_public_key=central_key, plaintext_size=len(package),
+                            created_at=int(time.time()), chunk_size=chunk_size, level=3)
+    body = sealer.update(package)
+    tail, signed = sealer.finish()
+    return Sealed(device, tid, seq, signed, body + tail)
+
+
+def wire(messages: list[Message]) -> list[tuple[str, bytes]]:
+    return [encode(m) for m in messages]

@@ -1,0 +1,222 @@
+"""Ingest on real SQLite and real files, driven by a test-side sealer (no broker needed here)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+
+import nacl.signing
+import pytest
+
+from central import catalog
+from central.config import CentralConfig
+from central.ingest import Ingestor
+from central.keys import CentralKeys
+from central.storage import ObjectStore
+from protocol.messages import Ack, AckState, Receipt, Segment
+from tests.central.builders import seal_document, wire
+
+
+def make_ingestor(config: CentralConfig, keys: CentralKeys) -> Ingestor:
+    conn = catalog.connect(config.paths.catalog)
+    return Ingestor(conn, config.paths, keys, max_plaintext=config.ingest.max_plaintext_bytes)
+
+
+def acks(replies: list, tid: str) -> list[Ack]:
+    return [r for r in replies if isinstance(r, Ack) and r.tid == tid]
+
+
+def receipts(replies: list) -> list[Receipt]:
+    return [r for r in replies if isinstance(r, Receipt)]
+
+
+PDF = b"%PDF-1.4\n" + secrets.token_bytes(40_000) + b"\n%%EOF\n"
+
+
+def test_round_trip_stores_catalogs_and_signs_a_receipt(config, central_keys, enroll) -> None:
+    device = enroll("xa-tan-trao")
+    ingestor = make_ingestor(config, central_keys)
+    sealed = seal_document(device="xa-tan-trao", seq=1, signing_key=device.signing_key,
+                           central_key=central_keys.encryption.public_key, original=PDF)
+    replies = ingestor.handle_batch(wire(sealed.messages(8192)))
+
+    assert [a.state for a in acks(replies, sealed.tid)][-1] is AckState.STORED
+    (receipt,) = receipts(replies)
+    body = receipt.verify(central_keys.receipt.verify_key)
+    assert body.sha256 == hashlib.sha256(PDF).hexdigest() and not body.duplicate
+    stored = ObjectStore(config.paths.objects).path_for(body.sha256)
+    assert stored.read_bytes() == PDF
+    assert stored.relative_to(config.paths.objects).parts[:2] == (body.sha256[:2], body.sha256[2:4])
+    assert not list(config.paths.staging.iterdir())
+
+    conn = catalog.connect(config.paths.catalog, readonly=True)
+    doc = catalog.get_document(conn, body.document_id)
+    assert doc is not None
+    assert doc["filename"] == "Công văn số 5 – Tuyên Quang.pdf"
+    assert doc["device"] == "xa-tan-trao" and doc["size"] == len(PDF) and doc["pages"] == 1
+    assert json.loads(doc["metadata"])["seq"] == 1
+    fixity = conn.execute("SELECT event, original_sha256, package_sha256 FROM fixity").fetchall()
+    assert [(f["event"], f["original_sha256"]) for f in fixity] == [("ingest", body.sha256)]
+    assert ObjectStore(config.paths.objects).contains(fixity[0]["package_sha256"])
+
+
+def test_search_with_and_without_diacritics(config, central_keys, enroll) -> None:
+    device = enroll("xa-tan-trao")
+    ingestor = make_ingestor(config, central_keys)
+    texts = ["Quyết định số 12 về đất đai", "Công văn gửi Ủy ban nhân dân huyện"]
+    for seq, text in enumerate(texts, start=1):
+        sealed = seal_document(device="xa-tan-trao", seq=seq, signing_key=device.signing_key,
+                               central_key=central_keys.encryption.public_key,
+                               original=PDF + bytes([seq]), text=text, name=f"Hồ sơ {seq}.pdf")
+        ingestor.handle_batch(wire(sealed.messages()))
+    conn = catalog.connect(config.paths.catalog, readonly=True)
+    for query in ("Quyết định", "quyet dinh", "QUYET ĐỊNH", "đất đai"):
+        found = catalog.search_documents(conn, q=query)
+        assert [d["filename"] for d in found] == ["Hồ sơ 1.pdf"], query
+    assert [d["filename"] for d in catalog.search_documents(conn, q="uy ban")] == ["Hồ sơ 2.pdf"]
+    assert [d["filename"] for d in catalog.search_documents(conn, q="ho so")] == ["Hồ sơ 2.pdf", "Hồ sơ 1.pdf"]
+    assert catalog.search_documents(conn, q='" OR * NEAR(') == []   # user input is never FTS syntax
+    assert len(catalog.search_documents(conn, device="xa-tan-trao")) == 2
+    assert catalog.search_documents(conn, device="xa-khac") == []
+
+
+def test_same_original_twice_is_stored_once_and_receipted_as_duplicate(config, central_keys, enroll) -> None:
+    one, two = enroll("xa-tan-trao"), enroll("xa-minh-thanh")
+    ingestor = make_ingestor(config, central_keys)
+    first = seal_document(device="xa-tan-trao", seq=1, signing_key=one.signing_key,
+                          central_key=central_keys.encryption.public_key, original=PDF)
+    second = seal_document(device="xa-minh-thanh", seq=1, signing_key=two.signing_key,
+                           central_key=central_keys.encryption.public_key, original=PDF, name="Bản sao.pdf")
+    (r1,) = receipts(ingestor.handle_batch(wire(first.messages())))
+    (r2,) = receipts(ingestor.handle_batch(wire(second.messages())))
+    assert not r1.body.duplicate and r2.body.duplicate
+    assert r2.body.document_id == r1.body.document_id and r2.device == "xa-minh-thanh"
+    conn = catalog.connect(config.paths.catalog, readonly=True)
+    assert catalog.totals(conn).documents == 1
+    events = [r[0] for r in conn.execute("SELECT event FROM fixity ORDER BY id")]
+    assert events == ["ingest", "duplicate"]
+
+
+def test_every_message_is_idempotent(config, central_keys, enroll) -> None:
+    device = enroll("xa-tan-trao")
+    ingestor = make_ingestor(config, central_keys)
+    sealed = seal_document(device="xa-tan-trao", seq=1, signing_key=device.signing_key,
+                           central_key=central_keys.encryption.public_key, original=PDF)
+    messages = wire(sealed.messages(8192))
+    first = ingestor.handle_batch(messages)
+    again = ingestor.handle_batch(messages)   # init, every segment and fin re-sent
+    (receipt,) = receipts(first)
+    # The repeated init and fin re-publish the same signed receipt; segments get STORED acks.
+    assert all(r == receipt for r in receipts(again)) and receipts(again)
+    assert {a.state for a in acks(again, sealed.tid)} == {AckState.STORED}
+    conn = catalog.connect(config.paths.catalog, readonly=True)
+    assert catalog.totals(conn).documents == 1
+
+
+def test_bad_signature_is_rejected_before_anything_is_stored(config, central_keys, enroll) -> None:
+    enroll("xa-tan-trao")
+    impostor = nacl.signing.SigningKey.generate()
+    ingestor = make_ingestor(config, central_keys)
+    sealed = seal_document(device="xa-tan-trao", seq=1, signing_key=impostor,
+                           central_key=central_keys.encryption.public_key, original=PDF)
+    replies = ingestor.handle_batch(wire(sealed.messages()))
+    states = {(a.state, a.error_class) for a in acks(replies, sealed.tid)}
+    assert (AckState.REJECTED, "SignatureError") in states
+    assert AckState.RECEIVING not in {s for s, _ in states} and not receipts(replies)
+    conn = catalog.connect(config.paths.catalog, readonly=True)
+    assert catalog.get_transfer(conn, sealed.tid) is None
+    assert not list(config.paths.staging.iterdir())
+    assert ingestor.metrics.ingest_errors["SignatureError"] >= 1
+
+
+def test_unknown_device_and_replayed_seq_are_rejected(config, central_keys, enroll) -> None:
+    device = enroll("xa-tan-trao")
+    ingestor = make_ingestor(config, central_keys)
+    stranger = seal_document(device="xa-la", seq=1, signing_key=nacl.signing.SigningKey.generate(),
+                             central_key=central_keys.encryption.public_key, original=PDF)
+    (ack,) = acks(ingestor.handle_batch(wire([stranger.init()])), stranger.tid)
+    assert (ack.state, ack.error_class) == (AckState.REJECTED, "UnknownDeviceError")
+
+    first = seal_document(device="xa-tan-trao", seq=7, signing_key=device.signing_key,
+                          central_key=central_keys.encryption.public_key, original=PDF)
+    ingestor.handle_batch(wire([first.init()]))
+    replay = seal_document(device="xa-tan-trao", seq=7, signing_key=device.signing_key,
+                           central_key=central_keys.encryption.public_key, original=PDF + b"x")
+    (ack,) = acks(ingestor.handle_batch(wire([replay.init()])), replay.tid)
+    assert (ack.state, ack.error_class) == (AckState.REJECTED, "ReplayError")
+
+
+def test_restart_mid_transfer_resumes_from_the_segment_log(config, central_keys, enroll) -> None:
+    device = enroll("xa-tan-trao")
+    original = secrets.token_bytes(120_000)
+    sealed = seal_document(device="xa-tan-trao", seq=1, signing_key=device.signing_key,
+                           central_key=central_keys.encryption.public_key, original=original,
+                           media_type="image/png", name="Trang 1.png")
+    segments = sealed.segments(16 * 1024)
+    half = len(segments) // 2
+    before = make_ingestor(config, central_keys)
+    replies = before.handle_batch(wire([sealed.init(), *segments[:half]]))
+    held = acks(replies, sealed.tid)[-1].ranges
+    assert held == ((0, segments[half].offset),)
+    del before   # "crash": nothing in memory survives
+
+    after = make_ingestor(config, central_keys)
+    (resumed,) = acks(after.handle_batch(wire([sealed.init()])), sealed.tid)
+    assert resumed.state is AckState.RECEIVING and resumed.ranges == held
+    replies = after.handle_batch(wire([*segments[half:], sealed.fin()]))
+    (receipt,) = receipts(replies)
+    assert receipt.body.sha256 == hashlib.sha256(original).hexdigest()
+
+
+def test_conflicting_segment_is_an_error_not_a_merge(config, central_keys, enroll) -> None:
+    device = enroll("xa-tan-trao")
+    ingestor = make_ingestor(config, central_keys)
+    sealed = seal_document(device="xa-tan-trao", seq=1, signing_key=device.signing_key,
+                           central_key=central_keys.encryption.public_key, original=PDF)
+    seg = sealed.segments(4096)[0]
+    ingestor.handle_batch(wire([sealed.init(), seg]))
+    forged = Segment(seg.device, seg.tid, seg.offset, bytes(len(seg.data)))
+    (ack,) = acks(ingestor.handle_batch(wire([forged])), sealed.tid)
+    assert ack.state is AckState.RECEIVING and ack.error_class == "TransferError"
+    assert ack.ranges == ((0, 4096),)
+    assert (config.paths.staging / f"{sealed.tid}.part").read_bytes()[:4096] == seg.data
+
+
+def test_tampered_ciphertext_is_quarantined_with_a_reason(config, central_keys, enroll) -> None:
+    device = enroll("xa-tan-trao")
+    ingestor = make_ingestor(config, central_keys)
+    sealed = seal_document(device="xa-tan-trao", seq=1, signing_key=device.signing_key,
+                           central_key=central_keys.encryption.public_key, original=PDF)
+    segments = sealed.segments(8192)
+    bad = bytearray(segments[1].data)
+    bad[10] ^= 0xFF
+    segments[1] = Segment(segments[1].device, segments[1].tid, segments[1].offset, bytes(bad))
+    replies = ingestor.handle_batch(wire([sealed.init(), *segments, sealed.fin()]))
+    final = acks(replies, sealed.tid)[-1]
+    assert (final.state, final.error_class) == (AckState.REJECTED, "CiphertextHashError")
+    reason = json.loads((config.paths.quarantine / f"{sealed.tid}.reason.json").read_text())
+    assert reason["error_class"] == "CiphertextHashError"
+    assert (config.paths.quarantine / f"{sealed.tid}.part").stat().st_size == len(sealed.ciphertext)
+    (again,) = acks(ingestor.handle_batch(wire([sealed.fin()])), sealed.tid)
+    assert again.state is AckState.REJECTED
+
+
+def test_status_updates_the_device_row(config, central_keys, enroll) -> None:
+    from protocol.messages import Status, encode
+    enroll("xa-tan-trao")
+    ingestor = make_ingestor(config, central_keys)
+    ingestor.handle_batch([encode(Status("xa-tan-trao", online=True, queue_docs=3, queue_bytes=4096,
+                                         last_error="máy quét mất kết nối"))])
+    conn = catalog.connect(config.paths.catalog, readonly=True)
+    (row,) = catalog.list_devices(conn)
+    assert row["online"] and row["backlog_docs"] == 3 and row["backlog_bytes"] == 4096
+    assert row["last_error"] == "máy quét mất kết nối" and row["last_seen"]
+
+
+@pytest.mark.parametrize("mode_path", ["central.toml", "api-token", "keys/encryption.key",
+                                       "keys/receipt.key", "mosquitto.passwd", "catalog.db"])
+def test_init_writes_private_files(home, mode_path) -> None:
+    assert (home / mode_path).stat().st_mode & 0o777 == 0o600
+    assert os.stat(home / "keys").st_mode & 0o777 == 0o700
