@@ -76,7 +76,7 @@ def parse_broker_url(url: str) -> HostPort:
 
 def parse_host_port(value: str, what: str = "http.listen") -> HostPort:
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ConfigError(f"{what} = {value!r} is not HOST:PORT", hint="e.g. 127.0.0.1:8080")
     return HostPort(host.strip("[]"), int(port))
 

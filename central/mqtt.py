@@ -58,6 +58,7 @@ class MqttClient:
         self.settings = settings
         self.inbox: asyncio.Queue[Inbound] = asyncio.Queue()
         self.connected = asyncio.Event()
+        self.ready = asyncio.Event()      # connected and the configured subscriptions acknowledged
         self._loop = asyncio.get_running_loop()
         self._manual_ack = manual_ack
         self._pending: dict[int, asyncio.Future[Any]] = {}
@@ -81,9 +82,11 @@ class MqttClient:
             log.warning("broker refused connection: %s", reason)
             return
         # Subscribing on every connect is idempotent and covers a broker that lost its sessions.
+        mid = None
         if self.settings.subscriptions:
-            client.subscribe(list(self.settings.subscriptions))
-        self._loop.call_soon_threadsafe(self._on_connected, bool(flags.session_present))
+            _, mid = client.subscribe(list(self.settings.subscriptions))
+        # Queued before the SUBACK's callback, so _on_connected registers the future first.
+        self._loop.call_soon_threadsafe(self._on_connected, bool(flags.session_present), mid)
 
     def _cb_disconnect(self, _client: paho.Client, _userdata: Any, _flags: Any, reason: ReasonCode,
                        _props: Any) -> None:
@@ -103,15 +106,28 @@ class MqttClient:
         self._loop.call_soon_threadsafe(self._resolve, mid, list(reasons))
 
     # -- loop side ------------------------------------------------------------------------------
-    def _on_connected(self, session_present: bool) -> None:
+    def _on_connected(self, session_present: bool, subscribe_mid: int | None) -> None:
         log.info("connected to %s:%d (session %s)", self.settings.host, self.settings.port,
                  "resumed" if session_present else "new")
         self.connected.set()
+        if subscribe_mid is None:
+            self.ready.set()
+            return
+        self._track(subscribe_mid).add_done_callback(self._on_subscribed)
+
+    def _on_subscribed(self, future: asyncio.Future[Any]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            return   # the connection dropped first; the next connect subscribes again
+        refused = [str(r) for r in future.result() if r.is_failure]
+        if refused:
+            log.error("broker refused subscriptions: %s", ", ".join(refused))
+        self.ready.set()
 
     def _on_disconnected(self, reason: str, *, expected: bool = False) -> None:
         if self.connected.is_set():
             log.log(logging.INFO if expected else logging.WARNING, "disconnected from broker: %s", reason)
         self.connected.clear()
+        self.ready.clear()
         pending, self._pending = self._pending, {}
         self._early.clear()
         for future in pending.values():

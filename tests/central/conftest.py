@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +12,8 @@ import pytest
 
 from central import commands
 from central.config import CentralConfig, load_config
-from central.keys import load_keys, unb64
+from central.keys import CentralKeys, load_keys, unb64
+from central.paths import CentralPaths
 from tests.support.broker import Broker, free_port, running_broker
 
 
@@ -52,8 +53,11 @@ def central_broker(config: CentralConfig) -> Iterator[Broker]:
         yield broker
 
 
+Enroll = Callable[[str], "Bundle"]
+
+
 @pytest.fixture
-def enroll(home: Path, tmp_path: Path):  # type: ignore[no-untyped-def]
+def enroll(home: Path, tmp_path: Path) -> Enroll:
     def _enroll(device_id: str) -> Bundle:
         out = tmp_path / f"{device_id}.bundle.toml"
         commands.enroll(home, device_id, out)
@@ -62,6 +66,5 @@ def enroll(home: Path, tmp_path: Path):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture
-def central_keys(home: Path):  # type: ignore[no-untyped-def]
-    from central.paths import CentralPaths
+def central_keys(home: Path) -> CentralKeys:
     return load_keys(CentralPaths(home))

@@ -9,7 +9,10 @@ from collections.abc import AsyncIterator
 import pytest
 
 from central.broker_config import check_password, hash_password
+from central.config import CentralConfig
 from central.mqtt import MqttClient, MqttSettings, PublishError
+from tests.central.conftest import Enroll
+from tests.support.broker import Broker
 
 TIMEOUT = 15
 
@@ -39,7 +42,8 @@ def test_password_hash_matches_mosquitto_passwd_format() -> None:
     assert check_password("mật khẩu", hash_password("mật khẩu"))
 
 
-async def test_generated_config_runs_and_central_can_connect(config, central_broker) -> None:
+async def test_generated_config_runs_and_central_can_connect(config: CentralConfig,
+                                                             central_broker: Broker) -> None:
     assert central_broker.proc is not None and central_broker.proc.poll() is None
     pid = int(config.paths.mosquitto_pid.read_text())
     assert pid == central_broker.proc.pid
@@ -50,7 +54,9 @@ async def test_generated_config_runs_and_central_can_connect(config, central_bro
             await central.publish("sohoa/v1/up/xa-tan-trao/status", b"{}")
 
 
-async def test_enroll_on_a_running_broker_without_restart(config, central_broker, enroll) -> None:
+async def test_enroll_on_a_running_broker_without_restart(config: CentralConfig, central_broker: Broker,
+                                                          enroll: Enroll) -> None:
+    assert central_broker.proc is not None
     pid_before = central_broker.proc.pid
     one = enroll("xa-tan-trao")
     two = enroll("xa-minh-thanh")
@@ -82,7 +88,7 @@ async def test_enroll_on_a_running_broker_without_restart(config, central_broker
         assert mine.payload == b"for one" and device_one.inbox.empty()
 
 
-async def test_wrong_password_is_refused(central_broker, enroll) -> None:
+async def test_wrong_password_is_refused(central_broker: Broker, enroll: Enroll) -> None:
     enroll("xa-tan-trao")
     with pytest.raises(TimeoutError):
         async with asyncio.timeout(2):

@@ -6,17 +6,19 @@ import hashlib
 import json
 import os
 import secrets
+from pathlib import Path
 
 import nacl.signing
 import pytest
 
 from central import catalog
 from central.config import CentralConfig
-from central.ingest import Ingestor
+from central.ingest import Ingestor, Reply
 from central.keys import CentralKeys
 from central.storage import ObjectStore
-from protocol.messages import Ack, AckState, Receipt, Segment
+from protocol.messages import Ack, AckState, Receipt, Segment, Status, encode
 from tests.central.builders import seal_document, wire
+from tests.central.conftest import Enroll
 
 
 def make_ingestor(config: CentralConfig, keys: CentralKeys) -> Ingestor:
@@ -24,18 +26,19 @@ def make_ingestor(config: CentralConfig, keys: CentralKeys) -> Ingestor:
     return Ingestor(conn, config.paths, keys, max_plaintext=config.ingest.max_plaintext_bytes)
 
 
-def acks(replies: list, tid: str) -> list[Ack]:
+def acks(replies: list[Reply], tid: str) -> list[Ack]:
     return [r for r in replies if isinstance(r, Ack) and r.tid == tid]
 
 
-def receipts(replies: list) -> list[Receipt]:
+def receipts(replies: list[Reply]) -> list[Receipt]:
     return [r for r in replies if isinstance(r, Receipt)]
 
 
 PDF = b"%PDF-1.4\n" + secrets.token_bytes(40_000) + b"\n%%EOF\n"
 
 
-def test_round_trip_stores_catalogs_and_signs_a_receipt(config, central_keys, enroll) -> None:
+def test_round_trip_stores_catalogs_and_signs_a_receipt(config: CentralConfig, central_keys: CentralKeys,
+                                                        enroll: Enroll) -> None:
     device = enroll("xa-tan-trao")
     ingestor = make_ingestor(config, central_keys)
     sealed = seal_document(device="xa-tan-trao", seq=1, signing_key=device.signing_key,
@@ -62,7 +65,8 @@ def test_round_trip_stores_catalogs_and_signs_a_receipt(config, central_keys, en
     assert ObjectStore(config.paths.objects).contains(fixity[0]["package_sha256"])
 
 
-def test_search_with_and_without_diacritics(config, central_keys, enroll) -> None:
+def test_search_with_and_without_diacritics(config: CentralConfig, central_keys: CentralKeys,
+                                            enroll: Enroll) -> None:
     device = enroll("xa-tan-trao")
     ingestor = make_ingestor(config, central_keys)
     texts = ["Quyết định số 12 về đất đai", "Công văn gửi Ủy ban nhân dân huyện"]
@@ -76,13 +80,16 @@ def test_search_with_and_without_diacritics(config, central_keys, enroll) -> Non
         found = catalog.search_documents(conn, q=query)
         assert [d["filename"] for d in found] == ["Hồ sơ 1.pdf"], query
     assert [d["filename"] for d in catalog.search_documents(conn, q="uy ban")] == ["Hồ sơ 2.pdf"]
-    assert [d["filename"] for d in catalog.search_documents(conn, q="ho so")] == ["Hồ sơ 2.pdf", "Hồ sơ 1.pdf"]
+    newest_first = ["Hồ sơ 2.pdf", "Hồ sơ 1.pdf"]
+    assert [d["filename"] for d in catalog.search_documents(conn, q="ho so")] == newest_first
     assert catalog.search_documents(conn, q='" OR * NEAR(') == []   # user input is never FTS syntax
     assert len(catalog.search_documents(conn, device="xa-tan-trao")) == 2
     assert catalog.search_documents(conn, device="xa-khac") == []
 
 
-def test_same_original_twice_is_stored_once_and_receipted_as_duplicate(config, central_keys, enroll) -> None:
+def test_same_original_twice_is_stored_once_and_receipted_as_duplicate(config: CentralConfig,
+                                                                       central_keys: CentralKeys,
+                                                                       enroll: Enroll) -> None:
     one, two = enroll("xa-tan-trao"), enroll("xa-minh-thanh")
     ingestor = make_ingestor(config, central_keys)
     first = seal_document(device="xa-tan-trao", seq=1, signing_key=one.signing_key,
@@ -99,7 +106,8 @@ def test_same_original_twice_is_stored_once_and_receipted_as_duplicate(config, c
     assert events == ["ingest", "duplicate"]
 
 
-def test_every_message_is_idempotent(config, central_keys, enroll) -> None:
+def test_every_message_is_idempotent(config: CentralConfig, central_keys: CentralKeys,
+                                     enroll: Enroll) -> None:
     device = enroll("xa-tan-trao")
     ingestor = make_ingestor(config, central_keys)
     sealed = seal_document(device="xa-tan-trao", seq=1, signing_key=device.signing_key,
@@ -115,7 +123,8 @@ def test_every_message_is_idempotent(config, central_keys, enroll) -> None:
     assert catalog.totals(conn).documents == 1
 
 
-def test_bad_signature_is_rejected_before_anything_is_stored(config, central_keys, enroll) -> None:
+def test_bad_signature_is_rejected_before_anything_is_stored(config: CentralConfig, central_keys: CentralKeys,
+                                                             enroll: Enroll) -> None:
     enroll("xa-tan-trao")
     impostor = nacl.signing.SigningKey.generate()
     ingestor = make_ingestor(config, central_keys)
@@ -131,7 +140,8 @@ def test_bad_signature_is_rejected_before_anything_is_stored(config, central_key
     assert ingestor.metrics.ingest_errors["SignatureError"] >= 1
 
 
-def test_unknown_device_and_replayed_seq_are_rejected(config, central_keys, enroll) -> None:
+def test_unknown_device_and_replayed_seq_are_rejected(config: CentralConfig, central_keys: CentralKeys,
+                                                      enroll: Enroll) -> None:
     device = enroll("xa-tan-trao")
     ingestor = make_ingestor(config, central_keys)
     stranger = seal_document(device="xa-la", seq=1, signing_key=nacl.signing.SigningKey.generate(),
@@ -148,7 +158,8 @@ def test_unknown_device_and_replayed_seq_are_rejected(config, central_keys, enro
     assert (ack.state, ack.error_class) == (AckState.REJECTED, "ReplayError")
 
 
-def test_restart_mid_transfer_resumes_from_the_segment_log(config, central_keys, enroll) -> None:
+def test_restart_mid_transfer_resumes_from_the_segment_log(config: CentralConfig, central_keys: CentralKeys,
+                                                           enroll: Enroll) -> None:
     device = enroll("xa-tan-trao")
     original = secrets.token_bytes(120_000)
     sealed = seal_document(device="xa-tan-trao", seq=1, signing_key=device.signing_key,
@@ -170,7 +181,8 @@ def test_restart_mid_transfer_resumes_from_the_segment_log(config, central_keys,
     assert receipt.body.sha256 == hashlib.sha256(original).hexdigest()
 
 
-def test_conflicting_segment_is_an_error_not_a_merge(config, central_keys, enroll) -> None:
+def test_conflicting_segment_is_an_error_not_a_merge(config: CentralConfig, central_keys: CentralKeys,
+                                                     enroll: Enroll) -> None:
     device = enroll("xa-tan-trao")
     ingestor = make_ingestor(config, central_keys)
     sealed = seal_document(device="xa-tan-trao", seq=1, signing_key=device.signing_key,
@@ -184,7 +196,8 @@ def test_conflicting_segment_is_an_error_not_a_merge(config, central_keys, enrol
     assert (config.paths.staging / f"{sealed.tid}.part").read_bytes()[:4096] == seg.data
 
 
-def test_tampered_ciphertext_is_quarantined_with_a_reason(config, central_keys, enroll) -> None:
+def test_tampered_ciphertext_is_quarantined_with_a_reason(config: CentralConfig, central_keys: CentralKeys,
+                                                          enroll: Enroll) -> None:
     device = enroll("xa-tan-trao")
     ingestor = make_ingestor(config, central_keys)
     sealed = seal_document(device="xa-tan-trao", seq=1, signing_key=device.signing_key,
@@ -203,8 +216,8 @@ def test_tampered_ciphertext_is_quarantined_with_a_reason(config, central_keys, 
     assert again.state is AckState.REJECTED
 
 
-def test_status_updates_the_device_row(config, central_keys, enroll) -> None:
-    from protocol.messages import Status, encode
+def test_status_updates_the_device_row(config: CentralConfig, central_keys: CentralKeys,
+                                       enroll: Enroll) -> None:
     enroll("xa-tan-trao")
     ingestor = make_ingestor(config, central_keys)
     ingestor.handle_batch([encode(Status("xa-tan-trao", online=True, queue_docs=3, queue_bytes=4096,
@@ -217,6 +230,6 @@ def test_status_updates_the_device_row(config, central_keys, enroll) -> None:
 
 @pytest.mark.parametrize("mode_path", ["central.toml", "api-token", "keys/encryption.key",
                                        "keys/receipt.key", "mosquitto.passwd", "catalog.db"])
-def test_init_writes_private_files(home, mode_path) -> None:
+def test_init_writes_private_files(home: Path, mode_path: str) -> None:
     assert (home / mode_path).stat().st_mode & 0o777 == 0o600
     assert os.stat(home / "keys").st_mode & 0o777 == 0o700

@@ -1,0 +1,90 @@
+"""The CLI surface: `central init/enroll/run` with --help, exit codes, and a clean SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from central.cli import register
+from tests.support.broker import free_port, running_broker, wait_for_port
+
+ROOT = Path(__file__).resolve().parents[2]
+DRIVER = """\
+import argparse, sys
+from central.cli import register
+p = argparse.ArgumentParser(prog="sohoa")
+register(p.add_subparsers(required=True))
+a = p.parse_args()
+sys.exit(a.func(a))
+"""
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="sohoa")
+    register(parser.add_subparsers(required=True))
+    return parser.parse_args(argv)
+
+
+@pytest.mark.parametrize("argv", [("central",), ("central", "init"), ("central", "enroll"),
+                                  ("central", "run")])
+def test_every_level_has_help(argv: tuple[str, ...], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        parse(*argv, "--help")
+    assert exited.value.code == 0 and "usage:" in capsys.readouterr().out
+
+
+def test_init_enroll_and_errors_as_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    home = tmp_path / "home"
+    args = parse("central", "init", "--home", str(home), "--broker", f"mqtt://127.0.0.1:{free_port()}",
+                 "--http", "127.0.0.1:0")
+    assert args.func(args) == 0
+    again = parse("central", "init", "--home", str(home))
+    assert again.func(again) == 66 and "already exists" in capsys.readouterr().err
+    bundle = tmp_path / "xa.bundle"
+    enroll = parse("central", "enroll", "xa-tan-trao", "--home", str(home), "--out", str(bundle))
+    assert enroll.func(enroll) == 0 and bundle.stat().st_mode & 0o777 == 0o600
+    assert enroll.func(enroll) == 65 and "already enrolled" in capsys.readouterr().err
+    reserved = parse("central", "enroll", "central", "--home", str(home), "--out", str(tmp_path / "c"))
+    assert reserved.func(reserved) == 65
+    bad = parse("central", "enroll", "Xã Tân Trào", "--home", str(home), "--out", str(tmp_path / "c"))
+    assert bad.func(bad) == 65
+    config = home / "central.toml"
+    config.write_text("brokr = 1\n" + config.read_text())
+    typo = parse("central", "enroll", "xa-khac", "--home", str(home), "--out", str(tmp_path / "d"))
+    assert typo.func(typo) == 78
+    assert "unknown key brokr = 1" in capsys.readouterr().err
+
+
+def test_run_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    broker_port, http_port = free_port(), free_port()
+    parse_args = parse("central", "init", "--home", str(home), "--broker", f"mqtt://127.0.0.1:{broker_port}",
+                       "--http", f"127.0.0.1:{http_port}")
+    assert parse_args.func(parse_args) == 0
+    with running_broker(home / "mosquitto.conf", broker_port, tmp_path / "broker.log"):
+        proc = subprocess.Popen([sys.executable, "-c", DRIVER, "central", "run", "--home", str(home)],
+                                cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            wait_for_port(http_port, timeout=20)
+            deadline = time.monotonic() + 20
+            while True:
+                with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/healthz", timeout=5) as r:
+                    if b'"mqtt_connected": true' in r.read() or time.monotonic() > deadline:
+                        break
+                time.sleep(0.1)
+            proc.send_signal(signal.SIGTERM)
+            output = proc.communicate(timeout=20)[0].decode()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode == 0, output
+        assert "Traceback" not in output, output

@@ -1,0 +1,164 @@
+"""Central end to end over a real broker: MQTT ingest through the app's cleanup_ctx, then HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import secrets
+from urllib.parse import unquote
+
+import nacl.signing
+from aiohttp import web
+from pytest_aiohttp.plugin import AiohttpClient, AiohttpServer
+
+from central.app import create_app
+from central.config import CentralConfig
+from central.keys import CentralKeys
+from central.mqtt import MqttClient
+from central.state import INGEST
+from protocol.messages import Ack, AckState, Message, Receipt, Status, decode, encode
+from tests.central.builders import Sealed, seal_document
+from tests.central.conftest import Enroll
+from tests.central.test_broker import TIMEOUT, connected
+from tests.support.broker import Broker
+
+
+async def send_and_wait_receipt(device: MqttClient, sealed: Sealed, segment_size: int = 16 * 1024) -> Receipt:
+    for message in sealed.messages(segment_size):
+        await device.publish(*encode(message))
+    async with asyncio.timeout(TIMEOUT):
+        while True:
+            inbound = await device.inbox.get()
+            reply = decode(inbound.topic, inbound.payload)
+            if isinstance(reply, Ack):
+                assert reply.state is not AckState.REJECTED, reply
+            if isinstance(reply, Receipt) and reply.tid == sealed.tid:
+                return reply
+
+
+async def test_ingest_over_mqtt_then_browse_over_http(config: CentralConfig, central_broker: Broker,
+                                                      central_keys: CentralKeys, enroll: Enroll,
+                                                      aiohttp_client: AiohttpClient) -> None:
+    bundle = enroll("xa-tan-trao")
+    client = await aiohttp_client(create_app(config))
+    await ingest_ready(client.app)
+    original = b"%PDF-1.4\n" + secrets.token_bytes(70_000)
+    sealed = seal_document(device="xa-tan-trao", seq=1, signing_key=bundle.signing_key,
+                           central_key=central_keys.encryption.public_key, original=original)
+    async with connected(central_broker.port, bundle.username, bundle.password,
+                         (("sohoa/v1/down/xa-tan-trao/#", 1),)) as device:
+        await device.publish(*encode(Status("xa-tan-trao", online=True, queue_docs=1, queue_bytes=70_000)),
+                             retain=True)
+        receipt = await send_and_wait_receipt(device, sealed)
+    body = receipt.verify(central_keys.receipt.verify_key)
+    assert body.sha256 == hashlib.sha256(original).hexdigest()
+
+    auth = {"Authorization": f"Bearer {config.api_token}"}
+    for path in ("/api/devices", "/api/documents", f"/api/documents/{body.document_id}",
+                 f"/api/documents/{body.document_id}/original"):
+        assert (await client.get(path)).status == 401
+        assert (await client.get(path, headers={"Authorization": "Bearer wrong"})).status == 401
+
+    devices = await (await client.get("/api/devices", headers=auth)).json()
+    assert [(d["id"], d["online"], d["backlog_docs"]) for d in devices] == [("xa-tan-trao", True, 1)]
+    assert devices[0]["last_receipt"] and devices[0]["last_seen"]
+
+    for q in ("Quyết định", "quyet dinh"):
+        found = await (await client.get("/api/documents", params={"q": q}, headers=auth)).json()
+        assert [d["id"] for d in found] == [body.document_id]
+    assert await (await client.get("/api/documents", params={"q": "không có"}, headers=auth)).json() == []
+
+    detail = await (await client.get(f"/api/documents/{body.document_id}", headers=auth)).json()
+    assert detail["filename"] == "Công văn số 5 – Tuyên Quang.pdf" and "Quyết định" in detail["text"]
+    assert detail["metadata"]["tid"] == sealed.tid
+
+    response = await client.get(f"/api/documents/{body.document_id}/original", headers=auth)
+    assert response.status == 200 and await response.read() == original
+    assert response.headers["Content-Type"] == "application/pdf"
+    disposition = response.headers["Content-Disposition"]
+    encoded = re.search(r"filename\*=UTF-8''(\S+)", disposition)
+    assert encoded and unquote(encoded.group(1)) == "Công văn số 5 – Tuyên Quang.pdf"
+    assert (await client.get("/api/documents/999999", headers=auth)).status == 404
+
+    metrics = await (await client.get("/metrics")).text()
+    samples = parse_prometheus(metrics)
+    assert samples["documents_total"] == 1 and samples["bytes_stored"] == len(original)
+    assert samples["segments_received_total"] == len(sealed.segments(16 * 1024))
+    assert samples["transfers_active"] == 0 and samples["devices_online"] == 1
+    assert (await (await client.get("/healthz")).json())["mqtt_connected"] is True
+    page = await client.get("/")
+    assert page.status == 200 and "sohoa" in await page.text()
+
+
+async def test_bad_signature_over_mqtt_gets_rejected(config: CentralConfig, central_broker: Broker,
+                                                     central_keys: CentralKeys, enroll: Enroll,
+                                                     aiohttp_client: AiohttpClient) -> None:
+    bundle = enroll("xa-tan-trao")
+    await ingest_ready((await aiohttp_client(create_app(config))).app)
+    sealed = seal_document(device="xa-tan-trao", seq=1, signing_key=nacl.signing.SigningKey.generate(),
+                           central_key=central_keys.encryption.public_key, original=b"%PDF-1.4 forged")
+    async with connected(central_broker.port, bundle.username, bundle.password,
+                         (("sohoa/v1/down/xa-tan-trao/#", 1),)) as device:
+        await device.publish(*encode(sealed.init()))
+        async with asyncio.timeout(TIMEOUT):
+            inbound = await device.inbox.get()
+    ack = decode(inbound.topic, inbound.payload)
+    assert isinstance(ack, Ack) and (ack.state, ack.error_class) == (AckState.REJECTED, "SignatureError")
+
+
+async def test_central_restart_mid_transfer_resumes(config: CentralConfig, central_broker: Broker,
+                                                    central_keys: CentralKeys, enroll: Enroll,
+                                                    aiohttp_server: AiohttpServer) -> None:
+    bundle = enroll("xa-tan-trao")
+    original = secrets.token_bytes(100_000)
+    sealed = seal_document(device="xa-tan-trao", seq=1, signing_key=bundle.signing_key,
+                           central_key=central_keys.encryption.public_key, original=original,
+                           media_type="image/jpeg", name="Ảnh 1.jpg")
+    segments = sealed.segments(8 * 1024)
+    half = len(segments) // 2
+    async with connected(central_broker.port, bundle.username, bundle.password,
+                         (("sohoa/v1/down/xa-tan-trao/#", 1),)) as device:
+        server = await aiohttp_server(create_app(config))
+        await ingest_ready(server.app)
+        opening: list[Message] = [sealed.init(), *segments[:half]]
+        for message in opening:
+            await device.publish(*encode(message))
+        async with asyncio.timeout(TIMEOUT):
+            while True:
+                inbound = await device.inbox.get()
+                reply = decode(inbound.topic, inbound.payload)
+                assert isinstance(reply, Ack)
+                if reply.ranges == ((0, segments[half].offset),):
+                    break
+        await server.close()   # central stops; its session keeps queueing at the broker
+
+        await ingest_ready((await aiohttp_server(create_app(config))).app)
+        await device.publish(*encode(sealed.init()))
+        async with asyncio.timeout(TIMEOUT):
+            while True:
+                inbound = await device.inbox.get()
+                reply = decode(inbound.topic, inbound.payload)
+                if isinstance(reply, Ack) and reply.state is AckState.RECEIVING:
+                    # Only the missing tail is sent: what central held survived the restart.
+                    assert reply.ranges[0] == (0, segments[half].offset)
+                    break
+        receipt = await send_and_wait_receipt(device, Sealed(sealed.device, sealed.tid, sealed.seq,
+                                                             sealed.signed, sealed.ciphertext))
+    assert receipt.body.sha256 == hashlib.sha256(original).hexdigest()
+
+
+async def ingest_ready(app: web.Application) -> None:
+    async with asyncio.timeout(TIMEOUT):
+        await app[INGEST].client.ready.wait()
+
+
+def parse_prometheus(text: str) -> dict[str, float]:
+    samples: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        match = re.fullmatch(r'([a-zA-Z_:][a-zA-Z0-9_:]*(?:\{[^}]*\})?) (-?[0-9.e+]+)', line)
+        assert match, f"not Prometheus text format: {line!r}"
+        samples[match.group(1)] = float(match.group(2))
+    return samples
