@@ -31,7 +31,7 @@ def jpeg_bytes() -> bytes:
 
 def pdf_bytes(pages: int = 2, **kwargs: object) -> bytes:
     buf = io.BytesIO()
-    c = canvas.Canvas(buf, invariant=1, **kwargs)  # type: ignore[arg-type]
+    c = canvas.Canvas(buf, invariant=1, **kwargs)
     for n in range(pages):
         c.drawString(72, 720, f"Trang {n + 1}")
         c.showPage()

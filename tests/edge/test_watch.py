@@ -16,7 +16,11 @@ from edge.watch import Intake
 pytestmark = pytest.mark.timeout(60)
 
 QUIET = 0.6
-FAST = {"quiet_seconds": QUIET, "check_interval": 0.05, "rescan_seconds": 3600.0}
+
+
+def fast(watch_dir: Path, *, use_events: bool = True) -> Intake:
+    return Intake(watch_dir, quiet_seconds=QUIET, check_interval=0.05, rescan_seconds=3600.0,
+                  use_events=use_events)
 
 
 async def take(stream: AsyncIterator[Path], until: Path, *, timeout: float = 15) -> list[Path]:
@@ -39,7 +43,7 @@ async def test_startup_scan_finds_existing_files_and_subfolders(tmp_path: Path) 
     top = write(tmp_path / "Quyết định số 12 – UBND.pdf")
     (tmp_path / "2024" / "tháng 3").mkdir(parents=True)
     deep = write(tmp_path / "2024" / "tháng 3" / "Công văn số 5 – Tuyên Quang.png")
-    async with Intake(tmp_path, use_events=False, **FAST) as intake:
+    async with fast(tmp_path, use_events=False) as intake:
         stream = intake.stable()
         seen = await take(stream, deep)
         if top not in seen:
@@ -60,7 +64,7 @@ async def test_slow_writer_in_place_is_yielded_only_after_it_finished(tmp_path: 
                 finished_at[:] = [time.monotonic()]
                 await asyncio.sleep(0.25)
 
-    async with Intake(tmp_path, **FAST) as intake:
+    async with fast(tmp_path) as intake:
         writer = asyncio.create_task(slow_scanner())
         stream = intake.stable()
         seen = await take(stream, target)
@@ -74,7 +78,7 @@ async def test_slow_writer_in_place_is_yielded_only_after_it_finished(tmp_path: 
 
 async def test_temp_name_then_rename(tmp_path: Path) -> None:
     final = tmp_path / "Công văn số 5 – Tuyên Quang.pdf"
-    async with Intake(tmp_path, **FAST) as intake:
+    async with fast(tmp_path) as intake:
         stream = intake.stable()
         for temp_name in (".Công văn.pdf.part", "scan0001.tmp", "~$scan.pdf"):
             temp = write(tmp_path / temp_name, b"%PDF-1.4 " + b"x" * 10000)
@@ -93,7 +97,7 @@ async def test_ignored_names_symlinks_and_fifos_are_never_yielded(tmp_path: Path
     write(tmp_path / ".recycle" / "deleted.pdf")
     for name in (".hidden.pdf", "Thumbs.db", "desktop.ini", "scan.crdownload"):
         write(tmp_path / name)
-    async with Intake(tmp_path, **FAST) as intake:
+    async with fast(tmp_path) as intake:
         stream = intake.stable()
         sentinel = write(tmp_path / "Tờ trình – sentinel.jpg")  # created last, via an event
         seen = await take(stream, sentinel)

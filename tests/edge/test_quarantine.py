@@ -1,0 +1,93 @@
+"""Quarantine: refused scans land in failed/ with a reason, never lost, never followed."""
+
+from __future__ import annotations
+
+import os
+import stat
+import unicodedata
+from pathlib import Path
+
+import pytest
+
+from edge.quarantine import list_failed, quarantine
+
+NAME = "Công văn số 5 – Tuyên Quang.pdf"
+
+
+@pytest.fixture
+def dirs(tmp_path: Path) -> tuple[Path, Path]:
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    return scans, tmp_path / "home" / "failed"
+
+
+def test_moves_file_and_writes_reason(dirs: tuple[Path, Path]) -> None:
+    scans, failed = dirs
+    src = scans / NAME
+    src.write_bytes(b"not really a pdf")
+    moved = quarantine(src, failed, "the file is not a PNG, JPEG, TIFF or PDF")
+    assert moved == failed / NAME and moved.read_bytes() == b"not really a pdf" and not src.exists()
+    assert stat.S_IMODE(failed.stat().st_mode) == 0o700
+    note = (failed / (NAME + ".reason.txt")).read_text("utf-8")
+    assert "reason: the file is not a PNG, JPEG, TIFF or PDF" in note and str(src) in note
+    [item] = list_failed(failed)
+    assert item.name == NAME and item.reason.startswith("the file is not") and item.since.tzinfo
+
+
+def test_collisions_get_numbered(dirs: tuple[Path, Path]) -> None:
+    scans, failed = dirs
+    moved = []
+    for n in range(3):
+        (scans / NAME).write_bytes(bytes([n]))
+        moved.append(quarantine(scans / NAME, failed, f"lần {n}"))
+    assert [p.name for p in moved] == [NAME, "Công văn số 5 – Tuyên Quang (2).pdf",
+                                       "Công văn số 5 – Tuyên Quang (3).pdf"]
+    assert [p.read_bytes() for p in moved] == [b"\x00", b"\x01", b"\x02"]
+    assert sorted(i.reason for i in list_failed(failed)) == ["lần 0", "lần 1", "lần 2"]
+
+
+def test_nfd_name_becomes_nfc_and_multiline_reason_is_one_line(dirs: tuple[Path, Path]) -> None:
+    scans, failed = dirs
+    src = scans / unicodedata.normalize("NFD", NAME)
+    src.write_bytes(b"x")
+    moved = quarantine(src, failed, "dòng 1\ndòng 2")
+    assert moved.name == NAME
+    assert list_failed(failed)[0].reason == "dòng 1 dòng 2"
+
+
+def test_symlink_is_moved_not_followed(dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    scans, failed = dirs
+    secret = tmp_path / "secret.txt"
+    secret.write_text("do not touch")
+    (scans / "link.pdf").symlink_to(secret)
+    moved = quarantine(scans / "link.pdf", failed, "the file is a symbolic link, not a scan")
+    assert moved.is_symlink() and os.readlink(moved) == str(secret)
+    assert secret.read_text() == "do not touch" and not (scans / "link.pdf").is_symlink()
+
+
+def test_fifo_is_moved_without_opening_it(dirs: tuple[Path, Path]) -> None:
+    scans, failed = dirs
+    os.mkfifo(scans / "pipe.pdf")
+    moved = quarantine(scans / "pipe.pdf", failed, "the file is a FIFO (named pipe), not a scan")
+    assert stat.S_ISFIFO(moved.lstat().st_mode)
+    assert [i.name for i in list_failed(failed)] == ["pipe.pdf"]
+
+
+def test_basename_only_and_odd_names(dirs: tuple[Path, Path]) -> None:
+    scans, failed = dirs
+    (scans / "sub").mkdir()
+    src = scans / "sub" / "bad\tname.reason.txt"
+    src.write_bytes(b"y")
+    moved = quarantine(src, failed, "odd")
+    assert moved.parent == failed and moved.name == "bad_name.reason.txt"
+    names = {i.name: i.reason for i in list_failed(failed)}
+    assert names == {"bad_name.reason.txt": "odd"}
+
+
+def test_missing_reason_file_and_empty_dir(dirs: tuple[Path, Path]) -> None:
+    _, failed = dirs
+    assert list_failed(failed) == []
+    failed.mkdir(parents=True)
+    (failed / "orphan.pdf").write_bytes(b"z")
+    [item] = list_failed(failed)
+    assert item.name == "orphan.pdf" and "missing" in item.reason
