@@ -51,8 +51,16 @@ def _run(args: argparse.Namespace) -> int:
     return commands.run(args.home)
 
 
+def _verify(args: argparse.Namespace) -> int:
+    problems = commands.verify(args.home)
+    for problem in problems:
+        print(problem)  # noqa: T201
+    print(f"{len(problems)} problem(s)" if problems else "all stored objects verify")  # noqa: T201
+    return 1 if problems else 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Add ``central`` with ``init``, ``enroll`` and ``run`` to the top-level parser."""
+    """Add ``central`` with ``init``, ``enroll``, ``run`` and ``verify`` to the top-level parser."""
     central = subparsers.add_parser("central", help="the central aggregator (ingest, archive, API)",
                                     description="Run and administer the central archive.")
     sub = central.add_subparsers(dest="central_command", required=True, metavar="COMMAND")
@@ -81,3 +89,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                                      "/api and /metrics. SIGTERM or Ctrl-C stops cleanly.")
     run.add_argument("--home", type=Path, required=True, help="central home directory")
     run.set_defaults(func=_guard(_run))
+
+    verify = sub.add_parser("verify", help="re-hash every stored object against the catalog",
+                            description="Fixity check: every stored original and package must exist "
+                                        "and hash to its name. Exit 1 if any does not.")
+    verify.add_argument("--home", type=Path, required=True, help="central home directory")
+    verify.set_defaults(func=_guard(_verify))

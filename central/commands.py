@@ -24,6 +24,7 @@ from central.errors import EnrollError, HomeError
 from central.fsutil import make_private_dir, write_atomic
 from central.keys import b64, generate_keys, load_keys
 from central.paths import CentralPaths
+from central.storage import ObjectStore, file_sha256
 from protocol.errors import DecodeError
 from protocol.names import check_device_id
 
@@ -90,6 +91,26 @@ def enroll(home: Path, device_id: str, out: Path) -> None:
         conn.close()
     pid = reload_broker(paths)
     log.info("enrolled %s%s", device_id, f"; broker {pid} reloaded" if pid else "")
+
+
+def verify(home: Path) -> list[str]:
+    """Re-hash every stored original and package against the catalog; return the problems found."""
+    paths = load_config(home).paths
+    store = ObjectStore(paths.objects)
+    conn = catalog.connect(paths.catalog, readonly=True)
+    problems: list[str] = []
+    try:
+        rows = conn.execute("SELECT id, sha256, package_sha256 FROM documents ORDER BY id").fetchall()
+    finally:
+        conn.close()
+    for row in rows:
+        for what, digest in (("original", row["sha256"]), ("package", row["package_sha256"])):
+            path = store.path_for(digest)
+            if not path.is_file():
+                problems.append(f"document {row['id']}: {what} {digest} is missing")
+            elif file_sha256(path) != digest:
+                problems.append(f"document {row['id']}: {what} {digest} does not hash to its name")
+    return problems
 
 
 async def serve(home: Path, *, ready: asyncio.Event | None = None) -> None:

@@ -93,22 +93,31 @@ class Ingestor:
     def handle_batch(self, items: Sequence[tuple[str, bytes]]) -> list[Reply]:
         """Apply received (topic, payload) pairs; return the acks and receipts to publish."""
         batch = _Batch()
-        for topic, payload in items:
-            try:
-                msg = decode(topic, payload)
-            except ProtocolError as exc:
-                self._refused(exc, f"undecodable message on {topic[:120]!r}")
-                continue
-            batch.devices.add(msg.device)
-            try:
-                self._dispatch(msg, batch)
-            except sqlite3.Error:
-                raise
-            except ProtocolError as exc:
-                self._refused(exc, f"{type(msg).__name__} from {msg.device}")
-        self._make_durable(batch)
-        for tid in sorted(batch.touched):   # a copy: answering may reject (and discard) a tid
-            self._answer(tid, batch)
+        try:
+            for topic, payload in items:
+                try:
+                    msg = decode(topic, payload)
+                except ProtocolError as exc:
+                    self._refused(exc, f"undecodable message on {topic[:120]!r}")
+                    continue
+                batch.devices.add(msg.device)
+                try:
+                    self._dispatch(msg, batch)
+                except ProtocolError as exc:
+                    self._refused(exc, f"{type(msg).__name__} from {msg.device}")
+            self._make_durable(batch)
+            for tid in sorted(batch.touched):   # a copy: answering may reject (and discard) a tid
+                self._answer(tid, batch)
+        except BaseException:
+            # Our own failure (database, disk, a bug): undo what is not committed and forget the
+            # in-memory view of every transfer touched, so nothing is acked that is not durable.
+            self._conn.rollback()
+            for fd in batch.fds.values():
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            for tid in set(batch.written) | batch.touched:
+                self._active.pop(tid, None)
+            raise
         return batch.replies
 
     def _dispatch(self, msg: Message, batch: _Batch) -> None:
@@ -291,6 +300,7 @@ class Ingestor:
             for fd in batch.fds.values():
                 with contextlib.suppress(OSError):
                     os.close(fd)
+            batch.fds.clear()
         for tid, segments in batch.written.items():
             active = self._active.get(tid)
             for seg in segments:

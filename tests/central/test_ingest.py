@@ -12,6 +12,7 @@ import nacl.signing
 import pytest
 
 from central import catalog
+from central.commands import verify
 from central.config import CentralConfig
 from central.ingest import Ingestor, Reply
 from central.keys import CentralKeys
@@ -233,3 +234,17 @@ def test_status_updates_the_device_row(config: CentralConfig, central_keys: Cent
 def test_init_writes_private_files(home: Path, mode_path: str) -> None:
     assert (home / mode_path).stat().st_mode & 0o777 == 0o600
     assert os.stat(home / "keys").st_mode & 0o777 == 0o700
+
+
+def test_verify_finds_a_damaged_object(home: Path, config: CentralConfig, central_keys: CentralKeys,
+                                      enroll: Enroll) -> None:
+    device = enroll("xa-tan-trao")
+    sealed = seal_document(device="xa-tan-trao", seq=1, signing_key=device.signing_key,
+                           central_key=central_keys.encryption.public_key, original=PDF)
+    (receipt,) = receipts(make_ingestor(config, central_keys).handle_batch(wire(sealed.messages())))
+    assert verify(home) == []
+    stored = ObjectStore(config.paths.objects).path_for(receipt.body.sha256)
+    stored.chmod(0o600)
+    stored.write_bytes(b"bit rot")
+    (problem,) = verify(home)
+    assert "does not hash to its name" in problem
