@@ -414,11 +414,15 @@ class Ingestor:
         return self._paths.staging / f"{tid}.part"   # tid is checked hex: never a sender's name
 
     def _remove_stale_staging(self) -> None:
-        """Drop staging files whose transfer was stored (a crash between commit and unlink)."""
+        """Drop staging files of stored transfers (a crash between commit and unlink) and temp files."""
         for part in self._paths.staging.glob("*.part"):
             record = catalog.get_transfer(self._conn, part.stem)
             if record is not None and record.state == "stored":
                 part.unlink()
+        # Half-written decrypted packages from an interrupted assembly; it restarts from staging.
+        for leftover in self._paths.tmp.glob("*"):
+            if leftover.is_file():
+                leftover.unlink()
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
