@@ -3,7 +3,7 @@ link on command, so fault scenarios and benchmarks exercise real sockets without
 
 Link model (per direction, shared by every connection like one commune uplink):
 - a piece of data leaves when the link is free and occupies it for ``len / rate`` seconds (a token
-  bucket whose burst is one piece, so there is no start-up burst after idle);
+  bucket with no burst, so there is no start-up burst after idle);
 - it arrives ``latency`` seconds after it has fully left; pieces are delivered strictly in order;
 - while throttled the proxy reads at most one MSS-sized piece ahead, so backpressure reaches the
   sender through its own socket buffers instead of piling up invisibly in the proxy.
@@ -32,6 +32,8 @@ CHUNK_BYTES = 65536
 # Bounds the proxy's own buffering per connection and direction (pieces awaiting their arrival time).
 QUEUE_PIECES = 1024
 CONNECT_TIMEOUT_S = 10.0
+# How late an asyncio timer may fire before the link counts as having gone idle.
+TIMER_SLACK_S = 0.010
 
 _T = TypeVar("_T")
 
@@ -71,7 +73,9 @@ class _Link:
         now = asyncio.get_running_loop().time()
         if self.rate is None:
             return now
-        start = max(now, self.free_at)
+        # Back-to-back pieces start exactly when the previous one ended, so a timer firing late on a busy
+        # machine does not slow the link down; after a real idle gap the piece starts now, never early.
+        start = self.free_at if now - self.free_at < TIMER_SLACK_S else now
         # Reserve before sleeping so concurrent connections queue behind each other.
         self.free_at = start + nbytes / self.rate
         if start > now:
