@@ -91,3 +91,25 @@ def test_missing_reason_file_and_empty_dir(dirs: tuple[Path, Path]) -> None:
     (failed / "orphan.pdf").write_bytes(b"z")
     [item] = list_failed(failed)
     assert item.name == "orphan.pdf" and "missing" in item.reason
+
+
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="needs a second file system (tmpfs)")
+def test_across_file_systems_regular_fifo_and_symlink(tmp_path: Path) -> None:
+    import tempfile  # noqa: PLC0415
+
+    failed = tmp_path / "failed"
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as other:
+        scans = Path(other)
+        if scans.stat().st_dev == tmp_path.stat().st_dev:
+            pytest.skip("/dev/shm is on the same file system here")
+        (scans / NAME).write_bytes(b"scan bytes")
+        os.mkfifo(scans / "pipe.pdf")
+        (scans / "link.pdf").symlink_to("/etc/hostname")
+        regular = quarantine(scans / NAME, failed, "corrupt")
+        fifo = quarantine(scans / "pipe.pdf", failed, "FIFO")
+        link = quarantine(scans / "link.pdf", failed, "symlink")
+        assert list(scans.iterdir()) == []
+    assert regular.read_bytes() == b"scan bytes"
+    assert stat.S_ISFIFO(fifo.lstat().st_mode)
+    assert link.is_symlink() and os.readlink(link) == "/etc/hostname"
+    assert len(list_failed(failed)) == 3
