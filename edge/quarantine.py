@@ -24,8 +24,8 @@ class FailedItem:
     since: dt.datetime
 
 
-def _safe_basename(path: Path) -> str:
-    name = nfc(path.name).replace("\x00", "")
+def _safe_basename(raw: str) -> str:
+    name = nfc(raw).replace("\x00", "").replace("/", "\u2215")
     if name in ("", ".", ".."):
         return "unnamed"
     # Control characters would make the folder listing unreadable for the clerk.
@@ -48,10 +48,14 @@ def _free_name(failed_dir: Path, name: str) -> Path:
         number += 1
 
 
-def quarantine(path: Path, failed_dir: Path, reason: str) -> Path:
-    """Move ``path`` into ``failed_dir`` with a reason note; return where it now is."""
+def quarantine(path: Path, failed_dir: Path, reason: str, *, name: str | None = None) -> Path:
+    """Move ``path`` into ``failed_dir`` with a reason note; return where it now is.
+
+    ``name`` (default: the file's own basename) lets the caller restore the clerk's original name
+    for a file it had renamed, e.g. ``processed/<tid>.pdf``; it is reduced to a safe basename.
+    """
     failed_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    target = _free_name(failed_dir, _safe_basename(path))
+    target = _free_name(failed_dir, _safe_basename(path.name if name is None else name))
     move_durably(path, target)
     when = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     one_line = " ".join(reason.split())

@@ -113,3 +113,12 @@ def test_across_file_systems_regular_fifo_and_symlink(tmp_path: Path) -> None:
     assert stat.S_ISFIFO(fifo.lstat().st_mode)
     assert link.is_symlink() and os.readlink(link) == "/etc/hostname"
     assert len(list_failed(failed)) == 3
+
+
+def test_caller_supplied_name_is_reduced_to_a_basename(dirs: tuple[Path, Path]) -> None:
+    scans, failed = dirs
+    (scans / "0123abcd.pdf").write_bytes(b"q")
+    moved = quarantine(scans / "0123abcd.pdf", failed, "x", name="../../Quyết định/số 12.pdf")
+    assert moved.parent == failed and moved.name == "..∕..∕Quyết định∕số 12.pdf"
+    (scans / "dots").write_bytes(b"q")
+    assert quarantine(scans / "dots", failed, "x", name="..").name == "unnamed"
