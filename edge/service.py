@@ -249,10 +249,8 @@ class EdgeService:
         self.counters.last_error = f"{doc.name}: {reason}"
         original = Path(doc.src_path)
         if original.exists():
-            # Give the clerk back a file with its own name, beside the reason.
-            staged = self.config.work_dir / doc.name
-            move_durably(original, staged)
-            quarantine(staged, self.config.failed_dir, reason)
+            # Give the clerk back a file with its own (sanitised) name, beside the reason.
+            quarantine(original, self.config.failed_dir, reason, name=doc.name)
         if doc.envelope_path:
             Path(doc.envelope_path).unlink(missing_ok=True)
         await self.outbox.mark_failed(doc.tid, reason)
