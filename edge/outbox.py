@@ -19,6 +19,7 @@ Rules:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import time
@@ -234,6 +235,7 @@ class Outbox:
         self.cap_bytes = cap_bytes
         self._clock = clock
         self._durable = False
+        self._write_lock = asyncio.Lock()
 
     @classmethod
     async def open(cls, path: Path, *, cap_bytes: int = 8 * 1024**3,
@@ -255,16 +257,18 @@ class Outbox:
 
     @contextlib.asynccontextmanager
     async def _write(self, *, durable: bool = False) -> AsyncIterator[aiosqlite.Connection]:
-        if durable != self._durable:
-            await self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
-            self._durable = durable
-        await self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-        except BaseException:
-            await self._db.execute("ROLLBACK")
-            raise
-        await self._db.execute("COMMIT")
+        # Several tasks share the one connection; a transaction spans awaits, so serialise them.
+        async with self._write_lock:
+            if durable != self._durable:
+                await self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+                self._durable = durable
+            await self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                await self._db.execute("ROLLBACK")
+                raise
+            await self._db.execute("COMMIT")
 
     async def _require(self, tid: str, rowcount: int, what: str) -> None:
         if rowcount == 1:
@@ -349,7 +353,9 @@ class Outbox:
 
     async def mark_failed(self, tid: str, reason: str) -> None:
         async with self._write(durable=True) as db:
-            n = await _transition(db, tid, QUEUED_STATES,
+            # FAILED → FAILED only updates the reason: the uplink records a rejection and the
+            # service's quarantine step records it again with the file's new place.
+            n = await _transition(db, tid, (*QUEUED_STATES, DocState.FAILED),
                                   "state = 'failed', reason = ?, updated_at = ?", (reason, self._clock()))
             await self._require(tid, n, "mark_failed")
 

@@ -200,8 +200,8 @@ def test_fin_bounds() -> None:
 
 @pytest.mark.parametrize("topic", [
     f"sohoa/v1/up/dev/tx/{TID}/seg/²", f"sohoa/v1/up/dev/tx/{TID}/seg/١٢",
-    "sohoa/v1/up/dev/tx/{}/seg/{}".format(TID, "9" * 5000), f"sohoa/v1/up/dev/tx/{TID}/seg/01",
-    f"sohoa/v1/up/dev/tx/{TID}/seg/-1", "sohoa/v1/up/dev/tx/%s/seg/%d" % (TID, MAX_OFFSET),
+    f"sohoa/v1/up/dev/tx/{TID}/seg/{'9' * 5000}", f"sohoa/v1/up/dev/tx/{TID}/seg/01",
+    f"sohoa/v1/up/dev/tx/{TID}/seg/-1", f"sohoa/v1/up/dev/tx/{TID}/seg/{MAX_OFFSET}",
     f"sohoa/v1/up/dev/tx/{TID}/seg/ 1", f"sohoa/v1/up/dev/tx/{TID}/seg/",
     "sohoa/v1/up/+/status", "sohoa/v1/up/#/status", "sohoa/v1/up/../status", "sohoa/v1/up/Dev/status",
     f"sohoa/v1/up/dev/tx/{TID.upper()}/init", "sohoa/v1/up/dev/tx/../init",
