@@ -116,24 +116,39 @@ class EdgeService:
 
     # -- recovery ---------------------------------------------------------------------------
     async def recover(self) -> None:
-        """Continue after a crash: re-queue half-done rows, adopt orphans, sweep receipted files."""
+        """Continue after a crash: re-queue half-done rows, sweep files of receipted rows.
+
+        A row is always committed before its file leaves the watch folder, so after a power cut the
+        original is either still at the row's ``src_path`` or already at its place in processed/.
+        """
         outbox = self.outbox
-        known: set[str] = set()
         for doc in await outbox.unfinished():
-            known.add(Path(doc.src_path).name)
-            self._queue.put_nowait(doc.tid)
+            src = Path(doc.src_path)
+            held = self._held_path(doc.sha256, doc.media_type)
+            if src != held and src.exists():
+                move_durably(src, held)
+            if held.exists():
+                if src != held:
+                    await outbox.update_src(doc.tid, str(held))
+                self._queue.put_nowait(doc.tid)
+            elif src.exists():
+                self._queue.put_nowait(doc.tid)
+            else:
+                await outbox.mark_failed(doc.tid, "the original vanished before it was packaged "
+                                                  "(deleted from the scan folder?)")
         for doc in await outbox.delivered_with_files():
             await self._forget(doc)
-        # A file moved to processed/ whose outbox row never committed (power cut in between):
-        # hand it back to the watch folder so the intake takes it again properly.
+        # Safety net: a file in processed/ that no row knows (should not happen, see above) goes
+        # back to the watch folder rather than sit there forever.
         for path in self.config.processed_dir.iterdir():
-            if path.name.startswith(".") or path.name in known:
+            if path.name.startswith("."):
                 continue
-            sha = path.stem.split("-")[0]
-            existing = await outbox.find_active_by_sha256(sha)
-            if existing is None:
-                log.warning("adopting orphan %s back into the watch folder", path.name)
+            if await outbox.find_active_by_sha256(path.stem.split("-")[0]) is None:
+                log.warning("returning unknown file %s to the watch folder", path.name)
                 move_durably(path, self.config.watch_dir / f"recovered-{path.name}")
+
+    def _held_path(self, sha256: str, media_type: str) -> Path:
+        return self.config.processed_dir / f"{sha256}.{MEDIA_EXTENSIONS[media_type]}"
 
     # -- stages -----------------------------------------------------------------------------
     async def _intake_loop(self, intake: Intake) -> None:
@@ -166,15 +181,17 @@ class EdgeService:
             self._alarm("outbox full: new scans wait in the watch folder")
             return
         self.counters.alarms.discard("outbox full: new scans wait in the watch folder")
-        ext = MEDIA_EXTENSIONS[media.media_type]
-        held = cfg.processed_dir / f"{sha}.{ext}"
+        held = self._held_path(sha, media.media_type)
         if held.exists():
             # Identical bytes already held for an in-flight document: let central deduplicate.
-            held = cfg.processed_dir / f"{sha}-{time.time_ns()}.{ext}"
-        move_durably(path, held)
-        doc = await self.outbox.add(name=name, src_path=str(held), size=media.size, sha256=sha,
+            held = held.with_name(f"{sha}-{time.time_ns()}{held.suffix}")
+        # The row first (durably), then the move: a crash in between leaves a row whose file is
+        # still in the watch folder, which recover() moves; never a moved file without a row.
+        doc = await self.outbox.add(name=name, src_path=str(path), size=media.size, sha256=sha,
                                     media_type=media.media_type, pages=media.pages,
                                     priority=cfg.intake.priority_of(relative))
+        move_durably(path, held)
+        await self.outbox.update_src(doc.tid, str(held))
         self.counters.taken += 1
         self.counters.original_bytes += media.size
         log.info("took %s as %s (%d page(s))", name, doc.tid, media.pages)
