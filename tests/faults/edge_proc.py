@@ -25,12 +25,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--home", type=Path, required=True)
     parser.add_argument("--quiet-seconds", type=float, default=0.3)
+    parser.add_argument("--rate-kbit", type=float, default=0.0, help="uplink cap (0 = none)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = edge_config.load(args.home)
     cfg = dataclasses.replace(cfg, intake=dataclasses.replace(
         cfg.intake, quiet_seconds=args.quiet_seconds, check_interval=0.1, rescan_seconds=1.0),
-        uplink=dataclasses.replace(cfg.uplink, resend_after=3.0, status_interval=2.0))
+        uplink=dataclasses.replace(cfg.uplink, resend_after=3.0, status_interval=2.0,
+                                   rate_kbit=args.rate_kbit))
 
     async def run() -> None:
         service = EdgeService(cfg, ocr_engine=FakeOcrEngine())
