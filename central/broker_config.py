@@ -129,8 +129,23 @@ def add_user(paths: CentralPaths, username: str, password: str) -> None:
     write_atomic(paths.mosquitto_passwd, body.encode(), mode=0o600)
 
 
+def remove_user(paths: CentralPaths, username: str) -> bool:
+    """Drop one account from the password file (atomically); True if it was there."""
+    users = read_users(paths)
+    if users.pop(username, None) is None:
+        return False
+    body = "".join(f"{name}:{hashed}\n" for name, hashed in users.items())
+    write_atomic(paths.mosquitto_passwd, body.encode(), mode=0o600)
+    return True
+
+
 def reload_broker(paths: CentralPaths) -> int | None:
     """SIGHUP a running broker so it re-reads the password and ACL files; return its pid.
+
+    Measured on Mosquitto 2.0.11: on SIGHUP it re-checks every connected client against the new
+    password file and disconnects those whose account is gone (about 0.1 s later), so removing an
+    account and reloading both cuts a live session and refuses the next login
+    (tests/central/test_revoke.py).
 
     Returns None when no broker is running (it will read the files when it starts).
     """

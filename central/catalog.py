@@ -91,6 +91,38 @@ CREATE TABLE IF NOT EXISTS fixity (
     ciphertext_sha256 TEXT,
     detail            TEXT
 );
+-- Who did what to the archive (logins, downloads of originals, revocations, tokens): append-only.
+CREATE TABLE IF NOT EXISTS audit (
+    id      INTEGER PRIMARY KEY,
+    at      TEXT NOT NULL,
+    actor   TEXT NOT NULL,
+    action  TEXT NOT NULL,
+    target  TEXT,
+    remote  TEXT,
+    detail  TEXT
+);
+CREATE TABLE IF NOT EXISTS operators (
+    name       TEXT PRIMARY KEY,
+    role       TEXT NOT NULL CHECK (role IN ('viewer', 'operator', 'admin')),
+    pwhash     BLOB NOT NULL,
+    created_at TEXT NOT NULL,
+    disabled   INTEGER NOT NULL DEFAULT 0
+);
+-- Only sha256 of a token or session id is stored: a stolen catalog holds no usable credential.
+CREATE TABLE IF NOT EXISTS api_tokens (
+    name       TEXT PRIMARY KEY,
+    role       TEXT NOT NULL CHECK (role IN ('viewer', 'operator', 'admin')),
+    token_hash TEXT NOT NULL UNIQUE,
+    created_at TEXT NOT NULL,
+    revoked_at TEXT
+);
+CREATE TABLE IF NOT EXISTS sessions (
+    id_hash    TEXT PRIMARY KEY,
+    operator   TEXT NOT NULL REFERENCES operators (name),
+    csrf       TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    expires_at REAL NOT NULL
+);
 """
 
 
@@ -144,6 +176,18 @@ def get_device(conn: sqlite3.Connection, device_id: str) -> DeviceRecord | None:
 def set_device_status(conn: sqlite3.Connection, device_id: str, status: str) -> bool:
     cur = conn.execute("UPDATE devices SET status = ? WHERE id = ?", (status, device_id))
     return cur.rowcount == 1
+
+
+def add_audit(conn: sqlite3.Connection, *, actor: str, action: str, target: str | None = None,
+              remote: str | None = None, detail: str | None = None) -> None:
+    conn.execute("INSERT INTO audit (at, actor, action, target, remote, detail) VALUES (?, ?, ?, ?, ?, ?)",
+                 (utc_now(), actor, action, target, remote, detail))
+
+
+def list_audit(conn: sqlite3.Connection, limit: int = 1000) -> list[dict[str, Any]]:
+    rows = conn.execute("SELECT id, at, actor, action, target, remote, detail FROM audit"
+                        " ORDER BY id DESC LIMIT ?", (limit,))
+    return [dict(r) for r in rows]
 
 
 def touch_devices(conn: sqlite3.Connection, device_ids: Iterable[str], at: str) -> None:

@@ -45,6 +45,15 @@ def _enroll(args: argparse.Namespace) -> int:
     return 0
 
 
+def _revoke(args: argparse.Namespace) -> int:
+    result = commands.revoke(args.home, args.device_id)
+    state = "revoked" if result.was_active else "was already revoked; broker account removed again"
+    broker = (f"broker (pid {result.broker_pid}) reloaded: live session cut" if result.broker_pid
+              else "no running broker found: SIGHUP your broker so the live session is cut")
+    print(f"{args.device_id} {state}; {broker}")  # noqa: T201
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -83,6 +92,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     enroll.add_argument("--home", type=Path, required=True, help="central home directory")
     enroll.add_argument("--out", type=Path, required=True, help="bundle file to write (0600)")
     enroll.set_defaults(func=_guard(_enroll))
+
+    revoke = sub.add_parser("revoke", help="revoke a device: refuse its envelopes and cut its broker session",
+                            description="Mark the device revoked in the catalog (central refuses its "
+                                        "envelopes from now on), remove its broker account and reload "
+                                        "a running broker, which disconnects its live session.")
+    revoke.add_argument("device_id", metavar="DEVICE_ID")
+    revoke.add_argument("--home", type=Path, required=True, help="central home directory")
+    revoke.set_defaults(func=_guard(_revoke))
 
     run = sub.add_parser("run", help="run ingest and HTTP until SIGTERM",
                          description="Connect to the broker, ingest transfers, serve the dashboard, "

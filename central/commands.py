@@ -12,15 +12,16 @@ import logging
 import secrets
 import signal
 import sqlite3
+from dataclasses import dataclass
 from pathlib import Path
 
 import nacl.signing
 import tomli_w
 
 from central import catalog
-from central.broker_config import CENTRAL_USER, add_user, reload_broker, write_broker_files
+from central.broker_config import CENTRAL_USER, add_user, reload_broker, remove_user, write_broker_files
 from central.config import load_config, parse_broker_url, parse_config, parse_host_port, render_config
-from central.errors import EnrollError, HomeError
+from central.errors import DeviceError, EnrollError, HomeError
 from central.fsutil import make_private_dir, write_atomic
 from central.keys import b64, generate_keys, load_keys
 from central.paths import CentralPaths
@@ -91,6 +92,37 @@ def enroll(home: Path, device_id: str, out: Path) -> None:
         conn.close()
     pid = reload_broker(paths)
     log.info("enrolled %s%s", device_id, f"; broker {pid} reloaded" if pid else "")
+
+
+@dataclass(frozen=True, slots=True)
+class Revoked:
+    device_id: str
+    was_active: bool            # False: it was already revoked (the broker side is re-applied anyway)
+    broker_pid: int | None      # the broker that was told to reload; None if none was found running
+
+
+def revoke(home: Path, device_id: str, *, actor: str = "cli") -> Revoked:
+    """Revoke a device: catalog first (central refuses its envelopes), then its broker account.
+
+    Order matters: once the catalog says revoked, every message central processes from then on is
+    refused, whatever the broker still delivers; removing the account and SIGHUPing Mosquitto
+    then cuts the live session and refuses new logins. Repeating it is harmless.
+    """
+    paths = load_config(home).paths
+    conn = catalog.connect(paths.catalog)
+    try:
+        device = catalog.get_device(conn, device_id)
+        if device is None:
+            raise DeviceError(f"no enrolled device {device_id!r}")
+        catalog.set_device_status(conn, device_id, "revoked")
+        catalog.add_audit(conn, actor=actor, action="revoke_device", target=device_id)
+        conn.commit()
+    finally:
+        conn.close()
+    remove_user(paths, device_id)
+    pid = reload_broker(paths)
+    log.info("revoked %s%s", device_id, f"; broker {pid} reloaded" if pid else "; no running broker found")
+    return Revoked(device_id, device.status == "active", pid)
 
 
 def verify(home: Path) -> list[str]:

@@ -42,6 +42,13 @@ class EnrollError(CentralError):
     exit_code = 65  # EX_DATAERR
 
 
+class DeviceError(CentralError):
+    """A command names a device central does not know."""
+
+    hint = "check the id against GET /api/devices"
+    exit_code = 65  # EX_DATAERR
+
+
 class StorageError(CentralError):
     """An object could not be stored or read back with the expected hash."""
 

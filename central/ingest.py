@@ -10,6 +10,9 @@ Rules (DESIGN §1, §3, §6):
     content-addressed, catalogued with a fixity event, and answered with a signed receipt and a
     STORED ack. A verification failure moves the ciphertext to ``quarantine/`` with a reason.
   - Receivers are rebuilt lazily from the segment log, so a restart resumes half-received transfers.
+  - Revocation is re-checked on every segment and fin (once per device per batch) and again, fresh,
+    right before assembly: a device revoked mid-transfer never gets a document stored; its open
+    transfers are rejected for good.
 
 Everything here is synchronous and runs on the one thread that owns the writer connection.
 """
@@ -223,7 +226,7 @@ class Ingestor:
     # -- segments, fin, abort, status -------------------------------------------------------------
     def _on_segment(self, seg: Segment, batch: _Batch) -> None:
         active = self._lookup(seg.device, seg.tid, batch)
-        if active is None:
+        if active is None or not self._still_trusted(seg.device, seg.tid, batch):
             return
         try:
             verdict = active.receiver.on_segment(seg)
@@ -250,7 +253,7 @@ class Ingestor:
 
     def _on_fin(self, fin: Fin, batch: _Batch) -> None:
         active = self._lookup(fin.device, fin.tid, batch)
-        if active is None:
+        if active is None or not self._still_trusted(fin.device, fin.tid, batch):
             return
         header = active.signed.header
         if fin.size != header.ciphertext_size or fin.sha256 != header.ciphertext_sha256:
@@ -271,6 +274,9 @@ class Ingestor:
         batch.aborted.add(abort.tid)
 
     def _on_status(self, status: Status) -> None:
+        device = catalog.get_device(self._conn, status.device)
+        if device is None or device.status != "active":
+            return   # a revoked box's last will or retained status must not make it look alive
         _, payload = encode(status)
         catalog.update_device_status(
             self._conn, status.device, online=status.online, backlog_docs=status.queue_docs,
@@ -329,6 +335,11 @@ class Ingestor:
     def _complete(self, active: _Active, batch: _Batch) -> None:
         header = active.signed.header
         device, tid = header.device_id, header.tid
+        record = catalog.get_device(self._conn, device)   # fresh: a revoke may have landed this batch
+        if record is None or record.status != "active":
+            self._revoke_transfer(batch, device, tid)
+            self._conn.commit()
+            return
         staging = self._staging(tid)
         try:
             assembled = assemble(staging, active.signed, active.device_key, self._keys.encryption,
@@ -383,6 +394,25 @@ class Ingestor:
         batch.replies.append(receipt)
 
     # -- refusals ---------------------------------------------------------------------------------
+    def _still_trusted(self, device: str, tid: str, batch: _Batch) -> bool:
+        trusted = batch.trusted.get(device)
+        if trusted is None:
+            record = catalog.get_device(self._conn, device)
+            trusted = batch.trusted[device] = record is not None and record.status == "active"
+        if not trusted:
+            self._revoke_transfer(batch, device, tid)
+        return trusted
+
+    def _revoke_transfer(self, batch: _Batch, device: str, tid: str) -> None:
+        """Reject a transfer of a device revoked after its init, for good (it never resumes)."""
+        exc = RevokedDeviceError(f"device {device!r} was revoked", device=device, tid=tid)
+        catalog.reject_transfer(self._conn, tid, str(exc), type(exc).__name__)
+        batch.errors.pop(tid, None)
+        self._reject(batch, device, tid, exc)
+        # Kept (never decrypted) for whoever investigates what a revoked box was still sending.
+        with contextlib.suppress(FileNotFoundError):
+            self._staging(tid).replace(self._paths.quarantine / f"{tid}.part")
+
     def _refused(self, exc: ProtocolError, what: str) -> None:
         self.metrics.error(type(exc).__name__)
         log.warning("refused %s: %s: %s", what, type(exc).__name__, exc)
@@ -445,3 +475,4 @@ class _Batch:
     written: dict[str, list[HeldSegment]] = field(default_factory=dict)
     errors: dict[str, ProtocolError] = field(default_factory=dict)
     aborted: set[str] = field(default_factory=set)
+    trusted: dict[str, bool] = field(default_factory=dict)   # device → still active, this batch

@@ -34,7 +34,8 @@ def parse(*argv: str) -> argparse.Namespace:
 
 
 @pytest.mark.parametrize("argv", [("central",), ("central", "init"), ("central", "enroll"),
-                                  ("central", "run"), ("central", "verify")])
+                                  ("central", "run"), ("central", "verify"),
+                                  ("central", "revoke")])
 def test_every_level_has_help(argv: tuple[str, ...], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:
         parse(*argv, "--help")
