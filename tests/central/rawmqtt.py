@@ -56,8 +56,9 @@ class RawClient:
         self.disconnected.set()
 
     def _on_message(self, _c: Any, _u: Any, message: paho.MQTTMessage) -> None:
-        with self.lock:
+        with self.acked:
             self.messages.append((message.topic, bytes(message.payload)))
+            self.acked.notify_all()
 
     def _on_publish(self, _c: Any, _u: Any, mid: int, reason: ReasonCode, _p: Any) -> None:
         with self.acked:
@@ -77,6 +78,12 @@ class RawClient:
         with self.acked:
             if not self.acked.wait_for(done, timeout):
                 raise TimeoutError(f"{self.client_id}: broker did not answer in {timeout} s")
+
+
+    def wait_message(self, payload: bytes, timeout: float = TIMEOUT) -> None:
+        with self.acked:
+            if not self.acked.wait_for(lambda: any(p == payload for _, p in self.messages), timeout):
+                raise TimeoutError(f"{self.client_id}: {payload!r} did not arrive in {timeout} s")
 
 
 def connect(port: int, username: str, password: str, *, client_id: str | None = None,
