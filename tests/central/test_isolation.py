@@ -34,6 +34,7 @@ def test_twenty_devices_cannot_reach_each_other(config: CentralConfig, central_b
                        for way in ("up", "down")]
             filters += [("sohoa/v1/#", 1), ("#", 1), ("sohoa/v1/up/+/status", 1)]
             _, mid = client.mqtt.subscribe(filters)
+            assert mid is not None
             client.wait_acks(set(), {mid})
         # Then publishes on every topic of every other device, plus legitimately on its own.
         refused = attempted = 0
