@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from central import commands
+from central import commands, tls
 from central.errors import CentralError
 from protocol.errors import ProtocolError
 
@@ -32,7 +32,13 @@ def _guard(action: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Na
 
 
 def _init(args: argparse.Namespace) -> int:
-    commands.init(args.home, broker_url=args.broker, http=args.http)
+    given = (args.tls_cert, args.tls_key, args.tls_ca)
+    if any(given) and not all(given):
+        print("sohoa central: error: --tls-cert, --tls-key and --tls-ca go together", file=sys.stderr)  # noqa: T201
+        return 64
+    certs = tls.OperatorCerts(args.tls_cert, args.tls_key, args.tls_ca) if all(given) else None
+    commands.init(args.home, broker_url=args.broker, http=args.http, device_url=args.device_broker,
+                  tls_certs=certs)
     print(f"central home ready in {args.home}\n"  # noqa: T201
           f"  broker: mosquitto -c {args.home / 'mosquitto.conf'}\n"
           f"  enroll: sohoa central enroll DEVICE_ID --home {args.home} --out DEVICE.bundle")
@@ -80,6 +86,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     init.add_argument("--home", type=Path, required=True, help="central home directory (created)")
     init.add_argument("--broker", default="mqtt://127.0.0.1:1883", metavar="mqtt://HOST:PORT",
                       help="where the broker listens and devices connect (default: %(default)s)")
+    init.add_argument("--device-broker", metavar="mqtts://HOST:PORT",
+                      help="what devices dial; mqtts:// adds a TLS listener (generated CA and server "
+                           "certificate for HOST unless --tls-* are given) and puts the CA in bundles; "
+                           "--broker then stays central's loopback listener (default: devices use --broker)")
+    init.add_argument("--tls-cert", type=Path, metavar="PEM", help="operator's server certificate chain")
+    init.add_argument("--tls-key", type=Path, metavar="PEM", help="its private key")
+    init.add_argument("--tls-ca", type=Path, metavar="PEM", help="the CA devices must trust")
     init.add_argument("--http", default="127.0.0.1:8080", metavar="HOST:PORT",
                       help="dashboard, API and /metrics address (default: %(default)s)")
     init.set_defaults(func=_guard(_init))

@@ -18,10 +18,17 @@ from pathlib import Path
 import nacl.signing
 import tomli_w
 
-from central import catalog
+from central import catalog, tls
 from central.broker_config import CENTRAL_USER, add_user, reload_broker, remove_user, write_broker_files
-from central.config import load_config, parse_broker_url, parse_config, parse_host_port, render_config
-from central.errors import DeviceError, EnrollError, HomeError
+from central.config import (
+    load_config,
+    parse_broker_url,
+    parse_config,
+    parse_device_url,
+    parse_host_port,
+    render_config,
+)
+from central.errors import ConfigError, DeviceError, EnrollError, HomeError
 from central.fsutil import make_private_dir, write_atomic
 from central.keys import b64, generate_keys, load_keys
 from central.paths import CentralPaths
@@ -35,22 +42,43 @@ BUNDLE_FORMAT = "sohoa-bundle/1"
 RESERVED_DEVICE_IDS = frozenset({CENTRAL_USER})
 
 
-def init(home: Path, *, broker_url: str = "mqtt://127.0.0.1:1883", http: str = "127.0.0.1:8080") -> None:
-    """Create a central home: keys, central.toml, broker config, password file, ACL, API token."""
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+def init(home: Path, *, broker_url: str = "mqtt://127.0.0.1:1883", http: str = "127.0.0.1:8080",
+         device_url: str | None = None, tls_certs: tls.OperatorCerts | None = None) -> None:
+    """Create a central home: keys, central.toml, broker config, password file, ACL, API token.
+
+    ``device_url`` ``mqtts://HOST:PORT`` adds a TLS listener for devices (a generated CA and server
+    certificate for HOST, or ``tls_certs``); ``broker_url`` then stays central's own loopback
+    listener. Without it, devices dial ``broker_url`` in the clear (tests, the local demo).
+    """
     paths = CentralPaths(home)
     if paths.config.exists():
         raise HomeError(f"{paths.config} already exists",
                         hint="this home is initialised; use another --home or remove it first")
     listen = parse_broker_url(broker_url)
     parse_host_port(http)
+    devices_tls, devices = parse_device_url(device_url) if device_url else (False, None)
+    if devices_tls and listen.host not in LOOPBACK_HOSTS:
+        raise ConfigError(f"--broker {broker_url} is not loopback, but devices get TLS on {device_url}",
+                          hint="central's plain listener must stay on 127.0.0.1 when devices use mqtts")
+    if tls_certs is not None and not devices_tls:
+        raise ConfigError("TLS certificates given but the device URL is not mqtts://",
+                          hint="add --device-broker mqtts://HOST:PORT")
     password = secrets.token_urlsafe(32)
     token = secrets.token_urlsafe(32)
-    rendered = render_config(broker_url=broker_url, http=http, password=password)
+    rendered = render_config(broker_url=broker_url, http=http, password=password, device_url=device_url or "")
     parse_config(home, rendered, token)   # never write a config we would refuse to load
     for directory in paths.private_dirs():
         make_private_dir(directory)
     generate_keys(paths)
-    write_broker_files(paths, listen, password)
+    if devices_tls and devices is not None:
+        if tls_certs is None:
+            tls.generate(paths, devices.host)
+        else:
+            tls.install(paths, tls_certs)
+    write_broker_files(paths, listen, password, devices if devices_tls else None)
     write_atomic(paths.api_token, (token + "\n").encode())
     catalog.connect(paths.catalog).close()
     # The config goes last: its presence is what marks the home as initialised.
@@ -70,10 +98,13 @@ def enroll(home: Path, device_id: str, out: Path) -> None:
     keys = load_keys(paths)
     signing_key = nacl.signing.SigningKey.generate()
     password = secrets.token_urlsafe(32)
+    broker: dict[str, str] = {"url": config.broker.devices_dial, "username": device_id, "password": password}
+    if config.broker.device_tls:
+        broker["ca_cert"] = tls.ca_pem(paths)   # public: lets the box authenticate the broker
     bundle = {
         "format": BUNDLE_FORMAT,
         "device_id": device_id,
-        "broker": {"url": config.broker.url, "username": device_id, "password": password},
+        "broker": broker,
         "central": {"encryption_public_key": keys.encryption_public_b64,
                     "receipt_public_key": keys.receipt_public_b64},
         "device": {"signing_key": b64(bytes(signing_key))},

@@ -36,10 +36,19 @@ class BrokerSettings:
     password: str = field(repr=False)
     client_id: str = "sohoa-central"
     session_expiry_s: int = DEFAULT_SESSION_EXPIRY_S
+    device_url: str = ""     # what enrolled devices dial; empty: the same as ``url``
 
     @property
     def address(self) -> HostPort:
         return parse_broker_url(self.url)
+
+    @property
+    def devices_dial(self) -> str:
+        return self.device_url or self.url
+
+    @property
+    def device_tls(self) -> bool:
+        return parse_device_url(self.devices_dial)[0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,8 +79,23 @@ def parse_broker_url(url: str) -> HostPort:
         port = None
     if parts.scheme != "mqtt" or not parts.hostname or port is None or parts.path not in ("", "/"):
         raise ConfigError(f"broker.url = {url!r} is not mqtt://HOST:PORT",
-                          hint="e.g. --broker mqtt://127.0.0.1:1883 (TLS is terminated elsewhere)")
+                          hint="e.g. --broker mqtt://127.0.0.1:1883 (central's own loopback listener; "
+                               "devices get TLS through --device-broker mqtts://HOST:8883)")
     return HostPort(parts.hostname, port)
+
+
+def parse_device_url(url: str) -> tuple[bool, HostPort]:
+    """``mqtts://HOST:PORT`` (TLS) or ``mqtt://HOST:PORT`` → (tls, address)."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname or port is None or (
+            parts.path not in ("", "/")):
+        raise ConfigError(f"broker.device_url = {url!r} is not mqtts://HOST:PORT or mqtt://HOST:PORT",
+                          hint="e.g. --device-broker mqtts://archive.tuyenquang.gov.vn:8883")
+    return parts.scheme == "mqtts", HostPort(parts.hostname, port)
 
 
 def parse_host_port(value: str, what: str = "http.listen") -> HostPort:
@@ -132,8 +156,11 @@ def parse_config(home: Path, data: dict[str, Any], api_token: str) -> CentralCon
     b = root.table("broker")
     broker = BrokerSettings(url=b.text("url"), username=b.text("username"), password=b.text("password"),
                             client_id=b.text("client_id", "sohoa-central"),
-                            session_expiry_s=b.integer("session_expiry_s", DEFAULT_SESSION_EXPIRY_S))
+                            session_expiry_s=b.integer("session_expiry_s", DEFAULT_SESSION_EXPIRY_S),
+                            device_url=b.text("device_url", ""))
     broker.address  # noqa: B018 - validate the URL now, not at first connect
+    if broker.device_url:
+        parse_device_url(broker.device_url)
     b.finish()
     h = root.table("http")
     http = parse_host_port(h.text("listen"))
@@ -165,12 +192,15 @@ def load_config(home: Path) -> CentralConfig:
     return parse_config(home, data, token)
 
 
-def render_config(*, broker_url: str, http: str, password: str) -> dict[str, Any]:
+def render_config(*, broker_url: str, http: str, password: str, device_url: str = "") -> dict[str, Any]:
     """The dict init writes with tomli_w (validated by parsing it back)."""
+    broker: dict[str, Any] = {"url": broker_url, "username": "central", "password": password,
+                              "client_id": "sohoa-central", "session_expiry_s": DEFAULT_SESSION_EXPIRY_S}
+    if device_url:
+        broker["device_url"] = device_url
     return {
         "format": CONFIG_FORMAT,
-        "broker": {"url": broker_url, "username": "central", "password": password,
-                   "client_id": "sohoa-central", "session_expiry_s": DEFAULT_SESSION_EXPIRY_S},
+        "broker": broker,
         "http": {"listen": http},
         "ingest": {"max_plaintext_bytes": DEFAULT_MAX_PLAINTEXT, "batch_max": 64},
     }

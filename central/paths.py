@@ -47,6 +47,26 @@ class CentralPaths:
         return self.home / "mosquitto.pid"
 
     @property
+    def tls_dir(self) -> Path:
+        return self.home / "tls"
+
+    @property
+    def tls_ca(self) -> Path:
+        return self.tls_dir / "ca.pem"
+
+    @property
+    def tls_ca_key(self) -> Path:
+        return self.tls_dir / "ca.key"
+
+    @property
+    def tls_cert(self) -> Path:
+        return self.tls_dir / "server.pem"
+
+    @property
+    def tls_key(self) -> Path:
+        return self.tls_dir / "server.key"
+
+    @property
     def broker_dir(self) -> Path:
         return self.home / "broker"
 

@@ -24,6 +24,7 @@ class RawClient:
 
     client_id: str
     connack: ReasonCode | None = None
+    connack_properties: Any = None
     connected: threading.Event = field(default_factory=threading.Event)
     answered: threading.Event = field(default_factory=threading.Event)      # CONNACK of any kind
     disconnected: threading.Event = field(default_factory=threading.Event)
@@ -45,8 +46,9 @@ class RawClient:
         client.on_subscribe = self._on_subscribe
         self.mqtt = client
 
-    def _on_connect(self, _c: Any, _u: Any, _f: Any, reason: ReasonCode, _p: Any) -> None:
+    def _on_connect(self, _c: Any, _u: Any, _f: Any, reason: ReasonCode, props: Any) -> None:
         self.connack = reason
+        self.connack_properties = props
         if not reason.is_failure:
             self.connected.set()
         self.answered.set()
