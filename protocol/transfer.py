@@ -156,7 +156,7 @@ class TransferSender:
         if self.state in (SenderState.IDLE, SenderState.DONE, SenderState.REJECTED):
             return actions
         if self._init_sent_at is None or (
-                self.state is SenderState.ANNOUNCING and now - self._init_sent_at >= self.resend_after):
+                self.state is SenderState.ANNOUNCING and self._due(self._init_sent_at, now)):
             self._init_sent_at = now
             actions.append(SendInit())
         if self.state is SenderState.SENDING:
@@ -165,7 +165,7 @@ class TransferSender:
             else:
                 actions.extend(self._segments(now, budget))
         if self.state is SenderState.FINISHING and (
-                self._fin_sent_at is None or now - self._fin_sent_at >= self.resend_after):
+                self._fin_sent_at is None or self._due(self._fin_sent_at, now)):
             self._fin_sent_at = now
             actions.append(SendFin())
         if self.state is SenderState.AWAITING_RECEIPT and self._fin_sent_at is None:
@@ -173,7 +173,7 @@ class TransferSender:
             # lost on the way: start the clock so the receipt is asked for again below.
             self._fin_sent_at = now
         if self.state is SenderState.AWAITING_RECEIPT and self._fin_sent_at is not None and (
-                now - self._fin_sent_at >= self.resend_after * 4):
+                self._due(self._fin_sent_at, now, 4)):
             # No receipt for a long time: ask again; central answers fin idempotently.
             self._fin_sent_at = now
             actions.append(SendFin())
@@ -194,12 +194,18 @@ class TransferSender:
             times.append(self._fin_sent_at + self.resend_after * factor)
         return min(times) if times else None
 
+    def _due(self, sent_at: float, now: float, factor: int = 1) -> bool:
+        # The same expression as next_deadline(): "now - sent_at >= resend_after" can be False at
+        # exactly the deadline (0.9664… + 1.0 - 0.9664… < 1.0), and a caller that sleeps until the
+        # deadline would then spin.
+        return now >= sent_at + self.resend_after * factor
+
     def _end(self, offset: int) -> int:
         return min(offset + self.segment_size, self.size)
 
     def _segments(self, now: float, budget: int | None) -> list[Action]:
         for offset, sent_at in list(self._in_flight.items()):
-            if now - sent_at >= self.resend_after:
+            if self._due(sent_at, now):
                 del self._in_flight[offset]   # timed out: eligible again below
         room = self.window - len(self._in_flight)
         if budget is not None:
