@@ -1,0 +1,452 @@
+"""The uplink: send packaged envelopes to central over MQTT v5 and record central's signed receipts.
+
+Sequence per connection: connect (jittered exponential backoff) → subscribe to the device's down
+topics → publish the retained online status (the last will says offline) → resume every active
+transfer from central's ack → pull more documents from the outbox as transfers finish.
+
+What to send and when is decided by :class:`protocol.transfer.TransferSender`; this module only
+reads segments from the envelope file by offset, publishes, feeds acks back in and sleeps until the
+earliest deadline — never a busy loop, offline or idle. A document is forgotten only after central's
+receipt verifies against central's key and the outbox has durably recorded it (``mark_delivered``
+with synchronous=FULL); only then does ``on_delivered`` let the service delete the plaintext.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime as dt
+import logging
+import math
+import os
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import nacl.signing
+
+from edge.mqtt import ConnectError, Message, MqttClient, MqttError, PublishRefused, Will
+from edge.outbox import SENDABLE_STATES, Doc, DocState, Outbox, OutboxError
+from protocol.envelope import SignedHeader
+from protocol.errors import ProtocolError, ReceiptError
+from protocol.messages import Ack, AckState, Fin, Init, Receipt, Segment, Status, decode, encode
+from protocol.topics import device_down_filter
+from protocol.transfer import SenderState, SendFin, SendInit, SendSegment, TransferSender
+
+log = logging.getLogger("sohoa.edge.uplink")
+
+_STATUS_COALESCE = 0.5   # a burst of receipts yields one status publish, not one each
+
+
+class TokenBucket:
+    """Caps payload bytes per second, with a burst of ``burst`` bytes."""
+
+    def __init__(self, rate_bytes: float, burst: float, now: float) -> None:
+        self.rate = rate_bytes
+        self.burst = burst
+        self.tokens = burst
+        self._at = now
+
+    def refill(self, now: float) -> float:
+        self.tokens = min(self.burst, self.tokens + (now - self._at) * self.rate)
+        self._at = now
+        return self.tokens
+
+    def take(self, nbytes: int) -> None:
+        # May go negative: a segment is never split, the debt is paid by waiting longer.
+        self.tokens -= nbytes
+
+    def ready_at(self, now: float) -> float:
+        return now if self.tokens > 0 else now + (-self.tokens + 1) / self.rate
+
+
+@dataclass(slots=True)
+class _Transfer:
+    doc: Doc
+    sender: TransferSender
+    init: Init
+    fd: int
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
+class Uplink:
+    """Drives transfers for one device; ``run()`` until cancelled."""
+
+    def __init__(self, *, device_id: str, broker_url: str, username: str, password: str,
+                 outbox: Outbox, receipt_key: nacl.signing.VerifyKey, segment_size: int = 32768,
+                 window: int = 8, rate_kbit: float | None = None, max_active: int = 2,
+                 resend_after: float = 30.0,
+                 on_delivered: Callable[[Doc], Awaitable[None]] | None = None,
+                 on_rejected: Callable[[Doc, str], Awaitable[None]] | None = None,
+                 status: Callable[[], Awaitable[Status]] | None = None,
+                 status_interval: float = 30.0, ca_file: Path | None = None,
+                 backoff_initial: float = 1.0, backoff_max: float = 300.0) -> None:
+        if window <= 0 or max_active <= 0 or segment_size <= 0:
+            raise ValueError("window, max_active and segment_size must be positive")
+        self._device = device_id
+        self._broker_url = broker_url
+        self._username = username
+        self._password = password
+        self._outbox = outbox
+        self._receipt_key = receipt_key
+        self._segment_size = segment_size
+        self._window = window
+        self._rate_bytes = rate_kbit * 1000 / 8 if rate_kbit else None
+        self._max_active = max_active
+        self._resend_after = resend_after
+        self._on_delivered = on_delivered
+        self._on_rejected = on_rejected
+        self._status = status
+        self._status_interval = status_interval
+        self._ca_file = ca_file
+        self._backoff_initial = backoff_initial
+        self._backoff_max = backoff_max
+        self._active: dict[str, _Transfer] = {}
+        self._kick = asyncio.Event()
+        self._status_kick = asyncio.Event()
+        self._fill_needed = True
+        self._refused: PublishRefused | None = None
+        self._connected = False
+        self._bucket: TokenBucket | None = None
+        self._turn = 0
+        self.bytes_on_wire = 0          # payload bytes published (init, segments, fin, status)
+        self.segment_bytes = 0          # of which ciphertext segments (re-sends included)
+        self.delivered = 0
+        self.rejected = 0
+        self.connects = 0
+        self.last_error: str | None = None
+
+    # -- public --------------------------------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    def wake(self) -> None:
+        """A new document was packaged: look at the outbox again."""
+        self._fill_needed = True
+        self._kick.set()
+
+    def request_status(self) -> None:
+        self._status_kick.set()
+
+    async def run(self) -> None:
+        delay = self._backoff_initial
+        try:
+            while True:
+                client = self._new_client()
+                try:
+                    await client.connect()
+                except ConnectError as exc:
+                    self.last_error = str(exc)
+                    log.warning("cannot reach the broker at %s: %s (retry in ≤%.0f s)",
+                                self._broker_url, exc, delay)
+                else:
+                    self.connects += 1
+                    delay = self._backoff_initial
+                    log.info("connected to %s as %s", self._broker_url, self._device)
+                    try:
+                        await self._session(client)
+                    except* MqttError as group:
+                        self.last_error = str(group.exceptions[0])
+                        log.warning("uplink connection ended: %s", group.exceptions[0])
+                    finally:
+                        self._connected = False
+                        for transfer in self._active.values():
+                            transfer.sender.disconnected()
+                        await client.disconnect()
+                        await self._drain(client)
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # noqa: S311  # jitter, not crypto
+                delay = min(delay * 2, self._backoff_max)
+        finally:
+            self._connected = False
+            for transfer in self._active.values():
+                transfer.close()
+            self._active.clear()
+
+    # -- one connection ------------------------------------------------------------------------
+    def _new_client(self) -> MqttClient:
+        topic, payload = encode(Status(self._device, online=False))
+        return MqttClient(self._broker_url, client_id=self._device, username=self._username,
+                          password=self._password, ca_file=self._ca_file,
+                          will=Will(topic, payload, qos=1, retain=True))
+
+    async def _session(self, client: MqttClient) -> None:
+        await client.subscribe(device_down_filter(self._device), qos=1)
+        self._refused = None
+        self._connected = True
+        await self._publish_status(client)
+        loop = asyncio.get_running_loop()
+        if self._rate_bytes:
+            # A quarter second of burst (at least two segments): enough to keep the pipe full
+            # without letting a reconnect blast a slow link.
+            self._bucket = TokenBucket(self._rate_bytes, max(self._rate_bytes / 4, 2 * self._segment_size),
+                                       loop.time())
+        for transfer in self._active.values():
+            transfer.sender.connected()
+        self._fill_needed = True
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._watch(client), name="uplink-watch")
+            group.create_task(self._receive(client), name="uplink-receive")
+            group.create_task(self._pump(client), name="uplink-pump")
+            group.create_task(self._status_loop(client), name="uplink-status")
+
+    async def _watch(self, client: MqttClient) -> None:
+        raise await client.wait_closed()
+
+    async def _receive(self, client: MqttClient) -> None:
+        while True:
+            message = await client.messages.get()
+            await self._handle(message)
+            self._kick.set()
+
+    async def _drain(self, client: MqttClient) -> None:
+        """Receipts that arrived just before the cut are still good: record them."""
+        while not client.messages.empty():
+            await self._handle(client.messages.get_nowait())
+
+    async def _status_loop(self, client: MqttClient) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._status_interval):
+                    await self._status_kick.wait()
+                await asyncio.sleep(_STATUS_COALESCE)
+            self._status_kick.clear()
+            await self._publish_status(client)
+
+    async def _publish_status(self, client: MqttClient) -> None:
+        if self._status is not None:
+            status = dataclasses.replace(await self._status(), online=True)
+        else:
+            stats = await self._outbox.stats()
+            last = (dt.datetime.fromtimestamp(stats.last_receipt_at, dt.UTC).isoformat(timespec="seconds")
+                    if stats.last_receipt_at else None)
+            status = Status(self._device, online=True, queue_docs=stats.queued_docs,
+                            queue_bytes=stats.queued_bytes, oldest_age_s=round(stats.oldest_age_s, 1),
+                            failed_docs=stats.failed, last_receipt_at=last, last_error=self.last_error,
+                            updated_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
+        topic, payload = encode(status)
+        self.bytes_on_wire += len(payload)
+        await client.publish(topic, payload, qos=1, retain=True)
+
+    # -- sending -------------------------------------------------------------------------------
+    async def _pump(self, client: MqttClient) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._kick.clear()
+            if self._refused is not None:
+                raise self._refused
+            if self._fill_needed:
+                await self._fill()
+            now = loop.time()
+            await self._send_due(client, now)
+            timeout = self._sleep_for(loop.time())
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+            # races with the event being set, and the TaskGroup would then wait forever.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._kick.wait()
+
+    async def _fill(self) -> None:
+        self._fill_needed = False
+        if len(self._active) >= self._max_active:
+            return
+        # Only the first page: the backlog is never loaded, and active rows sort first anyway.
+        for doc in await self._outbox.sendable(limit=self._max_active + len(self._active)):
+            if len(self._active) >= self._max_active:
+                break
+            if doc.tid not in self._active:
+                await self._activate(doc)
+
+    def _open_envelope(self, doc: Doc) -> tuple[Init, int]:
+        """The init message and an open fd for a row; raises if the row or file is unusable."""
+        if (doc.envelope_path is None or doc.signed_header is None or not doc.ciphertext_size
+                or not doc.segment_size):
+            raise OutboxError("row has no envelope", tid=doc.tid)
+        init = Init(self._device, doc.tid, SignedHeader.decode(doc.signed_header))
+        if init.signed_header.header.ciphertext_size != doc.ciphertext_size:
+            raise OutboxError("signed header and outbox row disagree on the size", tid=doc.tid)
+        return init, os.open(doc.envelope_path, os.O_RDONLY)
+
+    async def _activate(self, doc: Doc) -> None:
+        try:
+            init, fd = self._open_envelope(doc)
+        except (OSError, ProtocolError, OutboxError) as exc:
+            await self._give_up(doc, f"envelope unusable: {exc}")
+            return
+        assert doc.ciphertext_size and doc.segment_size
+        sender = TransferSender(doc.tid, doc.ciphertext_size, segment_size=doc.segment_size,
+                                window=self._window, resend_after=self._resend_after,
+                                fresh=doc.state is DocState.PACKAGED)
+        transfer = _Transfer(doc, sender, init, fd)
+        try:
+            await self._outbox.mark_sending(doc.tid)
+        except OutboxError:
+            # Rejected or delivered by a message handled while this page was being read.
+            transfer.close()
+            return
+        except BaseException:
+            transfer.close()
+            raise
+        self._active[doc.tid] = transfer
+        if self._connected:
+            sender.connected()
+        log.info("sending %s (seq %d, %d bytes%s)", doc.tid, doc.seq, doc.ciphertext_size,
+                 "" if doc.state is DocState.PACKAGED else ", resuming")
+
+    async def _send_due(self, client: MqttClient, now: float) -> None:
+        transfers = list(self._active.values())
+        if not transfers or not self._connected:
+            return
+        # One window shared by all active transfers; the token bucket further limits new segments.
+        budget = max(0, self._window - sum(t.sender.in_flight for t in transfers))
+        if self._bucket is not None:
+            tokens = self._bucket.refill(now)
+            budget = 0 if tokens <= 0 else min(budget, math.ceil(tokens / self._segment_size))
+        self._turn = (self._turn + 1) % len(transfers)
+        for transfer in transfers[self._turn:] + transfers[:self._turn]:
+            if transfer.doc.tid not in self._active:
+                continue
+            for action in transfer.sender.poll(now, budget):
+                if isinstance(action, SendSegment):
+                    budget -= 1
+                if not await self._send(client, transfer, action):
+                    break
+
+    async def _send(self, client: MqttClient, transfer: _Transfer,
+                    action: SendInit | SendSegment | SendFin) -> bool:
+        tid = transfer.doc.tid
+        if isinstance(action, SendInit):
+            topic, payload = encode(transfer.init)
+        elif isinstance(action, SendFin):
+            header = transfer.init.signed_header.header
+            topic, payload = encode(Fin(self._device, tid, header.ciphertext_size, header.ciphertext_sha256))
+        else:
+            data = os.pread(transfer.fd, action.length, action.offset)
+            if len(data) != action.length:
+                self._drop(tid)
+                await self._give_up(transfer.doc, f"envelope file is shorter than its signed size "
+                                                  f"(read {len(data)} of {action.length} at {action.offset})")
+                return False
+            topic, payload = encode(Segment(self._device, tid, action.offset, data))
+            self.segment_bytes += len(data)
+        self._publish(client, topic, payload)
+        return True
+
+    def _publish(self, client: MqttClient, topic: str, payload: bytes) -> None:
+        self.bytes_on_wire += len(payload)
+        if self._bucket is not None:
+            self._bucket.take(len(payload))
+        future = client.start_publish(topic, payload, qos=1)
+        future.add_done_callback(self._published)
+
+    def _published(self, future: asyncio.Future[None]) -> None:
+        if future.cancelled():
+            return
+        exc = future.exception()
+        if isinstance(exc, PublishRefused) and self._refused is None:
+            # The ACL refuses our own topics: a configuration fault; reconnect with backoff.
+            self._refused = exc
+            self._kick.set()
+
+    def _sleep_for(self, now: float) -> float | None:
+        deadlines = [d for t in self._active.values() if (d := t.sender.next_deadline()) is not None]
+        if self._bucket is not None and self._bucket.tokens <= 0 and any(
+                t.sender.state is SenderState.SENDING for t in self._active.values()):
+            deadlines.append(self._bucket.ready_at(now))
+        if self._fill_needed:
+            return 0
+        return max(0.0, min(deadlines) - now) if deadlines else None
+
+    # -- receiving -----------------------------------------------------------------------------
+    async def _handle(self, message: Message) -> None:
+        try:
+            decoded = decode(message.topic, message.payload)
+        except ProtocolError as exc:
+            log.warning("ignoring a malformed message on %s: %s", message.topic, exc)
+            return
+        if isinstance(decoded, Ack) and decoded.device == self._device:
+            await self._on_ack(decoded)
+        elif isinstance(decoded, Receipt) and decoded.device == self._device:
+            await self._on_receipt(decoded)
+
+    async def _on_ack(self, ack: Ack) -> None:
+        transfer = self._active.get(ack.tid)
+        reason = (f"{ack.error_class}: {ack.error}" if ack.error_class
+                  else ack.error or "rejected by central")
+        if transfer is None:
+            if ack.state is AckState.REJECTED:
+                doc = await self._outbox.get(ack.tid)
+                if doc is not None and doc.state in SENDABLE_STATES:
+                    await self._reject(doc, reason)
+            return
+        transfer.sender.on_ack(ack)
+        if transfer.sender.state is SenderState.REJECTED:
+            self._drop(ack.tid)
+            await self._reject(transfer.doc, reason)
+
+    async def _on_receipt(self, receipt: Receipt) -> None:
+        try:
+            body = receipt.verify(self._receipt_key)
+        except ReceiptError:
+            log.warning("ignoring a receipt for %s: central's signature does not verify", receipt.tid)
+            return
+        transfer = self._active.get(body.tid)
+        doc = transfer.doc if transfer else await self._outbox.get(body.tid)
+        if doc is None or doc.state not in SENDABLE_STATES:
+            log.debug("receipt for %s: nothing to do (%s)", body.tid, doc.state.value if doc else "unknown")
+            if doc is not None and doc.state is DocState.DELIVERED:
+                self._drop(body.tid)
+            return
+        if body.sha256 != doc.sha256:
+            log.error("receipt for %s names content %s… but the original is %s…; not forgetting it",
+                      doc.tid, body.sha256[:12], doc.sha256[:12])
+            return
+        # Shielded: once the receipt is durably recorded, the plaintext must be released even if
+        # the connection drops in the same instant.
+        await asyncio.shield(self._deliver(doc, body.document_id, body.duplicate))
+
+    async def _deliver(self, doc: Doc, document_id: int, duplicate: bool) -> None:
+        await self._outbox.mark_delivered(doc.tid, central_document_id=document_id, duplicate=duplicate)
+        transfer = self._drop(doc.tid)
+        if transfer is not None:
+            transfer.sender.on_receipt()
+        self.delivered += 1
+        log.info("delivered %s (central document %d%s)", doc.tid, document_id,
+                 ", central already had it" if duplicate else "")
+        self._status_kick.set()
+        if self._on_delivered is not None:
+            fresh = await self._outbox.get(doc.tid)
+            try:
+                await self._on_delivered(fresh or doc)
+            except Exception:
+                log.exception("on_delivered failed for %s", doc.tid)
+
+    def _drop(self, tid: str) -> _Transfer | None:
+        transfer = self._active.pop(tid, None)
+        if transfer is not None:
+            transfer.close()
+            self._fill_needed = True
+            self._kick.set()
+        return transfer
+
+    async def _reject(self, doc: Doc, reason: str) -> None:
+        self.rejected += 1
+        await self._give_up(doc, reason)
+
+    async def _give_up(self, doc: Doc, reason: str) -> None:
+        log.warning("giving up on %s: %s", doc.tid, reason)
+        self._drop(doc.tid)
+        await self._outbox.mark_failed(doc.tid, reason)
+        self.last_error = reason
+        self._status_kick.set()
+        if self._on_rejected is not None:
+            fresh = await self._outbox.get(doc.tid)
+            try:
+                await self._on_rejected(fresh or doc, reason)
+            except Exception:
+                log.exception("on_rejected failed for %s", doc.tid)
