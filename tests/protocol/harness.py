@@ -36,9 +36,9 @@ from protocol.messages import (
 from protocol.transfer import (
     HeldSegment,
     SegmentVerdict,
+    SenderState,
     SendFin,
     SendInit,
-    SenderState,
     SendSegment,
     TransferReceiver,
     TransferSender,

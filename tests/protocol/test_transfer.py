@@ -12,9 +12,9 @@ from protocol.ranges import RangeSet
 from protocol.transfer import (
     HeldSegment,
     SegmentVerdict,
+    SenderState,
     SendFin,
     SendInit,
-    SenderState,
     SendSegment,
     TransferReceiver,
     TransferSender,

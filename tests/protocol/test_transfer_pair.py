@@ -10,7 +10,8 @@ from protocol.transfer import SenderState
 from tests.protocol.factories import incompressible, vietnamese_bytes
 from tests.protocol.harness import LinkModel, TransferPair
 
-LOSSY = LinkModel(drop=0.1, duplicate=0.05, latency=0.05, jitter=0.3, disconnect=0.02, restart=0.01, crash=0.02)
+LOSSY = LinkModel(drop=0.1, duplicate=0.05, latency=0.05, jitter=0.3, disconnect=0.02, restart=0.01,
+                  crash=0.02)
 
 
 def check_one_exact_document(pair: TransferPair) -> None:
