@@ -13,13 +13,13 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from central import handlers
+from central import auth, handlers
 from central.config import CentralConfig
 from central.db import Database
 from central.keys import load_keys
 from central.metrics import Metrics
 from central.service import IngestService
-from central.state import CONFIG, INGEST, METRICS, READER
+from central.state import AUTH_DB, CONFIG, INGEST, LIMITER, METRICS, READER
 
 log = logging.getLogger("sohoa.central.app")
 
@@ -31,6 +31,11 @@ ROUTES = [
     web.get("/api/documents", handlers.documents),
     web.get("/api/documents/{id:[0-9]+}", handlers.document),
     web.get("/api/documents/{id:[0-9]+}/original", handlers.original),
+    web.get("/api/session", auth.session),
+    web.get("/api/audit", handlers.audit_log),
+    web.post("/api/devices/{id}/revoke", handlers.revoke_device),
+    web.post("/login", auth.login),
+    web.post("/logout", auth.logout),
 ]
 
 
@@ -56,14 +61,25 @@ async def _reader_ctx(app: web.Application) -> AsyncIterator[None]:
         await reader.close()
 
 
+async def _auth_ctx(app: web.Application) -> AsyncIterator[None]:
+    db = Database(app[CONFIG].paths.catalog, readonly=False, name="catalog-auth")
+    app[AUTH_DB] = db
+    try:
+        yield
+    finally:
+        await db.close()
+
+
 def create_app(config: CentralConfig, *, ingest: bool = True) -> web.Application:
     """The aiohttp app; ``ingest=False`` serves the catalog without connecting to the broker."""
     load_keys(config.paths)   # refuse to start without keys, before anything listens
-    app = web.Application(middlewares=[handlers.api_auth])
+    app = web.Application(middlewares=[auth.authenticate])
     app[CONFIG] = config
     app[METRICS] = Metrics()
+    app[LIMITER] = auth.LoginLimiter()
     if ingest:
         app.cleanup_ctx.append(_ingest_ctx)   # first: the writer creates or migrates the schema
+    app.cleanup_ctx.append(_auth_ctx)
     app.cleanup_ctx.append(_reader_ctx)
     app.router.add_routes(ROUTES)
     return app

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import logging
 import sys
 from collections.abc import Callable
@@ -10,6 +11,7 @@ from pathlib import Path
 
 from central import commands, tls
 from central.errors import CentralError
+from central.operators import ROLES, OperatorError
 from protocol.errors import ProtocolError
 
 log = logging.getLogger("sohoa.central")
@@ -57,6 +59,33 @@ def _revoke(args: argparse.Namespace) -> int:
     broker = (f"broker (pid {result.broker_pid}) reloaded: live session cut" if result.broker_pid
               else "no running broker found: SIGHUP your broker so the live session is cut")
     print(f"{args.device_id} {state}; {broker}")  # noqa: T201
+    return 0
+
+
+def _read_password() -> str:
+    if sys.stdin.isatty():
+        first = getpass.getpass("password: ")
+        if getpass.getpass("again: ") != first:
+            raise OperatorError("the two passwords differ")
+        return first
+    return sys.stdin.readline().rstrip("\r\n")
+
+
+def _user_add(args: argparse.Namespace) -> int:
+    commands.user_add(args.home, args.name, args.role, _read_password())
+    print(f"operator {args.name} ({args.role}) saved")  # noqa: T201
+    return 0
+
+
+def _token_create(args: argparse.Namespace) -> int:
+    token = commands.token_create(args.home, args.name, args.role)
+    print(token)  # noqa: T201 - shown once, by design; only its hash is stored
+    return 0
+
+
+def _token_revoke(args: argparse.Namespace) -> int:
+    commands.token_revoke(args.home, args.name)
+    print(f"token {args.name} revoked")  # noqa: T201
     return 0
 
 
@@ -113,6 +142,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     revoke.add_argument("device_id", metavar="DEVICE_ID")
     revoke.add_argument("--home", type=Path, required=True, help="central home directory")
     revoke.set_defaults(func=_guard(_revoke))
+
+    user = sub.add_parser("user", help="dashboard operators (argon2id passwords)",
+                          description="Manage the people who sign in to the dashboard.")
+    user_sub = user.add_subparsers(dest="user_command", required=True, metavar="COMMAND")
+    user_add = user_sub.add_parser("add", help="add an operator or reset its role and password",
+                                   description="Password from stdin (one line), or prompted twice on a tty.")
+    user_add.add_argument("name", metavar="NAME")
+    user_add.add_argument("--role", choices=ROLES, required=True,
+                          help="viewer: browse and search; operator: also download originals (audited); "
+                               "admin: also revoke devices and read the audit log")
+    user_add.add_argument("--home", type=Path, required=True, help="central home directory")
+    user_add.set_defaults(func=_guard(_user_add))
+
+    token = sub.add_parser("token", help="API tokens for scripts (stored hashed)",
+                           description="Bearer tokens for /api; HOME/api-token stays the bootstrap admin.")
+    token_sub = token.add_subparsers(dest="token_command", required=True, metavar="COMMAND")
+    create = token_sub.add_parser("create", help="create a token and print it once")
+    create.add_argument("name", metavar="NAME")
+    create.add_argument("--role", choices=ROLES, default="viewer", help="default: %(default)s")
+    create.add_argument("--home", type=Path, required=True, help="central home directory")
+    create.set_defaults(func=_guard(_token_create))
+    revoke_token = token_sub.add_parser("revoke", help="revoke a token (effective on the next request)")
+    revoke_token.add_argument("name", metavar="NAME")
+    revoke_token.add_argument("--home", type=Path, required=True, help="central home directory")
+    revoke_token.set_defaults(func=_guard(_token_revoke))
 
     run = sub.add_parser("run", help="run ingest and HTTP until SIGTERM",
                          description="Connect to the broker, ingest transfers, serve the dashboard, "

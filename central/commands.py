@@ -18,7 +18,7 @@ from pathlib import Path
 import nacl.signing
 import tomli_w
 
-from central import catalog, tls
+from central import catalog, operators, tls
 from central.broker_config import CENTRAL_USER, add_user, reload_broker, remove_user, write_broker_files
 from central.config import (
     load_config,
@@ -154,6 +154,41 @@ def revoke(home: Path, device_id: str, *, actor: str = "cli") -> Revoked:
     pid = reload_broker(paths)
     log.info("revoked %s%s", device_id, f"; broker {pid} reloaded" if pid else "; no running broker found")
     return Revoked(device_id, device.status == "active", pid)
+
+
+def user_add(home: Path, name: str, role: str, password: str, *, actor: str = "cli") -> None:
+    """Create an operator, or replace its role and password (argon2id)."""
+    conn = catalog.connect(load_config(home).paths.catalog)
+    try:
+        operators.add_operator(conn, name, role, password)
+        catalog.add_audit(conn, actor=actor, action="user_add", target=name, detail=role)
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def token_create(home: Path, name: str, role: str = "viewer", *, actor: str = "cli") -> str:
+    """A new API token; only its sha256 is kept, so this is the one time it can be shown."""
+    token = secrets.token_urlsafe(32)
+    conn = catalog.connect(load_config(home).paths.catalog)
+    try:
+        operators.create_token(conn, name, role, token)
+        catalog.add_audit(conn, actor=actor, action="token_create", target=name, detail=role)
+        conn.commit()
+    finally:
+        conn.close()
+    return token
+
+
+def token_revoke(home: Path, name: str, *, actor: str = "cli") -> None:
+    conn = catalog.connect(load_config(home).paths.catalog)
+    try:
+        if not operators.revoke_token(conn, name):
+            raise operators.OperatorError(f"no active token named {name!r}")
+        catalog.add_audit(conn, actor=actor, action="token_revoke", target=name)
+        conn.commit()
+    finally:
+        conn.close()
 
 
 def verify(home: Path) -> list[str]:

@@ -1,4 +1,6 @@
-"""HTTP handlers for DESIGN §7: JSON API (bearer token), /metrics, /healthz and the dashboard.
+"""HTTP handlers for DESIGN §7: JSON API, /metrics, /healthz, the dashboard and admin actions.
+
+Authentication happens in ``central.auth``; handlers only say which role they need.
 
 Errors become HTTP statuses here and nowhere else; stored files are served by their hash path,
 with the sender's name only ever in a Content-Disposition header.
@@ -6,7 +8,7 @@ with the sender's name only ever in a Content-Disposition header.
 
 from __future__ import annotations
 
-import hmac
+import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from importlib import resources
@@ -15,28 +17,22 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from central import catalog
+from central import catalog, commands
+from central.auth import audit, require
+from central.errors import DeviceError
 from central.metrics import render
-from central.state import CONFIG, INGEST, METRICS, READER
+from central.state import CONFIG, INGEST, METRICS, PRINCIPAL, READER
 from central.storage import ObjectStore
 from protocol.names import fold
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_LIMIT = 5000
-
-
-@web.middleware
-async def api_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every /api route needs ``Authorization: Bearer <api-token>`` (constant-time comparison)."""
-    if request.path.startswith("/api/"):
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        expected = request.app[CONFIG].api_token
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected.encode()):
-            raise web.HTTPUnauthorized(
-                text=json.dumps({"error": "missing or wrong bearer token",
-                                 "hint": "send Authorization: Bearer <contents of HOME/api-token>"}),
-                content_type="application/json", headers={"WWW-Authenticate": 'Bearer realm="sohoa"'})
-    return await handler(request)
+PAGE_HEADERS = {
+    "Cache-Control": "no-store",
+    "X-Frame-Options": "DENY",
+    "Content-Security-Policy": ("default-src 'self'; script-src 'self' 'unsafe-inline'; "
+                                "style-src 'unsafe-inline'; frame-ancestors 'none'"),
+}
 
 
 def _int_param(request: web.Request, name: str, default: int, maximum: int) -> int:
@@ -86,12 +82,16 @@ def content_disposition(filename: str) -> str:
 
 
 async def original(request: web.Request) -> web.StreamResponse:
+    require(request, "operator")
     doc = await _document_or_404(request)
     path = ObjectStore(request.app[CONFIG].paths.objects).path_for(doc["sha256"])
     if not path.is_file():
         raise web.HTTPGone(text=json.dumps({"error": "the stored original is missing",
                                             "hint": "run the storage verify command"}),
                            content_type="application/json")
+    # Audited before a byte leaves: who took which original is the question a curious operator raises.
+    await audit(request, "download_original", str(doc["id"]),
+                {"sha256": doc["sha256"], "filename": doc["filename"], "device": doc["device"]})
     return web.FileResponse(path, headers={"Content-Type": doc["media_type"],
                                            "Content-Disposition": content_disposition(doc["filename"]),
                                            "X-Content-SHA256": doc["sha256"]})
@@ -110,9 +110,30 @@ async def metrics(request: web.Request) -> web.Response:
                         headers={"X-Prometheus-Format": "0.0.4"})
 
 
-async def dashboard(_request: web.Request) -> web.Response:
-    html = resources.files("central").joinpath("static/dashboard.html").read_text(encoding="utf-8")
-    return web.Response(text=html, content_type="text/html", charset="utf-8")
+async def dashboard(request: web.Request) -> web.Response:
+    signed_in = PRINCIPAL in request
+    page = "static/dashboard.html" if signed_in else "static/login.html"
+    html = resources.files("central").joinpath(page).read_text(encoding="utf-8")
+    return web.Response(text=html, content_type="text/html", charset="utf-8",
+                        status=200 if signed_in else 401, headers=PAGE_HEADERS)
+
+
+async def revoke_device(request: web.Request) -> web.Response:
+    principal = require(request, "admin")
+    device_id = request.match_info["id"]
+    try:
+        result = await asyncio.to_thread(commands.revoke, request.app[CONFIG].home, device_id,
+                                         actor=principal.actor)
+    except DeviceError as exc:
+        raise web.HTTPNotFound(text=json.dumps({"error": str(exc)}), content_type="application/json") from exc
+    return web.json_response({"device": device_id, "status": "revoked", "was_active": result.was_active,
+                              "broker_reloaded": result.broker_pid is not None})
+
+
+async def audit_log(request: web.Request) -> web.Response:
+    require(request, "admin")
+    rows = await request.app[READER].call(catalog.list_audit, _int_param(request, "limit", 200, MAX_LIMIT))
+    return web.json_response(rows, dumps=_dumps)
 
 
 def _dumps(obj: Any) -> str:
