@@ -242,11 +242,16 @@ class MqttClient:
         assert self._closed is not None, "connect() first"
         return await asyncio.shield(self._closed)
 
-    async def disconnect(self) -> None:
-        """Send DISCONNECT (no last will) and release everything. Safe to call more than once."""
+    async def disconnect(self, *, with_will: bool = False) -> None:
+        """Send DISCONNECT and release everything. Safe to call more than once.
+
+        ``with_will`` sends v5 reason 0x04 so the broker still publishes the last will: a box that
+        shuts down cleanly is just as offline as one that lost power.
+        """
         if self._connected:
+            reason = ReasonCode(PacketTypes.DISCONNECT, "Disconnect with will message") if with_will else None
             with contextlib.suppress(Exception):
-                self._client.disconnect()
+                self._client.disconnect(reasoncode=reason)
                 self._flush()
         self._teardown(ConnectionLost("disconnected by us"))
 

@@ -158,7 +158,7 @@ class Uplink:
                         self._connected = False
                         for transfer in self._active.values():
                             transfer.sender.disconnected()
-                        await client.disconnect()
+                        await client.disconnect(with_will=True)
                         await self._drain(client)
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # noqa: S311  # jitter, not crypto
                 delay = min(delay * 2, self._backoff_max)
@@ -411,7 +411,12 @@ class Uplink:
         await asyncio.shield(self._deliver(doc, body.document_id, body.duplicate))
 
     async def _deliver(self, doc: Doc, document_id: int, duplicate: bool) -> None:
-        await self._outbox.mark_delivered(doc.tid, central_document_id=document_id, duplicate=duplicate)
+        try:
+            await self._outbox.mark_delivered(doc.tid, central_document_id=document_id, duplicate=duplicate)
+        except OutboxError as exc:
+            log.warning("receipt for %s not recorded: %s", doc.tid, exc)
+            self._drop(doc.tid)
+            return
         transfer = self._drop(doc.tid)
         if transfer is not None:
             transfer.sender.on_receipt()
@@ -441,7 +446,11 @@ class Uplink:
     async def _give_up(self, doc: Doc, reason: str) -> None:
         log.warning("giving up on %s: %s", doc.tid, reason)
         self._drop(doc.tid)
-        await self._outbox.mark_failed(doc.tid, reason)
+        try:
+            await self._outbox.mark_failed(doc.tid, reason)
+        except OutboxError as exc:   # delivered meanwhile: the receipt wins
+            log.warning("not marking %s failed: %s", doc.tid, exc)
+            return
         self.last_error = reason
         self._status_kick.set()
         if self._on_rejected is not None:

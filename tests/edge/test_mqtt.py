@@ -106,6 +106,13 @@ async def test_broker_death_fails_pending_and_fires_the_will(tmp_path: Path, mos
         message = await watcher.messages.get()
         assert message.payload == b'{"online":false}'
         await device.disconnect()
+        # A clean shutdown can still announce "offline": DISCONNECT with reason 0x04.
+        again = MqttClient(mosquitto.url, client_id="dev-1",
+                           will=Will("sohoa/v1/up/dev-1/status", b'{"online":"bye"}'))
+        await again.connect()
+        await again.disconnect(with_will=True)
+        message = await watcher.messages.get()
+        assert message.payload == b'{"online":"bye"}'
         mosquitto.kill()
         reason = await watcher.wait_closed()
         assert isinstance(reason, ConnectionLost)

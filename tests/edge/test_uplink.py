@@ -138,6 +138,8 @@ async def test_delivers_documents_byte_exact_exactly_once(
     async with running(uplink):
         await outcomes.wait(delivered=len(sizes))
         assert uplink.connected
+    # Stopping the uplink leaves the retained status saying offline (the will, sent on purpose).
+    assert await asyncio.to_thread(central.wait_for, lambda c: not c.statuses[-1].online, 10)
     assert sorted(d.tid for d in outcomes.delivered) == sorted(originals)
     assert all(count == 1 for count in central.assembled.values()) and len(central.assembled) == len(sizes)
     for tid, sha in originals.items():
