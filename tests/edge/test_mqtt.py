@@ -131,3 +131,49 @@ async def test_pending_publish_fails_on_connection_loss(mosquitto: Broker) -> No
         assert any(isinstance(r, ConnectionLost) for r in results)
         assert all(r is None or isinstance(r, ConnectionLost) for r in results)
         assert client._pending_pub == {}
+
+
+def _tls_material(directory: Path) -> tuple[Path, Path, Path]:
+    """A private CA and a server certificate for 127.0.0.1 (openssl CLI, as central init does)."""
+    ca_key, ca, key, csr, cert = (directory / n for n in ("ca.key", "ca.crt", "server.key", "server.csr",
+                                                           "server.crt"))
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+    run("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2",
+        "-subj", "/CN=sohoa test CA", "-keyout", str(ca_key), "-out", str(ca))
+    run("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj", "/CN=127.0.0.1",
+        "-keyout", str(key), "-out", str(csr))
+    ext = directory / "san.ext"
+    ext.write_text("subjectAltName=IP:127.0.0.1\n")
+    run("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial",
+        "-days", "2", "-extfile", str(ext), "-out", str(cert))
+    return ca, cert, key
+
+
+async def test_mqtts_with_a_private_ca(tmp_path: Path) -> None:
+    ca, cert, key = _tls_material(tmp_path)
+    port = free_port()
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nuser root\nallow_anonymous true\npersistence false\n"
+                    f"cafile {ca}\ncertfile {cert}\nkeyfile {key}\n")
+    with running_broker(conf, port, tmp_path / "mosquitto.log"):
+        url = f"mqtts://127.0.0.1:{port}"
+        a = MqttClient(url, client_id="tls-a", ca_file=ca)
+        b = MqttClient(url, client_id="tls-b", ca_file=ca)
+        async with asyncio.timeout(TIMEOUT):
+            await a.connect()
+            await b.connect()
+            await b.subscribe("t/#")
+            payloads = [bytes([n]) * 30000 for n in range(20)]
+            await asyncio.gather(*(a.start_publish(f"t/{n}", p) for n, p in enumerate(payloads)))
+            got = [await b.messages.get() for _ in payloads]
+            assert sorted(m.payload for m in got) == sorted(payloads)
+            await a.disconnect()
+            await b.disconnect()
+        # Without our CA the server certificate does not verify.
+        stranger = MqttClient(url, client_id="tls-c")
+        async with asyncio.timeout(TIMEOUT):
+            with pytest.raises(ConnectError):
+                await stranger.connect()
