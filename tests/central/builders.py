@@ -7,6 +7,7 @@ import io
 import secrets
 import tarfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import nacl.public
@@ -29,6 +30,28 @@ from protocol.messages import Fin, Init, Message, Segment, encode
 
 def build_package(*, device: str, tid: str, seq: int, original: bytes, name: str, text: str,
                   media_type: str = "application/pdf", pages: int = 1) -> bytes:
+    members = package_members(device=device, tid=tid, seq=seq, original=original, name=name, text=text,
+                              media_type=media_type, pages=pages)
+    return tar_of([(n, d, tarfile.REGTYPE, "") for n, d in members])
+
+
+def tar_of(members: list[tuple[str, bytes, bytes, str]]) -> bytes:
+    """A PAX tar of (name, data, type, linkname) members, in order, exactly as given."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for member, data, kind, link in members:
+            info = tarfile.TarInfo(member)
+            info.type = kind
+            info.linkname = link
+            info.mode = 0o600
+            info.size = len(data) if kind == tarfile.REGTYPE else 0
+            tar.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+    return out.getvalue()
+
+
+def package_members(*, device: str, tid: str, seq: int, original: bytes, name: str, text: str,
+                    media_type: str = "application/pdf", pages: int = 1) -> list[tuple[str, bytes]]:
+    """The (name, bytes) members of a valid package, in protocol/bag.py's order."""
     metadata = PackageMetadata(
         tid=tid, device_id=device, seq=seq, original_name=name,
         original_sha256=hashlib.sha256(original).hexdigest(), original_size=len(original),
@@ -42,14 +65,7 @@ def build_package(*, device: str, tid: str, seq: int, original: bytes, name: str
                                      payload_bytes=sum(map(len, payload.values())),
                                      payload_files=len(payload)),
             "manifest-sha256.txt": manifest(hashes)}
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for member, data in [*tags.items(), *payload.items()]:
-            info = tarfile.TarInfo(member)
-            info.size = len(data)
-            info.mode = 0o600
-            tar.addfile(info, io.BytesIO(data))
-    return out.getvalue()
+    return [*tags.items(), *payload.items()]
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,15 +96,25 @@ def seal_document(*, device: str, seq: int, signing_key: nacl.signing.SigningKey
                   text: str = "Quyết định về việc số hoá hồ sơ lưu trữ xã Tân Trào",
                   media_type: str = "application/pdf", chunk_size: int = 4096) -> Sealed:
     doc_id = secrets.token_bytes(16)
-    tid = doc_id.hex()
-    package = build_package(device=device, tid=tid, seq=seq, original=original, name=name, text=text,
-                            media_type=media_type)
+    package = build_package(device=device, tid=doc_id.hex(), seq=seq, original=original, name=name,
+                            text=text, media_type=media_type)
+    return seal_stream(device=device, seq=seq, signing_key=signing_key, central_key=central_key,
+                       pieces=[package], size=len(package), doc_id=doc_id, chunk_size=chunk_size)
+
+
+def seal_stream(*, device: str, seq: int, signing_key: nacl.signing.SigningKey,
+                central_key: nacl.public.PublicKey, pieces: Iterable[bytes], size: int,
+                doc_id: bytes | None = None, chunk_size: int = 64 * 1024) -> Sealed:
+    """Seal any package bytes (hostile ones included), validly signed by the device."""
+    doc_id = doc_id or secrets.token_bytes(16)
     sealer = EnvelopeSealer(device_id=device, doc_id=doc_id, seq=seq, signing_key=signing_key,
-                            central_public_key=central_key, plaintext_size=len(package),
+                            central_public_key=central_key, plaintext_size=size,
                             created_at=int(time.time()), chunk_size=chunk_size, level=3)
-    body = sealer.update(package)
+    body = bytearray()
+    for piece in pieces:
+        body += sealer.update(piece)
     tail, signed = sealer.finish()
-    return Sealed(device, tid, seq, signed, body + tail)
+    return Sealed(device, doc_id.hex(), seq, signed, bytes(body + tail))
 
 
 def wire(messages: list[Message]) -> list[tuple[str, bytes]]:
