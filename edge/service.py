@@ -122,6 +122,13 @@ class EdgeService:
         original is either still at the row's ``src_path`` or already at its place in processed/.
         """
         outbox = self.outbox
+        # Work files are rebuilt from the original on demand; temp files are half-written copies
+        # that a kill -9 left before their rename. Neither holds anything that is not elsewhere.
+        for leftover in self.config.work_dir.iterdir():
+            if not leftover.is_dir():
+                leftover.unlink(missing_ok=True)
+        for leftover in self.config.envelopes_dir.glob(".*.tmp"):
+            leftover.unlink(missing_ok=True)
         for doc in await outbox.unfinished():
             src = Path(doc.src_path)
             held = self._held_path(doc.sha256, doc.media_type)

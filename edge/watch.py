@@ -141,8 +141,11 @@ class Intake:
                 if info is not None and stat.S_ISREG(info.st_mode):
                     yield path
             self._wake.clear()
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that races
+            # with the event being set, and shutdown would hang.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.check_interval)
+                async with asyncio.timeout(self.check_interval):
+                    await self._wake.wait()
 
     def _inside(self, path: Path) -> bool:
         try:
