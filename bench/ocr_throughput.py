@@ -77,7 +77,8 @@ async def _ours(samples: list[Path], workers: int, dpi: int) -> tuple[float, int
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pages", type=int, default=10)
     parser.add_argument("--dpi", type=int, default=300)
     parser.add_argument("--json", action="store_true")

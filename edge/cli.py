@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,8 @@ from edge.fsutil import atomic_write_bytes
 
 
 def register(subparsers: Any) -> None:
-    edge = subparsers.add_parser("edge", help="the commune edge box", description="Run and inspect an edge box.")
+    edge = subparsers.add_parser("edge", help="the commune edge box",
+                                 description="Run and inspect an edge box.")
     sub = edge.add_subparsers(dest="edge_command", required=True)
 
     init = sub.add_parser("init", help="configure this box from an enrollment bundle",
@@ -48,7 +48,7 @@ def init(home: Path, bundle_path: Path, watch: Path, *, force: bool = False) -> 
     if config_path.exists() and not force:
         raise ConfigError(f"{config_path} exists: pass --force to overwrite")
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(home, 0o700)
+    home.chmod(0o700)
     (home / KEY_PATH).parent.mkdir(mode=0o700, exist_ok=True)
     atomic_write_bytes(home / KEY_PATH, bundle.signing_key.encode() + b"\n", mode=0o600)
     broker: dict[str, Any] = {"url": bundle.broker.url, "username": bundle.broker.username,

@@ -243,14 +243,15 @@ def _section(cls: type, value: Any, where: str, name: str) -> Any:
         if "tuple" in expected:
             if not isinstance(item, list) or not all(isinstance(x, str) for x in item):
                 raise ConfigError(f"{name}.{key} = {item!r}: expected a list of strings")
-            item = tuple(item)
-        elif expected == "bool" and not isinstance(item, bool):
+            converted[key] = tuple(item)
+            continue
+        if expected == "bool" and not isinstance(item, bool):
             raise ConfigError(f"{name}.{key} = {item!r}: expected true or false")
-        elif expected == "int" and (isinstance(item, bool) or not isinstance(item, int)):
+        if expected == "int" and (isinstance(item, bool) or not isinstance(item, int)):
             raise ConfigError(f"{name}.{key} = {item!r}: expected an integer")
-        elif expected == "float" and (isinstance(item, bool) or not isinstance(item, int | float)):
+        if expected == "float" and (isinstance(item, bool) or not isinstance(item, int | float)):
             raise ConfigError(f"{name}.{key} = {item!r}: expected a number")
-        elif expected.startswith("str") and not isinstance(item, str):
+        if expected.startswith("str") and not isinstance(item, str):
             raise ConfigError(f"{name}.{key} = {item!r}: expected a string")
         converted[key] = float(item) if expected == "float" else item
     try:

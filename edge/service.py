@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
-
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -322,9 +321,9 @@ def run(home: Path) -> int:
     return 0
 
 
-async def wait_until(predicate: Callable[[], Awaitable[bool]], timeout: float, interval: float = 0.2) -> bool:
+async def wait_until(predicate: Callable[[], Awaitable[bool]], within: float, interval: float = 0.2) -> bool:
     """Poll an async predicate (used by the demo and tests where no event exists to await)."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         if await predicate():
             return True

@@ -17,7 +17,8 @@ from edge.config import ConfigError
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="sohoa", description="Digitise commune archives: edge boxes OCR and sync scans to a central archive.")
+        prog="sohoa",
+        description="Digitise commune archives: edge boxes OCR and sync scans to a central archive.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     central_cli.register(sub)

@@ -77,7 +77,7 @@ def _bar(done: int, total: int, width: int = 30) -> str:
 
 
 async def _run(home: Path, files: list[Path], *, http_port: int, exit_when_synced: bool,
-               as_json: bool, timeout: float) -> dict[str, Any]:
+               as_json: bool, give_up_after: float) -> dict[str, Any]:
     central_home, edge_home = home / "central", home / "edge"
     ready = asyncio.Event()
     central_task = asyncio.create_task(central_commands.serve(central_home, ready=ready), name="central")
@@ -94,7 +94,7 @@ async def _run(home: Path, files: list[Path], *, http_port: int, exit_when_synce
     total = len(files)
     done = failed = 0
     interactive = sys.stdout.isatty() and not as_json
-    while time.monotonic() - started < timeout:
+    while time.monotonic() - started < give_up_after:
         stats = await service.outbox.stats()
         done = stats.counts.get("delivered", 0) + stats.counts.get("duplicate", 0)
         # Every refusal (at intake or later) leaves a reason file beside the file in failed/.
@@ -160,7 +160,7 @@ def main(*, scans: Path | None, pages: int, home: Path | None, exit_when_synced:
                   f"{len(files)} document(s)")
         try:
             summary = asyncio.run(_run(home, files, http_port=http_port, exit_when_synced=exit_when_synced,
-                                       as_json=as_json, timeout=timeout))
+                                       as_json=as_json, give_up_after=timeout))
         except KeyboardInterrupt:
             return 130
     finally:
@@ -170,8 +170,8 @@ def main(*, scans: Path | None, pages: int, home: Path | None, exit_when_synced:
         print(json.dumps(summary, ensure_ascii=False, indent=2))
     else:
         mib = 1024 * 1024
-        print(f"documents: {summary['receipted']}/{summary['documents']} receipted, {summary['failed']} failed; "
-              f"pages: {summary['pages']}")
+        print(f"documents: {summary['receipted']}/{summary['documents']} receipted, "
+              f"{summary['failed']} failed; pages: {summary['pages']}")
         print(f"bytes: original {summary['bytes_original'] / mib:.2f} MiB, compressed+encrypted "
               f"{summary['bytes_compressed_encrypted'] / mib:.2f} MiB, on the wire "
               f"{summary['bytes_on_wire'] / mib:.2f} MiB")

@@ -11,11 +11,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+from reportlab.pdfgen import canvas
 
 from edge.cli import status_report
 from edge.samples import Sample, generate_samples
 from edge.service import wait_until
-from protocol.names import nfc
+from protocol.names import fold, nfc
 from tests.e2e.conftest import Deployment, running
 
 pytestmark = pytest.mark.timeout(420)
@@ -39,7 +40,8 @@ async def _documents(deployment: Deployment, **params: str) -> list[dict[str, ob
     return result
 
 
-async def test_scans_arrive_byte_exact_searchable_and_forgotten(deployment: Deployment, tmp_path: Path) -> None:
+async def test_scans_arrive_byte_exact_searchable_and_forgotten(
+        deployment: Deployment, tmp_path: Path) -> None:
     samples: list[Sample] = generate_samples(tmp_path / "samples", pages=10)
     kinds = {s.media_type for s in samples}
     assert {"image/png", "image/jpeg", "image/tiff", "application/pdf"} <= kinds
@@ -55,7 +57,7 @@ async def test_scans_arrive_byte_exact_searchable_and_forgotten(deployment: Depl
             stats = await service.outbox.stats()
             return stats.counts.get("delivered", 0) == len(samples)
 
-        assert await wait_until(all_receipted, timeout=300), await service.outbox.stats()
+        assert await wait_until(all_receipted, within=300), await service.outbox.stats()
 
         docs = await _documents(deployment)
         assert sorted(str(d["filename"]) for d in docs) == sorted(expected)
@@ -77,7 +79,7 @@ async def test_scans_arrive_byte_exact_searchable_and_forgotten(deployment: Depl
         cfg = deployment.edge_config()
         assert list(cfg.envelopes_dir.iterdir()) == []
         assert list(cfg.processed_dir.iterdir()) == []
-        assert [p for p in watch.iterdir()] == []
+        assert list(watch.iterdir()) == []
 
         # Re-dropping an already synced scan creates no second document.
         again = samples[0]
@@ -87,7 +89,7 @@ async def test_scans_arrive_byte_exact_searchable_and_forgotten(deployment: Depl
             stats = await service.outbox.stats()
             return stats.counts.get("duplicate", 0) == 1
 
-        assert await wait_until(deduplicated, timeout=60)
+        assert await wait_until(deduplicated, within=60)
         assert len(await _documents(deployment)) == len(samples)
 
     report = await status_report(deployment.edge_home)
@@ -97,8 +99,6 @@ async def test_scans_arrive_byte_exact_searchable_and_forgotten(deployment: Depl
 
 async def test_bad_input_is_quarantined_with_a_reason_and_the_service_keeps_going(
         deployment: Deployment, tmp_path: Path) -> None:
-    from reportlab.pdfgen import canvas
-
     samples = generate_samples(tmp_path / "samples", pages=10)
     good = next(s for s in samples if s.media_type == "image/png")
     jpeg = next(s for s in samples if s.media_type == "image/jpeg")
@@ -122,7 +122,7 @@ async def test_bad_input_is_quarantined_with_a_reason_and_the_service_keeps_goin
             failed = list(deployment.edge_config().failed_dir.glob("*.reason.txt"))
             return stats.counts.get("delivered", 0) == 1 and len(failed) == 4
 
-        assert await wait_until(settled, timeout=180)
+        assert await wait_until(settled, within=180)
         docs = await _documents(deployment)
         assert [d["filename"] for d in docs] == ["Quyết định số 12 – UBND.png"]
 
@@ -136,5 +136,4 @@ async def test_bad_input_is_quarantined_with_a_reason_and_the_service_keeps_goin
 
 
 def _strip(text: str) -> str:
-    from protocol.names import fold
     return fold(text)

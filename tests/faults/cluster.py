@@ -110,9 +110,9 @@ class Cluster:
     def wait_central_http(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/healthz", timeout=1):
-                    return
+            with contextlib.suppress(OSError), urllib.request.urlopen(
+                    f"http://127.0.0.1:{self.http_port}/healthz", timeout=1):
+                return
             time.sleep(0.1)
         raise TimeoutError("central did not answer /healthz")
 
@@ -129,7 +129,7 @@ class Cluster:
 
     def edge_counts(self) -> dict[str, int]:
         rows = _query(self.edge_home / "outbox.db", "SELECT state, COUNT(*) FROM docs GROUP BY state")
-        return {state: count for state, count in rows}
+        return {str(state): int(str(count)) for state, count in rows}
 
     def synced(self) -> bool:
         counts = self.edge_counts()
