@@ -22,13 +22,13 @@ def _guard(action: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Na
         try:
             return action(args)
         except CentralError as exc:
-            print(f"sohoa central: error: {exc}\nhint: {exc.hint}", file=sys.stderr)  # noqa: T201
+            print(f"sohoa central: error: {exc}\nhint: {exc.hint}", file=sys.stderr)
             return exc.exit_code
         except ProtocolError as exc:
-            print(f"sohoa central: error: {exc}\nhint: {exc.hint}", file=sys.stderr)  # noqa: T201
+            print(f"sohoa central: error: {exc}\nhint: {exc.hint}", file=sys.stderr)
             return 65
         except OSError as exc:
-            print(f"sohoa central: error: {exc}", file=sys.stderr)  # noqa: T201
+            print(f"sohoa central: error: {exc}", file=sys.stderr)
             return 74
     return run
 
@@ -36,12 +36,12 @@ def _guard(action: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Na
 def _init(args: argparse.Namespace) -> int:
     given = (args.tls_cert, args.tls_key, args.tls_ca)
     if any(given) and not all(given):
-        print("sohoa central: error: --tls-cert, --tls-key and --tls-ca go together", file=sys.stderr)  # noqa: T201
+        print("sohoa central: error: --tls-cert, --tls-key and --tls-ca go together", file=sys.stderr)
         return 64
     certs = tls.OperatorCerts(args.tls_cert, args.tls_key, args.tls_ca) if all(given) else None
     commands.init(args.home, broker_url=args.broker, http=args.http, device_url=args.device_broker,
                   tls_certs=certs)
-    print(f"central home ready in {args.home}\n"  # noqa: T201
+    print(f"central home ready in {args.home}\n"
           f"  broker: mosquitto -c {args.home / 'mosquitto.conf'}\n"
           f"  enroll: sohoa central enroll DEVICE_ID --home {args.home} --out DEVICE.bundle")
     return 0
@@ -49,7 +49,7 @@ def _init(args: argparse.Namespace) -> int:
 
 def _enroll(args: argparse.Namespace) -> int:
     commands.enroll(args.home, args.device_id, args.out)
-    print(f"enrolled {args.device_id}; bundle (secret, 0600) written to {args.out}")  # noqa: T201
+    print(f"enrolled {args.device_id}; bundle (secret, 0600) written to {args.out}")
     return 0
 
 
@@ -58,7 +58,7 @@ def _revoke(args: argparse.Namespace) -> int:
     state = "revoked" if result.was_active else "was already revoked; broker account removed again"
     broker = (f"broker (pid {result.broker_pid}) reloaded: live session cut" if result.broker_pid
               else "no running broker found: SIGHUP your broker so the live session is cut")
-    print(f"{args.device_id} {state}; {broker}")  # noqa: T201
+    print(f"{args.device_id} {state}; {broker}")
     return 0
 
 
@@ -73,19 +73,19 @@ def _read_password() -> str:
 
 def _user_add(args: argparse.Namespace) -> int:
     commands.user_add(args.home, args.name, args.role, _read_password())
-    print(f"operator {args.name} ({args.role}) saved")  # noqa: T201
+    print(f"operator {args.name} ({args.role}) saved")
     return 0
 
 
 def _token_create(args: argparse.Namespace) -> int:
     token = commands.token_create(args.home, args.name, args.role)
-    print(token)  # noqa: T201 - shown once, by design; only its hash is stored
+    print(token)   # shown once, by design: only its hash is stored
     return 0
 
 
 def _token_revoke(args: argparse.Namespace) -> int:
     commands.token_revoke(args.home, args.name)
-    print(f"token {args.name} revoked")  # noqa: T201
+    print(f"token {args.name} revoked")
     return 0
 
 
@@ -98,8 +98,8 @@ def _run(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     problems = commands.verify(args.home)
     for problem in problems:
-        print(problem)  # noqa: T201
-    print(f"{len(problems)} problem(s)" if problems else "all stored objects verify")  # noqa: T201
+        print(problem)
+    print(f"{len(problems)} problem(s)" if problems else "all stored objects verify")
     return 1 if problems else 0
 
 
