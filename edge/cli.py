@@ -13,6 +13,7 @@ import tomli_w
 from edge import config as edge_config
 from edge.config import CONFIG_NAME, KEY_PATH, Bundle, ConfigError
 from edge.fsutil import atomic_write_bytes
+from protocol.messages import Status, decode
 
 
 def register(subparsers: Any) -> None:
@@ -90,9 +91,14 @@ async def status_report(home: Path) -> dict[str, Any]:
     finally:
         await outbox.close()
     failed = list_failed(cfg.failed_dir) if cfg.failed_dir.exists() else []
-    alarms = []
-    if stats.queued_bytes >= cfg.outbox.cap_bytes * 0.95:
-        alarms.append("outbox full: new scans wait in the watch folder")
+    alarms: list[str] = []
+    last_error = None
+    service_updated = None
+    if cfg.status_path.exists():
+        # Written by the running service; it holds what only the service knows (alarms, errors).
+        status = decode(f"sohoa/v1/up/{cfg.device_id}/status", cfg.status_path.read_bytes())
+        if isinstance(status, Status):
+            alarms, last_error, service_updated = list(status.alarms), status.last_error, status.updated_at
     return {
         "device_id": cfg.device_id,
         "counts": dict(stats.counts),
@@ -103,6 +109,8 @@ async def status_report(home: Path) -> dict[str, Any]:
         "last_receipt_at": stats.last_receipt_at,
         "failed": [{"name": f.name, "reason": f.reason, "since": str(f.since)} for f in failed],
         "alarms": alarms,
+        "last_error": last_error,
+        "service_updated_at": service_updated,
     }
 
 
@@ -117,6 +125,8 @@ def _status(args: argparse.Namespace) -> int:
     print(f"queued: {report['queued_docs']} document(s), {report['queued_bytes']} bytes "
           f"(cap {report['cap_bytes']}), oldest {report['oldest_age_s']} s")
     print(f"last receipt: {report['last_receipt_at'] or 'never'}")
+    if report["last_error"]:
+        print(f"last error: {report['last_error']}")
     for alarm in report["alarms"]:
         print(f"ALARM: {alarm}")
     if report["failed"]:

@@ -192,6 +192,10 @@ class EdgeConfig:
         return self.home / "failed"
 
     @property
+    def status_path(self) -> Path:
+        return self.home / "status.json"
+
+    @property
     def key_path(self) -> Path:
         return self.home / KEY_PATH
 

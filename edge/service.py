@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import logging
 import signal
@@ -26,7 +27,7 @@ from pathlib import Path
 from edge import config as edge_config
 from edge.config import EdgeConfig
 from edge.errors import BadInputError, EdgeError
-from edge.fsutil import disk_free, move_durably, sha256_file
+from edge.fsutil import atomic_write_bytes, disk_free, move_durably, sha256_file
 from edge.media import probe
 from edge.ocr import OcrEngine, TesseractEngine
 from edge.outbox import Doc, DocState, Outbox
@@ -35,12 +36,13 @@ from edge.quarantine import quarantine
 from edge.uplink import Uplink
 from edge.watch import Intake
 from protocol.bag import MEDIA_EXTENSIONS
-from protocol.messages import Status
+from protocol.messages import Status, encode
 from protocol.names import display_name
 
 log = logging.getLogger("sohoa.edge")
 VERSION = "0.1.0"
 MAX_ATTEMPTS = 3
+OUTBOX_FULL = "outbox full: new scans wait in the watch folder"
 
 
 @dataclass
@@ -68,6 +70,7 @@ class EdgeService:
         self._outbox: Outbox | None = None
         self._uplink: Uplink | None = None
         self._queue: asyncio.Queue[str] = asyncio.Queue()
+        self._status_changed = asyncio.Event()
         self._signing_key = config.signing_key()
         self.ready = asyncio.Event()
 
@@ -108,6 +111,7 @@ class EdgeService:
                     for index in range(cfg.ocr.worker_count):
                         group.create_task(self._process_loop(engine), name=f"process-{index}")
                     group.create_task(self._uplink.run(), name="uplink")
+                    group.create_task(self._status_loop(), name="status")
         finally:
             with contextlib.suppress(Exception):
                 await engine.aclose()
@@ -167,7 +171,9 @@ class EdgeService:
                 continue  # gone between settling and taking: nothing to do, nothing lost
             except OSError as exc:
                 # Disk full or similar: leave the file where it is; the next rescan retries it.
-                self._alarm(f"cannot take {path.name}: {exc.strerror or exc}")
+                self._alarm(f"cannot take scans: {exc.strerror or exc}")
+            else:
+                self._clear_alarms_starting("cannot take scans")
 
     async def _take(self, path: Path) -> None:
         cfg = self.config
@@ -184,9 +190,10 @@ class EdgeService:
             log.info("duplicate of %s already delivered: %s", earlier.tid, name)
             return
         if not await self.outbox.room_for(media.size * 2):
-            self._alarm("outbox full: new scans wait in the watch folder")
+            # Never drop, never evict: the scan waits, untouched, where the clerk put it.
+            self._alarm(OUTBOX_FULL)
             return
-        self.counters.alarms.discard("outbox full: new scans wait in the watch folder")
+        self._clear_alarm(OUTBOX_FULL)
         held = self._held_path(sha, media.media_type)
         if held.exists():
             # Identical bytes already held for an in-flight document: let central deduplicate.
@@ -289,7 +296,37 @@ class EdgeService:
     def _alarm(self, text: str) -> None:
         if text not in self.counters.alarms:
             log.warning("alarm: %s", text)
-        self.counters.alarms.add(text)
+            self.counters.alarms.add(text)
+            self._status_changed.set()
+
+    def _clear_alarms_starting(self, prefix: str) -> None:
+        for text in [a for a in self.counters.alarms if a.startswith(prefix)]:
+            self._clear_alarm(text)
+
+    def _clear_alarm(self, text: str) -> None:
+        if text in self.counters.alarms:
+            log.info("alarm cleared: %s", text)
+            self.counters.alarms.discard(text)
+            self._status_changed.set()
+
+    async def _status_loop(self) -> None:
+        """Keep ``HOME/status.json`` current (what `sohoa edge status` shows, even offline) and
+        ask the uplink to publish the retained status when something noteworthy changed."""
+        written: tuple[Status, float] | None = None
+        while True:
+            status = await self.status()
+            unchanged = written is not None and dataclasses.replace(status, updated_at=None) == \
+                written[0] and time.monotonic() - written[1] < 60
+            if not unchanged:  # spare the SD card: write on change, and once a minute
+                payload = encode(status)[1]
+                await asyncio.to_thread(atomic_write_bytes, self.config.status_path, payload, 0o600)
+                written = (dataclasses.replace(status, updated_at=None), time.monotonic())
+            if self._status_changed.is_set():
+                self._status_changed.clear()
+                self.uplink.request_status()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5.0):
+                    await self._status_changed.wait()
 
     async def status(self) -> Status:
         stats = await self.outbox.stats()

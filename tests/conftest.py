@@ -9,6 +9,9 @@ import pytest
 
 from tests.support.broker import Broker, anonymous_config, free_port, running_broker
 
+# The whole-deployment fixture (generated broker config, central, one enrolled edge).
+pytest_plugins = ["tests.support.deployment"]
+
 
 @pytest.fixture
 def mosquitto(tmp_path: Path) -> Iterator[Broker]:

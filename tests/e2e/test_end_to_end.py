@@ -17,7 +17,7 @@ from edge.cli import status_report
 from edge.samples import Sample, generate_samples
 from edge.service import wait_until
 from protocol.names import fold, nfc
-from tests.e2e.conftest import Deployment, running
+from tests.support.deployment import Deployment, running
 
 pytestmark = pytest.mark.timeout(420)
 

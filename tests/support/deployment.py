@@ -16,6 +16,7 @@ from central import commands as central_commands
 from edge import cli as edge_cli
 from edge import config as edge_config
 from edge.config import EdgeConfig
+from edge.ocr import OcrEngine
 from edge.service import EdgeService
 from tests.support.broker import Broker, free_port, running_broker
 
@@ -70,12 +71,13 @@ def deployment(tmp_path: Path) -> Iterator[Deployment]:
 
 
 @contextlib.asynccontextmanager
-async def running(deployment: Deployment, **intake: float) -> AsyncIterator[EdgeService]:
+async def running(deployment: Deployment, *, ocr_engine: OcrEngine | None = None,
+                  edge_config: EdgeConfig | None = None, **intake: float) -> AsyncIterator[EdgeService]:
     """Central and edge in this event loop; cancelled (like SIGTERM) on exit."""
     ready = asyncio.Event()
     central_task = asyncio.create_task(central_commands.serve(deployment.central_home, ready=ready))
     await asyncio.wait_for(ready.wait(), 30)
-    service = EdgeService(deployment.edge_config(**intake))
+    service = EdgeService(edge_config or deployment.edge_config(**intake), ocr_engine=ocr_engine)
     edge_task = asyncio.create_task(service.run())
     await asyncio.wait_for(service.ready.wait(), 30)
     try:
