@@ -54,7 +54,12 @@ def init(home: Path, bundle_path: Path, watch: Path, *, force: bool = False) -> 
     atomic_write_bytes(home / KEY_PATH, bundle.signing_key.encode() + b"\n", mode=0o600)
     broker: dict[str, Any] = {"url": bundle.broker.url, "username": bundle.broker.username,
                               "password": bundle.broker.password}
-    if bundle.broker.ca_file:
+    if bundle.ca_cert:
+        # The broker's CA travels in the bundle; the box pins it for mqtts://.
+        ca_path = home / "keys" / "ca.pem"
+        atomic_write_bytes(ca_path, bundle.ca_cert.encode(), mode=0o600)
+        broker["ca_file"] = str(ca_path.resolve())
+    elif bundle.broker.ca_file:
         broker["ca_file"] = bundle.broker.ca_file
     document = {
         "device_id": bundle.device_id,

@@ -280,6 +280,8 @@ class Bundle:
     central: CentralKeys
     signing_key: str = field(repr=False)
 
+    ca_cert: str | None = None   # PEM of the broker's CA when the bundle says mqtts://
+
     @classmethod
     def load(cls, path: Path) -> Bundle:
         try:
@@ -294,7 +296,14 @@ class Bundle:
         if not isinstance(device, dict) or set(device) != {"signing_key"}:
             raise ConfigError(f"{where}: [device] must hold exactly signing_key")
         _b64key(device["signing_key"], "device.signing_key")
+        broker = raw.get("broker")
+        ca_cert = None
+        if isinstance(broker, dict) and "ca_cert" in broker:
+            broker = dict(broker)
+            ca_cert = broker.pop("ca_cert")
+            if not isinstance(ca_cert, str) or "BEGIN CERTIFICATE" not in ca_cert:
+                raise ConfigError(f"{where}: broker.ca_cert is not a PEM certificate")
         return cls(device_id=str(raw.get("device_id")),
-                   broker=_section(BrokerConfig, raw.get("broker"), where, "broker"),
+                   broker=_section(BrokerConfig, broker, where, "broker"),
                    central=_section(CentralKeys, raw.get("central"), where, "central"),
-                   signing_key=device["signing_key"])
+                   signing_key=device["signing_key"], ca_cert=ca_cert)

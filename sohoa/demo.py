@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import secrets
 import shutil
 import socket
 import subprocess
@@ -77,7 +78,7 @@ def _bar(done: int, total: int, width: int = 30) -> str:
 
 
 async def _run(home: Path, files: list[Path], *, http_port: int, exit_when_synced: bool,
-               as_json: bool, give_up_after: float) -> dict[str, Any]:
+               as_json: bool, give_up_after: float, login: tuple[str, str]) -> dict[str, Any]:
     central_home, edge_home = home / "central", home / "edge"
     ready = asyncio.Event()
     central_task = asyncio.create_task(central_commands.serve(central_home, ready=ready), name="central")
@@ -108,7 +109,6 @@ async def _run(home: Path, files: list[Path], *, http_port: int, exit_when_synce
     seconds = time.monotonic() - started
     if interactive:
         print()
-    token = (central_home / "api-token").read_text().strip()
     summary = {
         "documents": total,
         "receipted": done,
@@ -120,11 +120,13 @@ async def _run(home: Path, files: list[Path], *, http_port: int, exit_when_synce
         "ocr_seconds": round(service.counters.ocr_seconds, 2),
         "seconds": round(seconds, 2),
         "dashboard": f"http://127.0.0.1:{http_port}/",
+        "dashboard_user": login[0],
+        "dashboard_password_file": login[1],
         "api_token_file": str(central_home / "api-token"),
         "home": str(home),
     }
     if not exit_when_synced and done + failed >= total:
-        print(f"dashboard: {summary['dashboard']} (token: {token[:4]}… in {summary['api_token_file']}); "
+        print(f"dashboard: {summary['dashboard']} (sign in as {login[0]}, password in {login[1]}); "
               "Ctrl-C to stop")
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.Event().wait()
@@ -150,6 +152,12 @@ def main(*, scans: Path | None, pages: int, home: Path | None, exit_when_synced:
                                   stdout=log, stderr=subprocess.STDOUT)
     try:
         _wait_port(broker_port, broker)
+        operator_password = secrets.token_urlsafe(12)
+        central_commands.user_add(central_home, "demo", "admin", operator_password)
+        # The password goes to a 0600 file, not to the terminal or a log.
+        password_file = home / "dashboard-password"
+        password_file.write_text(operator_password + "\n")
+        password_file.chmod(0o600)
         bundle = home / "bundle.toml"
         central_commands.enroll(central_home, DEVICE_ID, bundle)
         edge_cli.init(home / "edge", bundle, home / "scans")
@@ -160,7 +168,8 @@ def main(*, scans: Path | None, pages: int, home: Path | None, exit_when_synced:
                   f"{len(files)} document(s)")
         try:
             summary = asyncio.run(_run(home, files, http_port=http_port, exit_when_synced=exit_when_synced,
-                                       as_json=as_json, give_up_after=timeout))
+                                       as_json=as_json, give_up_after=timeout,
+                                       login=("demo", str(password_file))))
         except KeyboardInterrupt:
             return 130
     finally:
@@ -176,5 +185,6 @@ def main(*, scans: Path | None, pages: int, home: Path | None, exit_when_synced:
               f"{summary['bytes_compressed_encrypted'] / mib:.2f} MiB, on the wire "
               f"{summary['bytes_on_wire'] / mib:.2f} MiB")
         print(f"time: {summary['seconds']} s (OCR {summary['ocr_seconds']} s)")
-        print(f"dashboard: {summary['dashboard']} (token in {summary['api_token_file']})")
+        print(f"dashboard: {summary['dashboard']} (sign in as demo, password in {password_file}; "
+              f"API token in {summary['api_token_file']})")
     return 0 if summary["receipted"] + summary["failed"] == summary["documents"] else 1

@@ -137,3 +137,20 @@ async def test_bad_input_is_quarantined_with_a_reason_and_the_service_keeps_goin
 
 def _strip(text: str) -> str:
     return fold(text)
+
+
+async def test_device_link_over_tls_with_the_ca_from_the_bundle(tls_deployment: Deployment,
+                                                                 tmp_path: Path) -> None:
+    cfg = tls_deployment.edge_config()
+    assert cfg.broker.url.startswith("mqtts://") and cfg.broker.ca_file
+    assert (tls_deployment.edge_home / "keys" / "ca.pem").stat().st_mode & 0o777 == 0o600
+    sample = generate_samples(tmp_path / "samples", pages=10)[0]
+    async with running(tls_deployment) as service:
+        _drop(sample.path, cfg.watch_dir, "Công văn số 5 – Tuyên Quang" + sample.path.suffix)
+
+        async def delivered() -> bool:
+            return (await service.outbox.stats()).counts.get("delivered", 0) == 1
+
+        assert await wait_until(delivered, within=120)
+        docs = await _documents(tls_deployment)
+        assert [d["sha256"] for d in docs] == [_sha(sample.path)]

@@ -33,11 +33,12 @@ def _judge(c: Cluster) -> None:
 
 
 def _edge_kills(tmp_path: Path, documents: int, kills: int, seed: int, *, rate_kbit: float,
-                interval: tuple[float, float]) -> None:
+                interval: tuple[float, float], side: int) -> None:
     rng = random.Random(seed)
     with cluster(tmp_path, rate_kbit=rate_kbit) as c:
-        # ~20 KiB of incompressible scan each, behind a capped uplink: the backlog outlives the kills.
-        c.dropped = make_documents(tmp_path / "docs", documents, seed=seed, side=144)
+        # Incompressible scans (side² bytes each) behind a capped uplink, so the backlog outlives
+        # the kills (each restart also starts with a fresh token-bucket burst).
+        c.dropped = make_documents(tmp_path / "docs", documents, seed=seed, side=side)
         drop(tmp_path / "docs", c.watch)
         c.edge.start()
         during_backlog = 0
@@ -73,7 +74,8 @@ def _server_kills(tmp_path: Path, documents: int, kills: int, seed: int) -> None
 
 @pytest.mark.timeout(300)
 def test_edge_killed_during_backlog(tmp_path: Path) -> None:
-    _edge_kills(tmp_path, documents=30, kills=6, seed=1, rate_kbit=256, interval=(0.3, 1.5))
+    _edge_kills(tmp_path, documents=30, kills=6, seed=1, rate_kbit=256, interval=(0.3, 1.5),
+                side=200)
 
 
 @pytest.mark.timeout(300)
@@ -84,7 +86,8 @@ def test_broker_and_central_killed_during_sync(tmp_path: Path) -> None:
 @pytest.mark.torture
 @pytest.mark.timeout(3600)
 def test_torture_100_edge_kills_200_documents(tmp_path: Path) -> None:
-    _edge_kills(tmp_path, documents=200, kills=100, seed=3, rate_kbit=256, interval=(0.2, 1.2))
+    _edge_kills(tmp_path, documents=200, kills=100, seed=3, rate_kbit=128, interval=(0.2, 1.2),
+                side=256)
 
 
 @pytest.mark.torture

@@ -58,10 +58,21 @@ class Deployment:
 
 @pytest.fixture
 def deployment(tmp_path: Path) -> Iterator[Deployment]:
+    yield from _deployment(tmp_path, tls=False)
+
+
+@pytest.fixture
+def tls_deployment(tmp_path: Path) -> Iterator[Deployment]:
+    """Devices reach the broker over mqtts:// with the CA from their bundle; central on loopback."""
+    yield from _deployment(tmp_path, tls=True)
+
+
+def _deployment(tmp_path: Path, *, tls: bool) -> Iterator[Deployment]:
     broker_port, http_port = free_port(), free_port()
     central_home = tmp_path / "central"
     central_commands.init(central_home, broker_url=f"mqtt://127.0.0.1:{broker_port}",
-                          http=f"127.0.0.1:{http_port}")
+                          http=f"127.0.0.1:{http_port}",
+                          device_url=f"mqtts://127.0.0.1:{free_port()}" if tls else None)
     with running_broker(central_home / "mosquitto.conf", broker_port, tmp_path / "broker.log") as broker:
         bundle = tmp_path / "bundle.toml"
         central_commands.enroll(central_home, DEVICE, bundle)
