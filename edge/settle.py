@@ -2,7 +2,9 @@
 
 Rules:
 
-1. Only regular files are candidates; a symlink, FIFO or device observation forgets the path.
+1. Regular files are candidates. Anything else that is not a directory (a symlink, FIFO, socket or
+   device) will never become a scan: it is due at once, so the caller refuses it *with a reason*
+   (quarantine) instead of leaving a mystery in the scan folder.
 2. A path is settled when its (size, mtime) stayed the same over at least two observations whose
    span is at least ``quiet_seconds`` — scanners that write slowly in place keep changing one of
    them, scanners that write a temp name and rename show up complete under the final name.
@@ -56,12 +58,18 @@ class Settler:
             raise ValueError("quiet_seconds must be >= 0")
         self.quiet_seconds = quiet_seconds
         self._tracks: dict[Path, _Track] = {}
+        self._refuse: dict[Path, None] = {}   # non-regular entries, due at once (ordered)
 
     def observe(self, path: Path, stat_result: os.stat_result | None, now: float, *,
                 wall_now: float | None = None) -> None:
         """Record one ``lstat`` of ``path`` (``None`` = it vanished) taken at ``now``."""
-        if stat_result is None or not stat.S_ISREG(stat_result.st_mode):
+        if stat_result is None or stat.S_ISDIR(stat_result.st_mode):
             self._tracks.pop(path, None)
+            self._refuse.pop(path, None)
+            return
+        if not stat.S_ISREG(stat_result.st_mode):
+            self._tracks.pop(path, None)
+            self._refuse[path] = None
             return
         seen = Observation(stat_result.st_size, stat_result.st_mtime_ns, now, wall_now)
         track = self._tracks.get(path)
@@ -76,13 +84,16 @@ class Settler:
         ready = [path for path, track in self._tracks.items() if self._settled(track, now)]
         for path in ready:
             del self._tracks[path]
-        return ready
+        refused = list(self._refuse)
+        self._refuse.clear()
+        return refused + ready
 
     def forget(self, path: Path) -> None:
         self._tracks.pop(path, None)
+        self._refuse.pop(path, None)
 
     def pending(self) -> int:
-        return len(self._tracks)
+        return len(self._tracks) + len(self._refuse)
 
     def tracked(self) -> list[Path]:
         """Paths still waiting (the caller re-stats these at every check)."""

@@ -137,8 +137,10 @@ class Intake:
             for path, info in stats.items():
                 self._settler.observe(path, info, now, wall_now=wall)
             for path in self._settler.due(now):
-                info = _lstat(path)  # right before handing it out: still a regular file?
-                if info is not None and stat.S_ISREG(info.st_mode):
+                # Right before handing it out: still there? (A symlink or FIFO is handed out too:
+                # the caller refuses it with a reason; probe() never follows or opens it blindly.)
+                info = _lstat(path)
+                if info is not None and not stat.S_ISDIR(info.st_mode):
                     yield path
             self._wake.clear()
             # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that races
@@ -170,7 +172,7 @@ def _walk(top: Path) -> Iterator[Path]:
         try:
             if entry.is_dir(follow_symlinks=False):
                 yield from _walk(Path(entry.path))
-            elif entry.is_file(follow_symlinks=False):
+            else:  # regular files, and symlinks/FIFOs/sockets to be refused with a reason
                 yield Path(entry.path)
         except OSError:
             continue

@@ -74,14 +74,18 @@ def test_future_mtime_from_a_skewed_client_does_not_block_forever() -> None:
     assert s.due(5) == [P]
 
 
-def test_vanished_and_non_regular_files_are_forgotten() -> None:
+def test_vanished_files_are_forgotten_and_non_regular_ones_are_due_at_once_for_refusal() -> None:
     s = Settler(1)
     s.observe(P, st(100, 0), now=0)
     s.observe(P, None, now=1)
     assert s.pending() == 0
-    s.observe(P, st(0, 0, stat.S_IFIFO | 0o644), now=2)
-    s.observe(P, st(0, 0, stat.S_IFLNK | 0o777), now=3)
-    assert s.pending() == 0 and s.due(10) == []
+    fifo, link, folder = Path("/s/pipe.pdf"), Path("/s/link.pdf"), Path("/s/sub")
+    s.observe(fifo, st(0, 0, stat.S_IFIFO | 0o644), now=2)
+    s.observe(link, st(0, 0, stat.S_IFLNK | 0o777), now=3)
+    s.observe(folder, st(0, 0, stat.S_IFDIR | 0o755), now=3)
+    # No quiet period: they will never become scans, so the caller refuses them now, once.
+    assert s.due(3) == [fifo, link]
+    assert s.due(10) == [] and s.pending() == 0
 
 
 def test_forget_and_order() -> None:
