@@ -33,7 +33,7 @@ def _longest_name(words: str, suffix: str) -> str:
 
 
 def _tree(root: Path) -> set[Path]:
-    return {p for p in root.rglob("*")}
+    return set(root.rglob("*"))
 
 
 async def test_hostile_names_and_files(deployment: Deployment, tmp_path: Path) -> None:
