@@ -1,0 +1,99 @@
+"""Shared pieces of the in-process fault scenarios (link faults, disk full): a deployment whose edge
+or central home can live on a separate (small) filesystem, and read-only views of both databases.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+from central import commands as central_commands
+from edge import cli as edge_cli
+from edge.config import EdgeConfig
+from edge.ocr import FakeOcrEngine
+from edge.service import EdgeService
+from tests.faults.jepsen import SQLITE_SUFFIXES, CatalogEntry, integrity_check
+from tests.support.broker import free_port, running_broker
+from tests.support.deployment import DEVICE, Deployment
+
+
+@contextlib.contextmanager
+def deployment_at(root: Path, *, central_home: Path | None = None,
+                  edge_home: Path | None = None) -> Iterator[Deployment]:
+    """Like the ``deployment`` fixture, with each home wherever the test wants it (e.g. a tmpfs)."""
+    central_home = central_home or root / "central"
+    edge_home = edge_home or root / "edge"
+    broker_port, http_port = free_port(), free_port()
+    central_commands.init(central_home, broker_url=f"mqtt://127.0.0.1:{broker_port}",
+                          http=f"127.0.0.1:{http_port}")
+    with running_broker(central_home / "mosquitto.conf", broker_port, root / "broker.log") as broker:
+        bundle = root / "bundle.toml"
+        central_commands.enroll(central_home, DEVICE, bundle)
+        edge_cli.init(edge_home, bundle, root / "scans")
+        yield Deployment(root, central_home, edge_home, broker, http_port,
+                         (central_home / "api-token").read_text().strip())
+
+
+def query(path: Path, sql: str) -> list[tuple[object, ...]]:
+    """One read-only query; the services keep writing meanwhile (WAL)."""
+    if not path.exists():
+        return []
+    connection = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=10)
+    try:
+        return connection.execute(sql).fetchall()
+    finally:
+        connection.close()
+
+
+def catalog(central_home: Path) -> list[CatalogEntry]:
+    """Every transfer central stored, with the content it carried (duplicates flagged)."""
+    rows = query(central_home / "catalog.db",
+                 "SELECT d.sha256, t.device, t.tid, t.duplicate FROM transfers t "
+                 "JOIN documents d ON d.id = t.document_id WHERE t.state = 'stored'")
+    return [CatalogEntry(str(sha), str(device), str(tid), bool(dup)) for sha, device, tid, dup in rows]
+
+
+def delivered_ciphertext_bytes(edge_home: Path) -> int:
+    """Σ ciphertext size over delivered rows: what a cut-free uplink would have sent as segments."""
+    rows = query(edge_home / "outbox.db",
+                 "SELECT COALESCE(SUM(ciphertext_size), 0) FROM docs WHERE state = 'delivered'")
+    return int(str(rows[0][0])) if rows else 0
+
+
+def assert_sqlite_intact(directory: Path) -> list[Path]:
+    """``PRAGMA integrity_check`` on every SQLite file under ``directory``.
+
+    Mosquitto's ``mosquitto.db`` shares the suffix but is the broker's own persistence format, not
+    SQLite, so it is left out; a broken SQLite file still fails even if its header is gone.
+    """
+    checked = sorted(p for p in directory.rglob("*")
+                     if p.suffix in SQLITE_SUFFIXES and p.is_file() and p.name != "mosquitto.db")
+    broken = {p: result for p in checked if (result := integrity_check(p)) != "ok"}
+    assert not broken, "SQLite integrity_check failed:\n" + "\n".join(
+        f"  {p}: {result}" for p, result in broken.items())
+    assert checked, f"no SQLite file under {directory}"
+    return checked
+
+
+@contextlib.asynccontextmanager
+async def running_edge(deployment: Deployment, cfg: EdgeConfig) -> AsyncIterator[
+        tuple[EdgeService, asyncio.Task[None]]]:
+    """Like ``tests.support.deployment.running`` (fake OCR), but the edge's task is handed out too,
+    so a scenario can assert that the service is still alive (no crash, no crash loop)."""
+    ready = asyncio.Event()
+    central_task = asyncio.create_task(central_commands.serve(deployment.central_home, ready=ready))
+    await asyncio.wait_for(ready.wait(), 30)
+    service = EdgeService(cfg, ocr_engine=FakeOcrEngine())
+    edge_task = asyncio.create_task(service.run())
+    await asyncio.wait_for(service.ready.wait(), 30)
+    try:
+        yield service, edge_task
+    finally:
+        for task in (edge_task, central_task):
+            task.cancel()
+        for task in (edge_task, central_task):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
