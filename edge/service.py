@@ -17,8 +17,11 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
+import errno
 import logging
+import os
 import signal
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -43,6 +46,19 @@ log = logging.getLogger("sohoa.edge")
 VERSION = "0.1.0"
 MAX_ATTEMPTS = 3
 OUTBOX_FULL = "outbox full: new scans wait in the watch folder"
+DISK_FULL = "disk full: no space left in the edge home; scans wait and are retried, nothing is quarantined"
+# How long a document waits before it is tried again on a full disk (no attempt is counted).
+DISK_FULL_RETRY_S = 5.0
+_SQLITE_FULL = 13
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC/EDQUOT from the kernel or SQLITE_FULL from the outbox: wait for space, do not give up."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(exc, sqlite3.Error):
+        return getattr(exc, "sqlite_errorcode", None) == _SQLITE_FULL or "disk is full" in str(exc)
+    return False
 
 
 @dataclass
@@ -169,9 +185,14 @@ class EdgeService:
                 await self._quarantine_new(path, exc.reason)
             except FileNotFoundError:
                 continue  # gone between settling and taking: nothing to do, nothing lost
-            except OSError as exc:
-                # Disk full or similar: leave the file where it is; the next rescan retries it.
-                self._alarm(f"cannot take scans: {exc.strerror or exc}")
+            except (OSError, sqlite3.Error) as exc:
+                # Leave the file where it is; the next rescan retries it.
+                if is_disk_full(exc):
+                    self._disk_full(exc)
+                elif isinstance(exc, OSError):
+                    self._alarm(f"cannot take scans: {exc.strerror or exc}")
+                else:
+                    raise
             else:
                 self._clear_alarms_starting("cannot take scans")
 
@@ -182,6 +203,11 @@ class EdgeService:
         relative = str(path.relative_to(cfg.watch_dir)) if path.is_relative_to(cfg.watch_dir) else path.name
         sha = await asyncio.to_thread(sha256_file, path)
         earlier = await self.outbox.find_active_by_sha256(sha)
+        if earlier is not None and earlier.state is DocState.STABLE and Path(earlier.src_path) == path:
+            # This very file was taken before but its move failed (disk full): finish that take
+            # instead of writing a second row for the same scan.
+            await self._hold(earlier, path, self._held_path(sha, media.media_type))
+            return
         if earlier is not None and earlier.state in (DocState.DELIVERED, DocState.DUPLICATE):
             # The same bytes are already receipted by central: this copy adds nothing.
             await self.outbox.add_duplicate(name=name, sha256=sha, size=media.size, of_tid=earlier.tid)
@@ -203,11 +229,17 @@ class EdgeService:
         doc = await self.outbox.add(name=name, src_path=str(path), size=media.size, sha256=sha,
                                     media_type=media.media_type, pages=media.pages,
                                     priority=cfg.intake.priority_of(relative))
+        await self._hold(doc, path, held)
+
+    async def _hold(self, doc: Doc, path: Path, held: Path) -> None:
+        """Move a taken scan out of the watch folder into processed/ and queue it."""
         move_durably(path, held)
+        held.chmod(0o600)   # a plaintext archive record: private to the service from now on
         await self.outbox.update_src(doc.tid, str(held))
         self.counters.taken += 1
-        self.counters.original_bytes += media.size
-        log.info("took %s as %s (%d page(s))", name, doc.tid, media.pages)
+        self.counters.original_bytes += doc.size
+        self._clear_alarm(DISK_FULL)
+        log.info("took %s as %s (%d page(s))", doc.name, doc.tid, doc.pages)
         self._queue.put_nowait(doc.tid)
 
     async def _process_loop(self, engine: OcrEngine) -> None:
@@ -220,7 +252,15 @@ class EdgeService:
                 await self._process(doc, engine)
             except BadInputError as exc:
                 await self._fail(doc, exc.reason)
-            except (EdgeError, OSError) as exc:
+            except (EdgeError, OSError, sqlite3.Error) as exc:
+                if is_disk_full(exc):
+                    # Not the scan's fault: no attempt is counted (three would quarantine a good
+                    # scan), and writing the attempt would need the space that is missing anyway.
+                    self._disk_full(exc)
+                    asyncio.get_running_loop().call_later(DISK_FULL_RETRY_S, self._queue.put_nowait, tid)
+                    continue
+                if isinstance(exc, sqlite3.Error):
+                    raise
                 attempts = await self.outbox.bump_attempts(tid, str(exc))
                 self.counters.last_error = f"{doc.name}: {exc}"
                 if attempts >= MAX_ATTEMPTS:
@@ -229,6 +269,8 @@ class EdgeService:
                     log.warning("processing %s failed (attempt %d): %s", doc.name, attempts, exc)
                     asyncio.get_running_loop().call_later(
                         10.0 * attempts, self._queue.put_nowait, tid)
+            else:
+                self._clear_alarm(DISK_FULL)
 
     async def _process(self, doc: Doc, engine: OcrEngine) -> None:
         cfg = self.config
@@ -299,6 +341,10 @@ class EdgeService:
             self.counters.alarms.add(text)
             self._status_changed.set()
 
+    def _disk_full(self, exc: BaseException) -> None:
+        self.counters.last_error = f"{DISK_FULL} ({exc})"
+        self._alarm(DISK_FULL)
+
     def _clear_alarms_starting(self, prefix: str) -> None:
         for text in [a for a in self.counters.alarms if a.startswith(prefix)]:
             self._clear_alarm(text)
@@ -319,8 +365,13 @@ class EdgeService:
                 written[0] and time.monotonic() - written[1] < 60
             if not unchanged:  # spare the SD card: write on change, and once a minute
                 payload = encode(status)[1]
-                await asyncio.to_thread(atomic_write_bytes, self.config.status_path, payload, 0o600)
-                written = (dataclasses.replace(status, updated_at=None), time.monotonic())
+                try:
+                    await asyncio.to_thread(_write_status, self.config.status_path, payload)
+                except OSError as exc:
+                    # Never stop the service over its status file; the next round tries again.
+                    log.warning("cannot write %s: %s", self.config.status_path, exc)
+                else:
+                    written = (dataclasses.replace(status, updated_at=None), time.monotonic())
             if self._status_changed.is_set():
                 self._status_changed.clear()
                 self.uplink.request_status()
@@ -339,6 +390,29 @@ class EdgeService:
             disk_free_bytes=disk_free(self.config.home), version=VERSION,
             last_error=self.counters.last_error, alarms=tuple(sorted(self.counters.alarms)),
             updated_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
+
+
+def _write_status(path: Path, payload: bytes) -> None:
+    """Replace the status file atomically; on a full disk, overwrite it in place instead.
+
+    A full disk is exactly when the operator must see the alarm, and an atomic replace needs a new
+    block. Rewriting the existing file reuses its block (a status is far below one block); a power
+    cut in that instant could tear it, and the next atomic write repairs it.
+    """
+    try:
+        atomic_write_bytes(path, payload, 0o600)
+    except OSError as exc:
+        if not is_disk_full(exc) or not path.exists():
+            raise
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+        try:
+            written = os.pwrite(fd, payload, 0)
+            if written != len(payload):
+                raise OSError(errno.ENOSPC, f"short write of {path}") from exc
+            os.ftruncate(fd, len(payload))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def run(home: Path) -> int:

@@ -1,0 +1,68 @@
+"""Data at rest on the edge box: plaintext goes once receipted, work files and keys are private,
+and no secret reaches a log line or the status output."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import stat
+from pathlib import Path
+
+import pytest
+
+from edge.cli import status_report
+from edge.ocr import FakeOcrEngine
+from edge.service import wait_until
+from tests.faults.cluster import drop, make_documents
+from tests.support.deployment import Deployment, running
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _modes(root: Path) -> dict[Path, int]:
+    return {p: stat.S_IMODE(p.lstat().st_mode) for p in [root, *root.rglob("*")]}
+
+
+async def test_private_files_no_plaintext_left_no_secrets_in_logs(
+        deployment: Deployment, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    cfg = deployment.edge_config()
+    make_documents(tmp_path / "docs", 3, seed=5)
+    seen_modes: dict[Path, int] = {}
+
+    async with running(deployment, ocr_engine=FakeOcrEngine()) as service:
+        drop(tmp_path / "docs", cfg.watch_dir)
+
+        async def packaged_or_done() -> bool:
+            # Record modes while documents are held (originals in processed/, envelopes queued).
+            seen_modes.update(_modes(cfg.home))
+            return (await service.outbox.stats()).counts.get("delivered", 0) == 3
+
+        assert await wait_until(packaged_or_done, within=60, interval=0.05)
+        report = await status_report(deployment.edge_home)
+
+    # Everything the edge keeps is private to its user.
+    loose = {str(p.relative_to(cfg.home)): oct(m) for p, m in seen_modes.items()
+             if (p.is_dir() and m & 0o077) or (not p.is_dir() and m & 0o077)}
+    assert loose == {}
+    # Receipted: no plaintext original, no envelope, no OCR/package temporaries remain.
+    assert list(cfg.processed_dir.iterdir()) == []
+    assert list(cfg.envelopes_dir.iterdir()) == []
+    assert list(cfg.work_dir.iterdir()) == []
+
+    secrets = {
+        "broker password": cfg.broker.password,
+        "device signing key": cfg.key_path.read_text().strip(),
+        "device signing key (raw b64 of seed)": base64.b64encode(bytes(cfg.signing_key())).decode(),
+        "central api token": deployment.token,
+    }
+    outputs = {
+        "log": "\n".join(r.getMessage() for r in caplog.records),
+        "status --json": json.dumps(report, ensure_ascii=False),
+        "status.json": cfg.status_path.read_text(),
+        "broker log": (deployment.root / "broker.log").read_text(errors="replace"),
+    }
+    hits = [(what, where) for what, secret in secrets.items() for where, text in outputs.items()
+            if secret and secret in text]
+    assert hits == []
