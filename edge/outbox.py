@@ -265,10 +265,14 @@ class Outbox:
             await self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
+                await self._db.execute("COMMIT")
             except BaseException:
-                await self._db.execute("ROLLBACK")
+                # A COMMIT that fails with SQLITE_FULL may leave the transaction open; without the
+                # rollback every later BEGIN would fail ("within a transaction") after space is back.
+                if self._db.in_transaction:
+                    with contextlib.suppress(aiosqlite.Error):
+                        await self._db.execute("ROLLBACK")
                 raise
-            await self._db.execute("COMMIT")
 
     async def _require(self, tid: str, rowcount: int, what: str) -> None:
         if rowcount == 1:

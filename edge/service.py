@@ -235,12 +235,16 @@ class EdgeService:
         """Move a taken scan out of the watch folder into processed/ and queue it."""
         move_durably(path, held)
         held.chmod(0o600)   # a plaintext archive record: private to the service from now on
-        await self.outbox.update_src(doc.tid, str(held))
+        try:
+            await self.outbox.update_src(doc.tid, str(held))
+        finally:
+            # Queued even if the row could not be re-pointed (disk full): the file has left the
+            # watch folder, so nothing else would pick this row up; _process re-points it.
+            self._queue.put_nowait(doc.tid)
         self.counters.taken += 1
         self.counters.original_bytes += doc.size
         self._clear_alarm(DISK_FULL)
         log.info("took %s as %s (%d page(s))", doc.name, doc.tid, doc.pages)
-        self._queue.put_nowait(doc.tid)
 
     async def _process_loop(self, engine: OcrEngine) -> None:
         while True:
@@ -275,6 +279,11 @@ class EdgeService:
     async def _process(self, doc: Doc, engine: OcrEngine) -> None:
         cfg = self.config
         original = Path(doc.src_path)
+        held = self._held_path(doc.sha256, doc.media_type)
+        if original != held and not original.exists() and held.exists():
+            # Moved into processed/ but the row was not updated (the disk was full then).
+            await self.outbox.update_src(doc.tid, str(held))
+            original = held
         media = await asyncio.to_thread(probe, original, max_bytes=cfg.intake.max_file_bytes)
         started = time.monotonic()
         result = await engine.recognize(original, media)

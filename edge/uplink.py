@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import random
+import sqlite3
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,6 +155,11 @@ class Uplink:
                     except* MqttError as group:
                         self.last_error = str(group.exceptions[0])
                         log.warning("uplink connection ended: %s", group.exceptions[0])
+                    except* sqlite3.OperationalError as group:
+                        # The outbox cannot record progress (disk full): drop the connection and
+                        # resume from central's ack later rather than take the service down.
+                        self.last_error = f"outbox: {group.exceptions[0]}"
+                        log.warning("uplink paused, the outbox cannot be written: %s", group.exceptions[0])
                     finally:
                         self._connected = False
                         for transfer in self._active.values():

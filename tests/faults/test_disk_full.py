@@ -1,0 +1,155 @@
+"""The disk fills up — on the edge box (outbox, envelopes, processed/) or on central (catalog,
+staging, storage) — while documents are flowing.
+
+Expected of both sides: a real ENOSPC never corrupts SQLite, never turns a good scan into a
+quarantined one, never makes central acknowledge what it could not store, is shown plainly to the
+operator, and once space is freed the backlog completes exactly once without restarting anything.
+The filesystem is a real size-capped tmpfs (skipped where mounting is not allowed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from edge.cli import status_report
+from edge.service import wait_until
+from tests.faults.cluster import drop, make_documents
+from tests.faults.disk import fill, free, free_bytes, tmpfs
+from tests.faults.jepsen import assert_exactly_once
+from tests.faults.scenario import assert_sqlite_intact, catalog, deployment_at, query, running_edge
+
+pytestmark = pytest.mark.timeout(240)
+
+DISK_WORDS = ("disk full", "no space", "disk is full")
+
+
+def _documents(directory: Path, count: int, seed: int, place: str) -> dict[str, str]:
+    """Distinct scans whose names do not collide with another batch's (make_documents numbers from 0)."""
+    made = make_documents(directory, count, seed=seed, side=144)   # ~21 KiB each, incompressible
+    renamed = {}
+    for name, sha in made.items():
+        new = name.replace("Tuyên Quang", place)
+        (directory / name).rename(directory / new)
+        renamed[new] = sha
+    return renamed
+
+
+def _mentions_disk_full(texts: list[str] | tuple[str, ...]) -> bool:
+    return any(word in text.lower() for text in texts for word in DISK_WORDS)
+
+
+# 40 kB: the next take already fails (row written, move into processed/ refused). 150 kB: a few
+# scans are taken, then their packages or envelopes no longer fit.
+@pytest.mark.parametrize("leave_bytes", [40_000, 150_000])
+async def test_edge_disk_full_while_taking_and_packaging(tmp_path: Path, leave_bytes: int) -> None:
+    first = _documents(tmp_path / "first", 3, 21, "Tuyên Quang")
+    later = _documents(tmp_path / "later", 8, 22, "Hà Giang")
+    with tmpfs(16) as disk, deployment_at(tmp_path, edge_home=disk / "edge") as deployment:
+        cfg = deployment.edge_config()
+        async with running_edge(deployment, cfg) as (service, edge_task):
+            async def delivered(n: int) -> bool:
+                return (await service.outbox.stats()).counts.get("delivered", 0) == n
+
+            drop(tmp_path / "first", cfg.watch_dir)
+            assert await wait_until(lambda: delivered(3), within=60)
+
+            filler = fill(disk, leave_bytes=leave_bytes)
+            drop(tmp_path / "later", cfg.watch_dir)
+
+            async def alarmed() -> bool:
+                report = await status_report(deployment.edge_home)
+                return _mentions_disk_full([*report["alarms"], report["last_error"] or ""])
+
+            assert await wait_until(alarmed, within=60), await status_report(deployment.edge_home)
+            # Give the retries time to go wrong: several retry periods with the disk still full.
+            await asyncio.sleep(15)
+            assert not edge_task.done(), "the edge service stopped on a full disk"
+            report = await status_report(deployment.edge_home)
+            assert report["counts"]["failed"] == 0 and report["failed"] == [], report
+            assert free_bytes(disk) <= leave_bytes + 4096
+            counts = report["counts"]
+            waiting = len(list(cfg.watch_dir.iterdir()))
+            stuck = 11 - counts["delivered"]
+            assert stuck > 0, "the disk filled up too late to matter"
+
+            freed_at = time.monotonic()
+            free(filler)
+            assert await wait_until(lambda: delivered(11), within=90), await service.outbox.stats()
+            drain_s = time.monotonic() - freed_at
+
+            async def cleared() -> bool:
+                report = await status_report(deployment.edge_home)
+                return not _mentions_disk_full(report["alarms"])
+
+            assert await wait_until(cleared, within=30), await status_report(deployment.edge_home)
+            assert not edge_task.done()
+            stats = await service.outbox.stats()
+            assert stats.failed == 0 and stats.counts.get("duplicate", 0) == 0, stats
+        print(f"\nedge disk full: 11 documents, {stuck} held back while full ({waiting} still in the "
+              f"watch folder, counts {counts}), drained {drain_s:.1f} s after freeing space")
+        report = assert_exactly_once({**first, **later}, catalog(deployment.central_home))
+        assert report.summary.ok == 11
+        assert [e for e in catalog(deployment.central_home) if e.duplicate] == []
+        assert list(cfg.watch_dir.iterdir()) == []
+        assert sorted(p.name for p in cfg.failed_dir.iterdir()) == []
+        assert_sqlite_intact(deployment.edge_home)
+        assert_sqlite_intact(deployment.central_home)
+
+
+async def test_central_disk_full_during_sync(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    first = _documents(tmp_path / "first", 3, 31, "Tuyên Quang")
+    later = _documents(tmp_path / "later", 8, 32, "Hà Giang")
+    with tmpfs(24) as disk, deployment_at(tmp_path, central_home=disk / "central") as deployment:
+        cfg = deployment.edge_config()
+        async with running_edge(deployment, cfg) as (service, edge_task):
+            async def delivered(n: int) -> bool:
+                return (await service.outbox.stats()).counts.get("delivered", 0) == n
+
+            drop(tmp_path / "first", cfg.watch_dir)
+            assert await wait_until(lambda: delivered(3), within=60)
+
+            filler = fill(disk, leave_bytes=30_000)
+            drop(tmp_path / "later", cfg.watch_dir)
+
+            async def packaged() -> bool:
+                counts = (await service.outbox.stats()).counts
+                return counts.get("packaged", 0) + counts.get("sending", 0) + counts["delivered"] == 11
+
+            assert await wait_until(packaged, within=60)
+            await asyncio.sleep(15)     # sync runs into the full disk
+            stats = await service.outbox.stats()
+            stuck = 11 - stats.counts.get("delivered", 0)
+            assert stuck > 0, "central stored everything: the disk was not full enough to matter"
+            # Whatever central stored, it stored whole; nothing is receipted that is not in the catalog.
+            stored = {e.sha256 for e in catalog(deployment.central_home)}
+            assert len(stored) == stats.counts.get("delivered", 0), (stored, stats)
+            metrics = await _metrics(deployment.api)
+            errors = [r.getMessage() for r in caplog.records if r.name.startswith("sohoa.central")
+                      and r.levelno >= logging.WARNING]
+            assert _mentions_disk_full(errors), errors
+            assert not edge_task.done()
+
+            freed_at = time.monotonic()
+            free(filler)
+            assert await wait_until(lambda: delivered(11), within=120), await service.outbox.stats()
+            drain_s = time.monotonic() - freed_at
+        print(f"\ncentral metrics while full: {[m for m in metrics.splitlines() if 'error' in m.lower()]}")
+        print(f"\ncentral disk full: 11 documents, {stuck} held back while full, drained {drain_s:.1f} s "
+              f"after freeing space")
+        report = assert_exactly_once({**first, **later}, catalog(deployment.central_home))
+        assert report.summary.ok == 11
+        rows = query(deployment.central_home / "catalog.db", "SELECT COUNT(*) FROM documents")
+        assert rows[0][0] == 11
+        assert_sqlite_intact(deployment.edge_home)
+        assert_sqlite_intact(deployment.central_home)
+
+
+async def _metrics(api: str) -> str:
+    async with aiohttp.ClientSession() as session, session.get(api + "/metrics") as response:
+        return await response.text()
