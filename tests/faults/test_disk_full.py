@@ -93,8 +93,8 @@ async def test_edge_disk_full_while_taking_and_packaging(tmp_path: Path, leave_b
             assert stats.failed == 0 and stats.counts.get("duplicate", 0) == 0, stats
         print(f"\nedge disk full: 11 documents, {stuck} held back while full ({waiting} still in the "
               f"watch folder, counts {counts}), drained {drain_s:.1f} s after freeing space")
-        report = assert_exactly_once({**first, **later}, catalog(deployment.central_home))
-        assert report.summary.ok == 11
+        verdict = assert_exactly_once({**first, **later}, catalog(deployment.central_home))
+        assert verdict.summary.ok == 11
         assert [e for e in catalog(deployment.central_home) if e.duplicate] == []
         assert list(cfg.watch_dir.iterdir()) == []
         assert sorted(p.name for p in cfg.failed_dir.iterdir()) == []
@@ -142,8 +142,8 @@ async def test_central_disk_full_during_sync(tmp_path: Path, caplog: pytest.LogC
         print(f"\ncentral metrics while full: {[m for m in metrics.splitlines() if 'error' in m.lower()]}")
         print(f"\ncentral disk full: 11 documents, {stuck} held back while full, drained {drain_s:.1f} s "
               f"after freeing space")
-        report = assert_exactly_once({**first, **later}, catalog(deployment.central_home))
-        assert report.summary.ok == 11
+        verdict = assert_exactly_once({**first, **later}, catalog(deployment.central_home))
+        assert verdict.summary.ok == 11
         rows = query(deployment.central_home / "catalog.db", "SELECT COUNT(*) FROM documents")
         assert rows[0][0] == 11
         assert_sqlite_intact(deployment.edge_home)
