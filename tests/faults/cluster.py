@@ -26,6 +26,7 @@ from PIL import Image
 from central import commands as central_commands
 from edge import cli as edge_cli
 from tests.faults.jepsen import CatalogEntry
+from tests.faults.scenario import catalog, query
 from tests.support.broker import Broker, free_port
 
 DEVICE = "xa-tan-trao"
@@ -122,13 +123,10 @@ class Cluster:
 
     def catalog(self) -> list[CatalogEntry]:
         """Every transfer central stored, with the content it carried (duplicates flagged)."""
-        rows = _query(self.central_home / "catalog.db",
-                      "SELECT d.sha256, t.device, t.tid, t.duplicate FROM transfers t "
-                      "JOIN documents d ON d.id = t.document_id WHERE t.state = 'stored'")
-        return [CatalogEntry(sha, device, tid, bool(dup)) for sha, device, tid, dup in rows]
+        return catalog(self.central_home)
 
     def edge_counts(self) -> dict[str, int]:
-        rows = _query(self.edge_home / "outbox.db", "SELECT state, COUNT(*) FROM docs GROUP BY state")
+        rows = query(self.edge_home / "outbox.db", "SELECT state, COUNT(*) FROM docs GROUP BY state")
         return {str(state): int(str(count)) for state, count in rows}
 
     def synced(self) -> bool:
@@ -147,16 +145,6 @@ class Cluster:
                     return True
             time.sleep(0.5)
         return False
-
-
-def _query(path: Path, sql: str) -> list[tuple[object, ...]]:
-    if not path.exists():
-        return []
-    connection = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=10)
-    try:
-        return connection.execute(sql).fetchall()
-    finally:
-        connection.close()
 
 
 @contextlib.contextmanager

@@ -153,9 +153,12 @@ def integrity_check(path: Path) -> str:
 
 def assert_databases_intact(directory: Path) -> list[Path]:
     """Check every *.db / *.sqlite / *.sqlite3 under ``directory``; return those checked."""
-    checked = sorted(p for p in Path(directory).rglob("*") if p.suffix in SQLITE_SUFFIXES and p.is_file())
+    # Mosquitto's mosquitto.db shares the suffix but is the broker's own format, not SQLite.
+    checked = sorted(p for p in Path(directory).rglob("*")
+                     if p.suffix in SQLITE_SUFFIXES and p.is_file() and p.name != "mosquitto.db")
     broken = {p: result for p in checked if (result := integrity_check(p)) != "ok"}
     assert not broken, "SQLite integrity_check failed:\n" + "\n".join(
         f"  {p}: {result}" for p, result in broken.items()
     )
+    assert checked, f"no SQLite file under {directory}"
     return checked

@@ -15,7 +15,7 @@ from edge import cli as edge_cli
 from edge.config import EdgeConfig
 from edge.ocr import FakeOcrEngine
 from edge.service import EdgeService
-from tests.faults.jepsen import SQLITE_SUFFIXES, CatalogEntry, integrity_check
+from tests.faults.jepsen import CatalogEntry
 from tests.support.broker import free_port, running_broker
 from tests.support.deployment import DEVICE, Deployment
 
@@ -61,21 +61,6 @@ def delivered_ciphertext_bytes(edge_home: Path) -> int:
     rows = query(edge_home / "outbox.db",
                  "SELECT COALESCE(SUM(ciphertext_size), 0) FROM docs WHERE state = 'delivered'")
     return int(str(rows[0][0])) if rows else 0
-
-
-def assert_sqlite_intact(directory: Path) -> list[Path]:
-    """``PRAGMA integrity_check`` on every SQLite file under ``directory``.
-
-    Mosquitto's ``mosquitto.db`` shares the suffix but is the broker's own persistence format, not
-    SQLite, so it is left out; a broken SQLite file still fails even if its header is gone.
-    """
-    checked = sorted(p for p in directory.rglob("*")
-                     if p.suffix in SQLITE_SUFFIXES and p.is_file() and p.name != "mosquitto.db")
-    broken = {p: result for p in checked if (result := integrity_check(p)) != "ok"}
-    assert not broken, "SQLite integrity_check failed:\n" + "\n".join(
-        f"  {p}: {result}" for p, result in broken.items())
-    assert checked, f"no SQLite file under {directory}"
-    return checked
 
 
 @contextlib.asynccontextmanager

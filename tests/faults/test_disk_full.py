@@ -21,8 +21,8 @@ from edge.cli import status_report
 from edge.service import wait_until
 from tests.faults.cluster import drop, make_documents
 from tests.faults.disk import fill, free, free_bytes, tmpfs
-from tests.faults.jepsen import assert_exactly_once
-from tests.faults.scenario import assert_sqlite_intact, catalog, deployment_at, query, running_edge
+from tests.faults.jepsen import assert_databases_intact, assert_exactly_once
+from tests.faults.scenario import catalog, deployment_at, query, running_edge
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -98,8 +98,8 @@ async def test_edge_disk_full_while_taking_and_packaging(tmp_path: Path, leave_b
         assert [e for e in catalog(deployment.central_home) if e.duplicate] == []
         assert list(cfg.watch_dir.iterdir()) == []
         assert sorted(p.name for p in cfg.failed_dir.iterdir()) == []
-        assert_sqlite_intact(deployment.edge_home)
-        assert_sqlite_intact(deployment.central_home)
+        assert_databases_intact(deployment.edge_home)
+        assert_databases_intact(deployment.central_home)
 
 
 async def test_central_disk_full_during_sync(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -146,8 +146,8 @@ async def test_central_disk_full_during_sync(tmp_path: Path, caplog: pytest.LogC
         assert verdict.summary.ok == 11
         rows = query(deployment.central_home / "catalog.db", "SELECT COUNT(*) FROM documents")
         assert rows[0][0] == 11
-        assert_sqlite_intact(deployment.edge_home)
-        assert_sqlite_intact(deployment.central_home)
+        assert_databases_intact(deployment.edge_home)
+        assert_databases_intact(deployment.central_home)
 
 
 async def _metrics(api: str) -> str:

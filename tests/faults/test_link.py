@@ -24,9 +24,9 @@ from edge.config import EdgeConfig
 from edge.ocr import FakeOcrEngine
 from edge.service import EdgeService, wait_until
 from tests.faults.cluster import drop, make_documents
-from tests.faults.jepsen import assert_exactly_once
+from tests.faults.jepsen import assert_databases_intact, assert_exactly_once
 from tests.faults.proxy import FaultProxy, ProxyStats
-from tests.faults.scenario import assert_sqlite_intact, catalog, delivered_ciphertext_bytes
+from tests.faults.scenario import catalog, delivered_ciphertext_bytes
 from tests.support.deployment import Deployment, running
 
 log = logging.getLogger("tests.faults.link")
@@ -173,8 +173,8 @@ async def _run_link_scenario(deployment: Deployment, tmp_path: Path, *, document
     assert [e for e in catalog(deployment.central_home) if e.duplicate] == []
     assert list(cfg.watch_dir.iterdir()) == []
     assert list(cfg.processed_dir.iterdir()) == []
-    assert_sqlite_intact(deployment.edge_home)
-    assert_sqlite_intact(deployment.central_home)
+    assert_databases_intact(deployment.edge_home)
+    assert_databases_intact(deployment.central_home)
     print(f"\nlink: {figures}  re-sent/disruption={figures.resent_per_disruption:.0f} B "
           f"(window {WINDOW_BYTES} B)")
     return figures
