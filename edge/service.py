@@ -198,7 +198,8 @@ class EdgeService:
 
     async def _take(self, path: Path) -> None:
         cfg = self.config
-        media = probe(path, max_bytes=cfg.intake.max_file_bytes)
+        # probe decodes every frame: off the event loop, so a large TIFF does not stall the uplink.
+        media = await asyncio.to_thread(probe, path, max_bytes=cfg.intake.max_file_bytes)
         name = display_name(path.name)
         relative = str(path.relative_to(cfg.watch_dir)) if path.is_relative_to(cfg.watch_dir) else path.name
         sha = await asyncio.to_thread(sha256_file, path)
