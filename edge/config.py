@@ -141,9 +141,12 @@ class UplinkConfig:
 @dataclass(frozen=True, slots=True)
 class OutboxConfig:
     cap_bytes: int = 8 * 1024**3
+    # A TTL that only raises an alarm: unsent archives are never deleted for being old.
+    alarm_after_hours: float = 72.0
 
     def __post_init__(self) -> None:
         _positive(self.cap_bytes, "outbox.cap_bytes")
+        _positive(self.alarm_after_hours, "outbox.alarm_after_hours")
 
 
 @dataclass(frozen=True, slots=True)

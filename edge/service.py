@@ -391,6 +391,11 @@ class EdgeService:
 
     async def status(self) -> Status:
         stats = await self.outbox.stats()
+        limit_s = self.config.outbox.alarm_after_hours * 3600
+        self._clear_alarms_starting("oldest document waiting")
+        if stats.queued_docs and stats.oldest_age_s > limit_s:
+            self.counters.alarms.add(f"oldest document waiting {stats.oldest_age_s / 3600:.0f} h "
+                                     f"(alarm after {self.config.outbox.alarm_after_hours:g} h)")
         last = (dt.datetime.fromtimestamp(stats.last_receipt_at, dt.UTC).isoformat(timespec="seconds")
                 if stats.last_receipt_at else None)
         return Status(
