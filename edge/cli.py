@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import json
 from pathlib import Path
 from typing import Any
@@ -111,12 +112,18 @@ async def status_report(home: Path) -> dict[str, Any]:
         "queued_bytes": stats.queued_bytes,
         "cap_bytes": cfg.outbox.cap_bytes,
         "oldest_age_s": round(stats.oldest_age_s, 1),
-        "last_receipt_at": stats.last_receipt_at,
+        "last_receipt_at": _iso(stats.last_receipt_at),
         "failed": [{"name": f.name, "reason": f.reason, "since": str(f.since)} for f in failed],
         "alarms": alarms,
         "last_error": last_error,
         "service_updated_at": service_updated,
     }
+
+
+def _iso(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return dt.datetime.fromtimestamp(timestamp, dt.UTC).isoformat(timespec="seconds")
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -127,8 +134,9 @@ def _status(args: argparse.Namespace) -> int:
     print(f"device {report['device_id']}")
     for state, count in sorted(report["counts"].items()):
         print(f"  {state:<10} {count}")
-    print(f"queued: {report['queued_docs']} document(s), {report['queued_bytes']} bytes "
-          f"(cap {report['cap_bytes']}), oldest {report['oldest_age_s']} s")
+    mib = 1024 * 1024
+    print(f"queued: {report['queued_docs']} document(s), {report['queued_bytes'] / mib:.1f} MiB "
+          f"of {report['cap_bytes'] / mib:.0f} MiB, oldest waiting {report['oldest_age_s']:.0f} s")
     print(f"last receipt: {report['last_receipt_at'] or 'never'}")
     if report["last_error"]:
         print(f"last error: {report['last_error']}")
