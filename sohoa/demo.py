@@ -125,9 +125,10 @@ async def _run(home: Path, files: list[Path], *, http_port: int, exit_when_synce
         "api_token_file": str(central_home / "api-token"),
         "home": str(home),
     }
-    if not exit_when_synced and done + failed >= total:
-        print(f"dashboard: {summary['dashboard']} (sign in as {login[0]}, password in {login[1]}); "
-              "Ctrl-C to stop")
+    keep_serving = not exit_when_synced and done + failed >= total
+    if not as_json:
+        _print_summary(summary, keep_serving=keep_serving)
+    if keep_serving:
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.Event().wait()
     for task in (edge_task, central_task):
@@ -136,6 +137,22 @@ async def _run(home: Path, files: list[Path], *, http_port: int, exit_when_synce
         with contextlib.suppress(asyncio.CancelledError):
             await task
     return summary
+
+
+def _print_summary(summary: dict[str, Any], *, keep_serving: bool) -> None:
+    mib = 1024 * 1024
+    print(f"documents: {summary['receipted']}/{summary['documents']} receipted, "
+          f"{summary['failed']} failed; pages: {summary['pages']}")
+    print(f"bytes: original {summary['bytes_original'] / mib:.2f} MiB, compressed+encrypted "
+          f"{summary['bytes_compressed_encrypted'] / mib:.2f} MiB, on the wire "
+          f"{summary['bytes_on_wire'] / mib:.2f} MiB")
+    print(f"time: {summary['seconds']} s (OCR {summary['ocr_seconds']} s of engine time)")
+    login = f"sign in as {summary['dashboard_user']}, password in {summary['dashboard_password_file']}"
+    if keep_serving:
+        print(f"dashboard: {summary['dashboard']} ({login}); Ctrl-C to stop")
+    else:
+        print(f"dashboard: {summary['dashboard']} stopped with the demo; `sohoa demo` without "
+              f"--exit-when-synced keeps it up ({login})")
 
 
 def main(*, scans: Path | None, pages: int, home: Path | None, exit_when_synced: bool, as_json: bool,
@@ -177,14 +194,4 @@ def main(*, scans: Path | None, pages: int, home: Path | None, exit_when_synced:
         broker.wait(timeout=10)
     if as_json:
         print(json.dumps(summary, ensure_ascii=False, indent=2))
-    else:
-        mib = 1024 * 1024
-        print(f"documents: {summary['receipted']}/{summary['documents']} receipted, "
-              f"{summary['failed']} failed; pages: {summary['pages']}")
-        print(f"bytes: original {summary['bytes_original'] / mib:.2f} MiB, compressed+encrypted "
-              f"{summary['bytes_compressed_encrypted'] / mib:.2f} MiB, on the wire "
-              f"{summary['bytes_on_wire'] / mib:.2f} MiB")
-        print(f"time: {summary['seconds']} s (OCR {summary['ocr_seconds']} s)")
-        print(f"dashboard: {summary['dashboard']} (sign in as demo, password in {password_file}; "
-              f"API token in {summary['api_token_file']})")
     return 0 if summary["receipted"] + summary["failed"] == summary["documents"] else 1
