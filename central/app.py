@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
@@ -52,22 +52,19 @@ async def _ingest_ctx(app: web.Application) -> AsyncIterator[None]:
         await service.close()
 
 
-async def _reader_ctx(app: web.Application) -> AsyncIterator[None]:
-    reader = Database(app[CONFIG].paths.catalog, readonly=True, name="catalog-reader")
-    app[READER] = reader
-    try:
-        yield
-    finally:
-        await reader.close()
+def _database_ctx(key: web.AppKey[Database], *, readonly: bool,
+                  name: str) -> Callable[[web.Application], AsyncIterator[None]]:
+    """A cleanup context owning one catalog connection for the app's lifetime."""
 
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        db = Database(app[CONFIG].paths.catalog, readonly=readonly, name=name)
+        app[key] = db
+        try:
+            yield
+        finally:
+            await db.close()
 
-async def _auth_ctx(app: web.Application) -> AsyncIterator[None]:
-    db = Database(app[CONFIG].paths.catalog, readonly=False, name="catalog-auth")
-    app[AUTH_DB] = db
-    try:
-        yield
-    finally:
-        await db.close()
+    return ctx
 
 
 def create_app(config: CentralConfig, *, ingest: bool = True) -> web.Application:
@@ -79,8 +76,9 @@ def create_app(config: CentralConfig, *, ingest: bool = True) -> web.Application
     app[LIMITER] = auth.LoginLimiter()
     if ingest:
         app.cleanup_ctx.append(_ingest_ctx)   # first: the writer creates or migrates the schema
-    app.cleanup_ctx.append(_auth_ctx)
-    app.cleanup_ctx.append(_reader_ctx)
+    # Auth writes (sessions, audit) get their own connection; browsing reads never block ingest.
+    app.cleanup_ctx.append(_database_ctx(AUTH_DB, readonly=False, name="catalog-auth"))
+    app.cleanup_ctx.append(_database_ctx(READER, readonly=True, name="catalog-reader"))
     app.router.add_routes(ROUTES)
     return app
 
