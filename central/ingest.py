@@ -37,7 +37,7 @@ from central.fsutil import fsync_dir, write_atomic
 from central.keys import CentralKeys
 from central.metrics import Metrics
 from central.paths import CentralPaths
-from central.storage import ObjectStore
+from central.storage import ObjectStore, Put
 from protocol.envelope import SignedHeader, key_id
 from protocol.errors import (
     EnvelopeError,
@@ -367,8 +367,18 @@ class Ingestor:
                 metadata=assembled.metadata_json, package_sha256=assembled.package_sha256))
         else:
             document_id = first
-            for leftover in (assembled.original, assembled.package):
-                leftover.unlink()
+            # Not simply dropped: if the stored original is missing or rotten, this copy (perhaps
+            # the last good one, the edge forgets it on our receipt) repairs it.
+            put = self._store.put_file(assembled.original, assembled.original_sha256)
+            if put is not Put.KEPT:
+                previous = "missing" if put is Put.STORED else "damaged"
+                log.warning("document %d: stored original was %s; repaired from %s", document_id,
+                            previous, tid)
+                catalog.add_fixity(self._conn, event="repaired", device=device, tid=tid, at=stored_at,
+                                   document_id=document_id, original_sha256=assembled.original_sha256,
+                                   detail=json.dumps({"previous": previous}))
+            # The package names this transfer (tid, seq): never the stored document's own package.
+            assembled.package.unlink()
         duplicate = first is not None
         receipt = Receipt.sign(ReceiptBody(device=device, tid=tid, sha256=assembled.original_sha256,
                                            stored_at=stored_at, document_id=document_id,

@@ -1,11 +1,14 @@
 """Content-addressed object store: a blob's path is derived from its sha256, never from a sender.
 
 ``objects/ab/cd/<sha256>``; writes go temp → fsync → rename → fsync dir, so a crash leaves either
-no object or a whole one. Storing the same bytes twice is a no-op.
+no object or a whole one. Storing the same bytes twice is a no-op, unless the copy already there no
+longer hashes to its name: then the new good copy replaces it (atomically, by rename), because the
+sender's copy may be the last good one anywhere.
 """
 
 from __future__ import annotations
 
+import enum
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +25,14 @@ def _check_digest(sha256: str) -> str:
     return sha256
 
 
+class Put(enum.Enum):
+    """What ``put_file`` found under the object's name before it was done."""
+
+    STORED = "stored"       # nothing: the object is new to the store (or had gone missing)
+    KEPT = "kept"           # a good copy: the new one was dropped
+    REPLACED = "replaced"   # bytes not hashing to the name: the good copy replaced them
+
+
 @dataclass(frozen=True, slots=True)
 class ObjectStore:
     root: Path
@@ -33,26 +44,30 @@ class ObjectStore:
     def contains(self, sha256: str) -> bool:
         return self.path_for(sha256).is_file()
 
-    def put_file(self, source: Path, sha256: str) -> Path:
+    def put_file(self, source: Path, sha256: str) -> Put:
         """Move ``source`` (already fsynced, on the same filesystem) into the store under its hash.
 
         The hash is re-checked here: the store must never hold bytes under another object's name.
+        An existing copy is re-hashed too, and replaced if it is damaged.
         """
         target = self.path_for(sha256)
         actual = file_sha256(source)
         if actual != sha256:
             raise StorageError(f"object hash mismatch: expected {sha256}, file hashes to {actual}")
+        outcome = Put.STORED
         if target.is_file():
-            source.unlink()
-            return target
+            if file_sha256(target) == sha256:
+                source.unlink()
+                return Put.KEPT
+            outcome = Put.REPLACED
         for directory in (target.parent.parent, target.parent):
             if not directory.is_dir():
                 directory.mkdir(mode=0o700, exist_ok=True)
                 fsync_dir(directory.parent)
         source.chmod(0o400)   # stored objects are immutable
-        source.replace(target)
+        source.replace(target)   # over a damaged copy too: readers see the old or the new file
         fsync_dir(target.parent)
-        return target
+        return outcome
 
 
 def file_sha256(path: Path, *, block: int = 1024 * 1024) -> str:

@@ -248,3 +248,50 @@ def test_verify_finds_a_damaged_object(home: Path, config: CentralConfig, centra
     stored.write_bytes(b"bit rot")
     (problem,) = verify(home)
     assert "does not hash to its name" in problem
+
+
+@pytest.mark.parametrize("damage", ["missing", "bit rot"])
+def test_duplicate_arrival_repairs_a_missing_or_damaged_original(home: Path, config: CentralConfig,
+                                                                 central_keys: CentralKeys, enroll: Enroll,
+                                                                 damage: str) -> None:
+    # The edge's copy may be the only good one left: central must not discard it and still receipt.
+    device = enroll("xa-tan-trao")
+    ingestor = make_ingestor(config, central_keys)
+    first = seal_document(device="xa-tan-trao", seq=1, signing_key=device.signing_key,
+                          central_key=central_keys.encryption.public_key, original=PDF)
+    (r1,) = receipts(ingestor.handle_batch(wire(first.messages())))
+    stored = ObjectStore(config.paths.objects).path_for(r1.body.sha256)
+    if damage == "missing":
+        stored.unlink()
+    else:
+        stored.chmod(0o600)
+        stored.write_bytes(b"bit rot")
+    assert verify(home) != []
+    again = seal_document(device="xa-tan-trao", seq=2, signing_key=device.signing_key,
+                          central_key=central_keys.encryption.public_key, original=PDF)
+    (r2,) = receipts(ingestor.handle_batch(wire(again.messages())))
+    assert r2.body.duplicate and r2.body.document_id == r1.body.document_id
+    assert stored.read_bytes() == PDF
+    assert stored.stat().st_mode & 0o777 == 0o400
+    assert verify(home) == []
+    conn = catalog.connect(config.paths.catalog, readonly=True)
+    rows = conn.execute("SELECT event, tid, document_id, original_sha256, detail FROM fixity"
+                        " ORDER BY id").fetchall()
+    assert [r["event"] for r in rows] == ["ingest", "repaired", "duplicate"]
+    repaired = rows[1]
+    assert (repaired["tid"], repaired["document_id"]) == (again.tid, r1.body.document_id)
+    assert repaired["original_sha256"] == hashlib.sha256(PDF).hexdigest()
+    assert json.loads(repaired["detail"])["previous"] == ("missing" if damage == "missing" else "damaged")
+
+
+def test_duplicate_arrival_keeps_a_good_original_untouched(config: CentralConfig, central_keys: CentralKeys,
+                                                           enroll: Enroll) -> None:
+    device = enroll("xa-tan-trao")
+    ingestor = make_ingestor(config, central_keys)
+    for seq in (1, 2):
+        sealed = seal_document(device="xa-tan-trao", seq=seq, signing_key=device.signing_key,
+                               central_key=central_keys.encryption.public_key, original=PDF)
+        (receipt,) = receipts(ingestor.handle_batch(wire(sealed.messages())))
+        if seq == 1:
+            inode = ObjectStore(config.paths.objects).path_for(receipt.body.sha256).stat().st_ino
+    assert ObjectStore(config.paths.objects).path_for(receipt.body.sha256).stat().st_ino == inode
