@@ -18,7 +18,7 @@ from central.config import CentralConfig
 from central.db import Database
 from central.keys import load_keys
 from central.metrics import Metrics
-from central.service import IngestService
+from central.service import IngestService, IngestStarter, IngestSupervisor
 from central.state import AUTH_DB, CONFIG, INGEST, LIMITER, METRICS, READER
 
 log = logging.getLogger("sohoa.central.app")
@@ -40,16 +40,18 @@ ROUTES = [
 
 
 async def _ingest_ctx(app: web.Application) -> AsyncIterator[None]:
-    service = await IngestService.start(app[CONFIG], app[METRICS])
-    app[INGEST] = service
-    task = asyncio.create_task(service.run(), name="central-ingest")
+    supervisor = app[INGEST]
+    await supervisor.open()
+    task = asyncio.create_task(supervisor.run(), name="central-ingest")
+    task.add_done_callback(supervisor.on_done)
     try:
         yield
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        await service.close()
+        if supervisor.service is not None:   # cancelled between a restart and its run
+            await supervisor.service.close()
 
 
 def _database_ctx(key: web.AppKey[Database], *, readonly: bool,
@@ -67,14 +69,19 @@ def _database_ctx(key: web.AppKey[Database], *, readonly: bool,
     return ctx
 
 
-def create_app(config: CentralConfig, *, ingest: bool = True) -> web.Application:
-    """The aiohttp app; ``ingest=False`` serves the catalog without connecting to the broker."""
+def create_app(config: CentralConfig, *, ingest: bool = True,
+               start_ingest: IngestStarter = IngestService.start) -> web.Application:
+    """The aiohttp app; ``ingest=False`` serves the catalog without connecting to the broker.
+
+    ``start_ingest`` builds each ingest service (tests inject failing ones).
+    """
     load_keys(config.paths)   # refuse to start without keys, before anything listens
     app = web.Application(middlewares=[auth.authenticate])
     app[CONFIG] = config
     app[METRICS] = Metrics()
     app[LIMITER] = auth.LoginLimiter()
     if ingest:
+        app[INGEST] = IngestSupervisor(config, app[METRICS], start=start_ingest)
         app.cleanup_ctx.append(_ingest_ctx)   # first: the writer creates or migrates the schema
     # Auth writes (sessions, audit) get their own connection; browsing reads never block ingest.
     app.cleanup_ctx.append(_database_ctx(AUTH_DB, readonly=False, name="catalog-auth"))

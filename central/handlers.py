@@ -98,8 +98,15 @@ async def original(request: web.Request) -> web.StreamResponse:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    service = request.app.get(INGEST)
-    mqtt = service.client.connected.is_set() if service is not None else None
+    supervisor = request.app.get(INGEST)
+    if supervisor is None:   # a catalog-only app: there is no ingest to be unhealthy
+        return web.json_response({"status": "ok", "mqtt_connected": None})
+    service = supervisor.service
+    mqtt = service.client.connected.is_set() if service is not None else False
+    if not request.app[METRICS].ingest_running:
+        return web.json_response({"status": "ingest stopped", "mqtt_connected": mqtt,
+                                  "ingest_failures": request.app[METRICS].ingest_failures,
+                                  "last_error": supervisor.last_error}, status=503)
     return web.json_response({"status": "ok", "mqtt_connected": mqtt})
 
 

@@ -18,6 +18,8 @@ class Metrics:
     segments_received: int = 0
     bytes_received: int = 0
     documents_ingested: int = 0
+    ingest_running: bool = False   # the ingest service is up (see central.service.IngestSupervisor)
+    ingest_failures: int = 0       # times it ended unexpectedly or could not be restarted
     ingest_errors: Counter[str] = field(default_factory=Counter)
 
     def error(self, error_class: str) -> None:
@@ -45,6 +47,12 @@ def render(metrics: Metrics, totals: CatalogTotals) -> str:
         "# HELP devices_online Devices whose last status said online.",
         "# TYPE devices_online gauge",
         f"devices_online {totals.devices_online}",
+        "# HELP ingest_running 1 while the ingest service runs, 0 after it stopped unexpectedly.",
+        "# TYPE ingest_running gauge",
+        f"ingest_running {int(metrics.ingest_running)}",
+        "# HELP ingest_failures_total Times the ingest service ended unexpectedly or failed to restart.",
+        "# TYPE ingest_failures_total counter",
+        f"ingest_failures_total {metrics.ingest_failures}",
         "# HELP ingest_errors_total Messages or transfers refused, by error class.",
         "# TYPE ingest_errors_total counter",
     ]

@@ -2,12 +2,19 @@
 
 Runs as one TaskGroup (named tasks ``mqtt`` and ``ingest``) inside the web app's cleanup context,
 and ``central.app.serve_config`` runs that app until cancelled.
+
+``IngestSupervisor`` keeps it running: the HTTP side outlives an ingest that dies of an unexpected
+error, so without it /healthz would say ok while nothing is received. A dead service is logged,
+reported (/healthz 503, ``ingest_running 0``) and replaced by a fresh one (new MQTT client, new
+writer connection; what was not acked is redelivered by the broker) after a growing pause.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from central.config import CentralConfig
@@ -22,6 +29,8 @@ from protocol.topics import CENTRAL_SHARED_FILTER, UP
 log = logging.getLogger("sohoa.central.service")
 
 PUBLISH_TIMEOUT_S = 30.0
+RESTART_BACKOFF_INITIAL_S = 1.0
+RESTART_BACKOFF_MAX_S = 60.0
 # Shared subscriptions never deliver retained messages, so statuses retained while central was
 # away also come through a plain subscription (a status seen twice is upserted twice, harmlessly).
 STATUS_FILTER = f"{UP}/+/status"
@@ -89,3 +98,82 @@ class IngestService:
                     elif isinstance(result, BaseException):
                         raise result
 
+
+
+IngestStarter = Callable[[CentralConfig, Metrics], Awaitable[IngestService]]
+
+
+class IngestSupervisor:
+    """Runs the current ``IngestService``; an unexpected end is logged, reported and restarted.
+
+    ``start`` is the seam that builds a service (``IngestService.start`` in production).
+    """
+
+    def __init__(self, config: CentralConfig, metrics: Metrics, *,
+                 start: IngestStarter = IngestService.start,
+                 backoff_initial_s: float = RESTART_BACKOFF_INITIAL_S,
+                 backoff_max_s: float = RESTART_BACKOFF_MAX_S) -> None:
+        self._config = config
+        self._metrics = metrics
+        self._start = start
+        self._backoff_initial_s = backoff_initial_s
+        self._backoff_max_s = backoff_max_s
+        self.service: IngestService | None = None
+        self.last_error: str | None = None   # an exception class name, never its text (no secrets)
+        self.up = asyncio.Event()            # set while a service runs
+        self.down = asyncio.Event()          # set while none does (after a failure, or never started)
+        self.down.set()
+
+    async def open(self) -> None:
+        """Build the first service; a failure here fails the app's startup, loudly."""
+        self.service = await self._start(self._config, self._metrics)
+        self._set_running(True)   # healthy from the first request on: run() follows at once
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        failures_in_row = 0
+        while True:
+            service = self.service
+            if service is not None:
+                started = loop.time()
+                try:
+                    self._set_running(True)
+                    await service.run()
+                except Exception as exc:
+                    self._failed(exc, "ingest service stopped unexpectedly")
+                else:   # it only ever ends by cancellation or an error
+                    self._failed(RuntimeError("returned"), "ingest service stopped unexpectedly")
+                finally:
+                    self._set_running(False)
+                    self.service = None
+                    await service.close()
+                if loop.time() - started > self._backoff_max_s:
+                    failures_in_row = 0   # it had been working: a new fault, not a crash loop
+            failures_in_row += 1
+            await asyncio.sleep(self._backoff(failures_in_row))
+            try:
+                self.service = await self._start(self._config, self._metrics)
+            except Exception as exc:
+                self._failed(exc, "cannot restart the ingest service")
+
+    def on_done(self, task: asyncio.Task[None]) -> None:
+        """Last resort, should the supervisor itself die: say so, and stay unhealthy."""
+        self._set_running(False)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            self._metrics.ingest_failures += 1
+            self.last_error = type(exc).__name__
+            log.error("ingest supervisor died; nothing is ingested until central restarts", exc_info=exc)
+
+    def _failed(self, exc: BaseException, what: str) -> None:
+        self._metrics.ingest_failures += 1
+        self.last_error = type(exc).__name__
+        log.error("%s (%s); restarting it", what, type(exc).__name__, exc_info=exc)
+
+    def _set_running(self, running: bool) -> None:
+        self._metrics.ingest_running = running
+        (self.down if running else self.up).clear()
+        (self.up if running else self.down).set()
+
+    def _backoff(self, attempt: int) -> float:
+        ceiling = min(self._backoff_max_s, self._backoff_initial_s * 2 ** min(attempt - 1, 16))
+        return float(ceiling / 2 + random.uniform(0, ceiling / 2))  # noqa: S311 - not cryptographic

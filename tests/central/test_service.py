@@ -15,7 +15,9 @@ from pytest_aiohttp.plugin import AiohttpClient, AiohttpServer
 from central.app import create_app
 from central.config import CentralConfig
 from central.keys import CentralKeys
+from central.metrics import Metrics
 from central.mqtt import MqttClient
+from central.service import IngestService, IngestStarter
 from central.state import INGEST
 from protocol.messages import Ack, AckState, Message, Receipt, Status, decode, encode
 from tests.central.builders import Sealed, seal_document
@@ -148,9 +150,73 @@ async def test_central_restart_mid_transfer_resumes(config: CentralConfig, centr
     assert receipt.body.sha256 == hashlib.sha256(original).hexdigest()
 
 
+class _DiesAtOnce(IngestService):
+    """A real service whose run fails the way an unexpected bug in the ingest loop would."""
+
+    async def run(self) -> None:
+        raise RuntimeError("lỗi không lường trước trong vòng nhận")
+
+
+def failing_starts(failures: int) -> tuple[list[str], IngestStarter]:
+    """A ``start_ingest`` seam: the first ``failures`` services die at once, later ones are real."""
+    started: list[str] = []
+
+    async def start(config: CentralConfig, metrics: Metrics) -> IngestService:
+        real = await IngestService.start(config, metrics)
+        if len(started) < failures:
+            started.append("dies")
+            return _DiesAtOnce(real.config, real.writer, real.ingestor, real.client)
+        started.append("real")
+        return real
+
+    return started, start
+
+
+async def test_ingest_that_dies_makes_healthz_503_and_shows_in_metrics(
+        config: CentralConfig, aiohttp_client: AiohttpClient) -> None:
+    _, start = failing_starts(failures=1_000)
+    client = await aiohttp_client(create_app(config, start_ingest=start))
+    supervisor = client.app[INGEST]
+    async with asyncio.timeout(TIMEOUT):
+        await supervisor.down.wait()
+    health = await client.get("/healthz")
+    assert health.status == 503
+    body = await health.json()
+    assert body["status"] == "ingest stopped" and body["last_error"] == "RuntimeError"
+    assert body["ingest_failures"] >= 1
+    samples = parse_prometheus(await (await client.get("/metrics")).text())
+    assert samples["ingest_running"] == 0 and samples["ingest_failures_total"] >= 1
+
+
+async def test_ingest_that_dies_is_restarted_and_ingests_again(
+        config: CentralConfig, central_broker: Broker, central_keys: CentralKeys, enroll: Enroll,
+        aiohttp_client: AiohttpClient) -> None:
+    bundle = enroll("xa-tan-trao")
+    started, start = failing_starts(failures=1)
+    client = await aiohttp_client(create_app(config, start_ingest=start))
+    supervisor = client.app[INGEST]
+    async with asyncio.timeout(TIMEOUT):
+        await supervisor.down.wait()
+        await supervisor.up.wait()   # restarted after the (first, ~1 s) backoff
+    assert started == ["dies", "real"]
+    await ingest_ready(client.app)
+    health = await client.get("/healthz")
+    assert health.status == 200 and (await health.json())["status"] == "ok"
+    samples = parse_prometheus(await (await client.get("/metrics")).text())
+    assert samples["ingest_running"] == 1 and samples["ingest_failures_total"] == 1
+    sealed = seal_document(device="xa-tan-trao", seq=1, signing_key=bundle.signing_key,
+                           central_key=central_keys.encryption.public_key, original=b"%PDF-1.4 restarted")
+    async with connected(central_broker.port, bundle.username, bundle.password,
+                         (("sohoa/v1/down/xa-tan-trao/#", 1),)) as device:
+        receipt = await send_and_wait_receipt(device, sealed)
+    assert receipt.tid == sealed.tid
+
+
 async def ingest_ready(app: web.Application) -> None:
     async with asyncio.timeout(TIMEOUT):
-        await app[INGEST].client.ready.wait()
+        service = app[INGEST].service
+        assert service is not None
+        await service.client.ready.wait()
 
 
 def parse_prometheus(text: str) -> dict[str, float]:
