@@ -38,7 +38,7 @@ from central.keys import CentralKeys
 from central.metrics import Metrics
 from central.paths import CentralPaths
 from central.storage import ObjectStore, Put
-from protocol.envelope import SignedHeader, key_id
+from protocol.envelope import ABYTES, SignedHeader, key_id
 from protocol.errors import (
     EnvelopeError,
     ProtocolError,
@@ -177,6 +177,11 @@ class Ingestor:
         elif header.plaintext_size > self._max_plaintext:
             refusal = SizeLimitError(f"declared package of {header.plaintext_size} bytes exceeds "
                                      f"{self._max_plaintext}", device=msg.device, tid=msg.tid)
+        elif header.ciphertext_size > max_ciphertext_size(header.plaintext_size, header.chunk_size):
+            # Staged bytes are only hash-checked once all have arrived: bound them before any lands.
+            refusal = SizeLimitError(f"declared ciphertext of {header.ciphertext_size} bytes is more than "
+                                     f"a {header.plaintext_size}-byte package can seal to",
+                                     device=msg.device, tid=msg.tid)
         if refusal is not None:
             # Recorded as rejected so the seq stays spent and a repeated init gets the same answer.
             catalog.reject_transfer(self._conn, msg.tid, str(refusal), type(refusal).__name__)
@@ -463,6 +468,17 @@ class Ingestor:
         for leftover in self._paths.tmp.glob("*"):
             if leftover.is_file():
                 leftover.unlink()
+
+
+def max_ciphertext_size(plaintext_size: int, chunk_size: int) -> int:
+    """The most ciphertext an honest sealer can make of ``plaintext_size`` bytes (generously).
+
+    zstd's worst case is a little over its input (ZSTD_compressBound ≈ n + n/256 + 128 KiB at
+    most); we allow n + n/128 + 1 MiB. secretstream adds ABYTES per chunk, and the sealer makes at
+    most one chunk per ``chunk_size`` compressed bytes plus the final one.
+    """
+    compressed = plaintext_size + plaintext_size // 128 + (1 << 20)
+    return compressed + ABYTES * (compressed // chunk_size + 1)
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -14,11 +15,12 @@ import pytest
 from central import catalog
 from central.commands import verify
 from central.config import CentralConfig
-from central.ingest import Ingestor, Reply
+from central.ingest import Ingestor, Reply, max_ciphertext_size
 from central.keys import CentralKeys
 from central.storage import ObjectStore
+from protocol.envelope import ABYTES, SignedHeader
 from protocol.messages import Ack, AckState, Receipt, Segment, Status, encode
-from tests.central.builders import seal_document, wire
+from tests.central.builders import Sealed, seal_document, seal_stream, wire
 from tests.central.conftest import Enroll
 
 
@@ -295,3 +297,51 @@ def test_duplicate_arrival_keeps_a_good_original_untouched(config: CentralConfig
         if seq == 1:
             inode = ObjectStore(config.paths.objects).path_for(receipt.body.sha256).stat().st_ino
     assert ObjectStore(config.paths.objects).path_for(receipt.body.sha256).stat().st_ino == inode
+
+
+def resigned(sealed: Sealed, signing_key: nacl.signing.SigningKey, *, ciphertext_size: int) -> Sealed:
+    """The same envelope declaring another ciphertext size, validly re-signed by the device."""
+    header = dataclasses.replace(sealed.signed.header, ciphertext_size=ciphertext_size)
+    signed = SignedHeader(header, signing_key.sign(header.encode()).signature)
+    return Sealed(sealed.device, sealed.tid, sealed.seq, signed, sealed.ciphertext)
+
+
+def test_ciphertext_larger_than_any_sealer_makes_is_rejected_at_init(config: CentralConfig,
+                                                                    central_keys: CentralKeys,
+                                                                    enroll: Enroll) -> None:
+    # A stolen box must not be able to grow one staging file until the disk is full.
+    device = enroll("xa-tan-trao")
+    ingestor = make_ingestor(config, central_keys)
+    sealed = seal_document(device="xa-tan-trao", seq=1, signing_key=device.signing_key,
+                           central_key=central_keys.encryption.public_key, original=PDF)
+    chunk = sealed.signed.header.chunk_size
+    huge = resigned(sealed, device.signing_key, ciphertext_size=(1 << 40) // chunk * (chunk + ABYTES))
+    replies = ingestor.handle_batch(wire([huge.init(), huge.segments(16 * 1024)[0]]))
+    rejected = [a for a in acks(replies, huge.tid) if a.state is AckState.REJECTED]
+    assert rejected and rejected[0].error_class == "SizeLimitError"
+    assert not any(a.state is AckState.RECEIVING for a in acks(replies, huge.tid))
+    assert list(config.paths.staging.iterdir()) == []
+    # Just above the bound is refused too; the bound itself is not.
+    for seq, size, state in ((2, max_ciphertext_size(len(PDF), chunk) + chunk + ABYTES, AckState.REJECTED),
+                             (3, max_ciphertext_size(len(PDF), chunk), AckState.RECEIVING)):
+        probe = seal_stream(device="xa-tan-trao", seq=seq, signing_key=device.signing_key,
+                            central_key=central_keys.encryption.public_key, pieces=[PDF], size=len(PDF),
+                            chunk_size=chunk)
+        whole = size - size % (chunk + ABYTES) if size % (chunk + ABYTES) < ABYTES else size
+        probe = resigned(probe, device.signing_key, ciphertext_size=whole)
+        (ack,) = acks(ingestor.handle_batch(wire([probe.init()])), probe.tid)
+        assert ack.state is state, (size, ack)
+
+
+def test_ciphertext_size_bound_admits_what_a_sealer_makes(config: CentralConfig, central_keys: CentralKeys,
+                                                          enroll: Enroll) -> None:
+    # Incompressible bytes in the smallest chunks: the most ciphertext an honest sealer makes per byte.
+    device = enroll("xa-tan-trao")
+    ingestor = make_ingestor(config, central_keys)
+    for seq, size in enumerate((0, 1, 300_000), start=1):
+        sealed = seal_stream(device="xa-tan-trao", seq=seq, signing_key=device.signing_key,
+                             central_key=central_keys.encryption.public_key,
+                             pieces=[secrets.token_bytes(size)], size=size, chunk_size=1024)
+        assert sealed.signed.header.ciphertext_size > size
+        (ack,) = acks(ingestor.handle_batch(wire([sealed.init()])), sealed.tid)
+        assert ack.state is AckState.RECEIVING, ack
