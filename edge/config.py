@@ -22,6 +22,7 @@ import nacl.signing
 from protocol.names import check_device_id, nfc
 
 CONFIG_NAME = "edge.toml"
+SECRET_KEYS = frozenset({"password", "signing_key"})   # never echoed in error messages
 KEY_PATH = Path("keys") / "device.key"
 BUNDLE_FORMAT = "sohoa-bundle/1"
 
@@ -245,21 +246,23 @@ def _section(cls: type, value: Any, where: str, name: str) -> Any:
     _no_unknown(value, known, where, prefix=name + ".")
     types = {f.name: f.type for f in fields(cls)}
     converted: dict[str, Any] = {}
-    for key, item in value.items():
+    for key, raw_item in value.items():
         expected = str(types[key])
+        item = raw_item
+        shown = "<redacted>" if key in SECRET_KEYS else repr(raw_item)
         if "tuple" in expected:
             if not isinstance(item, list) or not all(isinstance(x, str) for x in item):
-                raise ConfigError(f"{name}.{key} = {item!r}: expected a list of strings")
+                raise ConfigError(f"{name}.{key} = {shown}: expected a list of strings")
             converted[key] = tuple(item)
             continue
         if expected == "bool" and not isinstance(item, bool):
-            raise ConfigError(f"{name}.{key} = {item!r}: expected true or false")
+            raise ConfigError(f"{name}.{key} = {shown}: expected true or false")
         if expected == "int" and (isinstance(item, bool) or not isinstance(item, int)):
-            raise ConfigError(f"{name}.{key} = {item!r}: expected an integer")
+            raise ConfigError(f"{name}.{key} = {shown}: expected an integer")
         if expected == "float" and (isinstance(item, bool) or not isinstance(item, int | float)):
-            raise ConfigError(f"{name}.{key} = {item!r}: expected a number")
+            raise ConfigError(f"{name}.{key} = {shown}: expected a number")
         if expected.startswith("str") and not isinstance(item, str):
-            raise ConfigError(f"{name}.{key} = {item!r}: expected a string")
+            raise ConfigError(f"{name}.{key} = {shown}: expected a string")
         converted[key] = float(item) if expected == "float" else item
     try:
         return cls(**converted)

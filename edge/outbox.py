@@ -291,7 +291,8 @@ class Outbox:
     async def add(self, *, name: str, src_path: str, size: int, sha256: str, media_type: str,
                   pages: int, priority: int = 0) -> Doc:
         tid = uuid.uuid4().hex
-        async with self._write() as db:
+        # Durable: the caller moves the scan out of the watch folder right after this commit.
+        async with self._write(durable=True) as db:
             seq = await _next_seq(db)
             await _insert(db, tid=tid, seq=seq, state=DocState.STABLE, name=name, src_path=src_path,
                           size=size, sha256=sha256, media_type=media_type, pages=pages,

@@ -150,8 +150,8 @@ class EdgeService:
             leftover.unlink(missing_ok=True)
         for doc in await outbox.unfinished():
             src = Path(doc.src_path)
-            held = self._held_path(doc.sha256, doc.media_type)
-            if src != held and src.exists():
+            held = self._held_path(doc)
+            if src != held and src.exists() and not src.is_relative_to(self.config.processed_dir):
                 move_durably(src, held)
             if held.exists():
                 if src != held:
@@ -162,19 +162,26 @@ class EdgeService:
             else:
                 await outbox.mark_failed(doc.tid, "the original vanished before it was packaged "
                                                   "(deleted from the scan folder?)")
-        for doc in await outbox.delivered_with_files():
-            await self._forget(doc)
-        # Safety net: a file in processed/ that no row knows (should not happen, see above) goes
-        # back to the watch folder rather than sit there forever.
+        while swept := await outbox.delivered_with_files():
+            for doc in swept:
+                await self._forget(doc)
+        # Files in processed/ whose row ended without them being moved on (a crash, or a full
+        # disk, between the row's last commit and the move): finish the job now.
         for path in self.config.processed_dir.iterdir():
             if path.name.startswith("."):
                 continue
-            if await outbox.find_active_by_sha256(path.stem.split("-")[0]) is None:
+            owner = await outbox.get(path.stem)
+            if owner is None:
+                # Cannot happen (the row commits durably before the move); never delete it.
                 log.warning("returning unknown file %s to the watch folder", path.name)
                 move_durably(path, self.config.watch_dir / f"recovered-{path.name}")
+            elif owner.state is DocState.FAILED:
+                await self._quarantine_held(owner, path, owner.reason or "failed")
 
-    def _held_path(self, sha256: str, media_type: str) -> Path:
-        return self.config.processed_dir / f"{sha256}.{MEDIA_EXTENSIONS[media_type]}"
+    def _held_path(self, doc: Doc) -> Path:
+        """Where a taken scan waits for its receipt: one file per outbox row, named by its tid
+        (never by the clerk's name, and never shared by two rows holding the same bytes)."""
+        return self.config.processed_dir / f"{doc.tid}.{MEDIA_EXTENSIONS[doc.media_type]}"
 
     # -- stages -----------------------------------------------------------------------------
     async def _intake_loop(self, intake: Intake) -> None:
@@ -207,7 +214,7 @@ class EdgeService:
         if earlier is not None and earlier.state is DocState.STABLE and Path(earlier.src_path) == path:
             # This very file was taken before but its move failed (disk full): finish that take
             # instead of writing a second row for the same scan.
-            await self._hold(earlier, path, self._held_path(sha, media.media_type))
+            await self._hold(earlier, path)
             return
         if earlier is not None and earlier.state in (DocState.DELIVERED, DocState.DUPLICATE):
             # The same bytes are already receipted by central: this copy adds nothing.
@@ -221,19 +228,18 @@ class EdgeService:
             self._alarm(OUTBOX_FULL)
             return
         self._clear_alarm(OUTBOX_FULL)
-        held = self._held_path(sha, media.media_type)
-        if held.exists():
-            # Identical bytes already held for an in-flight document: let central deduplicate.
-            held = held.with_name(f"{sha}-{time.time_ns()}{held.suffix}")
+        # Identical bytes already in flight under another row are sent again under this one;
+        # central stores the content once and receipts both.
         # The row first (durably), then the move: a crash in between leaves a row whose file is
         # still in the watch folder, which recover() moves; never a moved file without a row.
         doc = await self.outbox.add(name=name, src_path=str(path), size=media.size, sha256=sha,
                                     media_type=media.media_type, pages=media.pages,
                                     priority=cfg.intake.priority_of(relative))
-        await self._hold(doc, path, held)
+        await self._hold(doc, path)
 
-    async def _hold(self, doc: Doc, path: Path, held: Path) -> None:
+    async def _hold(self, doc: Doc, path: Path) -> None:
         """Move a taken scan out of the watch folder into processed/ and queue it."""
+        held = self._held_path(doc)
         move_durably(path, held)
         held.chmod(0o600)   # a plaintext archive record: private to the service from now on
         try:
@@ -256,7 +262,7 @@ class EdgeService:
             try:
                 await self._process(doc, engine)
             except BadInputError as exc:
-                await self._fail(doc, exc.reason)
+                await self._fail_or_wait(doc, exc.reason)
             except (EdgeError, OSError, sqlite3.Error) as exc:
                 if is_disk_full(exc):
                     # Not the scan's fault: no attempt is counted (three would quarantine a good
@@ -269,7 +275,7 @@ class EdgeService:
                 attempts = await self.outbox.bump_attempts(tid, str(exc))
                 self.counters.last_error = f"{doc.name}: {exc}"
                 if attempts >= MAX_ATTEMPTS:
-                    await self._fail(doc, f"gave up after {attempts} attempts: {exc}")
+                    await self._fail_or_wait(doc, f"gave up after {attempts} attempts: {exc}")
                 else:
                     log.warning("processing %s failed (attempt %d): %s", doc.name, attempts, exc)
                     asyncio.get_running_loop().call_later(
@@ -280,7 +286,7 @@ class EdgeService:
     async def _process(self, doc: Doc, engine: OcrEngine) -> None:
         cfg = self.config
         original = Path(doc.src_path)
-        held = self._held_path(doc.sha256, doc.media_type)
+        held = self._held_path(doc)
         if original != held and not original.exists() and held.exists():
             # Moved into processed/ but the row was not updated (the disk was full then).
             await self.outbox.update_src(doc.tid, str(held))
@@ -324,26 +330,60 @@ class EdgeService:
         await self.outbox.clear_envelope(doc.tid)
 
     async def _rejected(self, doc: Doc, reason: str) -> None:
-        await self._fail(doc, f"central refused it: {reason}")
+        """The uplink gave up on a document (central refused it, or its envelope is unreadable)."""
+        await self._fail_or_wait(doc, reason)
 
     async def _fail(self, doc: Doc, reason: str) -> None:
+        # The reason is recorded durably first: whatever happens to the moves below, the row says
+        # why, and recover() finishes a quarantine that a crash or a full disk interrupted.
+        await self.outbox.mark_failed(doc.tid, reason)
         self.counters.failed += 1
         self.counters.last_error = f"{doc.name}: {reason}"
-        original = Path(doc.src_path)
-        if original.exists():
-            # Give the clerk back a file with its own (sanitised) name, beside the reason.
-            quarantine(original, self.config.failed_dir, reason, name=doc.name)
         if doc.envelope_path:
             Path(doc.envelope_path).unlink(missing_ok=True)
-        await self.outbox.mark_failed(doc.tid, reason)
+        original = Path(doc.src_path)
+        if original.exists():
+            await self._quarantine_held(doc, original, reason)
+
+    async def _fail_or_wait(self, doc: Doc, reason: str) -> None:
+        """``_fail``, unless the disk is full: then alarm and try again later (nothing is lost:
+        the original stays where the row says)."""
+        try:
+            await self._fail(doc, reason)
+        except (OSError, sqlite3.Error) as exc:
+            if not is_disk_full(exc):
+                raise
+            self._disk_full(exc)
+            asyncio.get_running_loop().call_later(DISK_FULL_RETRY_S, self._queue.put_nowait, doc.tid)
+
+    async def _quarantine_held(self, doc: Doc, path: Path, reason: str) -> None:
+        """Give the clerk back the file under its own (sanitised) name, beside the reason."""
+        try:
+            quarantine(path, self.config.failed_dir, reason, name=doc.name)
+        except OSError as exc:
+            # It stays in processed/ with its row marked failed; recover() retries at the next start.
+            if is_disk_full(exc):
+                self._disk_full(exc)
+            else:
+                self._alarm(f"cannot quarantine {doc.name}: {exc.strerror or exc}")
+            return
         log.warning("quarantined %s: %s", doc.name, reason)
 
     async def _quarantine_new(self, path: Path, reason: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
+        try:
             quarantine(path, self.config.failed_dir, reason)
-            self.counters.failed += 1
-            self.counters.last_error = f"{display_name(path.name)}: {reason}"
-            log.warning("quarantined %s: %s", display_name(path.name), reason)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            # Left in the watch folder (or in failed/ without its note): the rescan retries it.
+            if is_disk_full(exc):
+                self._disk_full(exc)
+            else:
+                self._alarm(f"cannot quarantine {display_name(path.name)}: {exc.strerror or exc}")
+            return
+        self.counters.failed += 1
+        self.counters.last_error = f"{display_name(path.name)}: {reason}"
+        log.warning("quarantined %s: %s", display_name(path.name), reason)
 
     def _alarm(self, text: str) -> None:
         if text not in self.counters.alarms:

@@ -332,7 +332,14 @@ class Uplink:
             header = transfer.init.signed_header.header
             topic, payload = encode(Fin(self._device, tid, header.ciphertext_size, header.ciphertext_sha256))
         else:
-            data = os.pread(transfer.fd, action.length, action.offset)
+            try:
+                data = os.pread(transfer.fd, action.length, action.offset)
+            except OSError as exc:
+                # A bad sector must not become a crash loop: the original is still held, so the
+                # document goes to failed/ with the reason rather than take the service down.
+                self._drop(tid)
+                await self._give_up(transfer.doc, f"envelope unreadable: {exc}")
+                return False
             if len(data) != action.length:
                 self._drop(tid)
                 await self._give_up(transfer.doc, f"envelope file is shorter than its signed size "
@@ -382,8 +389,8 @@ class Uplink:
 
     async def _on_ack(self, ack: Ack) -> None:
         transfer = self._active.get(ack.tid)
-        reason = (f"{ack.error_class}: {ack.error}" if ack.error_class
-                  else ack.error or "rejected by central")
+        reason = "central refused it: " + (f"{ack.error_class}: {ack.error}" if ack.error_class
+                                            else ack.error or "no reason given")
         if transfer is None:
             if ack.state is AckState.REJECTED:
                 doc = await self._outbox.get(ack.tid)

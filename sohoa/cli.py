@@ -27,13 +27,21 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Start Mosquitto, a central and one edge in a temporary home, feed "
                                       "sample Vietnamese pages, show progress until all are receipted.")
     demo.add_argument("--scans", type=Path, help="use these scans instead of generated sample pages")
-    demo.add_argument("--pages", type=int, default=10, help="number of generated sample pages (default 10)")
+    demo.add_argument("--pages", type=_positive_int, default=10,
+                      help="number of generated sample pages (default 10)")
     demo.add_argument("--home", type=Path, help="keep state here instead of a temporary directory")
     demo.add_argument("--exit-when-synced", action="store_true", help="stop once everything is receipted")
     demo.add_argument("--json", action="store_true", help="print the summary as JSON")
     demo.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds")
     demo.set_defaults(func=_demo)
     return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import os
 import secrets
 import shutil
 import socket
@@ -96,6 +97,9 @@ async def _run(home: Path, files: list[Path], *, http_port: int, exit_when_synce
     done = failed = 0
     interactive = sys.stdout.isatty() and not as_json
     while time.monotonic() - started < give_up_after:
+        for task in (edge_task, central_task):
+            if task.done():   # a dead service would otherwise leave the bar waiting forever
+                raise SystemExit(f"sohoa demo: {task.get_name()} stopped: {task.exception()!r}")
         stats = await service.outbox.stats()
         done = stats.counts.get("delivered", 0) + stats.counts.get("duplicate", 0)
         # Every refusal (at intake or later) leaves a reason file beside the file in failed/.
@@ -173,8 +177,10 @@ def main(*, scans: Path | None, pages: int, home: Path | None, exit_when_synced:
         central_commands.user_add(central_home, "demo", "admin", operator_password)
         # The password goes to a 0600 file, not to the terminal or a log.
         password_file = home / "dashboard-password"
-        password_file.write_text(operator_password + "\n")
-        password_file.chmod(0o600)
+        password_file.unlink(missing_ok=True)
+        descriptor = os.open(password_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as out:
+            out.write(operator_password + "\n")
         bundle = home / "bundle.toml"
         central_commands.enroll(central_home, DEVICE_ID, bundle)
         edge_cli.init(home / "edge", bundle, home / "scans")
@@ -194,4 +200,5 @@ def main(*, scans: Path | None, pages: int, home: Path | None, exit_when_synced:
         broker.wait(timeout=10)
     if as_json:
         print(json.dumps(summary, ensure_ascii=False, indent=2))
-    return 0 if summary["receipted"] + summary["failed"] == summary["documents"] else 1
+    # Success means every document receipted; a quarantined sample is a failure worth an exit code.
+    return 0 if summary["receipted"] == summary["documents"] else 1

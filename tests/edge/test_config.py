@@ -81,3 +81,13 @@ def test_urgent_folders_and_names_get_priority() -> None:
     assert intake.priority_of("Công văn số 8.pdf") == 0
     custom = IntakeConfig(urgent_globs=("Hỏa tốc/*",))
     assert custom.priority_of("Hỏa tốc/Quyết định.pdf") == 1
+
+
+def test_errors_never_echo_a_secret(tmp_path: Path) -> None:
+    home = tmp_path / "edge"
+    init(home, _bundle(tmp_path), tmp_path / "scans")
+    raw = tomllib.loads((home / "edge.toml").read_text())
+    raw["broker"]["password"] = 271828182845
+    with pytest.raises(ConfigError) as caught:
+        from_mapping(raw, home=home)
+    assert "271828182845" not in str(caught.value) and "broker.password" in str(caught.value)

@@ -61,6 +61,8 @@ async def test_edge_disk_full_while_taking_and_packaging(tmp_path: Path, leave_b
 
             filler = fill(disk, leave_bytes=leave_bytes)
             drop(tmp_path / "later", cfg.watch_dir)
+            # A bad scan too: quarantining it needs space as well, and must wait, not crash.
+            (cfg.watch_dir / "Hỏng – không phải ảnh.pdf").write_text("văn bản, không phải PDF\n" * 50)
 
             async def alarmed() -> bool:
                 report = await status_report(deployment.edge_home)
@@ -71,7 +73,7 @@ async def test_edge_disk_full_while_taking_and_packaging(tmp_path: Path, leave_b
             await asyncio.sleep(15)
             assert not edge_task.done(), "the edge service stopped on a full disk"
             report = await status_report(deployment.edge_home)
-            assert report["counts"]["failed"] == 0 and report["failed"] == [], report
+            assert report["counts"]["failed"] == 0, report   # a full disk fails no good scan
             assert free_bytes(disk) <= leave_bytes + 4096
             counts = report["counts"]
             waiting = len(list(cfg.watch_dir.iterdir()))
@@ -97,7 +99,10 @@ async def test_edge_disk_full_while_taking_and_packaging(tmp_path: Path, leave_b
         assert verdict.summary.ok == 11
         assert [e for e in catalog(deployment.central_home) if e.duplicate] == []
         assert list(cfg.watch_dir.iterdir()) == []
-        assert sorted(p.name for p in cfg.failed_dir.iterdir()) == []
+        # Only the bad scan is quarantined, with its reason, once there was room to do so.
+        report = await status_report(deployment.edge_home)
+        assert [item["name"] for item in report["failed"]] == ["Hỏng – không phải ảnh.pdf"]
+        assert report["failed"][0]["reason"]
         assert_databases_intact(deployment.edge_home)
         assert_databases_intact(deployment.central_home)
 

@@ -1,0 +1,49 @@
+"""A restart in the middle of work: every taken scan keeps its own plaintext until its own receipt.
+
+Regression: two identical scans held in processed/ used to be re-pointed at one shared file by
+the recovery after a restart, and the first receipt deleted the other's only copy.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from edge.ocr import FakeOcrEngine
+from edge.service import wait_until
+from tests.faults.cluster import make_documents
+from tests.support.deployment import Deployment, running
+
+pytestmark = pytest.mark.timeout(120)
+
+
+async def test_identical_scans_each_keep_their_plaintext_across_a_restart(
+        deployment: Deployment, tmp_path: Path) -> None:
+    cfg = deployment.edge_config()
+    (name, _sha), = make_documents(tmp_path / "docs", 1, seed=9).items()
+    source = tmp_path / "docs" / name
+    copies = ["Công văn số 5 – Tuyên Quang.png", "Công văn số 5 – Tuyên Quang (bản sao).png"]
+
+    # OCR that never finishes in time: both scans are taken and then the box goes down.
+    async with running(deployment, ocr_engine=FakeOcrEngine(delay=600)) as service:
+        for copy in copies:
+            shutil.copyfile(source, cfg.watch_dir / copy)
+
+        async def both_taken() -> bool:
+            return (await service.outbox.stats()).counts.get("stable", 0) == 2
+
+        assert await wait_until(both_taken, within=30)
+    held = sorted(cfg.processed_dir.iterdir())
+    assert len(held) == 2   # one file per row, even for identical bytes
+
+    async with running(deployment, ocr_engine=FakeOcrEngine()) as service:
+        async def both_delivered() -> bool:
+            return (await service.outbox.stats()).counts.get("delivered", 0) == 2
+
+        assert await wait_until(both_delivered, within=60), await service.outbox.stats()
+        docs = await deployment.get_json("/api/documents")
+    # Central stores the content once; the edge lost nothing and keeps nothing.
+    assert isinstance(docs, list) and len(docs) == 1
+    assert list(cfg.processed_dir.iterdir()) == [] and list(cfg.failed_dir.iterdir()) == []
