@@ -12,6 +12,7 @@ import logging
 import secrets
 import signal
 import sqlite3
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,55 +141,51 @@ def revoke(home: Path, device_id: str, *, actor: str = "cli") -> Revoked:
     then cuts the live session and refuses new logins. Repeating it is harmless.
     """
     paths = load_config(home).paths
-    conn = catalog.connect(paths.catalog)
-    try:
+    with _audited_change(home) as conn:
         device = catalog.get_device(conn, device_id)
         if device is None:
             raise DeviceError(f"no enrolled device {device_id!r}")
         catalog.set_device_status(conn, device_id, "revoked")
         catalog.add_audit(conn, actor=actor, action="revoke_device", target=device_id)
-        conn.commit()
-    finally:
-        conn.close()
     remove_user(paths, device_id)
     pid = reload_broker(paths)
     log.info("revoked %s%s", device_id, f"; broker {pid} reloaded" if pid else "; no running broker found")
     return Revoked(device_id, device.status == "active", pid)
 
 
-def user_add(home: Path, name: str, role: str, password: str, *, actor: str = "cli") -> None:
-    """Create an operator, or replace its role and password (argon2id)."""
+@contextlib.contextmanager
+def _audited_change(home: Path) -> Iterator[sqlite3.Connection]:
+    """One catalog transaction for an administrative change: committed only if the body (and its
+    audit row) completed, always closed."""
     conn = catalog.connect(load_config(home).paths.catalog)
     try:
-        operators.add_operator(conn, name, role, password)
-        catalog.add_audit(conn, actor=actor, action="user_add", target=name, detail=role)
+        yield conn
         conn.commit()
     finally:
         conn.close()
+
+
+def user_add(home: Path, name: str, role: str, password: str, *, actor: str = "cli") -> None:
+    """Create an operator, or replace its role and password (argon2id)."""
+    with _audited_change(home) as conn:
+        operators.add_operator(conn, name, role, password)
+        catalog.add_audit(conn, actor=actor, action="user_add", target=name, detail=role)
 
 
 def token_create(home: Path, name: str, role: str = "viewer", *, actor: str = "cli") -> str:
     """A new API token; only its sha256 is kept, so this is the one time it can be shown."""
     token = secrets.token_urlsafe(32)
-    conn = catalog.connect(load_config(home).paths.catalog)
-    try:
+    with _audited_change(home) as conn:
         operators.create_token(conn, name, role, token)
         catalog.add_audit(conn, actor=actor, action="token_create", target=name, detail=role)
-        conn.commit()
-    finally:
-        conn.close()
     return token
 
 
 def token_revoke(home: Path, name: str, *, actor: str = "cli") -> None:
-    conn = catalog.connect(load_config(home).paths.catalog)
-    try:
+    with _audited_change(home) as conn:
         if not operators.revoke_token(conn, name):
             raise operators.OperatorError(f"no active token named {name!r}")
         catalog.add_audit(conn, actor=actor, action="token_revoke", target=name)
-        conn.commit()
-    finally:
-        conn.close()
 
 
 def verify(home: Path) -> list[str]:
