@@ -40,6 +40,7 @@ def _init(args: argparse.Namespace) -> int:
         return 64
     certs = tls.OperatorCerts(args.tls_cert, args.tls_key, args.tls_ca) if all(given) else None
     commands.init(args.home, broker_url=args.broker, http=args.http, device_url=args.device_broker,
+                  allow_plaintext=args.insecure_plaintext,
                   tls_certs=certs)
     print(f"central home ready in {args.home}\n"
           f"  broker: mosquitto -c {args.home / 'mosquitto.conf'}\n"
@@ -124,6 +125,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     init.add_argument("--tls-ca", type=Path, metavar="PEM", help="the CA devices must trust")
     init.add_argument("--http", default="127.0.0.1:8080", metavar="HOST:PORT",
                       help="dashboard, API and /metrics address (default: %(default)s)")
+    init.add_argument("--insecure-plaintext", action="store_true",
+                      help="let devices dial a non-loopback broker without TLS (a closed lab network "
+                           "only; refused otherwise)")
     init.set_defaults(func=_guard(_init))
 
     enroll = sub.add_parser("enroll", help="enroll a device and write its secret bundle",

@@ -47,7 +47,8 @@ LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
 def init(home: Path, *, broker_url: str = "mqtt://127.0.0.1:1883", http: str = "127.0.0.1:8080",
-         device_url: str | None = None, tls_certs: tls.OperatorCerts | None = None) -> None:
+         device_url: str | None = None, tls_certs: tls.OperatorCerts | None = None,
+         allow_plaintext: bool = False) -> None:
     """Create a central home: keys, central.toml, broker config, password file, ACL, API token.
 
     ``device_url`` ``mqtts://HOST:PORT`` adds a TLS listener for devices (a generated CA and server
@@ -64,6 +65,13 @@ def init(home: Path, *, broker_url: str = "mqtt://127.0.0.1:1883", http: str = "
     if devices_tls and listen.host not in LOOPBACK_HOSTS:
         raise ConfigError(f"--broker {broker_url} is not loopback, but devices get TLS on {device_url}",
                           hint="central's plain listener must stay on 127.0.0.1 when devices use mqtts")
+    device_host = devices.host if devices is not None else listen.host
+    if not devices_tls and device_host not in LOOPBACK_HOSTS and not allow_plaintext:
+        # Security is default-on: passwords and signed envelopes must not cross a real network
+        # in the clear just because a flag was forgotten.
+        raise ConfigError(f"devices would dial {device_url or broker_url} without TLS",
+                          hint="add --device-broker mqtts://HOST:PORT (a CA and certificate are "
+                               "generated), or --insecure-plaintext for a closed lab network")
     if tls_certs is not None and not devices_tls:
         raise ConfigError("TLS certificates given but the device URL is not mqtts://",
                           hint="add --device-broker mqtts://HOST:PORT")

@@ -108,3 +108,13 @@ def test_operator_certificates_and_bad_combinations(tls_home: CentralConfig, tmp
     with pytest.raises(ConfigError, match="PEM"):
         commands.init(tmp_path / "c", device_url="mqtts://127.0.0.1:8883",
                       tls_certs=tls.OperatorCerts(paths.tls_cert, paths.mosquitto_acl, paths.tls_ca))
+
+
+def test_plaintext_device_link_off_loopback_is_refused_unless_asked_for(tmp_path: Path) -> None:
+    # Security is default-on: a forgotten --device-broker must not put passwords on the wire.
+    with pytest.raises(ConfigError, match="without TLS"):
+        commands.init(tmp_path / "a", broker_url="mqtt://0.0.0.0:1883")
+    with pytest.raises(ConfigError, match="without TLS"):
+        commands.init(tmp_path / "b", device_url="mqtt://10.0.0.5:1883")
+    commands.init(tmp_path / "c", broker_url="mqtt://0.0.0.0:1883", allow_plaintext=True)
+    commands.init(tmp_path / "d", broker_url="mqtt://127.0.0.1:1883")   # the local demo and tests
