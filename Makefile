@@ -26,7 +26,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check protocol edge central sohoa tests bench
-	$(BIN)/mypy protocol
+	$(BIN)/mypy protocol edge central sohoa
 	$(BIN)/lint-imports
 	$(BIN)/pytest $(PYTEST_ARGS)
 
