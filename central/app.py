@@ -28,6 +28,7 @@ ROUTES = [
     web.get("/healthz", handlers.healthz),
     web.get("/metrics", handlers.metrics),
     web.get("/api/devices", handlers.devices),
+    web.get("/api/fleet", handlers.fleet),
     web.get("/api/documents", handlers.documents),
     web.get("/api/documents/{id:[0-9]+}", handlers.document),
     web.get("/api/documents/{id:[0-9]+}/original", handlers.original),

@@ -50,6 +50,8 @@ CREATE TABLE IF NOT EXISTS documents (
     package_sha256 TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS documents_by_device ON documents (device, id);
+-- "Stored today" on the fleet summary must not scan every document ever received.
+CREATE INDEX IF NOT EXISTS documents_by_received ON documents (received_at);
 -- Folded copies (protocol.names.fold) so 'quyet dinh' finds 'Quyết định'; rowid = documents.id.
 CREATE VIRTUAL TABLE IF NOT EXISTS documents_fts USING fts5 (
     filename, text, tokenize = 'unicode61 remove_diacritics 2'
@@ -202,16 +204,117 @@ def update_device_status(conn: sqlite3.Connection, device_id: str, *, online: bo
         (int(online), backlog_docs, backlog_bytes, last_error, status_json, at, device_id))
 
 
+# A backlog older than this is a problem even on a box that is online and reports no error.
+STALE_BACKLOG_S = 6 * 3600
+
+# Problem rank, worst first: offline with documents stuck on the box, then a reported error, then
+# a backlog that is not draining, then merely offline; revoked boxes are nobody's problem any more.
+_PROBLEM = f"""CASE
+    WHEN d.status != 'active' THEN -1
+    WHEN d.online = 0 AND d.backlog_docs > 0 THEN 4
+    WHEN coalesce(d.last_error, '') != '' THEN 3
+    WHEN d.backlog_docs > 0 AND {{age}} >= {STALE_BACKLOG_S} THEN 2
+    WHEN d.online = 0 THEN 1
+    ELSE 0 END"""
+_PROBLEM_NAMES = {4: "offline with backlog", 3: "error", 2: "stale backlog", 1: "offline"}
+# The age the box reported with its retained status; only meaningful while it holds a backlog.
+_OLDEST_AGE = ("CASE WHEN d.backlog_docs > 0 THEN"
+               " coalesce(json_extract(d.status_json, '$.oldest_age_s'), 0) ELSE 0 END")
+_LAST_RECEIPT = ("(SELECT max(stored_at) FROM transfers t WHERE t.device = d.id AND t.state = 'stored')")
+
+# Sortable columns -> SQL; a whitelist, so a query parameter never becomes SQL text.
+DEVICE_SORTS: dict[str, str] = {
+    "id": "d.id", "status": "d.status", "online": "d.online", "last_seen": "d.last_seen",
+    "backlog_docs": "d.backlog_docs", "backlog_bytes": "d.backlog_bytes", "last_error": "d.last_error",
+    "oldest_age_s": "oldest_age_s", "last_receipt": "last_receipt", "problems": "problem_rank",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class DevicePage:
+    rows: list[dict[str, Any]]
+    total: int   # devices matching the filter, whatever the page
+
+
+def query_devices(conn: sqlite3.Connection, *, sort: str = "id", descending: bool = False,
+                  q: str | None = None, limit: int | None = None, offset: int = 0) -> DevicePage:
+    """One page of devices, sorted and filtered in SQL; ``q`` is a case-insensitive id substring.
+
+    Ties are broken by id so pages never overlap or skip a device. ``sort="problems"`` with
+    ``descending=True`` puts the worst first, and the oldest backlog first within a rank.
+    """
+    if sort not in DEVICE_SORTS:
+        raise ValueError(f"cannot sort devices by {sort!r}")
+    where, params = ("WHERE instr(lower(d.id), lower(?)) > 0", [q]) if q else ("", [])
+    total = int(conn.execute(f"SELECT count(*) FROM devices d {where}", params).fetchone()[0])  # noqa: S608
+    direction = "DESC" if descending else "ASC"
+    keys = [f"{DEVICE_SORTS[sort]} {direction} NULLS LAST"]
+    if sort == "problems":
+        keys += [f"oldest_age_s {direction}", f"d.backlog_docs {direction}"]
+    keys.append("d.id ASC")
+    # The receipt time costs a lookup per device: only pay it for every row when sorting by it.
+    receipt_in_page = sort == "last_receipt"
+    sql = (f"SELECT d.id, d.status, d.online, d.last_seen, d.backlog_docs, d.backlog_bytes,"  # noqa: S608
+           f" d.last_error, {_OLDEST_AGE} AS oldest_age_s,"
+           f" {_PROBLEM.format(age=_OLDEST_AGE)} AS problem_rank"
+           f"{', ' + _LAST_RECEIPT + ' AS last_receipt' if receipt_in_page else ''}"
+           f" FROM devices d {where} ORDER BY {', '.join(keys)} LIMIT ? OFFSET ?")
+    rows = conn.execute(sql, [*params, -1 if limit is None else limit, offset]).fetchall()
+    receipts: dict[str, str | None] = {}
+    if rows and not receipt_in_page:
+        ids = [r["id"] for r in rows]
+        marks = ",".join("?" * len(ids))
+        receipts = dict(conn.execute(
+            f"SELECT device, max(stored_at) FROM transfers WHERE state = 'stored'"  # noqa: S608
+            f" AND device IN ({marks}) GROUP BY device", ids).fetchall())
+    return DevicePage([{
+        "id": r["id"], "status": r["status"], "online": bool(r["online"]), "last_seen": r["last_seen"],
+        "backlog_docs": r["backlog_docs"], "backlog_bytes": r["backlog_bytes"],
+        "last_receipt": r["last_receipt"] if receipt_in_page else receipts.get(r["id"]),
+        "last_error": r["last_error"], "oldest_age_s": r["oldest_age_s"],
+        "problem": _PROBLEM_NAMES.get(r["problem_rank"]),
+    } for r in rows], total)
+
+
 def list_devices(conn: sqlite3.Connection) -> list[dict[str, Any]]:
-    rows = conn.execute(
-        "SELECT d.id, d.status, d.online, d.last_seen, d.backlog_docs, d.backlog_bytes, d.last_error,"
-        " (SELECT max(stored_at) FROM transfers t WHERE t.device = d.id AND t.state = 'stored')"
-        "   AS last_receipt"
-        " FROM devices d ORDER BY d.id").fetchall()
-    return [{"id": r["id"], "status": r["status"], "online": bool(r["online"]),
-             "last_seen": r["last_seen"], "backlog_docs": r["backlog_docs"],
-             "backlog_bytes": r["backlog_bytes"], "last_receipt": r["last_receipt"],
-             "last_error": r["last_error"]} for r in rows]
+    """Every device by id (the original unpaged shape of ``GET /api/devices``)."""
+    return query_devices(conn).rows
+
+
+def fleet_summary(conn: sqlite3.Connection, *, today_since: str) -> dict[str, Any]:
+    """Fleet-wide counts for the dashboard header, aggregated in SQL (one pass over devices).
+
+    Online/offline count active devices only, so total = online + offline + revoked. Backlog and
+    errors count active devices too: a revoked box's queue will never be accepted.
+    """
+    d = conn.execute(
+        "SELECT count(*) AS total,"
+        " coalesce(sum(d.status = 'active' AND d.online = 1), 0) AS online,"
+        " coalesce(sum(d.status = 'active' AND d.online = 0), 0) AS offline,"
+        " coalesce(sum(d.status != 'active'), 0) AS revoked,"
+        " coalesce(sum(d.status = 'active' AND coalesce(d.last_error, '') != ''), 0) AS with_error,"
+        " coalesce(sum(d.status = 'active' AND d.backlog_docs > 0), 0) AS with_backlog,"
+        " coalesce(sum(d.status = 'active' AND d.online = 0 AND d.backlog_docs > 0), 0)"
+        "   AS offline_with_backlog,"
+        " coalesce(sum(CASE WHEN d.status = 'active' THEN d.backlog_docs END), 0) AS backlog_docs,"
+        " coalesce(sum(CASE WHEN d.status = 'active' THEN d.backlog_bytes END), 0) AS backlog_bytes"
+        " FROM devices d").fetchone()
+    oldest = conn.execute(
+        f"SELECT d.id, {_OLDEST_AGE} AS age FROM devices d"  # noqa: S608
+        " WHERE d.status = 'active' AND d.backlog_docs > 0 ORDER BY age DESC, d.id LIMIT 1").fetchone()
+    docs_total, bytes_stored = conn.execute(
+        "SELECT count(*), coalesce(sum(size), 0) FROM documents").fetchone()
+    docs_today = conn.execute("SELECT count(*) FROM documents WHERE received_at >= ?",
+                              (today_since,)).fetchone()[0]
+    return {
+        "devices": {k: int(d[k]) for k in ("total", "online", "offline", "revoked", "with_error",
+                                           "with_backlog", "offline_with_backlog")},
+        "backlog": {"docs": int(d["backlog_docs"]), "bytes": int(d["backlog_bytes"]),
+                    "oldest_age_s": float(oldest["age"]) if oldest else None,
+                    "oldest_device": oldest["id"] if oldest else None},
+        "documents": {"total": int(docs_total), "bytes": int(bytes_stored), "today": int(docs_today),
+                      "today_since": today_since},
+    }
 
 
 # -- transfers and the segment log -------------------------------------------------------------

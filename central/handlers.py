@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
 from urllib.parse import quote
@@ -45,9 +46,45 @@ def _int_param(request: web.Request, name: str, default: int, maximum: int) -> i
     return min(int(raw), maximum)
 
 
+def _bad_request(error: str) -> web.HTTPBadRequest:
+    return web.HTTPBadRequest(text=json.dumps({"error": error}), content_type="application/json")
+
+
 async def devices(request: web.Request) -> web.Response:
-    rows = await request.app[READER].call(catalog.list_devices)
-    return web.json_response(rows, dumps=_dumps)
+    """DESIGN §7's list, optionally ``?sort=&order=asc|desc&q=&limit=&offset=``.
+
+    Without parameters it is every device by id, as before. The list stays a plain JSON list;
+    the number of matching devices travels in ``X-Total-Count`` for paging.
+    """
+    sort = request.query.get("sort") or "id"
+    if sort not in catalog.DEVICE_SORTS:
+        raise _bad_request(f"sort must be one of {', '.join(catalog.DEVICE_SORTS)}")
+    # Worst first is the useful reading of "problems"; everything else reads naturally ascending.
+    order = request.query.get("order") or ("desc" if sort == "problems" else "asc")
+    if order not in ("asc", "desc"):
+        raise _bad_request("order must be asc or desc")
+    q = request.query.get("q") or None
+    limit = _int_param(request, "limit", -1, MAX_LIMIT) if "limit" in request.query else None
+    offset = _int_param(request, "offset", 0, 1 << 31)
+    page = await request.app[READER].call(
+        lambda conn: catalog.query_devices(conn, sort=sort, descending=order == "desc", q=q,
+                                           limit=limit, offset=offset))
+    return web.json_response(page.rows, dumps=_dumps, headers={"X-Total-Count": str(page.total)})
+
+
+async def fleet(request: web.Request) -> web.Response:
+    """Fleet-wide numbers for an operator watching thousands of boxes; see ``catalog.fleet_summary``."""
+    now = datetime.now(UTC)
+    since = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    summary = await request.app[READER].call(
+        lambda conn: catalog.fleet_summary(conn, today_since=_iso(since)))
+    summary["generated_at"] = _iso(now)
+    return web.json_response(summary, dumps=_dumps)
+
+
+def _iso(at: datetime) -> str:
+    # The catalog's own format (catalog.utc_now), so string comparison in SQL orders correctly.
+    return at.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 async def documents(request: web.Request) -> web.Response:
