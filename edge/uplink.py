@@ -23,7 +23,7 @@ import os
 import random
 import sqlite3
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import nacl.signing
@@ -69,6 +69,7 @@ class _Transfer:
     sender: TransferSender
     init: Init
     fd: int
+    sent: set[int] = field(default_factory=set)   # segment offsets published at least once
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -117,6 +118,7 @@ class Uplink:
         self._turn = 0
         self.bytes_on_wire = 0          # payload bytes published (init, segments, fin, status)
         self.segment_bytes = 0          # of which ciphertext segments (re-sends included)
+        self.resent_bytes = 0           # of which segments sent before (same transfer, same offset)
         self.delivered = 0
         self.rejected = 0
         self.connects = 0
@@ -347,6 +349,9 @@ class Uplink:
                 return False
             topic, payload = encode(Segment(self._device, tid, action.offset, data))
             self.segment_bytes += len(data)
+            if action.offset in transfer.sent:
+                self.resent_bytes += len(data)   # what a cut, a reset or a lost ack cost
+            transfer.sent.add(action.offset)
         self._publish(client, topic, payload)
         return True
 
