@@ -220,7 +220,10 @@ _PROBLEM_NAMES = {4: "offline with backlog", 3: "error", 2: "stale backlog", 1: 
 # The age the box reported with its retained status; only meaningful while it holds a backlog.
 _OLDEST_AGE = ("CASE WHEN d.backlog_docs > 0 THEN"
                " coalesce(json_extract(d.status_json, '$.oldest_age_s'), 0) ELSE 0 END")
-_LAST_RECEIPT = ("(SELECT max(stored_at) FROM transfers t WHERE t.device = d.id AND t.state = 'stored')")
+# One grouped pass, not a correlated subquery: SQLite plans that per device through the state index,
+# which at 200k transfers and 3,000 devices took about a minute.
+_LAST_RECEIPTS = ("LEFT JOIN (SELECT device, max(stored_at) AS last_receipt FROM transfers"
+                  " WHERE state = 'stored' GROUP BY device) r ON r.device = d.id")
 
 # Sortable columns -> SQL; a whitelist, so a query parameter never becomes SQL text.
 DEVICE_SORTS: dict[str, str] = {
@@ -252,13 +255,15 @@ def query_devices(conn: sqlite3.Connection, *, sort: str = "id", descending: boo
     if sort == "problems":
         keys += [f"oldest_age_s {direction}", f"d.backlog_docs {direction}"]
     keys.append("d.id ASC")
-    # The receipt time costs a lookup per device: only pay it for every row when sorting by it.
-    receipt_in_page = sort == "last_receipt"
+    # The receipt time costs a lookup per device: for a small page, look up only that page's devices
+    # afterwards (one IN query); sorting by it or listing everything joins one grouped pass instead.
+    receipt_in_page = sort == "last_receipt" or limit is None or limit > 1000
     sql = (f"SELECT d.id, d.status, d.online, d.last_seen, d.backlog_docs, d.backlog_bytes,"  # noqa: S608
            f" d.last_error, {_OLDEST_AGE} AS oldest_age_s,"
            f" {_PROBLEM.format(age=_OLDEST_AGE)} AS problem_rank"
-           f"{', ' + _LAST_RECEIPT + ' AS last_receipt' if receipt_in_page else ''}"
-           f" FROM devices d {where} ORDER BY {', '.join(keys)} LIMIT ? OFFSET ?")
+           f"{', r.last_receipt' if receipt_in_page else ''}"
+           f" FROM devices d {_LAST_RECEIPTS if receipt_in_page else ''} {where}"
+           f" ORDER BY {', '.join(keys)} LIMIT ? OFFSET ?")
     rows = conn.execute(sql, [*params, -1 if limit is None else limit, offset]).fetchall()
     receipts: dict[str, str | None] = {}
     if rows and not receipt_in_page:
