@@ -204,6 +204,11 @@ def update_device_status(conn: sqlite3.Connection, device_id: str, *, online: bo
         (int(online), backlog_docs, backlog_bytes, last_error, status_json, at, device_id))
 
 
+def mark_offline(conn: sqlite3.Connection, device_id: str, *, at: str) -> None:
+    """The box's last will: offline now; everything it last reported stays as it was."""
+    conn.execute("UPDATE devices SET online = 0, last_seen = ? WHERE id = ?", (at, device_id))
+
+
 # A backlog older than this is a problem even on a box that is online and reports no error.
 STALE_BACKLOG_S = 6 * 3600
 

@@ -282,6 +282,12 @@ class Ingestor:
         device = catalog.get_device(self._conn, status.device)
         if device is None or device.status != "active":
             return   # a revoked box's last will or retained status must not make it look alive
+        if not status.online and status.updated_at is None:
+            # The bare last will (the broker speaking for a box that vanished): it knows nothing
+            # of the queue, so keep the backlog and error the box last reported — "offline with
+            # documents stuck on it" is exactly what an operator must see.
+            catalog.mark_offline(self._conn, status.device, at=catalog.utc_now())
+            return
         _, payload = encode(status)
         catalog.update_device_status(
             self._conn, status.device, online=status.online, backlog_docs=status.queue_docs,

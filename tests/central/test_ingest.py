@@ -231,6 +231,21 @@ def test_status_updates_the_device_row(config: CentralConfig, central_keys: Cent
     assert row["last_error"] == "máy quét mất kết nối" and row["last_seen"]
 
 
+def test_last_will_marks_offline_but_keeps_the_reported_backlog(
+        config: CentralConfig, central_keys: CentralKeys, enroll: Enroll) -> None:
+    enroll("xa-tan-trao")
+    ingestor = make_ingestor(config, central_keys)
+    ingestor.handle_batch([encode(Status("xa-tan-trao", online=True, queue_docs=7, queue_bytes=70_000,
+                                         oldest_age_s=5400.0, updated_at="2026-11-25T08:00:00+00:00"))])
+    # The broker publishes the box's last will when the link drops: it knows nothing of the queue.
+    ingestor.handle_batch([encode(Status("xa-tan-trao", online=False))])
+    conn = catalog.connect(config.paths.catalog, readonly=True)
+    (row,) = catalog.list_devices(conn)
+    assert not row["online"]
+    assert row["backlog_docs"] == 7 and row["backlog_bytes"] == 70_000
+    assert row["problem"] == "offline with backlog"
+
+
 @pytest.mark.parametrize("mode_path", ["central.toml", "api-token", "keys/encryption.key",
                                        "keys/receipt.key", "mosquitto.passwd", "catalog.db"])
 def test_init_writes_private_files(home: Path, mode_path: str) -> None:
