@@ -8,7 +8,7 @@ set -o errexit -o nounset -o pipefail
 role="${1:-dev}"
 common=(python3 python3-venv python3-dev ca-certificates sqlite3)
 edge=(tesseract-ocr tesseract-ocr-vie)
-central=(mosquitto mosquitto-clients)
+central=(mosquitto mosquitto-clients openssl)
 dev=(fonts-dejavu-core poppler-utils shellcheck)
 
 case "${role}" in
