@@ -23,7 +23,6 @@ import os
 import signal
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,6 +86,8 @@ class EdgeService:
         self._uplink: Uplink | None = None
         self._queue: asyncio.Queue[str] = asyncio.Queue()
         self._status_changed = asyncio.Event()
+        # Scans left in the watch folder for lack of outbox room: path → (size, mtime_ns) then.
+        self._waiting: dict[Path, tuple[int, int]] = {}
         self._signing_key = config.signing_key()
         self.ready = asyncio.Event()
 
@@ -191,6 +192,7 @@ class EdgeService:
             except BadInputError as exc:
                 await self._quarantine_new(path, exc.reason)
             except FileNotFoundError:
+                self._waiting.pop(path, None)
                 continue  # gone between settling and taking: nothing to do, nothing lost
             except (OSError, sqlite3.Error) as exc:
                 # Leave the file where it is; the next rescan retries it.
@@ -205,6 +207,12 @@ class EdgeService:
 
     async def _take(self, path: Path) -> None:
         cfg = self.config
+        info = path.lstat()
+        if self._waiting.get(path) == (info.st_size, info.st_mtime_ns) and not await self.outbox.room_for(
+                info.st_size * 2):
+            # Refused for room at an earlier rescan and unchanged since: while the box is offline
+            # for hours, do not decode and hash every waiting scan again at every rescan.
+            return
         # probe decodes every frame: off the event loop, so a large TIFF does not stall the uplink.
         media = await asyncio.to_thread(probe, path, max_bytes=cfg.intake.max_file_bytes)
         name = display_name(path.name)
@@ -225,8 +233,10 @@ class EdgeService:
             return
         if not await self.outbox.room_for(media.size * 2):
             # Never drop, never evict: the scan waits, untouched, where the clerk put it.
+            self._waiting[path] = (info.st_size, info.st_mtime_ns)
             self._alarm(OUTBOX_FULL)
             return
+        self._waiting.pop(path, None)
         self._clear_alarm(OUTBOX_FULL)
         # Identical bytes already in flight under another row are sent again under this one;
         # central stores the content once and receipts both.
@@ -485,15 +495,5 @@ def run(home: Path) -> int:
 
     asyncio.run(main())
     return 0
-
-
-async def wait_until(predicate: Callable[[], Awaitable[bool]], within: float, interval: float = 0.2) -> bool:
-    """Poll an async predicate (used by the demo and tests where no event exists to await)."""
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if await predicate():
-            return True
-        await asyncio.sleep(interval)
-    return False
 
 

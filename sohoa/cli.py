@@ -13,6 +13,7 @@ from pathlib import Path
 from central import cli as central_cli
 from edge import cli as edge_cli
 from edge.config import ConfigError
+from sohoa.localbroker import BrokerStartError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"sohoa: configuration error: {exc}", file=sys.stderr)
         return 2
+    except BrokerStartError as exc:
+        print(f"sohoa: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     return code

@@ -12,7 +12,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,33 +24,9 @@ from edge import cli as edge_cli
 from edge import config as edge_config
 from edge.service import EdgeService
 from protocol.names import nfc
+from sohoa.localbroker import free_port, mosquitto_binary, wait_for_port
 
 DEVICE_ID = "xa-tan-trao"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _mosquitto() -> str:
-    for candidate in ("mosquitto", "/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"):
-        found = shutil.which(candidate)
-        if found:
-            return found
-    raise SystemExit("mosquitto not found: run `make demo` (it installs it) or apt-get install mosquitto")
-
-
-def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"mosquitto exited with {proc.returncode}; see its log")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return
-        time.sleep(0.05)
-    raise SystemExit(f"mosquitto did not listen on port {port}")
 
 
 def _scans(scans: Path | None, pages: int, into: Path) -> list[Path]:
@@ -163,16 +138,16 @@ def main(*, scans: Path | None, pages: int, home: Path | None, exit_when_synced:
          timeout: float) -> int:
     home = home or Path(tempfile.mkdtemp(prefix="sohoa-demo-"))
     home.mkdir(parents=True, exist_ok=True)
-    broker_port, http_port = _free_port(), _free_port()
+    broker_port, http_port = free_port(), free_port()
     central_home = home / "central"
     central_commands.init(central_home, broker_url=f"mqtt://127.0.0.1:{broker_port}",
                           http=f"127.0.0.1:{http_port}")
     log_path = home / "mosquitto.out"
     with log_path.open("ab") as log:
-        broker = subprocess.Popen([_mosquitto(), "-c", str(central_home / "mosquitto.conf")],
+        broker = subprocess.Popen([mosquitto_binary(), "-c", str(central_home / "mosquitto.conf")],
                                   stdout=log, stderr=subprocess.STDOUT)
     try:
-        _wait_port(broker_port, broker)
+        wait_for_port(broker_port, proc=broker)
         operator_password = secrets.token_urlsafe(12)
         central_commands.user_add(central_home, "demo", "admin", operator_password)
         # The password goes to a 0600 file, not to the terminal or a log.

@@ -13,9 +13,9 @@ import pytest
 
 from edge.cli import status_report
 from edge.ocr import FakeOcrEngine
-from edge.service import wait_until
 from tests.faults.cluster import drop, make_documents
 from tests.support.deployment import Deployment, running
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -15,9 +15,9 @@ from reportlab.pdfgen import canvas
 
 from edge.cli import status_report
 from edge.samples import Sample, generate_samples
-from edge.service import wait_until
 from protocol.names import fold, nfc
 from tests.support.deployment import Deployment, running
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(420)
 

@@ -16,10 +16,10 @@ import pytest
 
 from edge.cli import status_report
 from edge.ocr import FakeOcrEngine
-from edge.service import wait_until
 from protocol.names import display_name
 from tests.faults.cluster import make_documents
 from tests.support.deployment import Deployment, running
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(180)
 

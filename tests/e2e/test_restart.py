@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from edge.ocr import FakeOcrEngine
-from edge.service import wait_until
 from tests.faults.cluster import make_documents
 from tests.support.deployment import Deployment, running
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -18,11 +18,11 @@ import aiohttp
 import pytest
 
 from edge.cli import status_report
-from edge.service import wait_until
 from tests.faults.cluster import drop, make_documents
 from tests.faults.disk import fill, free, free_bytes, tmpfs
 from tests.faults.jepsen import assert_databases_intact, assert_exactly_once
 from tests.faults.scenario import catalog, deployment_at, query, running_edge
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -22,12 +22,13 @@ import pytest
 
 from edge.config import EdgeConfig
 from edge.ocr import FakeOcrEngine
-from edge.service import EdgeService, wait_until
+from edge.service import EdgeService
 from tests.faults.cluster import drop, make_documents
 from tests.faults.jepsen import assert_databases_intact, assert_exactly_once
 from tests.faults.proxy import FaultProxy, ProxyStats
 from tests.faults.scenario import catalog, delivered_ciphertext_bytes
 from tests.support.deployment import Deployment, running
+from tests.support.waiting import wait_until
 
 log = logging.getLogger("tests.faults.link")
 

@@ -14,10 +14,11 @@ import pytest
 
 from edge.cli import status_report
 from edge.ocr import FakeOcrEngine
-from edge.service import OUTBOX_FULL, wait_until
+from edge.service import OUTBOX_FULL
 from tests.faults.cluster import drop, make_documents
 from tests.faults.jepsen import CatalogEntry, assert_exactly_once
 from tests.support.deployment import Deployment, running
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -4,42 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
-import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-MOSQUITTO_CANDIDATES = ("mosquitto", "/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
+from sohoa.localbroker import free_port, mosquitto_binary, wait_for_port
 
-
-def mosquitto_binary() -> str:
-    for candidate in MOSQUITTO_CANDIDATES:
-        found = shutil.which(candidate)
-        if found:
-            return found
-    raise RuntimeError("mosquitto not found: run `make test` (it installs it) or apt-get install mosquitto")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for_port(port: int, timeout: float = 10.0, proc: subprocess.Popen[bytes] | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"mosquitto exited with {proc.returncode}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return
-        time.sleep(0.02)
-    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
-
+__all__ = ["Broker", "anonymous_config", "free_port", "mosquitto_binary", "running_broker", "wait_for_port"]
 
 @dataclass
 class Broker:

@@ -1,0 +1,46 @@
+"""Running Mosquitto on this machine: find the binary, pick a free loopback port, wait for it.
+
+Shared by the demo and the test suite, so both start the broker the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import subprocess
+import time
+
+MOSQUITTO_CANDIDATES = ("mosquitto", "/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
+
+
+class BrokerStartError(RuntimeError):
+    """Mosquitto is missing, exited, or never listened."""
+
+
+def mosquitto_binary() -> str:
+    """The mosquitto executable (Debian puts it in /usr/sbin, often not on a user's PATH)."""
+    for candidate in MOSQUITTO_CANDIDATES:
+        found = shutil.which(candidate)
+        if found:
+            return found
+    raise BrokerStartError("mosquitto not found: `make demo` / `make test` install it, "
+                           "or apt-get install mosquitto")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 10.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Return once something listens on 127.0.0.1:``port``; fail early if ``proc`` exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise BrokerStartError(f"mosquitto exited with {proc.returncode}; see its log")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return
+        time.sleep(0.02)
+    raise BrokerStartError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
