@@ -42,6 +42,18 @@ def register(subparsers: Any) -> None:
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(func=_status)
 
+    retry = sub.add_parser(
+        "retry", help="take refused scans back in (from the refused folder in the scan share)",
+        description="Move refused scans from the refused folder (default _Lỗi in the scan folder) back "
+                    "into the scan folder, where the box takes them again as new scans. Use after "
+                    "fixing the cause (re-scanning, re-enrolling a cloned box…).")
+    retry.add_argument("--home", type=Path, required=True)
+    which = retry.add_mutually_exclusive_group(required=True)
+    which.add_argument("names", nargs="*", default=[], metavar="NAME",
+                       help="file name(s) as shown in the refused folder")
+    which.add_argument("--all", action="store_true", help="every refused scan")
+    retry.set_defaults(func=_retry)
+
 
 def init(home: Path, bundle_path: Path, watch: Path, *, force: bool = False) -> Path:
     """Write ``edge.toml`` (0600) and ``keys/device.key`` (0600) from the bundle."""
@@ -96,7 +108,7 @@ async def status_report(home: Path) -> dict[str, Any]:
         stats = await outbox.stats()
     finally:
         await outbox.close()
-    failed = list_failed(cfg.failed_dir) if cfg.failed_dir.exists() else []
+    failed = list_failed(cfg.refused_dir)
     alarms: list[str] = []
     last_error = None
     service_updated = None
@@ -113,7 +125,9 @@ async def status_report(home: Path) -> dict[str, Any]:
         "cap_bytes": cfg.outbox.cap_bytes,
         "oldest_age_s": round(stats.oldest_age_s, 1),
         "last_receipt_at": _iso(stats.last_receipt_at),
-        "failed": [{"name": f.name, "reason": f.reason, "since": str(f.since)} for f in failed],
+        "failed": [{"name": f.name, "reason": f.reason, "code": f.code, "since": str(f.since)}
+                   for f in failed],
+        "refused_dir": str(cfg.refused_dir),
         "alarms": alarms,
         "last_error": last_error,
         "service_updated_at": service_updated,
@@ -143,7 +157,29 @@ def _status(args: argparse.Namespace) -> int:
     for alarm in report["alarms"]:
         print(f"ALARM: {alarm}")
     if report["failed"]:
-        print(f"failed ({len(report['failed'])}), see the failed/ folder:")
+        print(f"refused ({len(report['failed'])}), in the {report['refused_dir']} folder of the scan share:")
         for item in report["failed"]:
             print(f"  {item['name']}: {item['reason']}")
+    return 0
+
+
+def retry(home: Path, names: list[str], *, every: bool = False) -> list[Path]:
+    """Move refused scans back into the scan folder; return their new paths."""
+    from edge.quarantine import list_failed, restore
+
+    cfg = edge_config.load(home)
+    wanted = [item.name for item in list_failed(cfg.refused_dir)] if every else names
+    return [restore(cfg.refused_dir, name, cfg.watch_dir) for name in wanted]
+
+
+def _retry(args: argparse.Namespace) -> int:
+    try:
+        moved = retry(args.home, args.names, every=args.all)
+    except FileNotFoundError as exc:
+        print(f"sohoa: {exc}")
+        return 1
+    for path in moved:
+        print(f"back in the scan folder: {path.name}")
+    if not moved:
+        print("nothing to retry: the refused folder is empty")
     return 0

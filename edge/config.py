@@ -79,17 +79,39 @@ class CentralKeys:
 
 @dataclass(frozen=True, slots=True)
 class IntakeConfig:
+    """When a file in the scan folder counts as a finished scan (``edge.settle`` has the rules)."""
+
+    # Quiet after the writer closed the file (inotify close-write, or a rename into place).
     quiet_seconds: float = 5.0
+    # Where no file events exist (network mounts, files there before start-up): the file's mtime
+    # must be this old before it is taken.
+    unknown_quiet_seconds: float = 60.0
+    # A writer that keeps the file open and silent this long is taken anyway (a lost event); a
+    # later write makes the box send the file again as a new version, nothing is lost.
+    open_quiet_seconds: float = 600.0
+    # A file that stays structurally incomplete (no PDF trailer, no PNG IEND…) and unchanged this
+    # long is refused with a reason instead of waiting forever.
+    incomplete_grace_seconds: float = 300.0
     rescan_seconds: float = 30.0
     check_interval: float = 1.0
     max_file_bytes: int = 512 * 1024 * 1024
     urgent_globs: tuple[str, ...] = ("*khẩn*", "*KHẨN*", "*khan*", "*KHAN*")
+    # Inside the scan folder, so the clerk sees refused scans where they put them; never taken in.
+    refused_folder: str = "_Lỗi"
 
     def __post_init__(self) -> None:
         _positive(self.quiet_seconds, "intake.quiet_seconds", allow_zero=True)
+        _positive(self.unknown_quiet_seconds, "intake.unknown_quiet_seconds", allow_zero=True)
+        _positive(self.open_quiet_seconds, "intake.open_quiet_seconds", allow_zero=True)
+        _positive(self.incomplete_grace_seconds, "intake.incomplete_grace_seconds", allow_zero=True)
         _positive(self.rescan_seconds, "intake.rescan_seconds")
         _positive(self.check_interval, "intake.check_interval")
         _positive(self.max_file_bytes, "intake.max_file_bytes")
+        folder = nfc(self.refused_folder)
+        if folder != self.refused_folder or not folder or folder in (".", "..") or any(
+                ch in folder for ch in "/\\\0"):
+            raise ConfigError(f"intake.refused_folder = {self.refused_folder!r}: a plain folder name "
+                              "(NFC, no slashes), e.g. \"_Lỗi\"")
 
     def priority_of(self, relative_path: str) -> int:
         """1 for urgent documents (a folder or file name matching ``urgent_globs``), else 0."""
@@ -153,6 +175,12 @@ class OutboxConfig:
 @dataclass(frozen=True, slots=True)
 class RetentionConfig:
     keep_originals: bool = False
+    # After central's receipt, the original waits this long (and is then re-hashed) before it is
+    # deleted: a scanner that still writes into a file the box took early is caught, not lost.
+    release_after_seconds: float = 60.0
+
+    def __post_init__(self) -> None:
+        _positive(self.release_after_seconds, "retention.release_after_seconds", allow_zero=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,8 +220,13 @@ class EdgeConfig:
         return self.home / "processed"
 
     @property
-    def failed_dir(self) -> Path:
+    def legacy_failed_dir(self) -> Path:
+        """Where refused scans went before they were handed back to the clerk (moved on start)."""
         return self.home / "failed"
+
+    @property
+    def refused_dir(self) -> Path:
+        return self.watch_dir / self.intake.refused_folder
 
     @property
     def status_path(self) -> Path:

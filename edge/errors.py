@@ -19,16 +19,41 @@ class EdgeError(Exception):
 
 
 class BadInputError(EdgeError):
-    """A scanned file we refuse (empty, not an image/PDF, corrupt, encrypted, too large…)."""
+    """A scanned file we refuse (empty, not an image/PDF, corrupt, encrypted, too large…).
 
-    hint = "re-scan the document; the refused file is kept in the failed folder with the reason"
+    ``code`` names the kind of refusal for the clerk's message (``edge.reasons``); when a raiser
+    does not give one it is read from the reason text.
+    """
 
-    def __init__(self, reason: str) -> None:
+    hint = "re-scan the document; the refused file is kept in the refused-scans folder with the reason"
+
+    def __init__(self, reason: str, *, code: str | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.code = code
+
+
+class IncompleteFileError(BadInputError):
+    """The file does not end the way its format must (no PDF trailer, no PNG IEND, …).
+
+    Not a refusal yet: a scanner may still be writing it. The intake waits, and refuses it only
+    once it has stayed incomplete and unchanged for ``intake.incomplete_grace_seconds``.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason, code="incomplete")
 
 
 class OcrEngineError(EdgeError):
     """The OCR engine itself failed (tesseract missing, crashed, timed out): retryable."""
 
     hint = "check that tesseract and the 'vie' language data are installed (tesseract --list-langs)"
+
+
+class ContentChangedError(EdgeError):
+    """The held original changed while (or since) it was read: a writer still holds it.
+
+    Not a failure of the scan: the row takes the new content and is processed again.
+    """
+
+    hint = "the scanner was still writing; the box waits for it and sends the final file"

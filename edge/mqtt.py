@@ -64,7 +64,15 @@ class ConnectError(MqttError):
 
 
 class ConnectionLost(MqttError):
-    """The connection went away while an operation was waiting for the broker."""
+    """The connection went away while an operation was waiting for the broker.
+
+    ``reason_code`` is the broker's v5 DISCONNECT reason when it sent one (0x8E: another client
+    connected with our client id and took the session over).
+    """
+
+    def __init__(self, message: str, *, reason_code: int | None = None) -> None:
+        super().__init__(message)
+        self.reason_code = reason_code
 
 
 class PublishRefused(MqttError):
@@ -384,7 +392,7 @@ class MqttClient:
 
     def _cb_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode,
                        properties: Any) -> None:
-        self._to_loop(self._teardown, ConnectionLost(f"connection lost: {reason}"))
+        self._to_loop(self._teardown, ConnectionLost(f"connection lost: {reason}", reason_code=_code(reason)))
 
     def _cb_publish(self, client: paho.Client, userdata: Any, mid: int, reason: ReasonCode,
                     properties: Any) -> None:

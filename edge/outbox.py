@@ -3,18 +3,30 @@
 paho keeps its session in memory only and a broker PUBACK promises nothing durable, so what has
 been taken, packaged, sent and receipted lives here, in SQLite, and survives any crash.
 
-Rules:
-  - One writer connection (aiosqlite's thread), WAL. SQL lives in plain functions below that take
-    the connection; :class:`Outbox` only sequences them.
-  - ``synchronous=NORMAL`` for ordinary commits (a crash may lose the last few, never corrupt), and
-    ``synchronous=FULL`` for the commits that let something happen outside the database: an
-    envelope that may now be sent (``mark_packaged``) and a receipt that lets the caller delete the
-    plaintext original (``mark_delivered``). SQLite refuses to change the level inside a
-    transaction, so every write is an explicit ``BEGIN IMMEDIATE … COMMIT`` with the level set first.
-  - ``seq`` is the per-device sequence number of the envelope header: taken from a counter row in
-    the same transaction as the insert, so it is monotonic and never reused, even after deleting rows.
-  - ``sendable`` pages with a keyset on ``(priority DESC, seq)`` over a partial index: thousands of
-    queued rows never delay the first upload.
+Rules (everything that decides what a row may become lives in this module):
+
+  1. A row has two independent coordinates: its **state** (how far the document has travelled
+     towards central) and its **place** (where the original's bytes are on this box). ``state``
+     only moves along :data:`TRANSITIONS`, ``place`` only along :data:`PLACE_MOVES`; every write
+     below reads those tables, so an illegal move is an :class:`OutboxError`, never a silent update.
+  2. Workers record *facts* (taken, packaged, sending, delivered with the receipted sha256, failed
+     with a reason); they never move or delete files because of them. The custody reconciler
+     (``edge.custody``) reads rows whose place disagrees with their state and acts on the files:
+     that is level-triggered, so "what if it crashes here?" has one answer — run it again.
+  3. ``delivered`` and ``failed`` are final states. What happens to the files afterwards (deleted,
+     kept, returned to the scan folder as a changed file, quarantined for the clerk) is a place.
+  4. One writer connection (aiosqlite's thread), WAL. Every write is ``BEGIN IMMEDIATE … COMMIT``
+     with ``synchronous=FULL`` for the commits that let something happen outside the database
+     (a scan leaving the watch folder, an envelope becoming sendable, a receipt that lets custody
+     delete plaintext) and ``NORMAL`` for the rest. SQL lives in plain functions taking the
+     connection; :class:`Outbox` only sequences them.
+  5. ``seq`` (the envelope header's per-device sequence number) comes from a counter row bumped in
+     the same transaction as the insert: monotonic, never reused. A new outbox starts the counter
+     at the current time in milliseconds, so a re-imaged box (same identity, empty outbox) never
+     reuses a number its earlier life sent; two boxes sharing one identity (a cloned SD card) do
+     collide, which is how central notices them.
+  6. ``sendable`` pages with a keyset on ``(priority DESC, seq)`` over a partial index: thousands of
+     queued rows never delay the first upload.
 """
 
 from __future__ import annotations
@@ -33,21 +45,58 @@ from typing import Any
 
 import aiosqlite
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class DocState(StrEnum):
-    STABLE = "stable"          # settled file taken; original still in the scan folder or processed/
-    OCR_DONE = "ocr_done"
+    STABLE = "stable"          # a settled file was taken; OCR and packaging still to do
     PACKAGED = "packaged"      # envelope on disk, never sent
     SENDING = "sending"        # at least one transfer attempt started: resume from central's ack
-    DELIVERED = "delivered"    # central's signed receipt arrived: plaintext may go
-    FAILED = "failed"          # quarantined, with a reason
-    DUPLICATE = "duplicate"    # same content as another row; never sent
+    DELIVERED = "delivered"    # central's signed receipt for exactly this content is recorded
+    FAILED = "failed"          # refused (by us or by central), with a reason for the clerk
 
 
-QUEUED_STATES = (DocState.STABLE, DocState.OCR_DONE, DocState.PACKAGED, DocState.SENDING)
+class Place(StrEnum):
+    WATCH = "watch"                # still in the scan folder at src_path (the move is pending)
+    HELD = "held"                  # HOME/processed/<tid>.<ext>, private to the service
+    GONE = "gone"                  # deleted after the receipt matched what was on disk
+    KEPT = "kept"                  # kept after delivery (retention.keep_originals)
+    RETURNED = "returned"          # changed after it was taken: back in the scan folder as new
+    QUARANTINED = "quarantined"    # in the clerk's refused-scans folder, with a reason beside it
+    RETRIED = "retried"            # taken back out of the refused folder (edge retry / the clerk)
+    MISSING = "missing"            # vanished (deleted by someone else); nothing left to act on
+
+
+# Rule 1: the only state moves there are. SENDING → SENDING is a resumed transfer.
+TRANSITIONS: Mapping[DocState, frozenset[DocState]] = MappingProxyType({
+    DocState.STABLE: frozenset({DocState.PACKAGED, DocState.FAILED}),
+    DocState.PACKAGED: frozenset({DocState.SENDING, DocState.DELIVERED, DocState.FAILED}),
+    DocState.SENDING: frozenset({DocState.SENDING, DocState.DELIVERED, DocState.FAILED}),
+    DocState.DELIVERED: frozenset(),
+    DocState.FAILED: frozenset(),
+})
+
+# ... and the only place moves. Places after delivery/refusal are ends, except that a quarantined
+# file may be taken back by the clerk.
+PLACE_MOVES: Mapping[Place, frozenset[Place]] = MappingProxyType({
+    Place.WATCH: frozenset({Place.HELD, Place.QUARANTINED, Place.MISSING}),
+    Place.HELD: frozenset({Place.GONE, Place.KEPT, Place.RETURNED, Place.QUARANTINED, Place.MISSING}),
+    Place.KEPT: frozenset({Place.GONE, Place.MISSING}),
+    Place.QUARANTINED: frozenset({Place.RETRIED, Place.MISSING}),
+    Place.GONE: frozenset(),
+    Place.RETURNED: frozenset(),
+    Place.RETRIED: frozenset(),
+    Place.MISSING: frozenset(),
+})
+
+QUEUED_STATES = (DocState.STABLE, DocState.PACKAGED, DocState.SENDING)
 SENDABLE_STATES = (DocState.PACKAGED, DocState.SENDING)
+# Where custody still has work: a pending move, or files to release after an ending.
+_CUSTODY_WHERE = (
+    "(place = 'watch' AND state != 'failed')"
+    " OR (state = 'delivered' AND (place = 'held' OR envelope_path IS NOT NULL))"
+    " OR (state = 'failed' AND (place IN ('watch', 'held') OR envelope_path IS NOT NULL))"
+)
 
 
 class OutboxError(Exception):
@@ -65,23 +114,29 @@ class Doc:
     tid: str
     seq: int
     state: DocState
-    name: str
-    src_path: str
+    place: Place
+    name: str                 # the clerk's file name, NFC (display only, never a path)
+    rel_path: str             # where it was in the scan folder, relative (for returns)
+    src_path: str             # where the original is now
     size: int
-    sha256: str
+    sha256: str               # of the content this row stands for (what was packaged)
     media_type: str
     pages: int
     priority: int
+    captured_at: float        # the file's mtime when taken: when the scanner wrote it
     envelope_path: str | None
     signed_header: bytes | None
     ciphertext_size: int | None
     segment_size: int | None
     attempts: int
     reason: str | None
+    reason_code: str | None
     created_at: float
     updated_at: float
     delivered_at: float | None
     central_document_id: int | None
+    receipt_sha256: str | None
+    pending_path: str | None  # where custody is moving the original right now (an intent)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,80 +146,135 @@ class OutboxStats:
     queued_bytes: int
     oldest_age_s: float
     last_receipt_at: float | None
-    failed: int
+    failed: int               # refused documents whose file waits in the refused folder
 
 
 # -- schema -------------------------------------------------------------------------------------
 
-_SCHEMA_V1 = """
+_DOCS_V2 = """
 CREATE TABLE docs (
     tid                 TEXT PRIMARY KEY,
     seq                 INTEGER NOT NULL UNIQUE,
     state               TEXT NOT NULL CHECK (state IN
-                            ('stable','ocr_done','packaged','sending','delivered','failed','duplicate')),
+                            ('stable','packaged','sending','delivered','failed')),
+    place               TEXT NOT NULL CHECK (place IN
+                            ('watch','held','gone','kept','returned','quarantined','retried','missing')),
     name                TEXT NOT NULL,
+    rel_path            TEXT NOT NULL,
     src_path            TEXT NOT NULL,
     size                INTEGER NOT NULL CHECK (size >= 0),
     sha256              TEXT NOT NULL,
     media_type          TEXT NOT NULL,
     pages               INTEGER NOT NULL,
     priority            INTEGER NOT NULL DEFAULT 0,
+    captured_at         REAL NOT NULL,
     envelope_path       TEXT,
     signed_header       BLOB,
     ciphertext_size     INTEGER,
     segment_size        INTEGER,
     attempts            INTEGER NOT NULL DEFAULT 0,
     reason              TEXT,
-    duplicate_of        TEXT,
+    reason_code         TEXT,
     created_at          REAL NOT NULL,
     updated_at          REAL NOT NULL,
     delivered_at        REAL,
-    central_document_id INTEGER
-) STRICT;
-CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) STRICT;
-INSERT INTO counters (name, value) VALUES ('seq', 0);
-CREATE INDEX docs_sendable ON docs (priority DESC, seq) WHERE state IN ('packaged', 'sending');
-CREATE INDEX docs_state ON docs (state);
-CREATE INDEX docs_sha256 ON docs (sha256);
-CREATE INDEX docs_envelope ON docs (delivered_at) WHERE state = 'delivered' AND envelope_path IS NOT NULL;
+    central_document_id INTEGER,
+    receipt_sha256      TEXT,
+    pending_path        TEXT
+) STRICT
 """
 
-_COLUMNS = ("tid, seq, state, name, src_path, size, sha256, media_type, pages, priority, envelope_path, "
-            "signed_header, ciphertext_size, segment_size, attempts, reason, created_at, updated_at, "
-            "delivered_at, central_document_id")
+_INDEXES_V2 = (
+    "CREATE INDEX docs_sendable ON docs (priority DESC, seq) WHERE state IN ('packaged', 'sending')",
+    "CREATE INDEX docs_state ON docs (state)",
+    "CREATE INDEX docs_src ON docs (src_path) WHERE place = 'watch'",
+    f"CREATE INDEX docs_custody ON docs (seq) WHERE {_CUSTODY_WHERE}",
+)
+
+_COLUMNS = ("tid, seq, state, place, name, rel_path, src_path, size, sha256, media_type, pages, priority, "
+            "captured_at, envelope_path, signed_header, ciphertext_size, segment_size, attempts, reason, "
+            "reason_code, created_at, updated_at, delivered_at, central_document_id, receipt_sha256, "
+            "pending_path")
 
 
-async def _migrate(db: aiosqlite.Connection) -> None:
+async def _migrate(db: aiosqlite.Connection, *, seq_base: int) -> None:
     async with db.execute("PRAGMA user_version") as cur:
         row = await cur.fetchone()
     version = int(row[0]) if row else 0
     if version > SCHEMA_VERSION:
         raise OutboxError(f"outbox schema version {version} is newer than this software "
                           f"({SCHEMA_VERSION}); upgrade sohoa before running it on this database")
-    if version == 0:
-        await db.execute("BEGIN IMMEDIATE")
-        try:
-            for statement in _SCHEMA_V1.split(";"):
-                if statement.strip():
-                    await db.execute(statement)
-            await db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            await db.execute("COMMIT")
-        except BaseException:
-            await db.execute("ROLLBACK")
-            raise
+    if version == SCHEMA_VERSION:
+        return
+    await db.execute("BEGIN IMMEDIATE")
+    try:
+        if version == 0:
+            await db.execute(_DOCS_V2)
+            await db.execute("CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) STRICT")
+            await db.execute("INSERT INTO counters (name, value) VALUES ('seq', ?)", (seq_base,))
+        else:
+            await _migrate_v1(db)
+        for statement in _INDEXES_V2:
+            await db.execute(statement)
+        await db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        await db.execute("COMMIT")
+    except BaseException:
+        await db.execute("ROLLBACK")
+        raise
+
+
+async def _migrate_v1(db: aiosqlite.Connection) -> None:
+    """v1 → v2: 'ocr_done' is gone (nothing was persisted for it), 'duplicate' rows (the old edge
+    trusted a past receipt) become delivered rows whose file is gone, and every row gets a place."""
+    await db.execute("ALTER TABLE docs RENAME TO docs_v1")
+    for index in ("docs_sendable", "docs_state", "docs_sha256", "docs_envelope"):
+        await db.execute(f"DROP INDEX IF EXISTS {index}")
+    await db.execute(_DOCS_V2)
+    async with db.execute(
+            "SELECT tid, seq, state, name, src_path, size, sha256, media_type, pages, priority, "
+            "envelope_path, signed_header, ciphertext_size, segment_size, attempts, reason, created_at, "
+            "updated_at, delivered_at, central_document_id FROM docs_v1") as cur:
+        rows = await cur.fetchall()
+    for row in rows:
+        (tid, seq, state, name, src_path, size, sha256, media_type, pages, priority, envelope_path,
+         signed_header, ciphertext_size, segment_size, attempts, reason, created_at, updated_at,
+         delivered_at, central_document_id) = tuple(row)
+        exists = bool(src_path) and os.path.lexists(src_path)  # noqa: ASYNC240 - once, at upgrade
+        held = exists and f"{os.sep}processed{os.sep}" in src_path
+        if state in ("stable", "ocr_done"):
+            new_state, place = "stable", ("held" if held else "watch" if exists else "missing")
+        elif state in ("packaged", "sending"):
+            new_state, place = state, ("held" if exists else "missing")
+        elif state == "delivered":
+            new_state, place = "delivered", ("held" if exists and envelope_path else
+                                             "kept" if exists else "gone")
+        elif state == "duplicate":
+            new_state, place = "delivered", "gone"
+        else:
+            new_state, place = "failed", ("held" if held else "quarantined")
+        await db.execute(
+            f"INSERT INTO docs ({_COLUMNS}) VALUES ({', '.join('?' * 26)})",  # noqa: S608 - fixed columns
+            (tid, seq, new_state, place, name, name, src_path, size, sha256, media_type, pages, priority,
+             created_at, envelope_path, signed_header, ciphertext_size, segment_size, attempts, reason,
+             "legacy" if state == "failed" else None, created_at, updated_at,
+             delivered_at if state == "delivered" else (updated_at if state == "duplicate" else None),
+             central_document_id, sha256 if state == "delivered" else None, None))
+    await db.execute("DROP TABLE docs_v1")
 
 
 def _doc(row: aiosqlite.Row | tuple[Any, ...]) -> Doc:
-    (tid, seq, state, name, src_path, size, sha256, media_type, pages, priority, envelope_path,
-     signed_header, ciphertext_size, segment_size, attempts, reason, created_at, updated_at,
-     delivered_at, central_document_id) = tuple(row)
-    return Doc(tid=tid, seq=seq, state=DocState(state), name=name, src_path=src_path, size=size,
-               sha256=sha256, media_type=media_type, pages=pages, priority=priority,
-               envelope_path=envelope_path,
+    (tid, seq, state, place, name, rel_path, src_path, size, sha256, media_type, pages, priority,
+     captured_at, envelope_path, signed_header, ciphertext_size, segment_size, attempts, reason,
+     reason_code, created_at, updated_at, delivered_at, central_document_id, receipt_sha256,
+     pending_path) = tuple(row)
+    return Doc(tid=tid, seq=seq, state=DocState(state), place=Place(place), name=name, rel_path=rel_path,
+               src_path=src_path, size=size, sha256=sha256, media_type=media_type, pages=pages,
+               priority=priority, captured_at=captured_at, envelope_path=envelope_path,
                signed_header=bytes(signed_header) if signed_header is not None else None,
                ciphertext_size=ciphertext_size, segment_size=segment_size, attempts=attempts,
-               reason=reason, created_at=created_at, updated_at=updated_at, delivered_at=delivered_at,
-               central_document_id=central_document_id)
+               reason=reason, reason_code=reason_code, created_at=created_at, updated_at=updated_at,
+               delivered_at=delivered_at, central_document_id=central_document_id,
+               receipt_sha256=receipt_sha256, pending_path=pending_path)
 
 
 # -- SQL, one plain function per statement ------------------------------------------------------
@@ -176,14 +286,14 @@ async def _next_seq(db: aiosqlite.Connection) -> int:
     return int(row[0])
 
 
-async def _insert(db: aiosqlite.Connection, *, tid: str, seq: int, state: DocState, name: str,
-                  src_path: str, size: int, sha256: str, media_type: str, pages: int, priority: int,
-                  now: float, duplicate_of: str | None = None) -> None:
+async def _insert(db: aiosqlite.Connection, doc: Doc) -> None:
     await db.execute(
-        "INSERT INTO docs (tid, seq, state, name, src_path, size, sha256, media_type, pages, priority, "
-        "duplicate_of, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (tid, seq, state.value, name, src_path, size, sha256, media_type, pages, priority,
-         duplicate_of, now, now))
+        f"INSERT INTO docs ({_COLUMNS}) VALUES ({', '.join('?' * 26)})",  # noqa: S608 - fixed columns
+        (doc.tid, doc.seq, doc.state.value, doc.place.value, doc.name, doc.rel_path, doc.src_path,
+         doc.size, doc.sha256, doc.media_type, doc.pages, doc.priority, doc.captured_at,
+         doc.envelope_path, doc.signed_header, doc.ciphertext_size, doc.segment_size, doc.attempts,
+         doc.reason, doc.reason_code, doc.created_at, doc.updated_at, doc.delivered_at,
+         doc.central_document_id, doc.receipt_sha256, doc.pending_path))
 
 
 async def _select_one(db: aiosqlite.Connection, where: str, params: tuple[Any, ...]) -> Doc | None:
@@ -197,19 +307,8 @@ async def _select_many(db: aiosqlite.Connection, where: str, params: tuple[Any, 
         return [_doc(row) for row in await cur.fetchall()]
 
 
-async def _transition(db: aiosqlite.Connection, tid: str, allowed: tuple[DocState, ...],
-                      assignments: str, params: tuple[Any, ...]) -> int:
-    states = ",".join(f"'{s.value}'" for s in allowed)
-    cur = await db.execute(
-        f"UPDATE docs SET {assignments} WHERE tid = ? AND state IN ({states})",  # noqa: S608
-        (*params, tid))
-    return cur.rowcount
-
-
-async def _state_of(db: aiosqlite.Connection, tid: str) -> DocState | None:
-    async with db.execute("SELECT state FROM docs WHERE tid = ?", (tid,)) as cur:
-        row = await cur.fetchone()
-    return DocState(row[0]) if row else None
+async def _update(db: aiosqlite.Connection, tid: str, assignments: str, params: tuple[Any, ...]) -> None:
+    await db.execute(f"UPDATE docs SET {assignments} WHERE tid = ?", (*params, tid))  # noqa: S608
 
 
 def _create_private(path: Path) -> None:
@@ -225,6 +324,15 @@ async def _configure(db: aiosqlite.Connection, path: Path) -> None:
         raise OutboxError(f"could not switch {path} to WAL journaling (got {mode!r})")
     await db.execute("PRAGMA synchronous=NORMAL")
     await db.execute("PRAGMA busy_timeout=5000")
+
+
+def _check_move(doc: Doc, state: DocState | None, place: Place | None, what: str) -> None:
+    if state is not None and state not in TRANSITIONS[doc.state]:
+        raise OutboxError(f"{what}: row {doc.tid} is {doc.state.value}, cannot become {state.value}",
+                          tid=doc.tid)
+    if place is not None and place is not doc.place and place not in PLACE_MOVES[doc.place]:
+        raise OutboxError(f"{what}: row {doc.tid} is {doc.place.value}, cannot move to {place.value}",
+                          tid=doc.tid)
 
 
 class Outbox:
@@ -246,7 +354,7 @@ class Outbox:
         db = await aiosqlite.connect(path, isolation_level=None)
         try:
             await _configure(db, path)
-            await _migrate(db)
+            await _migrate(db, seq_base=int(clock() * 1000))
         except BaseException:
             await db.close()
             raise
@@ -274,95 +382,112 @@ class Outbox:
                         await self._db.execute("ROLLBACK")
                 raise
 
-    async def _require(self, tid: str, rowcount: int, what: str) -> None:
-        if rowcount == 1:
-            return
-        state = await _state_of(self._db, tid)
-        if state is None:
-            raise OutboxError(f"{what}: no outbox row {tid}", tid=tid)
-        raise OutboxError(f"{what}: row {tid} is {state.value}", tid=tid)
+    async def _change(self, tid: str, what: str, *, state: DocState | None = None, place: Place | None = None,
+                      durable: bool = False, **values: Any) -> Doc | None:
+        """Apply one checked change to a row; None when it is a repeat of what is already recorded."""
+        async with self._write(durable=durable) as db:
+            doc = await _select_one(db, "tid = ?", (tid,))
+            if doc is None:
+                raise OutboxError(f"{what}: no outbox row {tid}", tid=tid)
+            _check_move(doc, state, place, what)
+            assignments = {**values, "updated_at": self._clock()}
+            if state is not None:
+                assignments["state"] = state.value
+            if place is not None:
+                assignments["place"] = place.value
+            await _update(db, tid, ", ".join(f"{column} = ?" for column in assignments),
+                          tuple(assignments.values()))
+        return await self.get(tid)
 
     # -- creation ----------------------------------------------------------------------------------
-    async def find_active_by_sha256(self, sha256: str) -> Doc | None:
-        """Any row with this content that is not failed or a duplicate (delivered included)."""
-        return await _select_one(self._db, "sha256 = ? AND state NOT IN ('failed', 'duplicate') "
-                                           "ORDER BY seq", (sha256,))
+    def _new(self, *, seq: int, state: DocState, name: str, rel_path: str, src_path: str, size: int,
+             sha256: str, media_type: str, pages: int, priority: int, captured_at: float,
+             reason: str | None = None, reason_code: str | None = None) -> Doc:
+        now = self._clock()
+        return Doc(tid=uuid.uuid4().hex, seq=seq, state=state, place=Place.WATCH, name=name,
+                   rel_path=rel_path, src_path=src_path, size=size, sha256=sha256, media_type=media_type,
+                   pages=pages, priority=priority, captured_at=captured_at, envelope_path=None,
+                   signed_header=None, ciphertext_size=None, segment_size=None, attempts=0, reason=reason,
+                   reason_code=reason_code, created_at=now, updated_at=now, delivered_at=None,
+                   central_document_id=None, receipt_sha256=None, pending_path=None)
 
-    async def add(self, *, name: str, src_path: str, size: int, sha256: str, media_type: str,
-                  pages: int, priority: int = 0) -> Doc:
-        tid = uuid.uuid4().hex
+    async def add(self, *, name: str, src_path: str, size: int, sha256: str, media_type: str, pages: int,
+                  priority: int = 0, rel_path: str | None = None, captured_at: float | None = None) -> Doc:
+        """A taken scan, still at ``src_path`` in the watch folder (custody moves it next)."""
         # Durable: the caller moves the scan out of the watch folder right after this commit.
         async with self._write(durable=True) as db:
-            seq = await _next_seq(db)
-            await _insert(db, tid=tid, seq=seq, state=DocState.STABLE, name=name, src_path=src_path,
-                          size=size, sha256=sha256, media_type=media_type, pages=pages,
-                          priority=priority, now=self._clock())
-        doc = await self.get(tid)
-        assert doc is not None
+            doc = self._new(seq=await _next_seq(db), state=DocState.STABLE, name=name,
+                            rel_path=rel_path or name, src_path=src_path, size=size, sha256=sha256,
+                            media_type=media_type, pages=pages, priority=priority,
+                            captured_at=self._clock() if captured_at is None else captured_at)
+            await _insert(db, doc)
         return doc
 
-    async def add_duplicate(self, *, name: str, sha256: str, size: int, of_tid: str) -> Doc:
-        tid = uuid.uuid4().hex
-        async with self._write() as db:
-            seq = await _next_seq(db)
-            await _insert(db, tid=tid, seq=seq, state=DocState.DUPLICATE, name=name, src_path="",
-                          size=size, sha256=sha256, media_type="", pages=0, priority=0,
-                          now=self._clock(), duplicate_of=of_tid)
-            await db.execute("UPDATE docs SET reason = ? WHERE tid = ?", (f"duplicate of {of_tid}", tid))
-        doc = await self.get(tid)
-        assert doc is not None
+    async def add_refused(self, *, name: str, src_path: str, reason: str, reason_code: str,
+                          rel_path: str | None = None, size: int = 0, sha256: str = "",
+                          media_type: str = "") -> Doc:
+        """A file refused at intake (not a scan, damaged, too large…): custody quarantines it."""
+        async with self._write(durable=True) as db:
+            now = self._clock()
+            doc = self._new(seq=await _next_seq(db), state=DocState.FAILED, name=name,
+                            rel_path=rel_path or name, src_path=src_path, size=size, sha256=sha256,
+                            media_type=media_type, pages=0, priority=0, captured_at=now, reason=reason,
+                            reason_code=reason_code)
+            await _insert(db, doc)
         return doc
 
-    # -- transitions -------------------------------------------------------------------------------
-    async def update_src(self, tid: str, src_path: str) -> None:
-        async with self._write() as db:
-            cur = await db.execute("UPDATE docs SET src_path = ?, updated_at = ? WHERE tid = ?",
-                                   (src_path, self._clock(), tid))
-            await self._require(tid, cur.rowcount, "update_src")
+    # -- facts -------------------------------------------------------------------------------------
+    async def intend(self, tid: str, target: str) -> None:
+        """Custody is about to move the original to ``target``: if the box dies mid-move, recovery
+        finds the file at one end or the other instead of calling it missing."""
+        await self._change(tid, "intend", durable=True, pending_path=target)
 
-    async def mark_ocr_done(self, tid: str, pages: int) -> None:
+    async def moved(self, tid: str, place: Place, src_path: str | None = None) -> Doc | None:
+        """Custody moved (or deleted, or found missing) the original; durable, it precedes deletes."""
+        values: dict[str, Any] = {"pending_path": None}
+        if src_path is not None:
+            values["src_path"] = src_path
+        return await self._change(tid, "moved", place=place, durable=True, **values)
+
+    async def content_changed(self, tid: str, *, sha256: str, size: int, captured_at: float) -> None:
+        """The held file changed before it was packaged: the row now stands for the new content."""
         async with self._write() as db:
-            n = await _transition(db, tid, (DocState.STABLE, DocState.OCR_DONE),
-                                  "state = 'ocr_done', pages = ?, updated_at = ?", (pages, self._clock()))
-            await self._require(tid, n, "mark_ocr_done")
+            doc = await _select_one(db, "tid = ?", (tid,))
+            if doc is None or doc.state is not DocState.STABLE:
+                raise OutboxError(f"content_changed: row {tid} is not stable", tid=tid)
+            await _update(db, tid, "sha256 = ?, size = ?, captured_at = ?, updated_at = ?",
+                          (sha256, size, captured_at, self._clock()))
 
     async def mark_packaged(self, tid: str, *, envelope_path: str, signed_header: bytes,
-                            ciphertext_size: int, segment_size: int) -> None:
-        async with self._write(durable=True) as db:
-            n = await _transition(
-                db, tid, (DocState.STABLE, DocState.OCR_DONE),
-                "state = 'packaged', envelope_path = ?, signed_header = ?, ciphertext_size = ?, "
-                "segment_size = ?, updated_at = ?",
-                (envelope_path, signed_header, ciphertext_size, segment_size, self._clock()))
-            await self._require(tid, n, "mark_packaged")
+                            ciphertext_size: int, segment_size: int, pages: int | None = None,
+                            sha256: str | None = None, size: int | None = None) -> None:
+        values: dict[str, Any] = {"envelope_path": envelope_path, "signed_header": signed_header,
+                                  "ciphertext_size": ciphertext_size, "segment_size": segment_size}
+        values |= {k: v for k, v in (("pages", pages), ("sha256", sha256), ("size", size)) if v is not None}
+        await self._change(tid, "mark_packaged", state=DocState.PACKAGED, durable=True, **values)
 
     async def mark_sending(self, tid: str) -> None:
-        async with self._write() as db:
-            n = await _transition(db, tid, SENDABLE_STATES, "state = 'sending', updated_at = ?",
-                                  (self._clock(),))
-            await self._require(tid, n, "mark_sending")
+        await self._change(tid, "mark_sending", state=DocState.SENDING)
 
-    async def mark_delivered(self, tid: str, *, central_document_id: int, duplicate: bool) -> None:
-        """Record central's receipt. Once this returns, the caller may delete the plaintext."""
+    async def mark_delivered(self, tid: str, *, central_document_id: int, duplicate: bool,
+                             receipt_sha256: str | None = None) -> None:
+        """Record central's verified receipt. Custody may delete plaintext once this returns."""
+        doc = await self.get(tid)
+        if doc is not None and doc.state is DocState.DELIVERED:
+            return   # a repeated receipt: already durable
         now = self._clock()
-        async with self._write(durable=True) as db:
-            n = await _transition(
-                db, tid, SENDABLE_STATES,
-                "state = 'delivered', delivered_at = ?, central_document_id = ?, reason = ?, "
-                "updated_at = ?",
-                (now, central_document_id, "central already held this content" if duplicate else None,
-                 now))
-            if n == 0 and await _state_of(db, tid) is DocState.DELIVERED:
-                return   # a repeated receipt: already durable
-            await self._require(tid, n, "mark_delivered")
+        await self._change(
+            tid, "mark_delivered", state=DocState.DELIVERED, durable=True, delivered_at=now,
+            central_document_id=central_document_id,
+            receipt_sha256=receipt_sha256 or (doc.sha256 if doc else None),
+            reason="central already held this content" if duplicate else None)
 
-    async def mark_failed(self, tid: str, reason: str) -> None:
-        async with self._write(durable=True) as db:
-            # FAILED → FAILED only updates the reason: the uplink records a rejection and the
-            # service's quarantine step records it again with the file's new place.
-            n = await _transition(db, tid, (*QUEUED_STATES, DocState.FAILED),
-                                  "state = 'failed', reason = ?, updated_at = ?", (reason, self._clock()))
-            await self._require(tid, n, "mark_failed")
+    async def mark_failed(self, tid: str, reason: str, code: str = "failed") -> None:
+        doc = await self.get(tid)
+        if doc is not None and doc.state is DocState.FAILED:
+            return
+        await self._change(tid, "mark_failed", state=DocState.FAILED, durable=True, reason=reason,
+                           reason_code=code)
 
     async def bump_attempts(self, tid: str, reason: str) -> int:
         async with self._write() as db:
@@ -375,18 +500,27 @@ class Outbox:
             return int(row[0])
 
     async def clear_envelope(self, tid: str) -> None:
-        async with self._write() as db:
-            cur = await db.execute("UPDATE docs SET envelope_path = NULL, updated_at = ? WHERE tid = ?",
-                                   (self._clock(), tid))
-            await self._require(tid, cur.rowcount, "clear_envelope")
+        await self._change(tid, "clear_envelope", envelope_path=None)
 
     # -- queries -----------------------------------------------------------------------------------
     async def get(self, tid: str) -> Doc | None:
         return await _select_one(self._db, "tid = ?", (tid,))
 
+    async def pending_at(self, src_path: str) -> Doc | None:
+        """A row whose file is still at ``src_path`` in the watch folder (its move is pending)."""
+        return await _select_one(self._db, "place = 'watch' AND src_path = ?", (src_path,))
+
     async def unfinished(self) -> list[Doc]:
-        """STABLE / OCR_DONE rows to resume after a restart, oldest first."""
-        return await _select_many(self._db, "state IN ('stable', 'ocr_done') ORDER BY seq", ())
+        """STABLE rows (to OCR and package) after a restart, oldest first."""
+        return await _select_many(self._db, "state = 'stable' ORDER BY seq", ())
+
+    async def custody_pending(self, limit: int = 200, after_seq: int = 0) -> list[Doc]:
+        """Rows whose files custody still has to move, release or quarantine (by seq, keyset-paged)."""
+        return await _select_many(self._db, f"({_CUSTODY_WHERE}) AND seq > ? ORDER BY seq LIMIT ?",
+                                  (after_seq, limit))
+
+    async def quarantined(self) -> list[Doc]:
+        return await _select_many(self._db, "place = 'quarantined' ORDER BY seq", ())
 
     async def sendable(self, limit: int = 16, after_seq: int | None = None) -> list[Doc]:
         """PACKAGED/SENDING rows by priority (high first) then seq; one page of at most ``limit``.
@@ -407,15 +541,14 @@ class Outbox:
         return await _select_many(self._db, f"{where} ORDER BY priority DESC, seq LIMIT ?",
                                   (*params, limit))
 
-    async def delivered_with_files(self, limit: int = 100) -> list[Doc]:
-        return await _select_many(
-            self._db, "state = 'delivered' AND envelope_path IS NOT NULL ORDER BY delivered_at LIMIT ?",
-            (limit,))
+    async def recent(self, limit: int = 100) -> list[Doc]:
+        """The newest rows, newest first (what the clerk's status shows)."""
+        return await _select_many(self._db, "1 ORDER BY seq DESC LIMIT ?", (limit,))
 
     async def _queued_bytes(self) -> int:
         async with self._db.execute(
                 "SELECT COALESCE(SUM(size + COALESCE(ciphertext_size, 0)), 0) FROM docs "
-                "WHERE state IN ('stable', 'ocr_done', 'packaged', 'sending')") as cur:
+                "WHERE state IN ('stable', 'packaged', 'sending')") as cur:
             row = await cur.fetchone()
         return int(row[0]) if row else 0
 
@@ -424,17 +557,19 @@ class Outbox:
             counts = {str(state): int(n) for state, n in await cur.fetchall()}
         async with self._db.execute(
                 "SELECT COUNT(*), COALESCE(SUM(size + COALESCE(ciphertext_size, 0)), 0), MIN(created_at) "
-                "FROM docs WHERE state IN ('stable', 'ocr_done', 'packaged', 'sending')") as cur:
+                "FROM docs WHERE state IN ('stable', 'packaged', 'sending')") as cur:
             row = await cur.fetchone()
         assert row is not None
         queued_docs, queued_bytes, oldest = int(row[0]), int(row[1]), row[2]
         async with self._db.execute("SELECT MAX(delivered_at) FROM docs WHERE state = 'delivered'") as cur:
             last = await cur.fetchone()
+        async with self._db.execute("SELECT COUNT(*) FROM docs WHERE place = 'quarantined'") as cur:
+            waiting = await cur.fetchone()
         return OutboxStats(
             counts=MappingProxyType({s.value: counts.get(s.value, 0) for s in DocState}),
             queued_docs=queued_docs, queued_bytes=queued_bytes,
             oldest_age_s=max(0.0, self._clock() - oldest) if oldest is not None else 0.0,
-            last_receipt_at=last[0] if last else None, failed=counts.get(DocState.FAILED.value, 0))
+            last_receipt_at=last[0] if last else None, failed=int(waiting[0]) if waiting else 0)
 
     async def room_for(self, nbytes: int) -> bool:
         """Whether ``nbytes`` more fit under the cap (queued originals plus their envelopes)."""

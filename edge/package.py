@@ -1,8 +1,9 @@
 """Package stage: the BagIt-style tar of one document (protocol/bag.py), then its sealed envelope.
 
 The original is streamed byte-for-byte into the tar (never loaded whole), hashed on the way and
-checked against the sha256 recorded when the file was taken in, so a file changed under us can
-never be packaged under the old hash. Tar headers use fixed owner and time: the same inputs give
+checked against the sha256 recorded for the row, so a file changed under us (a scanner still
+writing) is never packaged under the old hash: ``ContentChangedError`` sends the row round again.
+Tar headers use fixed owner and time: the same inputs give
 the same bytes. Both outputs are written crash-safe (temp file, fsync, rename).
 """
 
@@ -18,7 +19,7 @@ from typing import BinaryIO
 import nacl.public
 import nacl.signing
 
-from edge.errors import EdgeError
+from edge.errors import ContentChangedError
 from edge.fsutil import atomic_writer
 from edge.media import MediaInfo, open_regular
 from edge.ocr import OcrResult
@@ -101,11 +102,10 @@ def build_package(original: Path, out: Path, *, media: MediaInfo, ocr: OcrResult
                 try:
                     tar.addfile(_tarinfo(original_name_in_bag, size), reader)
                 except OSError as exc:  # tarfile's "unexpected end of data": the file shrank
-                    raise EdgeError(f"{original.name} changed while it was being packaged ({exc})",
-                                    hint="the file will be taken in again with its new content") from exc
+                    raise ContentChangedError(f"{original_name} changed while it was being packaged "
+                                              f"({exc})") from exc
             if reader.count != size or reader.digest.hexdigest() != original_sha256:
-                raise EdgeError(f"{original.name} changed while it was being packaged",
-                                hint="the file will be taken in again with its new content")
+                raise ContentChangedError(f"{original_name} changed since it was taken")
             handle.flush()
             return handle.tell()
 

@@ -1,30 +1,38 @@
-"""Quarantine: move a refused scan into the failed folder with a note saying why.
+"""Refused scans go back to the clerk: a folder inside the scan share, a reason note beside each.
 
-Only the basename is kept (NFC), never a path from elsewhere; a symlink or FIFO is moved as
-itself, never opened or followed. The note ``<name>.reason.txt`` is what a clerk reads when asking
-"where did my scan go?", and what ``sohoa edge status`` lists.
+The refused folder (default ``_Lỗi`` in the scan folder) is where a clerk already looks; the intake
+ignores it. Only the basename is kept (NFC), never a path from elsewhere; a symlink or FIFO is
+moved as itself, never opened or followed. The note ``<name>.lý-do.txt`` says in Vietnamese (and
+English) what happened and what to do; :func:`restore` is ``sohoa edge retry``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from edge.fsutil import atomic_write_bytes, move_durably
+from edge.reasons import note_text
 from protocol.names import nfc
 
-REASON_SUFFIX = ".reason.txt"
+REASON_SUFFIX = ".lý-do.txt"
+LEGACY_SUFFIX = ".reason.txt"
+_SUFFIXES = (REASON_SUFFIX, LEGACY_SUFFIX)
 
 
 @dataclass(frozen=True, slots=True)
 class FailedItem:
     name: str
-    reason: str
+    reason: str          # what the clerk reads (Vietnamese), or the detail for an old note
+    detail: str          # the technical reason, for the administrator
     since: dt.datetime
+    code: str | None = None
 
 
-def _safe_basename(raw: str) -> str:
+def safe_basename(raw: str) -> str:
     name = nfc(raw).replace("\x00", "").replace("/", "\u2215")
     if name in ("", ".", ".."):
         return "unnamed"
@@ -32,7 +40,9 @@ def _safe_basename(raw: str) -> str:
     return "".join(ch if ch.isprintable() else "_" for ch in name)
 
 
-def _free_name(failed_dir: Path, name: str) -> Path:
+def free_name(folder: Path, name: str) -> Path:
+    """``folder/name``, or ``name (2).ext``… if that (or its note) is taken."""
+    name = safe_basename(name)
     stem, dot, ext = name.rpartition(".")
     if not dot or not stem:
         stem, ext = name, ""
@@ -41,71 +51,123 @@ def _free_name(failed_dir: Path, name: str) -> Path:
     number = 1
     while True:
         candidate = name if number == 1 else f"{stem} ({number}){ext}"
-        target = failed_dir / candidate
-        if not target.is_symlink() and not target.exists() and not (
-                failed_dir / (candidate + REASON_SUFFIX)).exists():
+        target = folder / candidate
+        if not os.path.lexists(target) and not any(
+                os.path.lexists(folder / (candidate + suffix)) for suffix in _SUFFIXES):
             return target
         number += 1
 
 
-def quarantine(path: Path, failed_dir: Path, reason: str, *, name: str | None = None) -> Path:
-    """Move ``path`` into ``failed_dir`` with a reason note; return where it now is.
+def note_path(target: Path) -> Path:
+    return target.with_name(target.name + REASON_SUFFIX)
 
-    ``name`` (default: the file's own basename) lets the caller restore the clerk's original name
-    for a file it had renamed, e.g. ``processed/<tid>.pdf``; it is reduced to a safe basename.
-    """
-    failed_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    target = _free_name(failed_dir, _safe_basename(path.name if name is None else name))
-    move_durably(path, target)
+
+def write_note(target: Path, *, code: str | None, detail: str, tid: str | None = None) -> None:
     when = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    one_line = " ".join(reason.split())
-    origin = str(path).encode("utf-8", errors="backslashreplace").decode("utf-8")
-    note = f"reason: {one_line}\nwhen: {when}\nfrom: {origin}\n"
-    atomic_write_bytes(target.with_name(target.name + REASON_SUFFIX), note.encode("utf-8"), 0o644)
+    text = note_text(name=target.name, code=code, detail=detail, when=when, tid=tid)
+    # Readable by the clerk over the share, like the scan itself.
+    atomic_write_bytes(note_path(target), text.encode("utf-8"), 0o644)
+
+
+def quarantine(path: Path, refused_dir: Path, reason: str, *, name: str | None = None,
+               code: str | None = None, tid: str | None = None) -> Path:
+    """Move ``path`` into ``refused_dir`` with a reason note; return where it now is.
+
+    ``name`` (default: the file's own basename) restores the clerk's original name for a file the
+    box had renamed (``processed/<tid>.pdf``); it is reduced to a safe basename.
+    """
+    refused_dir.mkdir(parents=True, exist_ok=True)
+    target = free_name(refused_dir, path.name if name is None else name)
+    place(path, target, code=code, detail=reason, tid=tid)
     return target
 
 
-def _read_note(note: Path) -> tuple[str, dt.datetime | None]:
-    reason, since = "", None
+def place(path: Path, target: Path, *, code: str | None, detail: str, tid: str | None = None) -> None:
+    """The two steps of a quarantine to a chosen target: the file, then its note."""
+    move_durably(path, target)
+    with contextlib.suppress(OSError):
+        if not target.is_symlink():
+            target.chmod(0o644)   # the clerk's own scan, back on the share (best effort: owner)
+    write_note(target, code=code, detail=detail, tid=tid)
+
+
+def _read_note(note: Path) -> tuple[str, str, str | None, dt.datetime | None]:
+    reason, code, since, what = "", None, None, ""
     try:
         text = note.read_text("utf-8", errors="replace")
     except OSError:
-        return "(reason file unreadable)", None
+        return "(reason file unreadable)", "", None, None
     for line in text.splitlines():
         key, _, value = line.partition(": ")
         if key == "reason":
             reason = value
+        elif key == "Lý do":
+            what = value
+        elif key == "code":
+            code = value
         elif key == "when":
             try:
                 since = dt.datetime.fromisoformat(value)
             except ValueError:
                 since = None
-    return reason or "(no reason recorded)", since
+    return what or reason or "(no reason recorded)", reason, code, since
 
 
-def list_failed(failed_dir: Path) -> list[FailedItem]:
-    """Items in the failed folder with their reasons, oldest first."""
+def _note_for(folder: Path, name: str, names: set[str]) -> Path | None:
+    for suffix in _SUFFIXES:
+        if name + suffix in names:
+            return folder / (name + suffix)
+    return None
+
+
+def _is_note(name: str, names: set[str]) -> bool:
+    """A reason note (of a scan still there, or orphaned after the clerk took the scan away) —
+    unless it is itself a refused file that has its own note."""
+    return name.endswith(_SUFFIXES) and not _note_for_name(name, names)
+
+
+def _note_for_name(name: str, names: set[str]) -> bool:
+    return any(name + suffix in names for suffix in _SUFFIXES)
+
+
+def list_failed(refused_dir: Path) -> list[FailedItem]:
+    """Items in the refused folder with their reasons, oldest first."""
     try:
-        names = {entry.name for entry in failed_dir.iterdir()}
-    except FileNotFoundError:
+        names = {entry.name for entry in refused_dir.iterdir()}
+    except (FileNotFoundError, NotADirectoryError):
         return []
-    notes = {n for n in names if n.endswith(REASON_SUFFIX) and n[: -len(REASON_SUFFIX)] in names}
-    # A quarantined file that is itself named "*.reason.txt" has its own note.
-    items = sorted(n for n in names if n not in notes or n + REASON_SUFFIX in names)
     result = []
-    for name in items:
+    for name in sorted(names):
         if name.startswith(".") and name.endswith(".tmp"):
             continue  # an atomic write interrupted by a crash
-        note = failed_dir / (name + REASON_SUFFIX)
-        if note.exists():
-            reason, since = _read_note(note)
+        if _is_note(name, names):
+            continue
+        note = _note_for(refused_dir, name, names)
+        if note is not None:
+            reason, detail, code, since = _read_note(note)
         else:
-            reason, since = "(reason file missing: the box stopped while quarantining)", None
+            reason, detail, code, since = ("(reason file missing: the box stopped while quarantining)", "",
+                                           None, None)
         if since is None:
             try:
-                since = dt.datetime.fromtimestamp((failed_dir / name).lstat().st_mtime, dt.UTC)
+                since = dt.datetime.fromtimestamp((refused_dir / name).lstat().st_mtime, dt.UTC)
             except OSError:
                 since = dt.datetime.now(dt.UTC)
-        result.append(FailedItem(name, reason, since))
+        result.append(FailedItem(name, reason, detail, since, code))
     result.sort(key=lambda item: (item.since, item.name))
     return result
+
+
+def restore(refused_dir: Path, name: str, watch_dir: Path) -> Path:
+    """Put one refused scan back into the scan folder (``sohoa edge retry``); return its new path.
+
+    The note goes away with it; the intake sees a file moved in and takes it as a new scan.
+    """
+    source = refused_dir / safe_basename(name)
+    if not os.path.lexists(source) or source.name.endswith(_SUFFIXES):
+        raise FileNotFoundError(f"no refused scan named {name!r} in {refused_dir}")
+    target = free_name(watch_dir, source.name)
+    move_durably(source, target)
+    for suffix in _SUFFIXES:
+        (refused_dir / (source.name + suffix)).unlink(missing_ok=True)
+    return target

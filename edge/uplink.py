@@ -6,9 +6,10 @@ transfer from central's ack → pull more documents from the outbox as transfers
 
 What to send and when is decided by :class:`protocol.transfer.TransferSender`; this module only
 reads segments from the envelope file by offset, publishes, feeds acks back in and sleeps until the
-earliest deadline — never a busy loop, offline or idle. A document is forgotten only after central's
-receipt verifies against central's key and the outbox has durably recorded it (``mark_delivered``
-with synchronous=FULL); only then does ``on_delivered`` let the service delete the plaintext.
+earliest deadline — never a busy loop, offline or idle. The uplink only records facts: a
+receipt that verifies against central's key and names exactly the packaged content is recorded
+durably (``mark_delivered`` with synchronous=FULL, with the receipted sha256), a refusal is recorded
+as ``failed`` with its reason; ``on_settled`` then wakes custody, which alone touches the files.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import nacl.signing
 
-from edge.mqtt import ConnectError, Message, MqttClient, MqttError, PublishRefused, Will
+from edge.mqtt import ConnectError, ConnectionLost, Message, MqttClient, MqttError, PublishRefused, Will
 from edge.outbox import SENDABLE_STATES, Doc, DocState, Outbox, OutboxError
 from protocol.envelope import SignedHeader
 from protocol.errors import ProtocolError, ReceiptError
@@ -39,6 +40,9 @@ from protocol.transfer import SenderState, SendFin, SendInit, SendSegment, Trans
 log = logging.getLogger("sohoa.edge.uplink")
 
 _STATUS_COALESCE = 0.5   # a burst of receipts yields one status publish, not one each
+# Central's error classes that mean "another box signs with this box's key" (central.errors).
+IDENTITY_CLASH_ERRORS = frozenset({"SequenceReusedError"})
+SESSION_TAKEN_OVER = 0x8E
 
 
 class TokenBucket:
@@ -83,8 +87,7 @@ class Uplink:
                  outbox: Outbox, receipt_key: nacl.signing.VerifyKey, segment_size: int = 32768,
                  window: int = 8, rate_kbit: float | None = None, max_active: int = 2,
                  resend_after: float = 30.0,
-                 on_delivered: Callable[[Doc], Awaitable[None]] | None = None,
-                 on_rejected: Callable[[Doc, str], Awaitable[None]] | None = None,
+                 on_settled: Callable[[], None] | None = None,
                  status: Callable[[], Awaitable[Status]] | None = None,
                  status_interval: float = 30.0, ca_file: Path | None = None,
                  backoff_initial: float = 1.0, backoff_max: float = 300.0) -> None:
@@ -101,8 +104,7 @@ class Uplink:
         self._rate_bytes = rate_kbit * 1000 / 8 if rate_kbit else None
         self._max_active = max_active
         self._resend_after = resend_after
-        self._on_delivered = on_delivered
-        self._on_rejected = on_rejected
+        self._on_settled = on_settled
         self._status = status
         self._status_interval = status_interval
         self._ca_file = ca_file
@@ -123,6 +125,9 @@ class Uplink:
         self.rejected = 0
         self.connects = 0
         self.last_error: str | None = None
+        # Central refused a sequence number another box with our identity already used, or the
+        # broker handed our session to another client with our id: a cloned memory card.
+        self.identity_clash = False
 
     # -- public --------------------------------------------------------------------------------
     @property
@@ -157,6 +162,9 @@ class Uplink:
                     except* MqttError as group:
                         self.last_error = str(group.exceptions[0])
                         log.warning("uplink connection ended: %s", group.exceptions[0])
+                        if any(isinstance(e, ConnectionLost) and e.reason_code == SESSION_TAKEN_OVER
+                               for e in group.exceptions):
+                            self.identity_clash = True
                     except* sqlite3.OperationalError as group:
                         # The outbox cannot record progress (disk full): drop the connection and
                         # resume from central's ack later rather than take the service down.
@@ -396,16 +404,20 @@ class Uplink:
         transfer = self._active.get(ack.tid)
         reason = "central refused it: " + (f"{ack.error_class}: {ack.error}" if ack.error_class
                                             else ack.error or "no reason given")
+        code = "central_refused"
+        if ack.state is AckState.REJECTED and ack.error_class in IDENTITY_CLASH_ERRORS:
+            code = "identity_clash"
+            self.identity_clash = True
         if transfer is None:
             if ack.state is AckState.REJECTED:
                 doc = await self._outbox.get(ack.tid)
                 if doc is not None and doc.state in SENDABLE_STATES:
-                    await self._reject(doc, reason)
+                    await self._reject(doc, reason, code)
             return
         transfer.sender.on_ack(ack)
         if transfer.sender.state is SenderState.REJECTED:
             self._drop(ack.tid)
-            await self._reject(transfer.doc, reason)
+            await self._reject(transfer.doc, reason, code)
 
     async def _on_receipt(self, receipt: Receipt) -> None:
         try:
@@ -424,13 +436,14 @@ class Uplink:
             log.error("receipt for %s names content %s… but the original is %s…; not forgetting it",
                       doc.tid, body.sha256[:12], doc.sha256[:12])
             return
-        # Shielded: once the receipt is durably recorded, the plaintext must be released even if
-        # the connection drops in the same instant.
-        await asyncio.shield(self._deliver(doc, body.document_id, body.duplicate))
+        # Shielded: once central's receipt arrived, recording it must not be cut short by a
+        # connection that drops in the same instant.
+        await asyncio.shield(self._deliver(doc, body.document_id, body.duplicate, body.sha256))
 
-    async def _deliver(self, doc: Doc, document_id: int, duplicate: bool) -> None:
+    async def _deliver(self, doc: Doc, document_id: int, duplicate: bool, sha256: str) -> None:
         try:
-            await self._outbox.mark_delivered(doc.tid, central_document_id=document_id, duplicate=duplicate)
+            await self._outbox.mark_delivered(doc.tid, central_document_id=document_id, duplicate=duplicate,
+                                              receipt_sha256=sha256)
         except OutboxError as exc:
             log.warning("receipt for %s not recorded: %s", doc.tid, exc)
             self._drop(doc.tid)
@@ -442,12 +455,8 @@ class Uplink:
         log.info("delivered %s (central document %d%s)", doc.tid, document_id,
                  ", central already had it" if duplicate else "")
         self._status_kick.set()
-        if self._on_delivered is not None:
-            fresh = await self._outbox.get(doc.tid)
-            try:
-                await self._on_delivered(fresh or doc)
-            except Exception:
-                log.exception("on_delivered failed for %s", doc.tid)
+        if self._on_settled is not None:
+            self._on_settled()
 
     def _drop(self, tid: str) -> _Transfer | None:
         transfer = self._active.pop(tid, None)
@@ -457,23 +466,19 @@ class Uplink:
             self._kick.set()
         return transfer
 
-    async def _reject(self, doc: Doc, reason: str) -> None:
+    async def _reject(self, doc: Doc, reason: str, code: str) -> None:
         self.rejected += 1
-        await self._give_up(doc, reason)
+        await self._give_up(doc, reason, code)
 
-    async def _give_up(self, doc: Doc, reason: str) -> None:
-        log.warning("giving up on %s: %s", doc.tid, reason)
+    async def _give_up(self, doc: Doc, reason: str, code: str = "envelope_unreadable") -> None:
+        log.warning("giving up on %s (%s): %s", doc.name, doc.tid, reason)
         self._drop(doc.tid)
         try:
-            await self._outbox.mark_failed(doc.tid, reason)
+            await self._outbox.mark_failed(doc.tid, reason, code)
         except OutboxError as exc:   # delivered meanwhile: the receipt wins
             log.warning("not marking %s failed: %s", doc.tid, exc)
             return
         self.last_error = reason
         self._status_kick.set()
-        if self._on_rejected is not None:
-            fresh = await self._outbox.get(doc.tid)
-            try:
-                await self._on_rejected(fresh or doc, reason)
-            except Exception:
-                log.exception("on_rejected failed for %s", doc.tid)
+        if self._on_settled is not None:
+            self._on_settled()

@@ -1,8 +1,10 @@
 """Intake: turn a scan folder into a stream of finished files.
 
 Watchdog events only *hint* that a path changed (they are lost on overflow, on SMB/NFS mounts and
-while the service is down), so a startup scan and a periodic rescan are the ground truth. The
-watchdog thread never touches shared state: it hands paths to the event loop with
+while the service is down), so a startup scan and a periodic rescan are the ground truth for which
+files exist. The events also say whether a writer still holds a file (written / closed / moved in),
+which is what lets a scanner pause between pages without losing the rest of the document. The
+watchdog thread never touches shared state: it hands (path, event) to the event loop with
 ``call_soon_threadsafe``. Whether a file is finished is decided by :mod:`edge.settle`.
 """
 
@@ -23,6 +25,7 @@ from watchdog.events import (
     DirMovedEvent,
     FileClosedEvent,
     FileCreatedEvent,
+    FileDeletedEvent,
     FileModifiedEvent,
     FileMovedEvent,
     FileSystemEvent,
@@ -32,27 +35,50 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
 from edge.errors import EdgeError
-from edge.settle import Settler, is_ignored
+from edge.settle import FileEvent, Quiet, Settler, is_ignored
+
+try:   # Linux: full move events, so a file moved in from elsewhere is a move, not a "create"
+    from watchdog.observers.inotify import InotifyObserver
+except ImportError:  # pragma: no cover - other platforms poll or use their own backend
+    InotifyObserver = None  # type: ignore[assignment,misc]
 
 log = logging.getLogger(__name__)
 
-# Opening or reading a file (which we do ourselves) must not make it a candidate again.
-_INTERESTING = (FileCreatedEvent, FileModifiedEvent, FileMovedEvent, FileClosedEvent, DirCreatedEvent,
-                DirMovedEvent)
+# What each event says about a file's writer. Opening or reading a file (which we do ourselves)
+# and attribute changes (touch, chmod) say nothing and are not listened to.
+_FILE_EVENTS: tuple[tuple[type[FileSystemEvent], FileEvent], ...] = (
+    (FileCreatedEvent, FileEvent.WRITTEN), (FileModifiedEvent, FileEvent.WRITTEN),
+    (FileClosedEvent, FileEvent.CLOSED), (FileDeletedEvent, FileEvent.GONE))
+Touch = Callable[[Path, "FileEvent | None", bool], None]
 
 
 class _Handler(FileSystemEventHandler):
-    def __init__(self, loop: asyncio.AbstractEventLoop, touch: Callable[[Path, bool], None]) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, touch: Touch) -> None:
         self._loop = loop
         self._touch = touch
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        if not isinstance(event, _INTERESTING):
-            return
-        raw = event.dest_path if isinstance(event, FileMovedEvent | DirMovedEvent) else event.src_path
-        path = Path(os.fsdecode(raw))
-        with contextlib.suppress(RuntimeError):  # the loop is closing; the next scan catches up
-            self._loop.call_soon_threadsafe(self._touch, path, event.is_directory)
+        for path, kind, is_dir in _translate(event):
+            with contextlib.suppress(RuntimeError):  # the loop is closing; the next scan catches up
+                self._loop.call_soon_threadsafe(self._touch, path, kind, is_dir)
+
+
+def _translate(event: FileSystemEvent) -> list[tuple[Path, FileEvent | None, bool]]:
+    """(path, what it says about the writer, is a directory) for one watchdog event."""
+    if isinstance(event, DirCreatedEvent | DirMovedEvent):
+        raw = event.dest_path if isinstance(event, DirMovedEvent) else event.src_path
+        return [(Path(os.fsdecode(raw)), None, True)] if raw else []
+    if isinstance(event, FileMovedEvent):
+        moves: list[tuple[Path, FileEvent | None, bool]] = []
+        if event.src_path:
+            moves.append((Path(os.fsdecode(event.src_path)), FileEvent.GONE, False))
+        if event.dest_path:
+            moves.append((Path(os.fsdecode(event.dest_path)), FileEvent.MOVED_IN, False))
+        return moves
+    for cls, kind in _FILE_EVENTS:
+        if isinstance(event, cls):
+            return [(Path(os.fsdecode(event.src_path)), kind, False)]
+    return []
 
 
 class Intake:
@@ -60,14 +86,17 @@ class Intake:
 
     def __init__(self, watch_dir: Path, *, quiet_seconds: float = 5.0, rescan_seconds: float = 30.0,
                  check_interval: float = 1.0, clock: Callable[[], float] = time.monotonic,
-                 wall_clock: Callable[[], float] = time.time, use_events: bool = True) -> None:
+                 wall_clock: Callable[[], float] = time.time, use_events: bool = True,
+                 quiet: Quiet | None = None, ignore_dirs: tuple[str, ...] = ()) -> None:
         self.watch_dir = watch_dir
         self.rescan_seconds = rescan_seconds
         self.check_interval = check_interval
         self._clock = clock
         self._wall_clock = wall_clock
         self._use_events = use_events
-        self._settler = Settler(quiet_seconds)
+        self._ignore_dirs = frozenset(ignore_dirs)
+        self._settler = Settler(quiet or Quiet(closed=quiet_seconds, unknown_mtime_age=quiet_seconds,
+                                               open=max(quiet_seconds, 600.0)))
         self._dirty: set[Path] = set()
         self._dirty_dirs: set[Path] = set()
         self._next_rescan = float("-inf")
@@ -95,7 +124,7 @@ class Intake:
             await asyncio.to_thread(observer.join, 10)
 
     def _start_observer(self) -> None:
-        observer = Observer()
+        observer = InotifyObserver(generate_full_events=True) if InotifyObserver is not None else Observer()
         observer.schedule(_Handler(asyncio.get_running_loop(), self._touch), str(self.watch_dir),
                           recursive=True)
         try:
@@ -107,12 +136,18 @@ class Intake:
             return
         self._observer = observer
 
-    def _touch(self, path: Path, is_directory: bool) -> None:
+    def _touch(self, path: Path, event: FileEvent | None, is_directory: bool) -> None:
         if is_directory:
             self._dirty_dirs.add(path)  # a folder moved in brings files that raise no events
         else:
-            self._dirty.add(path)
+            if event is not None:
+                self._settler.event(path, event)
+            if event is not FileEvent.GONE:
+                self._dirty.add(path)
         self._wake.set()
+
+    def writer_state(self, path: Path) -> str:
+        return self._settler.writer(path).value
 
     def rescan_now(self) -> None:
         self._next_rescan = float("-inf")
@@ -129,7 +164,10 @@ class Intake:
                 dirs, self._dirty_dirs = self._dirty_dirs, set()
                 for directory in dirs:
                     if self._inside(directory):
-                        self._dirty.update(await asyncio.to_thread(self._scan, directory))
+                        found = await asyncio.to_thread(self._scan, directory)
+                        for path in found:   # moved in whole: complete, like a renamed file
+                            self._settler.event(path, FileEvent.MOVED_IN)
+                        self._dirty.update(found)
             candidates = {p for p in self._dirty if self._inside(p)} | set(self._settler.tracked())
             self._dirty.clear()
             stats = await asyncio.to_thread(_lstat_all, candidates)
@@ -154,13 +192,14 @@ class Intake:
             relative = path.relative_to(self.watch_dir)
         except ValueError:
             return False
-        return bool(relative.parts) and not any(is_ignored(part) for part in relative.parts)
+        return bool(relative.parts) and not any(
+            is_ignored(part) or part in self._ignore_dirs for part in relative.parts)
 
     def _scan(self, top: Path) -> set[Path]:
-        return set(_walk(top)) if top.is_dir() and not top.is_symlink() else set()
+        return set(_walk(top, self._ignore_dirs)) if top.is_dir() and not top.is_symlink() else set()
 
 
-def _walk(top: Path) -> Iterator[Path]:
+def _walk(top: Path, ignore_dirs: frozenset[str] = frozenset()) -> Iterator[Path]:
     try:
         entries = list(os.scandir(top))
     except OSError as exc:
@@ -171,7 +210,8 @@ def _walk(top: Path) -> Iterator[Path]:
             continue
         try:
             if entry.is_dir(follow_symlinks=False):
-                yield from _walk(Path(entry.path))
+                if entry.name not in ignore_dirs:
+                    yield from _walk(Path(entry.path), ignore_dirs)
             else:  # regular files, and symlinks/FIFOs/sockets to be refused with a reason
                 yield Path(entry.path)
         except OSError:

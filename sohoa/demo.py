@@ -76,9 +76,8 @@ async def _run(home: Path, files: list[Path], *, http_port: int, exit_when_synce
             if task.done():   # a dead service would otherwise leave the bar waiting forever
                 raise SystemExit(f"sohoa demo: {task.get_name()} stopped: {task.exception()!r}")
         stats = await service.outbox.stats()
-        done = stats.counts.get("delivered", 0) + stats.counts.get("duplicate", 0)
-        # Every refusal (at intake or later) leaves a reason file beside the file in failed/.
-        failed = len(list(cfg.failed_dir.glob("*.reason.txt")))
+        done = stats.counts.get("delivered", 0)
+        failed = stats.counts.get("failed", 0)
         if not as_json:
             line = f"{_bar(done, total)} receipted, {failed} failed"
             print(("\r" + line) if interactive else line, end="" if interactive else "\n", flush=True)

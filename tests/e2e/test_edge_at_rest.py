@@ -37,7 +37,8 @@ async def test_private_files_no_plaintext_left_no_secrets_in_logs(
         async def packaged_or_done() -> bool:
             # Record modes while documents are held (originals in processed/, envelopes queued).
             seen_modes.update(_modes(cfg.home))
-            return (await service.outbox.stats()).counts.get("delivered", 0) == 3
+            return ((await service.outbox.stats()).counts.get("delivered", 0) == 3
+                    and not await service.outbox.custody_pending())
 
         assert await wait_until(packaged_or_done, within=60, interval=0.05)
         report = await status_report(deployment.edge_home)

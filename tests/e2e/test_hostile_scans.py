@@ -68,11 +68,10 @@ async def test_hostile_names_and_files(deployment: Deployment, tmp_path: Path) -
 
         async def settled() -> bool:
             stats = await service.outbox.stats()
-            failed = list(cfg.failed_dir.glob("*.reason.txt"))
-            return stats.counts.get("delivered", 0) == len(names) and len(failed) == 3
+            return stats.counts.get("delivered", 0) == len(names) and stats.failed == 3
 
         assert await wait_until(settled, within=120), (await service.outbox.stats(),
-                                                      sorted(p.name for p in cfg.failed_dir.iterdir()))
+                                                      sorted(p.name for p in cfg.refused_dir.iterdir()))
         docs = await deployment.get_json("/api/documents")
         assert isinstance(docs, list)
 
@@ -82,13 +81,14 @@ async def test_hostile_names_and_files(deployment: Deployment, tmp_path: Path) -
     assert all(unicodedata.is_normalized("NFC", name) for name in shown)
     # The three refusals are kept for a human, each with its reason; the link was not followed.
     report = await status_report(deployment.edge_home)
-    reasons = {item["name"]: item["reason"] for item in report["failed"]}
-    assert set(reasons) == {"mat-khau.png", "máy quét.pdf", "Lớn quá.pdf"}
-    assert "symlink" in reasons["mat-khau.png"].lower() or "link" in reasons["mat-khau.png"].lower()
-    assert (cfg.failed_dir / "mat-khau.png").is_symlink()
+    codes = {item["name"]: item["code"] for item in report["failed"]}
+    assert codes == {"mat-khau.png": "not_a_file", "máy quét.pdf": "not_a_file", "Lớn quá.pdf": "too_large"}
+    assert (cfg.refused_dir / "mat-khau.png").is_symlink()
     assert hashlib.sha256(Path("/etc/passwd").read_bytes()).hexdigest() == passwd
-    # Nothing new anywhere but inside the two homes (the watch folder only lost files).
+    # Nothing new anywhere but inside the two homes and the clerk's refused folder (the watch
+    # folder otherwise only lost files).
     after = _tree(tmp_path) - _tree(deployment.central_home) - _tree(deployment.edge_home)
+    after -= {cfg.refused_dir} | _tree(cfg.refused_dir)
     assert after <= before | {deep.parent, deep} | set(deep.parents)
     # Central stores by content address only: no sender name appears under its storage root.
     stored = [p.name for p in (deployment.central_home / "storage").rglob("*") if p.is_file()]

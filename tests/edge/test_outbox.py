@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from edge.outbox import DocState, Outbox, OutboxError
+from edge.outbox import SCHEMA_VERSION, TRANSITIONS, DocState, Outbox, OutboxError, Place
 
 ROOT = Path(__file__).resolve().parents[2]
 NAME = "Công văn số 5 – Tuyên Quang.pdf"
@@ -32,44 +32,81 @@ async def add(outbox: Outbox, n: int, *, size: int = 1000, priority: int = 0) ->
 
 async def package(outbox: Outbox, tid: str, ciphertext_size: int = 500) -> None:
     await outbox.mark_packaged(tid, envelope_path=f"/outbox/{tid}.env", signed_header=b"\x00hdr",
-                               ciphertext_size=ciphertext_size, segment_size=32768)
+                               ciphertext_size=ciphertext_size, segment_size=32768, pages=3)
 
 
 async def test_lifecycle_and_fields(tmp_path: Path) -> None:
-    outbox = await Outbox.open(tmp_path / "outbox.db")
+    outbox = await Outbox.open(tmp_path / "outbox.db", clock=lambda: 1_700_000_000.0)
     try:
         doc = await outbox.add(name=NAME, src_path="/scans/a.pdf", size=1234, sha256=sha(1),
-                               media_type="application/pdf", pages=0)
-        assert doc.state is DocState.STABLE and doc.name == NAME and doc.seq == 1
+                               media_type="application/pdf", pages=0, captured_at=1234.5)
+        # A new outbox counts from the clock in ms: a re-imaged box never reuses an old seq.
+        assert doc.state is DocState.STABLE and doc.place is Place.WATCH and doc.seq == 1_700_000_000_001
+        assert doc.name == NAME and doc.rel_path == NAME and doc.captured_at == 1234.5
         assert len(doc.tid) == 32 and doc.attempts == 0 and doc.envelope_path is None
+        assert [d.tid for d in await outbox.custody_pending()] == [doc.tid]   # its move is pending
+        assert (await outbox.pending_at("/scans/a.pdf")) == doc
+        await outbox.intend(doc.tid, "/processed/a.pdf")
+        got = await outbox.get(doc.tid)
+        assert got is not None and got.pending_path == "/processed/a.pdf"
+        await outbox.moved(doc.tid, Place.HELD, "/processed/a.pdf")
+        assert await outbox.custody_pending() == [] and await outbox.pending_at("/scans/a.pdf") is None
         assert [d.tid for d in await outbox.unfinished()] == [doc.tid]
-        await outbox.update_src(doc.tid, "/processed/a.pdf")
-        await outbox.mark_ocr_done(doc.tid, pages=3)
+        await outbox.content_changed(doc.tid, sha256=sha(2), size=2000, captured_at=1300.0)
         await package(outbox, doc.tid)
         assert await outbox.unfinished() == []
         got = await outbox.get(doc.tid)
         assert got is not None and got.state is DocState.PACKAGED and got.pages == 3
         assert got.src_path == "/processed/a.pdf" and got.signed_header == b"\x00hdr"
+        assert got.pending_path is None and got.sha256 == sha(2) and got.size == 2000
         assert [d.tid for d in await outbox.sendable()] == [doc.tid]
         await outbox.mark_sending(doc.tid)
-        await outbox.mark_delivered(doc.tid, central_document_id=42, duplicate=False)
+        await outbox.mark_sending(doc.tid)    # a resumed transfer
+        await outbox.mark_delivered(doc.tid, central_document_id=42, duplicate=False, receipt_sha256=sha(2))
         await outbox.mark_delivered(doc.tid, central_document_id=42, duplicate=False)  # idempotent
         got = await outbox.get(doc.tid)
         assert got is not None and got.state is DocState.DELIVERED and got.central_document_id == 42
+        assert got.receipt_sha256 == sha(2)
         assert await outbox.sendable() == []
-        assert [d.tid for d in await outbox.delivered_with_files()] == [doc.tid]
+        assert [d.tid for d in await outbox.custody_pending()] == [doc.tid]   # files to release
         await outbox.clear_envelope(doc.tid)
-        assert await outbox.delivered_with_files() == []
-        # delivered content still counts as known: a rescan of the same bytes is a duplicate
-        assert (await outbox.find_active_by_sha256(sha(1))) is not None
-        dup = await outbox.add_duplicate(name="bản sao.pdf", sha256=sha(1), size=1234, of_tid=doc.tid)
-        assert dup.state is DocState.DUPLICATE and dup.seq == 2
-        found = await outbox.find_active_by_sha256(sha(1))
-        assert found is not None and found.tid == doc.tid
+        await outbox.moved(doc.tid, Place.GONE)
+        assert await outbox.custody_pending() == []
         with pytest.raises(OutboxError):
-            await outbox.mark_sending(dup.tid)
+            await outbox.mark_failed(doc.tid, "too late")      # delivered is final
         with pytest.raises(OutboxError):
-            await outbox.mark_ocr_done("0" * 32, pages=1)
+            await outbox.moved(doc.tid, Place.HELD)            # gone is final
+        with pytest.raises(OutboxError):
+            await outbox.mark_sending("0" * 32)
+    finally:
+        await outbox.close()
+
+
+@pytest.mark.parametrize("state", list(DocState))
+def test_every_state_has_a_row_in_the_transition_table(state: DocState) -> None:
+    assert state in TRANSITIONS and TRANSITIONS[state] <= set(DocState)
+    assert (TRANSITIONS[state] == frozenset()) == (state in (DocState.DELIVERED, DocState.FAILED))
+
+
+async def test_illegal_moves_are_refused_by_the_table(tmp_path: Path) -> None:
+    outbox = await Outbox.open(tmp_path / "outbox.db")
+    try:
+        tid = await add(outbox, 1)
+        with pytest.raises(OutboxError, match="cannot become sending"):
+            await outbox.mark_sending(tid)                   # stable → sending skips packaging
+        with pytest.raises(OutboxError, match="cannot become delivered"):
+            await outbox.mark_delivered(tid, central_document_id=1, duplicate=False)
+        with pytest.raises(OutboxError, match="cannot move to gone"):
+            await outbox.moved(tid, Place.GONE)              # never delete what was not held
+        await outbox.moved(tid, Place.HELD, "/p/1.pdf")
+        await package(outbox, tid)
+        with pytest.raises(OutboxError):
+            await package(outbox, tid)                       # packaged twice
+        await outbox.mark_failed(tid, "central refused it", "central_refused")
+        await outbox.mark_failed(tid, "again", "central_refused")   # a repeat is a no-op
+        doc = await outbox.get(tid)
+        assert doc is not None and doc.reason == "central refused it" and doc.reason_code == "central_refused"
+        assert [d.tid for d in await outbox.custody_pending()] == [tid]   # to quarantine
     finally:
         await outbox.close()
 
@@ -81,6 +118,7 @@ async def test_failed_attempts_and_stats(tmp_path: Path) -> None:
         a = await add(outbox, 1, size=3000)
         now[0] += 10
         b = await add(outbox, 2, size=2000)
+        await outbox.moved(b, Place.HELD, "/p/b.pdf")
         await package(outbox, b, ciphertext_size=1500)
         assert await outbox.bump_attempts(a, "tesseract crashed") == 1
         assert await outbox.bump_attempts(a, "tesseract crashed again") == 2
@@ -91,18 +129,25 @@ async def test_failed_attempts_and_stats(tmp_path: Path) -> None:
         assert stats.counts["stable"] == 1 and stats.counts["packaged"] == 1 and stats.failed == 0
         assert await outbox.room_for(10_000 - 6500)
         assert not await outbox.room_for(10_000 - 6500 + 1)
-        await outbox.mark_failed(a, "không đọc được tệp")
+        await outbox.mark_failed(a, "không đọc được tệp", "damaged")
         got = await outbox.get(a)
         assert got is not None and got.state is DocState.FAILED and got.attempts == 2
         assert got.reason == "không đọc được tệp"
-        assert await outbox.find_active_by_sha256(sha(1)) is None
         stats = await outbox.stats()
-        assert stats.failed == 1 and stats.queued_bytes == 3500 and stats.last_receipt_at is None
+        # "failed" counts refused scans waiting in the refused folder: this one is not there yet.
+        assert stats.failed == 0 and stats.counts["failed"] == 1 and stats.queued_bytes == 3500
+        await outbox.moved(a, Place.QUARANTINED, "/scans/_Lỗi/a.pdf")
+        assert (await outbox.stats()).failed == 1
+        await outbox.moved(a, Place.RETRIED)
+        assert (await outbox.stats()).failed == 0
         await outbox.mark_delivered(b, central_document_id=7, duplicate=True)
         stats = await outbox.stats()
         assert stats.queued_docs == 0 and stats.queued_bytes == 0 and stats.last_receipt_at == now[0]
-        with pytest.raises(OutboxError):
-            await outbox.mark_failed(b, "too late")
+        refused = await outbox.add_refused(name="ghi chú.txt", src_path="/scans/ghi chú.txt",
+                                           reason="the file is not a PNG, JPEG, TIFF or PDF",
+                                           reason_code="not_a_scan")
+        assert refused.state is DocState.FAILED and refused.place is Place.WATCH
+        assert refused.tid in {d.tid for d in await outbox.custody_pending()}
     finally:
         await outbox.close()
 
@@ -110,23 +155,81 @@ async def test_failed_attempts_and_stats(tmp_path: Path) -> None:
 async def test_seq_survives_restart_and_is_never_reused(tmp_path: Path) -> None:
     path = tmp_path / "outbox.db"
     outbox = await Outbox.open(path)
-    for n in range(3):
-        await add(outbox, n)
+    seqs = [(await outbox.get(await add(outbox, n))).seq for n in range(3)]  # type: ignore[union-attr]
     await outbox.close()
+    assert seqs == [seqs[0], seqs[0] + 1, seqs[0] + 2]
     # Deleting the newest row must not let its seq come back.
     with sqlite3.connect(path) as db:
-        db.execute("DELETE FROM docs WHERE seq = 3")
+        db.execute("DELETE FROM docs WHERE seq = ?", (seqs[-1],))
     outbox = await Outbox.open(path)
     try:
         doc = await outbox.add(name=NAME, src_path="/x", size=1, sha256=sha(9), media_type="image/png",
                                pages=1)
-        assert doc.seq == 4
+        assert doc.seq == seqs[-1] + 1
     finally:
         await outbox.close()
     with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert oct(path.stat().st_mode & 0o777) == oct(0o600)
+
+
+_V1_SCHEMA = """
+CREATE TABLE docs (
+    tid TEXT PRIMARY KEY, seq INTEGER NOT NULL UNIQUE, state TEXT NOT NULL, name TEXT NOT NULL,
+    src_path TEXT NOT NULL, size INTEGER NOT NULL, sha256 TEXT NOT NULL, media_type TEXT NOT NULL,
+    pages INTEGER NOT NULL, priority INTEGER NOT NULL DEFAULT 0, envelope_path TEXT, signed_header BLOB,
+    ciphertext_size INTEGER, segment_size INTEGER, attempts INTEGER NOT NULL DEFAULT 0, reason TEXT,
+    duplicate_of TEXT, created_at REAL NOT NULL, updated_at REAL NOT NULL, delivered_at REAL,
+    central_document_id INTEGER) STRICT;
+CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) STRICT;
+INSERT INTO counters (name, value) VALUES ('seq', 6);
+CREATE INDEX docs_sendable ON docs (priority DESC, seq) WHERE state IN ('packaged', 'sending');
+CREATE INDEX docs_sha256 ON docs (sha256);
+PRAGMA user_version = 1;
+"""
+
+
+async def test_a_version_1_outbox_is_migrated_in_place(tmp_path: Path) -> None:
+    """Boxes in the field keep their queue across the upgrade: every row keeps its seq and gets a place."""
+    path = tmp_path / "outbox.db"
+    processed = tmp_path / "processed"
+    processed.mkdir()
+    (processed / "b.pdf").write_bytes(b"b")
+    (processed / "c.pdf").write_bytes(b"c")
+    (tmp_path / "scans").mkdir()
+    (tmp_path / "scans" / "a.pdf").write_bytes(b"a")
+    rows = [  # tid, seq, state, src_path, envelope_path
+        ("a" * 32, 1, "stable", str(tmp_path / "scans" / "a.pdf"), None),
+        ("b" * 32, 2, "ocr_done", str(processed / "b.pdf"), None),
+        ("c" * 32, 3, "sending", str(processed / "c.pdf"), "/e/c.env"),
+        ("d" * 32, 4, "delivered", str(processed / "gone.pdf"), None),
+        ("e" * 32, 5, "duplicate", "", None),
+        ("f" * 32, 6, "failed", str(processed / "gone-too.pdf"), None),
+    ]
+    with sqlite3.connect(path) as db:
+        db.executescript(_V1_SCHEMA)
+        db.executemany(
+            "INSERT INTO docs (tid, seq, state, name, src_path, size, sha256, media_type, pages, envelope_path, "
+            "signed_header, ciphertext_size, segment_size, created_at, updated_at) VALUES "
+            "(?, ?, ?, ?, ?, 1, ?, 'application/pdf', 1, ?, x'00', 10, 32768, 5, 5)",
+            [(tid, seq, state, NAME, src, sha(seq), env) for tid, seq, state, src, env in rows])
+    outbox = await Outbox.open(path)
+    try:
+        got = {d.tid[0]: d for d in [await outbox.get(r[0]) for r in rows] if d is not None}
+        assert [(k, got[k].state.value, got[k].place.value) for k in "abcdef"] == [
+            ("a", "stable", "watch"), ("b", "stable", "held"), ("c", "sending", "held"),
+            ("d", "delivered", "gone"), ("e", "delivered", "gone"), ("f", "failed", "quarantined")]
+        assert [got[k].seq for k in "abcdef"] == [1, 2, 3, 4, 5, 6]
+        assert (await add_doc_seq(outbox)) == 7          # the counter carries on
+        assert [d.tid for d in await outbox.sendable()] == ["c" * 32]
+    finally:
+        await outbox.close()
+
+
+async def add_doc_seq(outbox: Outbox) -> int:
+    return (await outbox.add(name=NAME, src_path="/n", size=1, sha256=sha(99), media_type="image/png",
+                             pages=1)).seq
 
 
 async def test_sendable_orders_by_priority_then_seq_and_pages(tmp_path: Path) -> None:
@@ -154,11 +257,11 @@ async def test_lazy_sendable_with_5000_rows_is_fast(tmp_path: Path) -> None:
     # Fill directly: the subject is reading a big backlog, not 5,000 awaits of add().
     with sqlite3.connect(path) as db:
         db.executemany(
-            "INSERT INTO docs (tid, seq, state, name, src_path, size, sha256, media_type, pages, "
-            "created_at, updated_at, envelope_path, signed_header, ciphertext_size, segment_size) "
-            "VALUES (?, ?, 'packaged', ?, '/x', 100000, ?, 'application/pdf', 2, 0, 0, '/e', x'00', "
-            "90000, 32768)",
-            [(f"{n:032x}", n, NAME, sha(n)) for n in range(1, 5001)])
+            "INSERT INTO docs (tid, seq, state, place, name, rel_path, src_path, size, sha256, media_type, "
+            "pages, captured_at, created_at, updated_at, envelope_path, signed_header, ciphertext_size, "
+            "segment_size) VALUES (?, ?, 'packaged', 'held', ?, ?, '/x', 100000, ?, 'application/pdf', 2, "
+            "0, 0, 0, '/e', x'00', 90000, 32768)",
+            [(f"{n:032x}", n, NAME, NAME, sha(n)) for n in range(1, 5001)])
         db.execute("UPDATE counters SET value = 5000")
     started = time.perf_counter()
     outbox = await Outbox.open(path)
@@ -179,7 +282,7 @@ async def test_lazy_sendable_with_5000_rows_is_fast(tmp_path: Path) -> None:
 _WRITER = """
 import asyncio, sys
 from pathlib import Path
-from edge.outbox import Outbox
+from edge.outbox import Outbox, Place
 
 async def main():
     outbox = await Outbox.open(Path(sys.argv[1]))
@@ -189,6 +292,7 @@ async def main():
         doc = await outbox.add(name="Tờ trình %d.pdf" % n, src_path="/s/%d" % n, size=n,
                                sha256="%064x" % n, media_type="application/pdf", pages=1)
         if n % 3 == 0:
+            await outbox.moved(doc.tid, Place.HELD, "/p/%d" % n)
             await outbox.mark_packaged(doc.tid, envelope_path="/e", signed_header=b"h",
                                        ciphertext_size=n, segment_size=1024)
             # FULL sync: this one is on disk before we say so

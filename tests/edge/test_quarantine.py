@@ -1,4 +1,5 @@
-"""Quarantine: refused scans land in failed/ with a reason, never lost, never followed."""
+"""Quarantine: refused scans go back to the clerk's refused folder with a reason note (Vietnamese
+first), never lost, never followed; ``restore`` takes them back in (``sohoa edge retry``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from edge.quarantine import list_failed, quarantine
+from edge.quarantine import REASON_SUFFIX, list_failed, quarantine, restore
 
 NAME = "Công văn số 5 – Tuyên Quang.pdf"
 
@@ -18,20 +19,24 @@ NAME = "Công văn số 5 – Tuyên Quang.pdf"
 def dirs(tmp_path: Path) -> tuple[Path, Path]:
     scans = tmp_path / "scans"
     scans.mkdir()
-    return scans, tmp_path / "home" / "failed"
+    return scans, scans / "_Lỗi"
 
 
 def test_moves_file_and_writes_reason(dirs: tuple[Path, Path]) -> None:
     scans, failed = dirs
     src = scans / NAME
     src.write_bytes(b"not really a pdf")
-    moved = quarantine(src, failed, "the file is not a PNG, JPEG, TIFF or PDF")
+    moved = quarantine(src, failed, "the file is not a PNG, JPEG, TIFF or PDF", code="not_a_scan",
+                       tid="ab" * 16)
     assert moved == failed / NAME and moved.read_bytes() == b"not really a pdf" and not src.exists()
-    assert stat.S_IMODE(failed.stat().st_mode) == 0o700
-    note = (failed / (NAME + ".reason.txt")).read_text("utf-8")
-    assert "reason: the file is not a PNG, JPEG, TIFF or PDF" in note and str(src) in note
+    assert stat.S_IMODE(moved.stat().st_mode) == 0o644     # the clerk's own scan, readable on the share
+    note = (failed / (NAME + REASON_SUFFIX)).read_text("utf-8")
+    assert note.startswith(f"Tệp: {NAME}\nLý do: Tệp không phải là bản quét PDF, JPEG, PNG hoặc TIFF.")
+    assert "Cách xử lý:" in note and "sohoa edge retry" in note and "Reason: The file is not a PDF" in note
+    assert "reason: the file is not a PNG, JPEG, TIFF or PDF" in note and "tid: " + "ab" * 16 in note
     [item] = list_failed(failed)
-    assert item.name == NAME and item.reason.startswith("the file is not") and item.since.tzinfo
+    assert item.name == NAME and item.reason.startswith("Tệp không phải") and item.code == "not_a_scan"
+    assert item.detail.startswith("the file is not") and item.since.tzinfo
 
 
 def test_collisions_get_numbered(dirs: tuple[Path, Path]) -> None:
@@ -43,7 +48,7 @@ def test_collisions_get_numbered(dirs: tuple[Path, Path]) -> None:
     assert [p.name for p in moved] == [NAME, "Công văn số 5 – Tuyên Quang (2).pdf",
                                        "Công văn số 5 – Tuyên Quang (3).pdf"]
     assert [p.read_bytes() for p in moved] == [b"\x00", b"\x01", b"\x02"]
-    assert sorted(i.reason for i in list_failed(failed)) == ["lần 0", "lần 1", "lần 2"]
+    assert sorted(i.detail for i in list_failed(failed)) == ["lần 0", "lần 1", "lần 2"]
 
 
 def test_nfd_name_becomes_nfc_and_multiline_reason_is_one_line(dirs: tuple[Path, Path]) -> None:
@@ -52,7 +57,7 @@ def test_nfd_name_becomes_nfc_and_multiline_reason_is_one_line(dirs: tuple[Path,
     src.write_bytes(b"x")
     moved = quarantine(src, failed, "dòng 1\ndòng 2")
     assert moved.name == NAME
-    assert list_failed(failed)[0].reason == "dòng 1 dòng 2"
+    assert list_failed(failed)[0].detail == "dòng 1 dòng 2"
 
 
 def test_symlink_is_moved_not_followed(dirs: tuple[Path, Path], tmp_path: Path) -> None:
@@ -80,8 +85,12 @@ def test_basename_only_and_odd_names(dirs: tuple[Path, Path]) -> None:
     src.write_bytes(b"y")
     moved = quarantine(src, failed, "odd")
     assert moved.parent == failed and moved.name == "bad_name.reason.txt"
-    names = {i.name: i.reason for i in list_failed(failed)}
+    names = {i.name: i.detail for i in list_failed(failed)}
     assert names == {"bad_name.reason.txt": "odd"}
+    src = scans / f"x.pdf{REASON_SUFFIX}"     # a scan named like a note still shows as a scan
+    src.write_bytes(b"z")
+    quarantine(src, failed, "odd too")
+    assert {i.name for i in list_failed(failed)} == {"bad_name.reason.txt", f"x.pdf{REASON_SUFFIX}"}
 
 
 def test_missing_reason_file_and_empty_dir(dirs: tuple[Path, Path]) -> None:
@@ -122,3 +131,25 @@ def test_caller_supplied_name_is_reduced_to_a_basename(dirs: tuple[Path, Path]) 
     assert moved.parent == failed and moved.name == "..∕..∕Quyết định∕số 12.pdf"
     (scans / "dots").write_bytes(b"q")
     assert quarantine(scans / "dots", failed, "x", name="..").name == "unnamed"
+
+
+def test_restore_puts_it_back_under_a_free_name_and_drops_the_note(dirs: tuple[Path, Path]) -> None:
+    scans, failed = dirs
+    (scans / NAME).write_bytes(b"first")
+    quarantine(scans / NAME, failed, "hỏng", code="damaged")
+    (scans / NAME).write_bytes(b"a new scan with the same name")
+    back = restore(failed, NAME, scans)
+    assert back == scans / "Công văn số 5 – Tuyên Quang (2).pdf" and back.read_bytes() == b"first"
+    assert list(failed.iterdir()) == [] and list_failed(failed) == []
+    with pytest.raises(FileNotFoundError):
+        restore(failed, NAME, scans)
+    with pytest.raises(FileNotFoundError):
+        restore(failed, "../" + NAME, scans)
+
+
+def test_an_orphaned_note_is_not_listed(dirs: tuple[Path, Path]) -> None:
+    scans, failed = dirs
+    (scans / NAME).write_bytes(b"x")
+    moved = quarantine(scans / NAME, failed, "hỏng")
+    moved.unlink()   # the clerk took the scan away and left the note
+    assert list_failed(failed) == []

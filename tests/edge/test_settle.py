@@ -118,3 +118,64 @@ def test_ignored_names(name: str) -> None:
 ])
 def test_document_names_are_not_ignored(name: str) -> None:
     assert not is_ignored(name)
+
+
+# -- writer state (rule 2): a scanner that pauses with the file open is not finished ---------------
+
+from edge.settle import FileEvent, Quiet, Writer  # noqa: E402
+
+QUIET = Quiet(closed=5, unknown_mtime_age=60, open=600)
+
+
+def _steady(s: Settler, start: float, end: float, *, size: int = 100, mtime: float = 0.0,
+            wall0: float | None = None) -> list[Path]:
+    """Observe an unchanging file once a second from ``start`` to ``end`` until it is due."""
+    t = start
+    while t <= end:
+        s.observe(P, st(size, mtime), now=t, wall_now=None if wall0 is None else wall0 + t)
+        if due := s.due(t):
+            return due
+        t += 1
+    return []
+
+
+def test_a_file_held_open_waits_through_a_long_pause_until_it_is_closed() -> None:
+    s = Settler(QUIET)
+    s.event(P, FileEvent.WRITTEN)                       # page 1 written, descriptor kept open
+    assert s.writer(P) is Writer.OPEN
+    assert _steady(s, 0, 120) == []                     # two minutes turning pages: not finished
+    s.event(P, FileEvent.CLOSED)
+    assert s.writer(P) is Writer.CLOSED
+    assert _steady(s, 121, 125) == []                   # the quiet counts from the close …
+    assert _steady(s, 126, 130) == [P]                  # … closed, then 5 s quiet: finished
+
+
+def test_a_writer_that_never_closes_is_taken_after_the_open_quiet_period() -> None:
+    s = Settler(QUIET)
+    s.event(P, FileEvent.WRITTEN)
+    assert _steady(s, 0, 598) == []
+    assert _steady(s, 599, 601) == [P]
+
+
+def test_a_rename_into_place_counts_as_closed() -> None:
+    s = Settler(QUIET)
+    s.event(P, FileEvent.MOVED_IN)
+    assert _steady(s, 0, 5) == [P]
+
+
+def test_unknown_writer_needs_an_old_mtime_and_a_rescan_keeps_the_state() -> None:
+    s = Settler(QUIET)
+    # No event ever (a network mount): quiet is not enough while the mtime is young.
+    assert _steady(s, 0, 30, mtime=1000.0, wall0=1000.0) == []
+    assert _steady(s, 31, 61, mtime=1000.0, wall0=1000.0) == [P]   # mtime now 60 s old
+    s.event(P, FileEvent.WRITTEN)
+    s.event(P, FileEvent.CLOSED)
+    _steady(s, 100, 110)                               # due and forgotten …
+    assert s.writer(P) is Writer.CLOSED                # … but what the events said is kept
+
+
+def test_gone_forgets_the_writer_state() -> None:
+    s = Settler(QUIET)
+    s.event(P, FileEvent.WRITTEN)
+    s.event(P, FileEvent.GONE)
+    assert s.writer(P) is Writer.UNKNOWN

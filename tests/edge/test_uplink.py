@@ -18,7 +18,7 @@ import nacl.signing
 import psutil
 import pytest
 
-from edge.outbox import Doc, DocState, Outbox
+from edge.outbox import Place, Doc, DocState, Outbox
 from edge.uplink import Uplink
 from protocol.envelope import EnvelopeSealer
 from tests.edge.fake_central import FakeCentral
@@ -38,27 +38,33 @@ class Keys:
 
 
 class Outcomes:
-    """Collects on_delivered/on_rejected calls; lets a test await a count of them."""
+    """What the uplink recorded (delivered / failed rows); ``on_settled`` is its only callback."""
 
     def __init__(self) -> None:
         self.delivered: list[Doc] = []
         self.rejected: list[tuple[Doc, str]] = []
-        self._changed = asyncio.Condition()
+        self.outbox: Outbox | None = None
+        self._settled = asyncio.Event()
 
-    async def on_delivered(self, doc: Doc) -> None:
-        async with self._changed:
-            self.delivered.append(doc)
-            self._changed.notify_all()
+    def on_settled(self) -> None:
+        self._settled.set()
 
-    async def on_rejected(self, doc: Doc, reason: str) -> None:
-        async with self._changed:
-            self.rejected.append((doc, reason))
-            self._changed.notify_all()
+    async def refresh(self) -> None:
+        assert self.outbox is not None
+        rows = [d for d in await self.outbox.recent(10_000) if d.state in (DocState.DELIVERED,
+                                                                             DocState.FAILED)]
+        rows.sort(key=lambda d: d.updated_at)
+        self.delivered = [d for d in rows if d.state is DocState.DELIVERED]
+        self.rejected = [(d, d.reason or "") for d in rows if d.state is DocState.FAILED]
 
     async def wait(self, delivered: int = 0, rejected: int = 0, timeout: float = 30.0) -> None:
-        async with asyncio.timeout(timeout), self._changed:
-            await self._changed.wait_for(
-                lambda: len(self.delivered) >= delivered and len(self.rejected) >= rejected)
+        async with asyncio.timeout(timeout):
+            while True:
+                self._settled.clear()
+                await self.refresh()
+                if len(self.delivered) >= delivered and len(self.rejected) >= rejected:
+                    return
+                await self._settled.wait()
 
 
 @pytest.fixture
@@ -87,6 +93,7 @@ async def enqueue(outbox: Outbox, keys: Keys, directory: Path, plaintext: bytes,
     doc = await outbox.add(name=name, src_path=str(directory / name), size=len(plaintext),
                            sha256=hashlib.sha256(plaintext).hexdigest(), media_type="application/pdf",
                            pages=1, priority=priority)
+    await outbox.moved(doc.tid, Place.HELD, str(directory / name))
     sealer = EnvelopeSealer(device_id=device, doc_id=bytes.fromhex(doc.tid), seq=doc.seq,
                             signing_key=keys.device, central_public_key=keys.central.public_key,
                             plaintext_size=len(plaintext), created_at=int(time.time()), level=1)
@@ -109,9 +116,10 @@ def document(n: int, size: int) -> bytes:
 def make_uplink(broker_url: str, outbox: Outbox, keys: Keys, outcomes: Outcomes, **kwargs: object) -> Uplink:
     options: dict[str, object] = {"segment_size": SEGMENT, "window": WINDOW, "backoff_initial": 0.1,
                                   "backoff_max": 1.0, **kwargs}
+    outcomes.outbox = outbox
     return Uplink(device_id=DEVICE, broker_url=broker_url, username=DEVICE, password="mật-khẩu",
-                  outbox=outbox, receipt_key=keys.receipt.verify_key, on_delivered=outcomes.on_delivered,
-                  on_rejected=outcomes.on_rejected, **options)  # type: ignore[arg-type]
+                  outbox=outbox, receipt_key=keys.receipt.verify_key, on_settled=outcomes.on_settled,
+                  **options)  # type: ignore[arg-type]
 
 
 @contextlib.asynccontextmanager

@@ -30,7 +30,9 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = edge_config.load(args.home)
     cfg = dataclasses.replace(cfg, intake=dataclasses.replace(
-        cfg.intake, quiet_seconds=args.quiet_seconds, check_interval=0.1, rescan_seconds=1.0),
+        cfg.intake, quiet_seconds=args.quiet_seconds, check_interval=0.1, rescan_seconds=1.0,
+        unknown_quiet_seconds=1.0, incomplete_grace_seconds=3.0),
+        retention=dataclasses.replace(cfg.retention, release_after_seconds=0.0),
         uplink=dataclasses.replace(cfg.uplink, resend_after=3.0, status_interval=2.0,
                                    rate_kbit=args.rate_kbit))
 

@@ -44,6 +44,10 @@ def query(path: Path, sql: str) -> list[tuple[object, ...]]:
     connection = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=10)
     try:
         return connection.execute(sql).fetchall()
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):
+            return []   # the service created the file and has not committed its schema yet
+        raise
     finally:
         connection.close()
 

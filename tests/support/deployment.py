@@ -21,6 +21,9 @@ from edge.service import EdgeService
 from tests.support.broker import Broker, free_port, running_broker
 
 DEVICE = "xa-tan-trao"
+# Seconds, not minutes: the same rules as in the field (edge.settle), on a test's clock.
+TEST_INTAKE = {"quiet_seconds": 0.5, "check_interval": 0.2, "rescan_seconds": 2.0,
+               "unknown_quiet_seconds": 1.0, "open_quiet_seconds": 60.0, "incomplete_grace_seconds": 3.0}
 
 
 @dataclass
@@ -36,12 +39,13 @@ class Deployment:
     def api(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
-    def edge_config(self, **intake: float) -> EdgeConfig:
+    def edge_config(self, *, release_after_seconds: float = 0.0, **intake: float) -> EdgeConfig:
+        """The box's config with test-speed intake periods (each one overridable by name)."""
         cfg = edge_config.load(self.edge_home)
-        return dataclasses.replace(cfg, intake=dataclasses.replace(
-            cfg.intake, quiet_seconds=intake.get("quiet_seconds", 0.5),
-            check_interval=intake.get("check_interval", 0.2),
-            rescan_seconds=intake.get("rescan_seconds", 2.0)))
+        periods = {**TEST_INTAKE, **intake}
+        return dataclasses.replace(
+            cfg, intake=dataclasses.replace(cfg.intake, **periods),
+            retention=dataclasses.replace(cfg.retention, release_after_seconds=release_after_seconds))
 
     async def get_json(self, path: str, **params: str) -> object:
         async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {self.token}"}) as session, \
