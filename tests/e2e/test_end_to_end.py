@@ -55,7 +55,8 @@ async def test_scans_arrive_byte_exact_searchable_and_forgotten(
 
         async def all_receipted() -> bool:
             stats = await service.outbox.stats()
-            return stats.counts.get("delivered", 0) == len(samples) and not await service.outbox.custody_pending()
+            return (stats.counts.get("delivered", 0) == len(samples)
+                    and not await service.outbox.custody_pending())
 
         assert await wait_until(all_receipted, within=300), await service.outbox.stats()
 

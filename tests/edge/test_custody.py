@@ -87,7 +87,8 @@ async def test_hold_moves_the_scan_out_privately_and_queues_it(outbox: Outbox, l
     assert stat.S_IMODE(path.stat().st_mode) == 0o600 and list(layout.watch.iterdir()) == []
 
 
-async def test_an_interrupted_move_is_finished_from_its_recorded_intent(outbox: Outbox, layout: Layout) -> None:
+async def test_an_interrupted_move_is_finished_from_its_recorded_intent(outbox: Outbox,
+                                                                      layout: Layout) -> None:
     custody, held = _custody(outbox, layout, Clock())
     doc = await _taken(outbox, layout, b"%PDF scan")
     target = layout.processed / f"{doc.tid}.pdf"

@@ -105,7 +105,8 @@ async def test_illegal_moves_are_refused_by_the_table(tmp_path: Path) -> None:
         await outbox.mark_failed(tid, "central refused it", "central_refused")
         await outbox.mark_failed(tid, "again", "central_refused")   # a repeat is a no-op
         doc = await outbox.get(tid)
-        assert doc is not None and doc.reason == "central refused it" and doc.reason_code == "central_refused"
+        assert doc is not None and doc.reason == "central refused it"
+        assert doc.reason_code == "central_refused"
         assert [d.tid for d in await outbox.custody_pending()] == [tid]   # to quarantine
     finally:
         await outbox.close()
@@ -210,8 +211,8 @@ async def test_a_version_1_outbox_is_migrated_in_place(tmp_path: Path) -> None:
     with sqlite3.connect(path) as db:
         db.executescript(_V1_SCHEMA)
         db.executemany(
-            "INSERT INTO docs (tid, seq, state, name, src_path, size, sha256, media_type, pages, envelope_path, "
-            "signed_header, ciphertext_size, segment_size, created_at, updated_at) VALUES "
+            "INSERT INTO docs (tid, seq, state, name, src_path, size, sha256, media_type, pages, "
+            "envelope_path, signed_header, ciphertext_size, segment_size, created_at, updated_at) VALUES "
             "(?, ?, ?, ?, ?, 1, ?, 'application/pdf', 1, ?, x'00', 10, 32768, 5, 5)",
             [(tid, seq, state, NAME, src, sha(seq), env) for tid, seq, state, src, env in rows])
     outbox = await Outbox.open(path)

@@ -18,7 +18,7 @@ import nacl.signing
 import psutil
 import pytest
 
-from edge.outbox import Place, Doc, DocState, Outbox
+from edge.outbox import Doc, DocState, Outbox, Place
 from edge.uplink import Uplink
 from protocol.envelope import EnvelopeSealer
 from tests.edge.fake_central import FakeCentral

@@ -14,7 +14,6 @@ import hashlib
 import io
 import os
 import time
-from pathlib import Path
 
 import pytest
 
@@ -89,7 +88,7 @@ async def test_long_page_turns_with_production_quiet_periods(deployment: Deploym
 async def test_a_png_written_in_two_bursts_is_neither_refused_nor_cut(deployment: Deployment) -> None:
     from PIL import Image  # noqa: PLC0415
 
-    jpeg, width, height = page_jpegs(1, seed=5)[0]
+    jpeg, _width, _height = page_jpegs(1, seed=5)[0]
     buffer = io.BytesIO()
     Image.open(io.BytesIO(jpeg)).save(buffer, format="PNG", dpi=(150, 150))
     data = buffer.getvalue()
@@ -141,5 +140,5 @@ async def test_a_writer_that_goes_on_after_the_box_took_the_file_loses_nothing(
     # Page 1 alone may have been receipted first (then the change was caught at release and sent as
     # a new version) or the change was caught before packaging (one version): never anything lost.
     assert _sha(final) in {d["sha256"] for d in docs} and len(docs) <= 2
-    assert all(d["filename"].startswith("Quyết định số 12") for d in docs)
+    assert all(str(d["filename"]).startswith("Quyết định số 12") for d in docs)
     _edge_is_empty(deployment)

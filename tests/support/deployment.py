@@ -8,6 +8,7 @@ import dataclasses
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -42,7 +43,7 @@ class Deployment:
     def edge_config(self, *, release_after_seconds: float = 0.0, **intake: float) -> EdgeConfig:
         """The box's config with test-speed intake periods (each one overridable by name)."""
         cfg = edge_config.load(self.edge_home)
-        periods = {**TEST_INTAKE, **intake}
+        periods: dict[str, Any] = {**TEST_INTAKE, **intake}
         return dataclasses.replace(
             cfg, intake=dataclasses.replace(cfg.intake, **periods),
             retention=dataclasses.replace(cfg.retention, release_after_seconds=release_after_seconds))
