@@ -7,6 +7,7 @@ Functions do not commit unless their caller does (same rule as ``central.catalog
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import sqlite3
@@ -23,8 +24,18 @@ ROLES = ("viewer", "operator", "admin")          # each role can do everything t
 SESSION_TTL_S = 8 * 3600
 MIN_PASSWORD = 12
 _NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
-# Verified against when the name is unknown, so a miss costs the same time as a wrong password.
-_DUMMY_HASH = nacl.pwhash.argon2id.str(b"sohoa-dummy-password")
+
+
+@functools.cache
+def _dummy_hash() -> bytes:
+    """Verified against when the name is unknown, so a miss costs the same time as a wrong password.
+
+    Made on first use, not at import: every ``sohoa`` command (``edge run`` on a 2 GB box included)
+    imports this module, and an argon2id hash costs 64 MiB and ~0.1 s.
+    """
+    argon2id = nacl.pwhash.argon2id
+    return argon2id.str(b"sohoa-dummy-password", opslimit=argon2id.OPSLIMIT_INTERACTIVE,
+                        memlimit=argon2id.MEMLIMIT_INTERACTIVE)
 
 
 class OperatorError(CentralError):
@@ -83,7 +94,7 @@ def check_login(conn: sqlite3.Connection, name: str, password: str) -> str | Non
     """The operator's role if the password is right, else None (same cost either way)."""
     row = conn.execute("SELECT role, pwhash FROM operators WHERE name = ? AND disabled = 0",
                        (name,)).fetchone()
-    hashed = bytes(row["pwhash"]) if row else _DUMMY_HASH
+    hashed = bytes(row["pwhash"]) if row else _dummy_hash()
     try:
         nacl.pwhash.verify(hashed, password.encode())
     except nacl.exceptions.InvalidkeyError:
