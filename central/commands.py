@@ -197,22 +197,24 @@ def token_revoke(home: Path, name: str, *, actor: str = "cli") -> None:
 
 
 def verify(home: Path) -> list[str]:
-    """Re-hash every stored original and package against the catalog; return the problems found."""
+    """Re-hash every stored original (once per object) and every arrival's package; return the problems."""
     paths = load_config(home).paths
     store = ObjectStore(paths.objects)
     conn = catalog.connect(paths.catalog, readonly=True)
-    problems: list[str] = []
     try:
-        rows = conn.execute("SELECT id, sha256, package_sha256 FROM documents ORDER BY id").fetchall()
+        originals = [("original", r["sha256"])
+                     for r in conn.execute("SELECT sha256 FROM objects ORDER BY sha256")]
+        packages = [(f"document {r['id']}: package", r["package_sha256"])
+                    for r in conn.execute("SELECT id, package_sha256 FROM documents ORDER BY id")]
     finally:
         conn.close()
-    for row in rows:
-        for what, digest in (("original", row["sha256"]), ("package", row["package_sha256"])):
-            path = store.path_for(digest)
-            if not path.is_file():
-                problems.append(f"document {row['id']}: {what} {digest} is missing")
-            elif file_sha256(path) != digest:
-                problems.append(f"document {row['id']}: {what} {digest} does not hash to its name")
+    problems: list[str] = []
+    for what, digest in [*originals, *packages]:
+        path = store.path_for(digest)
+        if not path.is_file():
+            problems.append(f"{what} {digest} is missing")
+        elif file_sha256(path) != digest:
+            problems.append(f"{what} {digest} does not hash to its name")
     return problems
 
 
