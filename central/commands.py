@@ -20,8 +20,17 @@ import nacl.signing
 import tomli_w
 
 from central import catalog, operators, tls
-from central.broker_config import CENTRAL_USER, add_user, reload_broker, remove_user, write_broker_files
+from central.broker_config import (
+    CENTRAL_USER,
+    add_user,
+    is_ip,
+    reload_broker,
+    remove_user,
+    write_broker_files,
+)
 from central.config import (
+    CENTRAL_CLIENT_ID,
+    HostPort,
     load_config,
     parse_broker_url,
     parse_config,
@@ -40,7 +49,9 @@ from protocol.names import check_device_id
 log = logging.getLogger("sohoa.central")
 
 BUNDLE_FORMAT = "sohoa-bundle/1"
-RESERVED_DEVICE_IDS = frozenset({CENTRAL_USER})
+# A device's username is its MQTT client id on the device listener: it must never be central's
+# account nor central's client id (client ids are one namespace across listeners).
+RESERVED_DEVICE_IDS = frozenset({CENTRAL_USER, CENTRAL_CLIENT_ID})
 
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
@@ -49,11 +60,12 @@ LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 def init(home: Path, *, broker_url: str = "mqtt://127.0.0.1:1883", http: str = "127.0.0.1:8080",
          device_url: str | None = None, tls_certs: tls.OperatorCerts | None = None,
          allow_plaintext: bool = False) -> None:
-    """Create a central home: keys, central.toml, broker config, password file, ACL, API token.
+    """Create a central home: keys, central.toml, broker config, password files, ACLs, API token.
 
-    ``device_url`` ``mqtts://HOST:PORT`` adds a TLS listener for devices (a generated CA and server
-    certificate for HOST, or ``tls_certs``); ``broker_url`` then stays central's own loopback
-    listener. Without it, devices dial ``broker_url`` in the clear (tests, the local demo).
+    The broker gets two listeners: ``broker_url`` is central's own (loopback, central's account
+    only), ``device_url`` the devices' (``mqtts://HOST:PORT`` adds TLS with a generated CA and server
+    certificate for HOST, or ``tls_certs``). Without ``device_url`` devices get plain MQTT on the
+    next port of central's host (tests, the local demo).
     """
     paths = CentralPaths(home)
     if paths.config.exists():
@@ -61,15 +73,22 @@ def init(home: Path, *, broker_url: str = "mqtt://127.0.0.1:1883", http: str = "
                         hint="this home is initialised; use another --home or remove it first")
     listen = parse_broker_url(broker_url)
     parse_host_port(http)
-    devices_tls, devices = parse_device_url(device_url) if device_url else (False, None)
-    if devices_tls and listen.host not in LOOPBACK_HOSTS:
-        raise ConfigError(f"--broker {broker_url} is not loopback, but devices get TLS on {device_url}",
-                          hint="central's plain listener must stay on 127.0.0.1 when devices use mqtts")
-    device_host = devices.host if devices is not None else listen.host
-    if not devices_tls and device_host not in LOOPBACK_HOSTS and not allow_plaintext:
+    if device_url is None:
+        device_url = default_device_url(listen)
+    devices_tls, devices = parse_device_url(device_url)
+    if _clash(listen, devices):
+        raise ConfigError(f"--device-broker {device_url} uses central's port {listen.port}",
+                          hint="devices and central have a listener each: give devices another port")
+    if listen.host not in LOOPBACK_HOSTS and (devices_tls or not allow_plaintext):
+        # Central's account must not cross a network in the clear; its listener is for it alone.
+        raise ConfigError(f"--broker {broker_url} is not loopback: central's password would cross a "
+                          "network without TLS",
+                          hint="central's own listener stays on 127.0.0.1; devices dial --device-broker "
+                               "(--insecure-plaintext allows a closed lab network)")
+    if not devices_tls and devices.host not in LOOPBACK_HOSTS and not allow_plaintext:
         # Security is default-on: passwords and signed envelopes must not cross a real network
         # in the clear just because a flag was forgotten.
-        raise ConfigError(f"devices would dial {device_url or broker_url} without TLS",
+        raise ConfigError(f"devices would dial {device_url} without TLS",
                           hint="add --device-broker mqtts://HOST:PORT (a CA and certificate are "
                                "generated), or --insecure-plaintext for a closed lab network")
     if tls_certs is not None and not devices_tls:
@@ -77,21 +96,39 @@ def init(home: Path, *, broker_url: str = "mqtt://127.0.0.1:1883", http: str = "
                           hint="add --device-broker mqtts://HOST:PORT")
     password = secrets.token_urlsafe(32)
     token = secrets.token_urlsafe(32)
-    rendered = render_config(broker_url=broker_url, http=http, password=password, device_url=device_url or "")
+    rendered = render_config(broker_url=broker_url, http=http, password=password, device_url=device_url)
     parse_config(home, rendered, token)   # never write a config we would refuse to load
     for directory in paths.private_dirs():
         make_private_dir(directory)
     generate_keys(paths)
-    if devices_tls and devices is not None:
+    if devices_tls:
         if tls_certs is None:
             tls.generate(paths, devices.host)
         else:
             tls.install(paths, tls_certs)
-    write_broker_files(paths, listen, password, devices if devices_tls else None)
+    write_broker_files(paths, listen, password, devices, device_tls=devices_tls)
     write_atomic(paths.api_token, (token + "\n").encode())
     catalog.connect(paths.catalog).close()
     # The config goes last: its presence is what marks the home as initialised.
     write_atomic(paths.config, tomli_w.dumps(rendered).encode())
+
+
+def _clash(central: HostPort, devices: HostPort) -> bool:
+    """Would the two listeners bind the same address and port? (A DNS name binds every interface.)"""
+    wildcard = {"0.0.0.0", "::"}  # noqa: S104 - compared against, never bound
+    if central.port != devices.port:
+        return False
+    hosts = {central.host, devices.host}
+    return len(hosts) == 1 or bool(hosts & wildcard) or not is_ip(devices.host)
+
+
+def default_device_url(central: HostPort) -> str:
+    """Plain MQTT on the port after central's, on central's host: the loopback setup of the demo."""
+    if central.port >= 65535:
+        raise ConfigError(f"--broker port {central.port} leaves no next port for devices",
+                          hint="give --device-broker mqtt://HOST:PORT explicitly")
+    host = f"[{central.host}]" if ":" in central.host else central.host
+    return f"mqtt://{host}:{central.port + 1}"
 
 
 def enroll(home: Path, device_id: str, out: Path) -> None:

@@ -301,7 +301,7 @@ class Ingestor:
     def _on_status(self, status: Status) -> None:
         device = catalog.get_device(self._conn, status.device)
         if device is None or device.status != "active":
-            return   # a revoked box's last will or retained status must not make it look alive
+            return   # a revoked box's last will or a late status must not make it look alive
         if not status.online and status.updated_at is None:
             # The bare last will (the broker speaking for a box that vanished): it knows nothing
             # of the queue, so keep the backlog and error the box last reported — "offline with

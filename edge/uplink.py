@@ -181,7 +181,9 @@ class Uplink:
         topic, payload = encode(Status(self._device, online=False))
         return MqttClient(self._broker_url, client_id=self._device, username=self._username,
                           password=self._password, ca_file=self._ca_file,
-                          will=Will(topic, payload, qos=1, retain=True))
+                          # Not retained: the broker refuses retain (retain_available false) and
+                          # central judges liveness by how recently the box spoke.
+                          will=Will(topic, payload, qos=1, retain=False))
 
     async def _session(self, client: MqttClient) -> None:
         await client.subscribe(device_down_filter(self._device), qos=1)
@@ -239,7 +241,7 @@ class Uplink:
                             updated_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
         topic, payload = encode(status)
         self.bytes_on_wire += len(payload)
-        await client.publish(topic, payload, qos=1, retain=True)
+        await client.publish(topic, payload, qos=1, retain=False)
 
     # -- sending -------------------------------------------------------------------------------
     async def _pump(self, client: MqttClient) -> None:

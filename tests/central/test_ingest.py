@@ -10,6 +10,7 @@ import os
 import secrets
 import shutil
 import sqlite3
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import nacl.signing
@@ -445,6 +446,27 @@ def test_last_will_marks_offline_but_keeps_the_reported_backlog(
     assert not row["online"]
     assert row["backlog_docs"] == 7 and row["backlog_bytes"] == 70_000
     assert row["problem"] == "offline with backlog"
+
+
+def test_online_is_decided_at_query_time_from_how_recently_the_box_spoke(
+        config: CentralConfig, central_keys: CentralKeys, enroll: Enroll) -> None:
+    # No status is retained at the broker any more: after a central or broker restart nothing is
+    # replayed, so "online" must not be a flag that only a will can clear.
+    enroll("xa-tan-trao")
+    ingestor = make_ingestor(config, central_keys)
+    ingestor.handle_batch([encode(Status("xa-tan-trao", online=True, queue_docs=2, queue_bytes=9000))])
+    conn = catalog.connect(config.paths.catalog, readonly=True)
+    seen = datetime.fromisoformat(catalog.list_devices(conn)[0]["last_seen"])
+    fresh = seen + timedelta(seconds=catalog.STALE_AFTER_S - 1)
+    stale = seen + timedelta(seconds=catalog.STALE_AFTER_S + 1)
+    assert catalog.list_devices(conn, now=fresh)[0]["online"]
+    assert catalog.totals(conn, now=fresh).devices_online == 1
+    (row,) = catalog.list_devices(conn, now=stale)
+    assert not row["online"] and row["problem"] == "offline with backlog"
+    assert catalog.totals(conn, now=stale).devices_online == 0
+    summary = catalog.fleet_summary(conn, today_since="2000-01-01T00:00:00.000Z", now=stale)
+    assert (summary["devices"]["online"], summary["devices"]["offline_with_backlog"]) == (0, 1)
+    assert catalog.STALE_AFTER_S == 3 * 30   # three missed statuses of the edge's 30 s interval
 
 
 @pytest.mark.parametrize("mode_path", ["central.toml", "api-token", "keys/encryption.key",

@@ -48,10 +48,9 @@ async def test_ingest_over_mqtt_then_browse_over_http(config: CentralConfig, cen
     original = b"%PDF-1.4\n" + secrets.token_bytes(70_000)
     sealed = seal_document(device="xa-tan-trao", seq=1, signing_key=bundle.signing_key,
                            central_key=central_keys.encryption.public_key, original=original)
-    async with connected(central_broker.port, bundle.username, bundle.password,
+    async with connected(central_broker.device_port, bundle.username, bundle.password,
                          (("sohoa/v1/down/xa-tan-trao/#", 1),)) as device:
-        await device.publish(*encode(Status("xa-tan-trao", online=True, queue_docs=1, queue_bytes=70_000)),
-                             retain=True)
+        await device.publish(*encode(Status("xa-tan-trao", online=True, queue_docs=1, queue_bytes=70_000)))
         receipt = await send_and_wait_receipt(device, sealed)
     body = receipt.verify(central_keys.receipt.verify_key)
     assert body.sha256 == hashlib.sha256(original).hexdigest()
@@ -100,7 +99,7 @@ async def test_bad_signature_over_mqtt_gets_rejected(config: CentralConfig, cent
     await ingest_ready((await aiohttp_client(create_app(config))).app)
     sealed = seal_document(device="xa-tan-trao", seq=1, signing_key=nacl.signing.SigningKey.generate(),
                            central_key=central_keys.encryption.public_key, original=b"%PDF-1.4 forged")
-    async with connected(central_broker.port, bundle.username, bundle.password,
+    async with connected(central_broker.device_port, bundle.username, bundle.password,
                          (("sohoa/v1/down/xa-tan-trao/#", 1),)) as device:
         await device.publish(*encode(sealed.init()))
         async with asyncio.timeout(TIMEOUT):
@@ -119,7 +118,7 @@ async def test_central_restart_mid_transfer_resumes(config: CentralConfig, centr
                            media_type="image/jpeg", name="Ảnh 1.jpg")
     segments = sealed.segments(8 * 1024)
     half = len(segments) // 2
-    async with connected(central_broker.port, bundle.username, bundle.password,
+    async with connected(central_broker.device_port, bundle.username, bundle.password,
                          (("sohoa/v1/down/xa-tan-trao/#", 1),)) as device:
         server = await aiohttp_server(create_app(config))
         await ingest_ready(server.app)
@@ -206,7 +205,7 @@ async def test_ingest_that_dies_is_restarted_and_ingests_again(
     assert samples["ingest_running"] == 1 and samples["ingest_failures_total"] == 1
     sealed = seal_document(device="xa-tan-trao", seq=1, signing_key=bundle.signing_key,
                            central_key=central_keys.encryption.public_key, original=b"%PDF-1.4 restarted")
-    async with connected(central_broker.port, bundle.username, bundle.password,
+    async with connected(central_broker.device_port, bundle.username, bundle.password,
                          (("sohoa/v1/down/xa-tan-trao/#", 1),)) as device:
         receipt = await send_and_wait_receipt(device, sealed)
     assert receipt.tid == sealed.tid

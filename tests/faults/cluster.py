@@ -154,7 +154,7 @@ def cluster(root: Path, *, broker_port: int | None = None, rate_kbit: float = 0.
     http_port = free_port()
     central_home = root / "central"
     central_commands.init(central_home, broker_url=f"mqtt://127.0.0.1:{broker_port}",
-                          http=f"127.0.0.1:{http_port}")
+                          http=f"127.0.0.1:{http_port}", device_url=f"mqtt://127.0.0.1:{free_port()}")
     broker = Broker(config=central_home / "mosquitto.conf", port=broker_port, log=root / "broker.log")
     broker.start()
     central = Process([sys.executable, "-m", "sohoa.cli", "central", "run", "--home", str(central_home)],

@@ -29,7 +29,7 @@ def deployment_at(root: Path, *, central_home: Path | None = None,
     edge_home = edge_home or root / "edge"
     broker_port, http_port = free_port(), free_port()
     central_commands.init(central_home, broker_url=f"mqtt://127.0.0.1:{broker_port}",
-                          http=f"127.0.0.1:{http_port}")
+                          http=f"127.0.0.1:{http_port}", device_url=f"mqtt://127.0.0.1:{free_port()}")
     with running_broker(central_home / "mosquitto.conf", broker_port, root / "broker.log") as broker:
         bundle = root / "bundle.toml"
         central_commands.enroll(central_home, DEVICE, bundle)
