@@ -66,6 +66,17 @@ def _revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def _clear_clone(args: argparse.Namespace) -> int:
+    result = commands.clear_clone(args.home, args.device_id)
+    if not result.was_flagged:
+        print(f"{args.device_id} was not flagged as a possible clone")
+        return 0
+    seen = result.suspicion or {}
+    print(f"{args.device_id}: possible-clone flag cleared (first seen {seen.get('since')}, "
+          f"{seen.get('count')} refused transfer(s)); a new sequence collision raises it again")
+    return 0
+
+
 def _read_password() -> str:
     if sys.stdin.isatty():
         first = getpass.getpass("password: ")
@@ -151,6 +162,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     revoke.add_argument("device_id", metavar="DEVICE_ID")
     revoke.add_argument("--home", type=Path, required=True, help="central home directory")
     revoke.set_defaults(func=_guard(_revoke))
+
+    device = sub.add_parser("device", help="device administration beyond enroll and revoke",
+                            description="Administer enrolled devices.")
+    device_sub = device.add_subparsers(dest="device_command", required=True, metavar="COMMAND")
+    clear = device_sub.add_parser(
+        "clear-clone", help="clear the possible-clone flag once one of the boxes was re-enrolled",
+        description="Two boxes signed transfers with one identity (a reused sequence number): central "
+                    "refused the second and flagged the device. Enroll one box under a new id first, "
+                    "then clear the flag (audited). A new collision raises it again.")
+    clear.add_argument("device_id", metavar="DEVICE_ID")
+    clear.add_argument("--home", type=Path, required=True, help="central home directory")
+    clear.set_defaults(func=_guard(_clear_clone))
 
     user = sub.add_parser("user", help="dashboard operators (argon2id passwords)",
                           description="Manage the people who sign in to the dashboard.")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import secrets
 import signal
@@ -15,6 +16,7 @@ import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nacl.signing
 import tomli_w
@@ -196,6 +198,29 @@ def revoke(home: Path, device_id: str, *, actor: str = "cli") -> Revoked:
     pid = reload_broker(paths)
     log.info("revoked %s%s", device_id, f"; broker {pid} reloaded" if pid else "; no running broker found")
     return Revoked(device_id, device.status == "active", pid)
+
+
+@dataclass(frozen=True, slots=True)
+class CloneCleared:
+    device_id: str
+    was_flagged: bool
+    suspicion: dict[str, Any] | None    # what the flag said (first seen, count, tids) before clearing
+
+
+def clear_clone(home: Path, device_id: str, *, actor: str = "cli") -> CloneCleared:
+    """Clear a device's possible-clone flag, audited: an admin has re-enrolled one of the two boxes.
+
+    The refused transfers stay recorded (``seq_collisions``); a new collision raises the flag again.
+    """
+    with _audited_change(home) as conn:
+        if catalog.get_device(conn, device_id) is None:
+            raise DeviceError(f"no enrolled device {device_id!r}")
+        suspicion = catalog.possible_clone(conn, device_id)
+        flagged = catalog.clear_possible_clone(conn, device_id)
+        catalog.add_audit(conn, actor=actor, action="clear_clone", target=device_id,
+                          detail=json.dumps(suspicion) if suspicion else None)
+    log.info("possible-clone flag of %s %s", device_id, "cleared" if flagged else "was not set")
+    return CloneCleared(device_id, flagged, suspicion)
 
 
 @contextlib.contextmanager
