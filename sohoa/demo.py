@@ -163,7 +163,8 @@ def main(*, scans: Path | None, pages: int, home: Path | None, exit_when_synced:
         bundle.unlink()  # the bundle holds the device's secret key: it has served its purpose
         files = _scans(scans, pages, home / "samples")
         if not as_json:
-            print(f"sohoa demo in {home}: broker :{broker_port}, central http :{http_port}, "
+            print(f"sohoa demo in {home}: broker :{broker_port} (central) :{device_port} (devices), "
+                  f"central http :{http_port}, "
                   f"{len(files)} document(s)")
         try:
             summary = asyncio.run(_run(home, files, http_port=http_port, exit_when_synced=exit_when_synced,

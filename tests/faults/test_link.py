@@ -147,7 +147,7 @@ async def _inflict(proxy: FaultProxy, service: EdgeService, plan: Faults, done: 
 async def _run_link_scenario(deployment: Deployment, tmp_path: Path, *, documents: int, side: int,
                              plan: Faults, drain_within: float) -> LinkFigures:
     dropped = make_documents(tmp_path / "docs", documents, seed=plan.seed, side=side)
-    async with FaultProxy("127.0.0.1", deployment.broker.port) as proxy:
+    async with FaultProxy("127.0.0.1", deployment.broker.device_port) as proxy:
         proxy.throttle(LINK_KBIT, LINK_LATENCY_S)
         cfg = _link_config(deployment, proxy.port)
         async with running(deployment, ocr_engine=FakeOcrEngine(), edge_config=cfg) as service:
