@@ -262,6 +262,7 @@ def verify(home: Path) -> list[str]:
     """Re-hash every stored original (once per object) and every arrival's package; return the problems."""
     paths = load_config(home).paths
     store = ObjectStore(paths.objects)
+    catalog.connect(paths.catalog).close()   # an older catalog is migrated first (a no-op when current)
     conn = catalog.connect(paths.catalog, readonly=True)
     try:
         originals = [("original", r["sha256"])
