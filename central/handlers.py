@@ -126,7 +126,7 @@ def _text_param(request: web.Request, name: str) -> str | None:
     return raw
 
 
-def _device_param(request: web.Request, name: str, value: str | None) -> str | None:
+def _device_param(name: str, value: str | None) -> str | None:
     if value is None:
         return None
     try:
@@ -179,7 +179,7 @@ def _iso(at: datetime) -> str:
 
 async def documents(request: web.Request) -> web.Response:
     """Arrivals, newest first: ``?device=`` what one box sent, ``?q=`` full text (folded)."""
-    device = _device_param(request, "device", request.query.get("device") or None)
+    device = _device_param("device", request.query.get("device") or None)
     q = _text_param(request, "q")
     limit = _int_param(request, "limit", 100, MAX_LIMIT)
     offset = _int_param(request, "offset", 0, MAX_OFFSET)
@@ -261,7 +261,7 @@ async def dashboard(request: web.Request) -> web.Response:
 
 async def revoke_device(request: web.Request) -> web.Response:
     principal = require(request, "admin")
-    device_id = _device_param(request, "device id", request.match_info["id"])
+    device_id = _device_param("device id", request.match_info["id"])
     assert device_id is not None
     try:
         result = await asyncio.to_thread(commands.revoke, request.app[CONFIG].home, device_id,
@@ -274,7 +274,7 @@ async def revoke_device(request: web.Request) -> web.Response:
 
 async def clear_clone(request: web.Request) -> web.Response:
     principal = require(request, "admin")
-    device_id = _device_param(request, "device id", request.match_info["id"])
+    device_id = _device_param("device id", request.match_info["id"])
     assert device_id is not None
     try:
         result = await asyncio.to_thread(commands.clear_clone, request.app[CONFIG].home, device_id,

@@ -43,8 +43,13 @@ SPEC = Path(__file__).resolve().parents[2] / "central" / "openapi.json"
 EXAMPLES = 25      # per operation and generation mode: the whole file takes ~30-40 s on 2 busy cores
 
 schema = schemathesis.openapi.from_path(SPEC)
+# Credentials are sent with every call (a missing or wrong token is tested in test_auth.py), and
+# unknown query parameters are pinned below: left to the generator, an extra parameter that the
+# HTTP client then drops (an empty name, an empty list) or a dropped Authorization header would be
+# counted as "invalid data accepted".
 schema.config.generation.update(modes=[GenerationMode.POSITIVE, GenerationMode.NEGATIVE],
-                                max_examples=EXAMPLES, deterministic=True)
+                                max_examples=EXAMPLES, deterministic=True, with_security_parameters=False,
+                                allow_extra_parameters=False)
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
           response_headers_conformance, negative_data_rejection]
 
@@ -137,6 +142,9 @@ def test_api_conforms_and_never_answers_5xx(case: schemathesis.Case, api: Api) -
     ("/api/devices?order=sideways", "order"),
     ("/api/audit?limit=1e3", "limit"),
     ("/api/devices/Xã Tân Trào/revoke", "device id"),
+    ("/api/documents?devcie=xa-tan-trao", "unknown query parameter"),     # a typo no longer lists all
+    ("/api/documents?limit=1&limit=2", "more than once"),
+    ("/api/fleet?x=1", "unknown query parameter"),
 ])
 def test_bad_parameters_are_a_400_with_a_message(api: Api, path: str, needle: str) -> None:
     method = requests.post if path.endswith("/revoke") else requests.get
