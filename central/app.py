@@ -30,11 +30,14 @@ ROUTES = [
     web.get("/api/devices", handlers.devices),
     web.get("/api/fleet", handlers.fleet),
     web.get("/api/documents", handlers.documents),
-    web.get("/api/documents/{id:[0-9]+}", handlers.document),
-    web.get("/api/documents/{id:[0-9]+}/original", handlers.original),
+    # Any segment: the handler answers a malformed or out-of-range id with a 400 that says why.
+    web.get("/api/documents/{id}", handlers.document),
+    web.get("/api/documents/{id}/original", handlers.original),
+    web.get("/api/openapi.json", handlers.openapi),
     web.get("/api/session", auth.session),
     web.get("/api/audit", handlers.audit_log),
     web.post("/api/devices/{id}/revoke", handlers.revoke_device),
+    web.post("/api/devices/{id}/clear-clone", handlers.clear_clone),
     web.post("/login", auth.login),
     web.post("/logout", auth.logout),
 ]
@@ -77,7 +80,8 @@ def create_app(config: CentralConfig, *, ingest: bool = True,
     ``start_ingest`` builds each ingest service (tests inject failing ones).
     """
     load_keys(config.paths)   # refuse to start without keys, before anything listens
-    app = web.Application(middlewares=[auth.authenticate])
+    # Outermost first: errors become JSON, then who is calling, then which parameters are known.
+    app = web.Application(middlewares=[handlers.json_errors, auth.authenticate, handlers.known_parameters])
     app[CONFIG] = config
     app[METRICS] = Metrics()
     app[LIMITER] = auth.LoginLimiter()

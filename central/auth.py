@@ -130,16 +130,33 @@ async def audit(request: web.Request, action: str, target: str | None, detail: d
     await request.app[AUTH_DB].call(write)
 
 
+def _login_fields(body: Any) -> tuple[str, str] | None:
+    """(name, password) from a login body, or None unless both are strings of encodable text."""
+    if not isinstance(body, dict):
+        return None
+    name, password = body.get("name"), body.get("password")
+    if not isinstance(name, str) or not isinstance(password, str):
+        return None
+    try:   # JSON may escape a lone surrogate, which no database or hash function can take
+        name.encode("utf-8")
+        password.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return name, password
+
+
 async def login(request: web.Request) -> web.Response:
     if request.content_type != "application/json":
         raise _json_error(web.HTTPUnsupportedMediaType, "login takes application/json",
                           'POST {"name": ..., "password": ...}')
     try:
-        body = await request.json()
-        name, password = str(body["name"]), str(body["password"])
-    except (ValueError, KeyError, TypeError) as exc:
+        fields = _login_fields(await request.json())
+    except ValueError:
+        fields = None
+    if fields is None:
         raise _json_error(web.HTTPBadRequest, "malformed login",
-                          'send {"name": ..., "password": ...}') from exc
+                          'send {"name": "...", "password": "..."} (strings of UTF-8 text)')
+    name, password = fields
     keys = (f"addr:{request.remote}", f"name:{name[:64]}")
     limiter = request.app[LIMITER]
     wait = limiter.retry_after(keys)

@@ -7,19 +7,26 @@ unless their name says so, so the ingest can make a batch of changes durable wit
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import re
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from central.errors import CatalogError
 from protocol.names import fold
 from protocol.transfer import HeldSegment
 
-SCHEMA_VERSION = 1
+log = logging.getLogger("sohoa.central.catalog")
+
+# v2 (issue 7): content once, provenance per arrival — ``objects`` holds one row per stored original,
+# ``documents`` one row per arrival; devices carry the possible-clone flag. See ``_MIGRATIONS``.
+SCHEMA_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
@@ -32,26 +39,41 @@ CREATE TABLE IF NOT EXISTS devices (
     backlog_docs  INTEGER NOT NULL DEFAULT 0,
     backlog_bytes INTEGER NOT NULL DEFAULT 0,
     last_error    TEXT,
-    status_json   TEXT
+    status_json   TEXT,
+    -- Set when a validly signed init reused a sequence number of another transfer (two boxes, one
+    -- identity); cleared by an admin (``sohoa central device clear-clone``). NULL: no suspicion.
+    possible_clone_since TEXT
 );
+-- One row per stored original (content-addressed: the file is objects/<sha256>).
+CREATE TABLE IF NOT EXISTS objects (
+    sha256     TEXT PRIMARY KEY,
+    size       INTEGER NOT NULL,
+    media_type TEXT NOT NULL,
+    stored_at  TEXT NOT NULL
+) WITHOUT ROWID;
+-- One row per arrival: who sent it, under which name, captured when, with which text. Several
+-- arrivals (communes) may point at one object; the same arrival sent again maps to its row.
 CREATE TABLE IF NOT EXISTS documents (
     id             INTEGER PRIMARY KEY,
     device         TEXT NOT NULL REFERENCES devices (id),
-    tid            TEXT NOT NULL UNIQUE,
+    tid            TEXT NOT NULL UNIQUE,   -- the transfer that first brought this arrival
     seq            INTEGER NOT NULL,
     filename       TEXT NOT NULL,
-    sha256         TEXT NOT NULL UNIQUE,
-    size           INTEGER NOT NULL,
+    sha256         TEXT NOT NULL REFERENCES objects (sha256),
+    captured_at    TEXT NOT NULL,
+    text_sha256    TEXT NOT NULL,
     pages          INTEGER NOT NULL,
-    media_type     TEXT NOT NULL,
     received_at    TEXT NOT NULL,
     text           TEXT NOT NULL,
     metadata       TEXT NOT NULL,
-    package_sha256 TEXT NOT NULL
+    package_sha256 TEXT NOT NULL,
+    -- The arrival's natural key: a transfer with the same key is the same arrival (idempotent).
+    UNIQUE (device, sha256, filename, captured_at, text_sha256)
 );
 CREATE INDEX IF NOT EXISTS documents_by_device ON documents (device, id);
 -- "Stored today" on the fleet summary must not scan every document ever received.
 CREATE INDEX IF NOT EXISTS documents_by_received ON documents (received_at);
+CREATE INDEX IF NOT EXISTS documents_by_sha256 ON documents (sha256, id);
 -- Folded copies (protocol.names.fold) so 'quyet dinh' finds 'Quyết định'; rowid = documents.id.
 CREATE VIRTUAL TABLE IF NOT EXISTS documents_fts USING fts5 (
     filename, text, tokenize = 'unicode61 remove_diacritics 2'
@@ -74,6 +96,16 @@ CREATE TABLE IF NOT EXISTS transfers (
     UNIQUE (device, seq)
 );
 CREATE INDEX IF NOT EXISTS transfers_by_state ON transfers (state);
+-- Validly signed inits refused because their (device, seq) belongs to another transfer.
+CREATE TABLE IF NOT EXISTS seq_collisions (
+    device     TEXT NOT NULL REFERENCES devices (id),
+    tid        TEXT NOT NULL,      -- the refused transfer
+    seq        INTEGER NOT NULL,
+    other_tid  TEXT NOT NULL,      -- the transfer that holds (device, seq)
+    first_seen TEXT NOT NULL,
+    last_seen  TEXT NOT NULL,
+    PRIMARY KEY (device, tid)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS segments (
     tid    TEXT NOT NULL REFERENCES transfers (tid),
     offset INTEGER NOT NULL,
@@ -133,7 +165,7 @@ def utc_now() -> str:
 
 
 def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
-    """Open the catalog; the writer creates the schema, readers only read."""
+    """Open the catalog; the writer creates or migrates the schema, readers only read."""
     if readonly:
         # Not SQLite's mode=ro: a WAL reader must still write the -shm index. query_only suffices.
         conn = sqlite3.connect(path, check_same_thread=False, timeout=30)
@@ -145,15 +177,107 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
         conn = sqlite3.connect(path, check_same_thread=False, timeout=30)
     conn.row_factory = sqlite3.Row
     conn.execute("PRAGMA busy_timeout = 30000")
-    conn.execute("PRAGMA foreign_keys = ON")
     if not readonly:
         conn.execute("PRAGMA journal_mode = WAL")
         # FULL: a committed segment row must survive power loss, or we would ack bytes we lost.
         conn.execute("PRAGMA synchronous = FULL")
-        conn.executescript(SCHEMA)
+        migrate(conn)
+    conn.execute("PRAGMA foreign_keys = ON")
+    return conn
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring the catalog to ``SCHEMA_VERSION`` in one transaction; return the version found.
+
+    ``PRAGMA user_version`` says which schema the file holds: 0 is a new file (the whole schema is
+    created), each older version runs its step in ``_MIGRATIONS`` in turn. A file from a newer
+    sohoa is refused rather than guessed at. Foreign keys are off while tables are rebuilt (SQLite's
+    own recipe for changing a table), and checked before the commit.
+    """
+    conn.execute("PRAGMA foreign_keys = OFF")   # a no-op inside a transaction: set it before
+    conn.execute("BEGIN IMMEDIATE")   # two writers starting at once: the second waits, then sees v2
+    try:
+        found = _upgrade(conn)
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         conn.commit()
-    return conn
+    except BaseException:
+        conn.rollback()
+        raise
+    if found and found < SCHEMA_VERSION:
+        log.warning("catalog migrated from schema version %d to %d", found, SCHEMA_VERSION)
+    return found
+
+
+def _upgrade(conn: sqlite3.Connection) -> int:
+    found = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    if found > SCHEMA_VERSION:
+        raise CatalogError(f"the catalog has schema version {found}; this sohoa knows up to "
+                           f"{SCHEMA_VERSION}", hint="run the sohoa version that wrote it, or newer")
+    if found == 0:
+        for statement in _statements(SCHEMA):
+            conn.execute(statement)
+    else:
+        for version in range(found, SCHEMA_VERSION):
+            _MIGRATIONS[version](conn)
+    problems = conn.execute("PRAGMA foreign_key_check").fetchall()
+    if problems:
+        raise CatalogError(f"migration would break {len(problems)} references, e.g. {tuple(problems[0])}")
+    return found
+
+
+def _statements(script: str) -> list[str]:
+    """Split a schema script into statements (executescript would commit our transaction)."""
+    statements: list[str] = []
+    current = ""
+    for line in script.splitlines(keepends=True):
+        if not current.strip() and line.lstrip().startswith("--"):
+            continue   # a comment before a statement: the statement should start with its keyword
+        current += line
+        if sqlite3.complete_statement(current):
+            statements.append(current.strip())
+            current = ""
+    if current.strip():
+        raise ValueError(f"incomplete SQL statement: {current[:80]!r}")
+    return statements
+
+
+def _v1_to_v2(conn: sqlite3.Connection) -> None:
+    """v1 kept one document per sha256 (the first sender's); v2 splits content from arrivals.
+
+    Every v1 document becomes one object plus one arrival with the same id (so transfers, fixity
+    events, the audit log and the full-text rows keep pointing at it); its capture time comes from
+    the package metadata it was stored with.
+    """
+    conn.create_function("sohoa_sha256", 1, text_sha256, deterministic=True)
+    conn.execute("ALTER TABLE devices ADD COLUMN possible_clone_since TEXT")
+    for statement in _statements(SCHEMA):
+        # New tables only; documents is rebuilt below, the others exist.
+        if statement.startswith(("CREATE TABLE IF NOT EXISTS objects",
+                                 "CREATE TABLE IF NOT EXISTS seq_collisions")):
+            conn.execute(statement)
+    conn.execute("INSERT INTO objects (sha256, size, media_type, stored_at)"
+                 " SELECT sha256, size, media_type, received_at FROM documents")
+    documents = next(s for s in _statements(SCHEMA) if s.startswith("CREATE TABLE IF NOT EXISTS documents"))
+    conn.execute(documents.replace("IF NOT EXISTS documents", "documents_v2", 1))
+    conn.execute(
+        "INSERT INTO documents_v2 (id, device, tid, seq, filename, sha256, captured_at, text_sha256, pages,"
+        " received_at, text, metadata, package_sha256)"
+        " SELECT id, device, tid, seq, filename, sha256,"
+        " coalesce(json_extract(metadata, '$.captured_at'), received_at), sohoa_sha256(text), pages,"
+        " received_at, text, metadata, package_sha256 FROM documents")
+    conn.execute("DROP TABLE documents")
+    conn.execute("ALTER TABLE documents_v2 RENAME TO documents")
+    for statement in _statements(SCHEMA):
+        if statement.startswith("CREATE INDEX IF NOT EXISTS documents_"):
+            conn.execute(statement)
+
+
+# user_version found → the step that brings the file to the next version.
+_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _v1_to_v2}
+
+
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 # -- devices ------------------------------------------------------------------------------------
@@ -209,20 +333,31 @@ def mark_offline(conn: sqlite3.Connection, device_id: str, *, at: str) -> None:
     conn.execute("UPDATE devices SET online = 0, last_seen = ? WHERE id = ?", (at, device_id))
 
 
+# Nothing is retained at the broker (retain_available false), so after a restart of central or the
+# broker no status is replayed: a box is online only while it keeps talking. It publishes its status
+# every 30 s (edge uplink.status_interval); three missed ones and it is offline, will or no will.
+STATUS_INTERVAL_S = 30
+STALE_AFTER_S = 3 * STATUS_INTERVAL_S
+
 # A backlog older than this is a problem even on a box that is online and reports no error.
 STALE_BACKLOG_S = 6 * 3600
 
-# Problem rank, worst first: offline with documents stuck on the box, then a reported error, then
-# a backlog that is not draining, then merely offline; revoked boxes are nobody's problem any more.
+# Online at query time: the last word from the box was not its will, and it is recent.
+_ONLINE = "(d.online = 1 AND d.last_seen >= :fresh_since)"
+# Problem rank, worst first: two boxes sharing one identity (their scans are being refused), then
+# offline with documents stuck on the box, then a reported error, then a backlog that is not
+# draining, then merely offline; revoked boxes are nobody's problem any more.
 _PROBLEM = f"""CASE
     WHEN d.status != 'active' THEN -1
-    WHEN d.online = 0 AND d.backlog_docs > 0 THEN 4
+    WHEN d.possible_clone_since IS NOT NULL THEN 5
+    WHEN NOT {_ONLINE} AND d.backlog_docs > 0 THEN 4
     WHEN coalesce(d.last_error, '') != '' THEN 3
     WHEN d.backlog_docs > 0 AND {{age}} >= {STALE_BACKLOG_S} THEN 2
-    WHEN d.online = 0 THEN 1
+    WHEN NOT {_ONLINE} THEN 1
     ELSE 0 END"""
-_PROBLEM_NAMES = {4: "offline with backlog", 3: "error", 2: "stale backlog", 1: "offline"}
-# The age the box reported with its retained status; only meaningful while it holds a backlog.
+_PROBLEM_NAMES = {5: "possible clone", 4: "offline with backlog", 3: "error", 2: "stale backlog",
+                  1: "offline"}
+# The age the box reported with its last status; only meaningful while it holds a backlog.
 _OLDEST_AGE = ("CASE WHEN d.backlog_docs > 0 THEN"
                " coalesce(json_extract(d.status_json, '$.oldest_age_s'), 0) ELSE 0 END")
 # One grouped pass, not a correlated subquery: SQLite plans that per device through the state index,
@@ -232,10 +367,16 @@ _LAST_RECEIPTS = ("LEFT JOIN (SELECT device, max(stored_at) AS last_receipt FROM
 
 # Sortable columns -> SQL; a whitelist, so a query parameter never becomes SQL text.
 DEVICE_SORTS: dict[str, str] = {
-    "id": "d.id", "status": "d.status", "online": "d.online", "last_seen": "d.last_seen",
+    "id": "d.id", "status": "d.status", "online": "online", "last_seen": "d.last_seen",
     "backlog_docs": "d.backlog_docs", "backlog_bytes": "d.backlog_bytes", "last_error": "d.last_error",
     "oldest_age_s": "oldest_age_s", "last_receipt": "last_receipt", "problems": "problem_rank",
 }
+
+
+def fresh_since(now: datetime | None = None) -> str:
+    """The oldest ``last_seen`` that still counts as online at ``now`` (the catalog's time format)."""
+    at = (now or datetime.now(UTC)) - timedelta(seconds=STALE_AFTER_S)
+    return at.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,15 +386,19 @@ class DevicePage:
 
 
 def query_devices(conn: sqlite3.Connection, *, sort: str = "id", descending: bool = False,
-                  q: str | None = None, limit: int | None = None, offset: int = 0) -> DevicePage:
+                  q: str | None = None, limit: int | None = None, offset: int = 0,
+                  now: datetime | None = None) -> DevicePage:
     """One page of devices, sorted and filtered in SQL; ``q`` is a case-insensitive id substring.
 
     Ties are broken by id so pages never overlap or skip a device. ``sort="problems"`` with
     ``descending=True`` puts the worst first, and the oldest backlog first within a rank.
+    ``online`` is decided at ``now`` (default: the wall clock), see ``STALE_AFTER_S``.
     """
     if sort not in DEVICE_SORTS:
         raise ValueError(f"cannot sort devices by {sort!r}")
-    where, params = ("WHERE instr(lower(d.id), lower(?)) > 0", [q]) if q else ("", [])
+    where = "WHERE instr(lower(d.id), lower(:q)) > 0" if q else ""
+    params: dict[str, Any] = {"q": q, "fresh_since": fresh_since(now),
+                              "limit": -1 if limit is None else limit, "offset": offset}
     total = int(conn.execute(f"SELECT count(*) FROM devices d {where}", params).fetchone()[0])  # noqa: S608
     direction = "DESC" if descending else "ASC"
     keys = [f"{DEVICE_SORTS[sort]} {direction} NULLS LAST"]
@@ -263,13 +408,13 @@ def query_devices(conn: sqlite3.Connection, *, sort: str = "id", descending: boo
     # The receipt time costs a lookup per device: for a small page, look up only that page's devices
     # afterwards (one IN query); sorting by it or listing everything joins one grouped pass instead.
     receipt_in_page = sort == "last_receipt" or limit is None or limit > 1000
-    sql = (f"SELECT d.id, d.status, d.online, d.last_seen, d.backlog_docs, d.backlog_bytes,"  # noqa: S608
-           f" d.last_error, {_OLDEST_AGE} AS oldest_age_s,"
+    sql = (f"SELECT d.id, d.status, {_ONLINE} AS online, d.last_seen, d.backlog_docs,"  # noqa: S608
+           f" d.backlog_bytes, d.last_error, d.possible_clone_since, {_OLDEST_AGE} AS oldest_age_s,"
            f" {_PROBLEM.format(age=_OLDEST_AGE)} AS problem_rank"
            f"{', r.last_receipt' if receipt_in_page else ''}"
            f" FROM devices d {_LAST_RECEIPTS if receipt_in_page else ''} {where}"
-           f" ORDER BY {', '.join(keys)} LIMIT ? OFFSET ?")
-    rows = conn.execute(sql, [*params, -1 if limit is None else limit, offset]).fetchall()
+           f" ORDER BY {', '.join(keys)} LIMIT :limit OFFSET :offset")
+    rows = conn.execute(sql, params).fetchall()
     receipts: dict[str, str | None] = {}
     if rows and not receipt_in_page:
         ids = [r["id"] for r in rows]
@@ -283,48 +428,104 @@ def query_devices(conn: sqlite3.Connection, *, sort: str = "id", descending: boo
         "last_receipt": r["last_receipt"] if receipt_in_page else receipts.get(r["id"]),
         "last_error": r["last_error"], "oldest_age_s": r["oldest_age_s"],
         "problem": _PROBLEM_NAMES.get(r["problem_rank"]),
+        # Rare (a flagged box), so its details are looked up per flagged row only.
+        "possible_clone": (possible_clone(conn, r["id"], since=r["possible_clone_since"])
+                           if r["possible_clone_since"] else None),
     } for r in rows], total)
 
 
-def list_devices(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+def list_devices(conn: sqlite3.Connection, *, now: datetime | None = None) -> list[dict[str, Any]]:
     """Every device by id (the original unpaged shape of ``GET /api/devices``)."""
-    return query_devices(conn).rows
+    return query_devices(conn, now=now).rows
 
 
-def fleet_summary(conn: sqlite3.Connection, *, today_since: str) -> dict[str, Any]:
+def fleet_summary(conn: sqlite3.Connection, *, today_since: str,
+                  now: datetime | None = None) -> dict[str, Any]:
     """Fleet-wide counts for the dashboard header, aggregated in SQL (one pass over devices).
 
-    Online/offline count active devices only, so total = online + offline + revoked. Backlog and
-    errors count active devices too: a revoked box's queue will never be accepted.
+    Online/offline count active devices only, so total = online + offline + revoked. Backlog, errors
+    and possible clones count active devices too: a revoked box's queue will never be accepted.
     """
     d = conn.execute(
-        "SELECT count(*) AS total,"
-        " coalesce(sum(d.status = 'active' AND d.online = 1), 0) AS online,"
-        " coalesce(sum(d.status = 'active' AND d.online = 0), 0) AS offline,"
+        "SELECT count(*) AS total,"  # noqa: S608 - constant fragments only
+        f" coalesce(sum(d.status = 'active' AND {_ONLINE}), 0) AS online,"
+        f" coalesce(sum(d.status = 'active' AND NOT {_ONLINE}), 0) AS offline,"
         " coalesce(sum(d.status != 'active'), 0) AS revoked,"
         " coalesce(sum(d.status = 'active' AND coalesce(d.last_error, '') != ''), 0) AS with_error,"
         " coalesce(sum(d.status = 'active' AND d.backlog_docs > 0), 0) AS with_backlog,"
-        " coalesce(sum(d.status = 'active' AND d.online = 0 AND d.backlog_docs > 0), 0)"
+        f" coalesce(sum(d.status = 'active' AND NOT {_ONLINE} AND d.backlog_docs > 0), 0)"
         "   AS offline_with_backlog,"
+        " coalesce(sum(d.status = 'active' AND d.possible_clone_since IS NOT NULL), 0) AS possible_clone,"
         " coalesce(sum(CASE WHEN d.status = 'active' THEN d.backlog_docs END), 0) AS backlog_docs,"
         " coalesce(sum(CASE WHEN d.status = 'active' THEN d.backlog_bytes END), 0) AS backlog_bytes"
-        " FROM devices d").fetchone()
+        " FROM devices d", {"fresh_since": fresh_since(now)}).fetchone()
     oldest = conn.execute(
         f"SELECT d.id, {_OLDEST_AGE} AS age FROM devices d"  # noqa: S608
         " WHERE d.status = 'active' AND d.backlog_docs > 0 ORDER BY age DESC, d.id LIMIT 1").fetchone()
-    docs_total, bytes_stored = conn.execute(
-        "SELECT count(*), coalesce(sum(size), 0) FROM documents").fetchone()
+    docs_total = conn.execute("SELECT count(*) FROM documents").fetchone()[0]
+    objects_total, bytes_stored = conn.execute(
+        "SELECT count(*), coalesce(sum(size), 0) FROM objects").fetchone()
     docs_today = conn.execute("SELECT count(*) FROM documents WHERE received_at >= ?",
                               (today_since,)).fetchone()[0]
     return {
         "devices": {k: int(d[k]) for k in ("total", "online", "offline", "revoked", "with_error",
-                                           "with_backlog", "offline_with_backlog")},
+                                           "with_backlog", "offline_with_backlog", "possible_clone")},
         "backlog": {"docs": int(d["backlog_docs"]), "bytes": int(d["backlog_bytes"]),
                     "oldest_age_s": float(oldest["age"]) if oldest else None,
                     "oldest_device": oldest["id"] if oldest else None},
-        "documents": {"total": int(docs_total), "bytes": int(bytes_stored), "today": int(docs_today),
-                      "today_since": today_since},
+        # total: arrivals (one per commune that sent a scan); objects/bytes: what is stored, once.
+        "documents": {"total": int(docs_total), "objects": int(objects_total), "bytes": int(bytes_stored),
+                      "today": int(docs_today), "today_since": today_since},
     }
+
+
+# -- possible clones ----------------------------------------------------------------------------
+
+def record_seq_collision(conn: sqlite3.Connection, *, device: str, seq: int, tid: str, other_tid: str,
+                         at: str) -> bool:
+    """Note that ``tid`` reused ``seq``, which ``other_tid`` holds, and flag the device.
+
+    Returns True the first time this refused transfer is seen (a repeated init only updates
+    ``last_seen``), so the caller writes one fixity event per refused transfer, not per retry.
+    """
+    new = conn.execute(
+        "INSERT INTO seq_collisions (device, tid, seq, other_tid, first_seen, last_seen)"
+        " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (device, tid) DO NOTHING",
+        (device, tid, seq, other_tid, at, at)).rowcount == 1
+    if not new:
+        conn.execute("UPDATE seq_collisions SET last_seen = ? WHERE device = ? AND tid = ?",
+                     (at, device, tid))
+    conn.execute("UPDATE devices SET possible_clone_since = coalesce(possible_clone_since, ?) WHERE id = ?",
+                 (at, device))
+    return new
+
+
+def possible_clone(conn: sqlite3.Connection, device: str, *,
+                   since: str | None = None) -> dict[str, Any] | None:
+    """The clone suspicion on ``device``: when first seen, how many refused transfers, the first pair.
+
+    Only collisions seen since the flag was (last) raised count; None when the flag is clear.
+    """
+    if since is None:
+        row = conn.execute("SELECT possible_clone_since FROM devices WHERE id = ?", (device,)).fetchone()
+        if row is None or row[0] is None:
+            return None
+        since = str(row[0])
+    rows = conn.execute("SELECT tid, seq, other_tid, first_seen, last_seen FROM seq_collisions"
+                        " WHERE device = ? AND last_seen >= ? ORDER BY first_seen, tid",
+                        (device, since)).fetchall()
+    first = rows[0] if rows else None
+    return {"since": since, "count": len(rows),
+            "last_seen": max((r["last_seen"] for r in rows), default=since),
+            "seq": first["seq"] if first else None,
+            # The transfer that holds the sequence number, then the one refused for reusing it.
+            "tids": [first["other_tid"], first["tid"]] if first else []}
+
+
+def clear_possible_clone(conn: sqlite3.Connection, device: str) -> bool:
+    """Clear the flag (an admin re-enrolled one of the boxes); True if it was set."""
+    return conn.execute("UPDATE devices SET possible_clone_since = NULL"
+                        " WHERE id = ? AND possible_clone_since IS NOT NULL", (device,)).rowcount == 1
 
 
 # -- transfers and the segment log -------------------------------------------------------------
@@ -397,10 +598,12 @@ def count_active_transfers(conn: sqlite3.Connection) -> int:
     return int(conn.execute("SELECT count(*) FROM transfers WHERE state = 'receiving'").fetchone()[0])
 
 
-# -- documents and search -----------------------------------------------------------------------
+# -- objects, documents (arrivals) and search -----------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
 class NewDocument:
+    """One arrival to catalogue; ``size`` and ``media_type`` describe its stored object."""
+
     device: str
     tid: str
     seq: int
@@ -413,18 +616,51 @@ class NewDocument:
     text: str
     metadata: str
     package_sha256: str
+    captured_at: str
+
+    @property
+    def key(self) -> ArrivalKey:
+        return ArrivalKey(self.device, self.sha256, self.filename, self.captured_at, text_sha256(self.text))
 
 
-def document_by_sha256(conn: sqlite3.Connection, sha256: str) -> int | None:
-    row = conn.execute("SELECT id FROM documents WHERE sha256 = ?", (sha256,)).fetchone()
+@dataclass(frozen=True, slots=True)
+class ArrivalKey:
+    """What makes two transfers the same arrival: the same box sent the same bytes under the same
+    name, captured at the same time, with the same text. Anything else is a new arrival."""
+
+    device: str
+    sha256: str
+    filename: str
+    captured_at: str
+    text_sha256: str
+
+
+def object_exists(conn: sqlite3.Connection, sha256: str) -> bool:
+    return conn.execute("SELECT 1 FROM objects WHERE sha256 = ?", (sha256,)).fetchone() is not None
+
+
+def arrival_by_key(conn: sqlite3.Connection, key: ArrivalKey) -> int | None:
+    row = conn.execute("SELECT id FROM documents WHERE device = ? AND sha256 = ? AND filename = ?"
+                       " AND captured_at = ? AND text_sha256 = ?",
+                       (key.device, key.sha256, key.filename, key.captured_at, key.text_sha256)).fetchone()
     return int(row[0]) if row else None
 
 
+def documents_with_content(conn: sqlite3.Connection, sha256: str) -> list[int]:
+    """Ids of every arrival whose original has this sha256, oldest first."""
+    rows = conn.execute("SELECT id FROM documents WHERE sha256 = ? ORDER BY id", (sha256,))
+    return [int(r[0]) for r in rows]
+
+
 def insert_document(conn: sqlite3.Connection, doc: NewDocument) -> int:
+    """Catalogue a new arrival (and its object, the first time that content is stored)."""
+    conn.execute("INSERT INTO objects (sha256, size, media_type, stored_at) VALUES (?, ?, ?, ?)"
+                 " ON CONFLICT (sha256) DO NOTHING", (doc.sha256, doc.size, doc.media_type, doc.received_at))
+    key = doc.key
     cur = conn.execute(
-        "INSERT INTO documents (device, tid, seq, filename, sha256, size, pages, media_type, received_at,"
-        " text, metadata, package_sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (doc.device, doc.tid, doc.seq, doc.filename, doc.sha256, doc.size, doc.pages, doc.media_type,
+        "INSERT INTO documents (device, tid, seq, filename, sha256, captured_at, text_sha256, pages,"
+        " received_at, text, metadata, package_sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (doc.device, doc.tid, doc.seq, doc.filename, doc.sha256, doc.captured_at, key.text_sha256, doc.pages,
          doc.received_at, doc.text, doc.metadata, doc.package_sha256))
     doc_id = int(cur.lastrowid or 0)
     conn.execute("INSERT INTO documents_fts (rowid, filename, text) VALUES (?, ?, ?)",
@@ -454,25 +690,28 @@ def fts_query(q: str) -> str | None:
     return " ".join(f'"{w}"' for w in words) if words else None
 
 
-_SUMMARY = "d.id, d.device, d.filename, d.sha256, d.size, d.pages, d.media_type, d.received_at"
+_SUMMARY = ("d.id, d.device, d.filename, d.sha256, o.size, d.pages, o.media_type, d.captured_at,"
+            " d.received_at")
+_WITH_OBJECT = "JOIN objects o ON o.sha256 = d.sha256"
 
 
 def _summary(row: sqlite3.Row) -> dict[str, Any]:
     return {"id": row["id"], "device": row["device"], "filename": row["filename"], "sha256": row["sha256"],
             "size": row["size"], "pages": row["pages"], "media_type": row["media_type"],
-            "received_at": row["received_at"]}
+            "captured_at": row["captured_at"], "received_at": row["received_at"]}
 
 
 def search_documents(conn: sqlite3.Connection, *, device: str | None = None, q: str | None = None,
                      limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+    """Arrivals, newest first: ``device`` lists what that box sent, ``q`` searches their text."""
     clauses: list[str] = []
     params: list[Any] = []
-    source = "documents d"
+    source = f"documents d {_WITH_OBJECT}"
     if q:
         match = fts_query(q)
         if match is None:
             return []
-        source = "documents_fts f JOIN documents d ON d.id = f.rowid"
+        source = f"documents_fts f JOIN documents d ON d.id = f.rowid {_WITH_OBJECT}"
         clauses.append("documents_fts MATCH ?")
         params.append(match)
     if device:
@@ -483,26 +722,35 @@ def search_documents(conn: sqlite3.Connection, *, device: str | None = None, q: 
     return [_summary(r) for r in conn.execute(sql, [*params, limit, offset])]
 
 
+MAX_SAME_CONTENT = 100
+
+
 def get_document(conn: sqlite3.Connection, doc_id: int) -> dict[str, Any] | None:
+    """One arrival with its text and metadata; ``same_content`` lists other arrivals of its bytes."""
     row = conn.execute(f"SELECT {_SUMMARY}, d.text, d.metadata, d.tid, d.seq, d.package_sha256"  # noqa: S608
-                       " FROM documents d WHERE d.id = ?", (doc_id,)).fetchone()
+                       f" FROM documents d {_WITH_OBJECT} WHERE d.id = ?", (doc_id,)).fetchone()
     if row is None:
         return None
     doc = _summary(row)
+    same = [int(r[0]) for r in conn.execute(
+        "SELECT id FROM documents WHERE sha256 = ? AND id != ? ORDER BY id LIMIT ?",
+        (row["sha256"], doc_id, MAX_SAME_CONTENT))]
     doc.update(text=row["text"], metadata=row["metadata"], tid=row["tid"], seq=row["seq"],
-               package_sha256=row["package_sha256"])
+               package_sha256=row["package_sha256"], same_content=same)
     return doc
 
 
 @dataclass(frozen=True, slots=True)
 class CatalogTotals:
-    documents: int
-    bytes_stored: int
+    documents: int        # arrivals
+    bytes_stored: int     # originals, each stored once
     transfers_active: int
     devices_online: int
 
 
-def totals(conn: sqlite3.Connection) -> CatalogTotals:
-    docs, size = conn.execute("SELECT count(*), coalesce(sum(size), 0) FROM documents").fetchone()
-    online = conn.execute("SELECT count(*) FROM devices WHERE online = 1").fetchone()[0]
+def totals(conn: sqlite3.Connection, *, now: datetime | None = None) -> CatalogTotals:
+    docs = conn.execute("SELECT count(*) FROM documents").fetchone()[0]
+    size = conn.execute("SELECT coalesce(sum(size), 0) FROM objects").fetchone()[0]
+    online = conn.execute(f"SELECT count(*) FROM devices d WHERE {_ONLINE}",  # noqa: S608
+                          {"fresh_since": fresh_since(now)}).fetchone()[0]
     return CatalogTotals(int(docs), int(size), count_active_transfers(conn), int(online))

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from central import commands, tls
+from central.config import load_config
 from central.errors import CentralError
 from central.operators import ROLES, OperatorError
 from protocol.errors import ProtocolError
@@ -42,8 +43,10 @@ def _init(args: argparse.Namespace) -> int:
     commands.init(args.home, broker_url=args.broker, http=args.http, device_url=args.device_broker,
                   allow_plaintext=args.insecure_plaintext,
                   tls_certs=certs)
+    config = load_config(args.home)
     print(f"central home ready in {args.home}\n"
-          f"  broker: mosquitto -c {args.home / 'mosquitto.conf'}\n"
+          f"  broker: mosquitto -c {args.home / 'mosquitto.conf'} (central on {config.broker.url}, "
+          f"devices on {config.broker.devices_dial})\n"
           f"  enroll: sohoa central enroll DEVICE_ID --home {args.home} --out DEVICE.bundle")
     return 0
 
@@ -60,6 +63,17 @@ def _revoke(args: argparse.Namespace) -> int:
     broker = (f"broker (pid {result.broker_pid}) reloaded: live session cut" if result.broker_pid
               else "no running broker found: SIGHUP your broker so the live session is cut")
     print(f"{args.device_id} {state}; {broker}")
+    return 0
+
+
+def _clear_clone(args: argparse.Namespace) -> int:
+    result = commands.clear_clone(args.home, args.device_id)
+    if not result.was_flagged:
+        print(f"{args.device_id} was not flagged as a possible clone")
+        return 0
+    seen = result.suspicion or {}
+    print(f"{args.device_id}: possible-clone flag cleared (first seen {seen.get('since')}, "
+          f"{seen.get('count')} refused transfer(s)); a new sequence collision raises it again")
     return 0
 
 
@@ -115,11 +129,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                                       "password file and ACL, and a random API token (all 0600).")
     init.add_argument("--home", type=Path, required=True, help="central home directory (created)")
     init.add_argument("--broker", default="mqtt://127.0.0.1:1883", metavar="mqtt://HOST:PORT",
-                      help="where the broker listens and devices connect (default: %(default)s)")
-    init.add_argument("--device-broker", metavar="mqtts://HOST:PORT",
-                      help="what devices dial; mqtts:// adds a TLS listener (generated CA and server "
-                           "certificate for HOST unless --tls-* are given) and puts the CA in bundles; "
-                           "--broker then stays central's loopback listener (default: devices use --broker)")
+                      help="central's own broker listener: loopback, central's account only "
+                           "(default: %(default)s)")
+    init.add_argument("--device-broker", metavar="mqtt[s]://HOST:PORT",
+                      help="what devices dial, their own listener (client id = username); mqtts:// adds "
+                           "TLS (generated CA and server certificate for HOST unless --tls-* are given) and "
+                           "puts the CA in bundles (default: plain mqtt:// on --broker's host, port + 1; "
+                           "plain is refused off loopback unless --insecure-plaintext)")
     init.add_argument("--tls-cert", type=Path, metavar="PEM", help="operator's server certificate chain")
     init.add_argument("--tls-key", type=Path, metavar="PEM", help="its private key")
     init.add_argument("--tls-ca", type=Path, metavar="PEM", help="the CA devices must trust")
@@ -146,6 +162,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     revoke.add_argument("device_id", metavar="DEVICE_ID")
     revoke.add_argument("--home", type=Path, required=True, help="central home directory")
     revoke.set_defaults(func=_guard(_revoke))
+
+    device = sub.add_parser("device", help="device administration beyond enroll and revoke",
+                            description="Administer enrolled devices.")
+    device_sub = device.add_subparsers(dest="device_command", required=True, metavar="COMMAND")
+    clear = device_sub.add_parser(
+        "clear-clone", help="clear the possible-clone flag once one of the boxes was re-enrolled",
+        description="Two boxes signed transfers with one identity (a reused sequence number): central "
+                    "refused the second and flagged the device. Enroll one box under a new id first, "
+                    "then clear the flag (audited). A new collision raises it again.")
+    clear.add_argument("device_id", metavar="DEVICE_ID")
+    clear.add_argument("--home", type=Path, required=True, help="central home directory")
+    clear.set_defaults(func=_guard(_clear_clone))
 
     user = sub.add_parser("user", help="dashboard operators (argon2id passwords)",
                           description="Manage the people who sign in to the dashboard.")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import secrets
 import signal
@@ -15,13 +16,23 @@ import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nacl.signing
 import tomli_w
 
 from central import catalog, operators, tls
-from central.broker_config import CENTRAL_USER, add_user, reload_broker, remove_user, write_broker_files
+from central.broker_config import (
+    CENTRAL_USER,
+    add_user,
+    is_ip,
+    reload_broker,
+    remove_user,
+    write_broker_files,
+)
 from central.config import (
+    CENTRAL_CLIENT_ID,
+    HostPort,
     load_config,
     parse_broker_url,
     parse_config,
@@ -40,7 +51,9 @@ from protocol.names import check_device_id
 log = logging.getLogger("sohoa.central")
 
 BUNDLE_FORMAT = "sohoa-bundle/1"
-RESERVED_DEVICE_IDS = frozenset({CENTRAL_USER})
+# A device's username is its MQTT client id on the device listener: it must never be central's
+# account nor central's client id (client ids are one namespace across listeners).
+RESERVED_DEVICE_IDS = frozenset({CENTRAL_USER, CENTRAL_CLIENT_ID})
 
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
@@ -49,11 +62,12 @@ LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 def init(home: Path, *, broker_url: str = "mqtt://127.0.0.1:1883", http: str = "127.0.0.1:8080",
          device_url: str | None = None, tls_certs: tls.OperatorCerts | None = None,
          allow_plaintext: bool = False) -> None:
-    """Create a central home: keys, central.toml, broker config, password file, ACL, API token.
+    """Create a central home: keys, central.toml, broker config, password files, ACLs, API token.
 
-    ``device_url`` ``mqtts://HOST:PORT`` adds a TLS listener for devices (a generated CA and server
-    certificate for HOST, or ``tls_certs``); ``broker_url`` then stays central's own loopback
-    listener. Without it, devices dial ``broker_url`` in the clear (tests, the local demo).
+    The broker gets two listeners: ``broker_url`` is central's own (loopback, central's account
+    only), ``device_url`` the devices' (``mqtts://HOST:PORT`` adds TLS with a generated CA and server
+    certificate for HOST, or ``tls_certs``). Without ``device_url`` devices get plain MQTT on the
+    next port of central's host (tests, the local demo).
     """
     paths = CentralPaths(home)
     if paths.config.exists():
@@ -61,15 +75,22 @@ def init(home: Path, *, broker_url: str = "mqtt://127.0.0.1:1883", http: str = "
                         hint="this home is initialised; use another --home or remove it first")
     listen = parse_broker_url(broker_url)
     parse_host_port(http)
-    devices_tls, devices = parse_device_url(device_url) if device_url else (False, None)
-    if devices_tls and listen.host not in LOOPBACK_HOSTS:
-        raise ConfigError(f"--broker {broker_url} is not loopback, but devices get TLS on {device_url}",
-                          hint="central's plain listener must stay on 127.0.0.1 when devices use mqtts")
-    device_host = devices.host if devices is not None else listen.host
-    if not devices_tls and device_host not in LOOPBACK_HOSTS and not allow_plaintext:
+    if device_url is None:
+        device_url = default_device_url(listen)
+    devices_tls, devices = parse_device_url(device_url)
+    if _clash(listen, devices):
+        raise ConfigError(f"--device-broker {device_url} uses central's port {listen.port}",
+                          hint="devices and central have a listener each: give devices another port")
+    if listen.host not in LOOPBACK_HOSTS and (devices_tls or not allow_plaintext):
+        # Central's account must not cross a network in the clear; its listener is for it alone.
+        raise ConfigError(f"--broker {broker_url} is not loopback: central's password would cross a "
+                          "network without TLS",
+                          hint="central's own listener stays on 127.0.0.1; devices dial --device-broker "
+                               "(--insecure-plaintext allows a closed lab network)")
+    if not devices_tls and devices.host not in LOOPBACK_HOSTS and not allow_plaintext:
         # Security is default-on: passwords and signed envelopes must not cross a real network
         # in the clear just because a flag was forgotten.
-        raise ConfigError(f"devices would dial {device_url or broker_url} without TLS",
+        raise ConfigError(f"devices would dial {device_url} without TLS",
                           hint="add --device-broker mqtts://HOST:PORT (a CA and certificate are "
                                "generated), or --insecure-plaintext for a closed lab network")
     if tls_certs is not None and not devices_tls:
@@ -77,21 +98,39 @@ def init(home: Path, *, broker_url: str = "mqtt://127.0.0.1:1883", http: str = "
                           hint="add --device-broker mqtts://HOST:PORT")
     password = secrets.token_urlsafe(32)
     token = secrets.token_urlsafe(32)
-    rendered = render_config(broker_url=broker_url, http=http, password=password, device_url=device_url or "")
+    rendered = render_config(broker_url=broker_url, http=http, password=password, device_url=device_url)
     parse_config(home, rendered, token)   # never write a config we would refuse to load
     for directory in paths.private_dirs():
         make_private_dir(directory)
     generate_keys(paths)
-    if devices_tls and devices is not None:
+    if devices_tls:
         if tls_certs is None:
             tls.generate(paths, devices.host)
         else:
             tls.install(paths, tls_certs)
-    write_broker_files(paths, listen, password, devices if devices_tls else None)
+    write_broker_files(paths, listen, password, devices, device_tls=devices_tls)
     write_atomic(paths.api_token, (token + "\n").encode())
     catalog.connect(paths.catalog).close()
     # The config goes last: its presence is what marks the home as initialised.
     write_atomic(paths.config, tomli_w.dumps(rendered).encode())
+
+
+def _clash(central: HostPort, devices: HostPort) -> bool:
+    """Would the two listeners bind the same address and port? (A DNS name binds every interface.)"""
+    wildcard = {"0.0.0.0", "::"}  # noqa: S104 - compared against, never bound
+    if central.port != devices.port:
+        return False
+    hosts = {central.host, devices.host}
+    return len(hosts) == 1 or bool(hosts & wildcard) or not is_ip(devices.host)
+
+
+def default_device_url(central: HostPort) -> str:
+    """Plain MQTT on the port after central's, on central's host: the loopback setup of the demo."""
+    if central.port >= 65535:
+        raise ConfigError(f"--broker port {central.port} leaves no next port for devices",
+                          hint="give --device-broker mqtt://HOST:PORT explicitly")
+    host = f"[{central.host}]" if ":" in central.host else central.host
+    return f"mqtt://{host}:{central.port + 1}"
 
 
 def enroll(home: Path, device_id: str, out: Path) -> None:
@@ -161,6 +200,29 @@ def revoke(home: Path, device_id: str, *, actor: str = "cli") -> Revoked:
     return Revoked(device_id, device.status == "active", pid)
 
 
+@dataclass(frozen=True, slots=True)
+class CloneCleared:
+    device_id: str
+    was_flagged: bool
+    suspicion: dict[str, Any] | None    # what the flag said (first seen, count, tids) before clearing
+
+
+def clear_clone(home: Path, device_id: str, *, actor: str = "cli") -> CloneCleared:
+    """Clear a device's possible-clone flag, audited: an admin has re-enrolled one of the two boxes.
+
+    The refused transfers stay recorded (``seq_collisions``); a new collision raises the flag again.
+    """
+    with _audited_change(home) as conn:
+        if catalog.get_device(conn, device_id) is None:
+            raise DeviceError(f"no enrolled device {device_id!r}")
+        suspicion = catalog.possible_clone(conn, device_id)
+        flagged = catalog.clear_possible_clone(conn, device_id)
+        catalog.add_audit(conn, actor=actor, action="clear_clone", target=device_id,
+                          detail=json.dumps(suspicion) if suspicion else None)
+    log.info("possible-clone flag of %s %s", device_id, "cleared" if flagged else "was not set")
+    return CloneCleared(device_id, flagged, suspicion)
+
+
 @contextlib.contextmanager
 def _audited_change(home: Path) -> Iterator[sqlite3.Connection]:
     """One catalog transaction for an administrative change: committed only if the body (and its
@@ -197,22 +259,25 @@ def token_revoke(home: Path, name: str, *, actor: str = "cli") -> None:
 
 
 def verify(home: Path) -> list[str]:
-    """Re-hash every stored original and package against the catalog; return the problems found."""
+    """Re-hash every stored original (once per object) and every arrival's package; return the problems."""
     paths = load_config(home).paths
     store = ObjectStore(paths.objects)
+    catalog.connect(paths.catalog).close()   # an older catalog is migrated first (a no-op when current)
     conn = catalog.connect(paths.catalog, readonly=True)
-    problems: list[str] = []
     try:
-        rows = conn.execute("SELECT id, sha256, package_sha256 FROM documents ORDER BY id").fetchall()
+        originals = [("original", r["sha256"])
+                     for r in conn.execute("SELECT sha256 FROM objects ORDER BY sha256")]
+        packages = [(f"document {r['id']}: package", r["package_sha256"])
+                    for r in conn.execute("SELECT id, package_sha256 FROM documents ORDER BY id")]
     finally:
         conn.close()
-    for row in rows:
-        for what, digest in (("original", row["sha256"]), ("package", row["package_sha256"])):
-            path = store.path_for(digest)
-            if not path.is_file():
-                problems.append(f"document {row['id']}: {what} {digest} is missing")
-            elif file_sha256(path) != digest:
-                problems.append(f"document {row['id']}: {what} {digest} does not hash to its name")
+    problems: list[str] = []
+    for what, digest in [*originals, *packages]:
+        path = store.path_for(digest)
+        if not path.is_file():
+            problems.append(f"{what} {digest} is missing")
+        elif file_sha256(path) != digest:
+            problems.append(f"{what} {digest} does not hash to its name")
     return problems
 
 

@@ -18,6 +18,7 @@ from central.paths import CentralPaths
 CONFIG_FORMAT = "sohoa-central/1"
 DEFAULT_MAX_PLAINTEXT = 2 * 1024 * 1024 * 1024
 DEFAULT_SESSION_EXPIRY_S = 7 * 24 * 3600
+CENTRAL_CLIENT_ID = "sohoa-central"
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,9 +35,11 @@ class BrokerSettings:
     url: str
     username: str
     password: str = field(repr=False)
-    client_id: str = "sohoa-central"
+    client_id: str = CENTRAL_CLIENT_ID
     session_expiry_s: int = DEFAULT_SESSION_EXPIRY_S
-    device_url: str = ""     # what enrolled devices dial; empty: the same as ``url``
+    # What enrolled devices dial (their own listener). Empty only in homes made before issue 7, whose
+    # broker had one listener for everyone: devices then dial ``url``.
+    device_url: str = ""
 
     @property
     def address(self) -> HostPort:
@@ -49,6 +52,10 @@ class BrokerSettings:
     @property
     def device_tls(self) -> bool:
         return parse_device_url(self.devices_dial)[0]
+
+    @property
+    def device_address(self) -> HostPort:
+        return parse_device_url(self.devices_dial)[1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,7 +162,7 @@ def parse_config(home: Path, data: dict[str, Any], api_token: str) -> CentralCon
         raise ConfigError(f"format = {fmt!r} is not {CONFIG_FORMAT!r}", hint="this central is too old or new")
     b = root.table("broker")
     broker = BrokerSettings(url=b.text("url"), username=b.text("username"), password=b.text("password"),
-                            client_id=b.text("client_id", "sohoa-central"),
+                            client_id=b.text("client_id", CENTRAL_CLIENT_ID),
                             session_expiry_s=b.integer("session_expiry_s", DEFAULT_SESSION_EXPIRY_S),
                             device_url=b.text("device_url", ""))
     broker.address  # noqa: B018 - validate the URL now, not at first connect
@@ -195,7 +202,7 @@ def load_config(home: Path) -> CentralConfig:
 def render_config(*, broker_url: str, http: str, password: str, device_url: str = "") -> dict[str, Any]:
     """The dict init writes with tomli_w (validated by parsing it back)."""
     broker: dict[str, Any] = {"url": broker_url, "username": "central", "password": password,
-                              "client_id": "sohoa-central", "session_expiry_s": DEFAULT_SESSION_EXPIRY_S}
+                              "client_id": CENTRAL_CLIENT_ID, "session_expiry_s": DEFAULT_SESSION_EXPIRY_S}
     if device_url:
         broker["device_url"] = device_url
     return {

@@ -49,6 +49,13 @@ class DeviceError(CentralError):
     exit_code = 65  # EX_DATAERR
 
 
+class CatalogError(CentralError):
+    """The catalog file cannot be used as it is (written by a newer sohoa, a failed migration)."""
+
+    hint = "restore the catalog from a backup, or run the sohoa version that wrote it"
+    exit_code = 65  # EX_DATAERR
+
+
 class StorageError(CentralError):
     """An object could not be stored or read back with the expected hash."""
 
@@ -74,6 +81,19 @@ class ReplayError(EnvelopeError):
     """A sequence number or transfer id is reused for different bytes."""
 
     hint = "the device's outbox reused a sequence number; re-package the document"
+
+
+class SequenceReusedError(ReplayError):
+    """A correctly signed init reuses a sequence number another transfer of the device holds.
+
+    An honest box never does this (one sequence number per outbox row, one transfer id per row), so
+    two boxes share one identity: a cloned SD card, or a box re-imaged from an old copy. Central
+    flags the device ``possible_clone``; the edge keeps the refused scan so it can be sent again.
+    """
+
+    hint = ("two boxes share this device identity (a cloned SD card or a re-imaged box): enroll one of "
+            "them under a new id (`sohoa central enroll NEW_ID`), re-initialise it with that bundle and "
+            "retry its refused scans, then `sohoa central device clear-clone DEVICE`")
 
 
 class AbortedError(ProtocolError):

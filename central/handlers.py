@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import re
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from importlib import resources
@@ -24,7 +26,10 @@ from central.errors import DeviceError
 from central.metrics import render
 from central.state import CONFIG, INGEST, METRICS, PRINCIPAL, READER
 from central.storage import ObjectStore
-from protocol.names import fold
+from protocol.errors import DecodeError
+from protocol.names import check_device_id, fold
+
+log = logging.getLogger("sohoa.central.http")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_LIMIT = 5000
@@ -36,18 +41,103 @@ PAGE_HEADERS = {
 }
 
 
-def _int_param(request: web.Request, name: str, default: int, maximum: int) -> int:
+def _is_api(path: str) -> bool:
+    return path.startswith("/api/") or path in ("/login", "/logout")
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error of the JSON API is JSON with a message (the router's 404 and 405 included), and
+    an unexpected exception is a logged 500 that tells the client nothing about internals."""
+    if not _is_api(request.path):
+        return await handler(request)
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400 or exc.content_type == "application/json":
+            raise
+        headers = {k: v for k, v in exc.headers.items()
+                   if k.lower() not in ("content-type", "content-length")}
+        return web.json_response({"error": exc.reason}, status=exc.status, headers=headers)
+    except Exception:
+        log.exception("%s %s failed", request.method, request.path[:200])
+        return web.json_response({"error": "internal error", "hint": "see central's log"}, status=500)
+
+
+# The query parameters each JSON route takes; anything else (a typo such as ?devcie=) is refused
+# rather than silently ignored, and a parameter given twice is ambiguous.
+QUERY_PARAMETERS: dict[str, frozenset[str]] = {
+    "/api/devices": frozenset({"sort", "order", "q", "limit", "offset"}),
+    "/api/documents": frozenset({"device", "q", "limit", "offset"}),
+    "/api/audit": frozenset({"limit"}),
+}
+
+
+@web.middleware
+async def known_parameters(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if _is_api(request.path) and request.query:
+        route = request.match_info.route.resource
+        allowed = QUERY_PARAMETERS.get(route.canonical if route is not None else "", frozenset())
+        for name in request.query:
+            if name not in allowed:
+                takes = f"it takes {', '.join(sorted(allowed))}" if allowed else "it takes none"
+                raise _bad_request(f"unknown query parameter {name[:40]!r}: {takes}")
+            if len(request.query.getall(name)) > 1:
+                raise _bad_request(f"query parameter {name!r} is given more than once")
+    return await handler(request)
+
+
+# Parameters are checked here, before any SQL: ASCII digits by regex (str.isdigit would take '²'),
+# bounds that SQLite's 64-bit integers and the pagers can hold, enums from whitelists, bounded text.
+_DIGITS = re.compile(r"[0-9]{1,19}")
+MAX_ID = (1 << 63) - 1
+MAX_OFFSET = 1 << 31
+MAX_QUERY_CHARS = 500
+
+
+def _bad_request(error: str, **extra: Any) -> web.HTTPBadRequest:
+    return web.HTTPBadRequest(text=json.dumps({"error": error, **extra}, ensure_ascii=False),
+                              content_type="application/json")
+
+
+def _integer(raw: str, name: str, minimum: int, maximum: int) -> int:
+    value = int(raw) if _DIGITS.fullmatch(raw) else None
+    if value is None or not minimum <= value <= maximum:
+        raise _bad_request(f"{name} must be a whole number from {minimum} to {maximum}", value=raw[:40])
+    return value
+
+
+def _int_param(request: web.Request, name: str, default: int, maximum: int, minimum: int = 0) -> int:
     raw = request.query.get(name)
+    return default if raw is None else _integer(raw, name, minimum, maximum)
+
+
+def _text_param(request: web.Request, name: str) -> str | None:
+    """An optional free-text parameter: bounded, and text SQLite can bind (no lone surrogates)."""
+    raw = request.query.get(name) or None
     if raw is None:
-        return default
-    if not raw.isdigit():
-        raise web.HTTPBadRequest(text=json.dumps({"error": f"{name} must be a non-negative integer"}),
-                                 content_type="application/json")
-    return min(int(raw), maximum)
+        return None
+    if len(raw) > MAX_QUERY_CHARS:
+        raise _bad_request(f"{name} is longer than {MAX_QUERY_CHARS} characters")
+    try:
+        raw.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise _bad_request(f"{name} is not valid UTF-8 text") from exc
+    return raw
 
 
-def _bad_request(error: str) -> web.HTTPBadRequest:
-    return web.HTTPBadRequest(text=json.dumps({"error": error}), content_type="application/json")
+def _device_param(name: str, value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        check_device_id(value)
+    except DecodeError as exc:
+        raise _bad_request(f"{name} is not a device id (a-z, 0-9 and '-')", value=value[:80]) from exc
+    return value
+
+
+def _document_id(request: web.Request) -> int:
+    return _integer(request.match_info["id"], "document id", 1, MAX_ID)
 
 
 async def devices(request: web.Request) -> web.Response:
@@ -56,16 +146,16 @@ async def devices(request: web.Request) -> web.Response:
     Without parameters it is every device by id, as before. The list stays a plain JSON list;
     the number of matching devices travels in ``X-Total-Count`` for paging.
     """
-    sort = request.query.get("sort") or "id"
+    sort = request.query.get("sort", "id")
     if sort not in catalog.DEVICE_SORTS:
         raise _bad_request(f"sort must be one of {', '.join(catalog.DEVICE_SORTS)}")
     # Worst first is the useful reading of "problems"; everything else reads naturally ascending.
-    order = request.query.get("order") or ("desc" if sort == "problems" else "asc")
+    order = request.query.get("order", "desc" if sort == "problems" else "asc")
     if order not in ("asc", "desc"):
         raise _bad_request("order must be asc or desc")
-    q = request.query.get("q") or None
+    q = _text_param(request, "q")
     limit = _int_param(request, "limit", -1, MAX_LIMIT) if "limit" in request.query else None
-    offset = _int_param(request, "offset", 0, 1 << 31)
+    offset = _int_param(request, "offset", 0, MAX_OFFSET)
     page = await request.app[READER].call(
         lambda conn: catalog.query_devices(conn, sort=sort, descending=order == "desc", q=q,
                                            limit=limit, offset=offset))
@@ -88,17 +178,18 @@ def _iso(at: datetime) -> str:
 
 
 async def documents(request: web.Request) -> web.Response:
-    device = request.query.get("device") or None
-    q = request.query.get("q") or None
+    """Arrivals, newest first: ``?device=`` what one box sent, ``?q=`` full text (folded)."""
+    device = _device_param("device", request.query.get("device") or None)
+    q = _text_param(request, "q")
     limit = _int_param(request, "limit", 100, MAX_LIMIT)
-    offset = _int_param(request, "offset", 0, 1 << 31)
+    offset = _int_param(request, "offset", 0, MAX_OFFSET)
     rows = await request.app[READER].call(
         lambda conn: catalog.search_documents(conn, device=device, q=q, limit=limit, offset=offset))
     return web.json_response(rows, dumps=_dumps)
 
 
 async def _document_or_404(request: web.Request) -> dict[str, Any]:
-    doc_id = int(request.match_info["id"])
+    doc_id = _document_id(request)
     doc = await request.app[READER].call(catalog.get_document, doc_id)
     if doc is None:
         raise web.HTTPNotFound(text=json.dumps({"error": f"no document {doc_id}"}),
@@ -134,6 +225,12 @@ async def original(request: web.Request) -> web.StreamResponse:
                                            "X-Content-SHA256": doc["sha256"]})
 
 
+async def openapi(request: web.Request) -> web.Response:
+    """The description of this JSON API (OpenAPI 3.0), the one the fuzz test runs against."""
+    spec = resources.files("central").joinpath("openapi.json").read_text(encoding="utf-8")
+    return web.Response(text=spec, content_type="application/json", charset="utf-8")
+
+
 async def healthz(request: web.Request) -> web.Response:
     supervisor = request.app.get(INGEST)
     if supervisor is None:   # a catalog-only app: there is no ingest to be unhealthy
@@ -164,7 +261,8 @@ async def dashboard(request: web.Request) -> web.Response:
 
 async def revoke_device(request: web.Request) -> web.Response:
     principal = require(request, "admin")
-    device_id = request.match_info["id"]
+    device_id = _device_param("device id", request.match_info["id"])
+    assert device_id is not None
     try:
         result = await asyncio.to_thread(commands.revoke, request.app[CONFIG].home, device_id,
                                          actor=principal.actor)
@@ -174,9 +272,23 @@ async def revoke_device(request: web.Request) -> web.Response:
                               "broker_reloaded": result.broker_pid is not None})
 
 
+async def clear_clone(request: web.Request) -> web.Response:
+    principal = require(request, "admin")
+    device_id = _device_param("device id", request.match_info["id"])
+    assert device_id is not None
+    try:
+        result = await asyncio.to_thread(commands.clear_clone, request.app[CONFIG].home, device_id,
+                                         actor=principal.actor)
+    except DeviceError as exc:
+        raise web.HTTPNotFound(text=json.dumps({"error": str(exc)}), content_type="application/json") from exc
+    return web.json_response({"device": device_id, "was_flagged": result.was_flagged,
+                              "possible_clone": None}, dumps=_dumps)
+
+
 async def audit_log(request: web.Request) -> web.Response:
     require(request, "admin")
-    rows = await request.app[READER].call(catalog.list_audit, _int_param(request, "limit", 200, MAX_LIMIT))
+    limit = _int_param(request, "limit", 200, MAX_LIMIT)
+    rows = await request.app[READER].call(catalog.list_audit, limit)
     return web.json_response(rows, dumps=_dumps)
 
 

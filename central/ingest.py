@@ -32,7 +32,13 @@ import nacl.signing
 
 from central import catalog
 from central.assemble import assemble
-from central.errors import AbortedError, ReplayError, RevokedDeviceError, UnknownDeviceError
+from central.errors import (
+    AbortedError,
+    ReplayError,
+    RevokedDeviceError,
+    SequenceReusedError,
+    UnknownDeviceError,
+)
 from central.fsutil import fsync_dir, write_atomic
 from central.keys import CentralKeys
 from central.metrics import Metrics
@@ -163,10 +169,9 @@ class Ingestor:
                 return
             self._answer_known(existing, batch)
             return
-        if catalog.transfer_by_seq(self._conn, msg.device, header.seq) is not None:
-            self._reject(batch, msg.device, msg.tid, ReplayError(
-                f"sequence number {header.seq} already used by another transfer",
-                device=msg.device, tid=msg.tid))
+        holder = catalog.transfer_by_seq(self._conn, msg.device, header.seq)
+        if holder is not None:
+            self._possible_clone(batch, msg, holder)
             return
         catalog.insert_transfer(self._conn, tid=msg.tid, device=msg.device, seq=header.seq,
                                 header=signed.encode())
@@ -189,6 +194,21 @@ class Ingestor:
             return
         self._active[msg.tid] = _Active(signed, TransferReceiver(header), device_key)
         batch.touched.add(msg.tid)
+
+    def _possible_clone(self, batch: _Batch, msg: Init, holder: catalog.TransferRecord) -> None:
+        """A signed init reusing another transfer's seq: two boxes with one identity. Refuse, flag."""
+        seq = msg.signed_header.header.seq
+        at = catalog.utc_now()
+        new = catalog.record_seq_collision(self._conn, device=msg.device, seq=seq, tid=msg.tid,
+                                           other_tid=holder.tid, at=at)
+        if new:
+            catalog.add_fixity(self._conn, event="possible_clone", device=msg.device, tid=msg.tid, at=at,
+                               detail=json.dumps({"seq": seq, "other_tid": holder.tid}))
+        log.warning("possible clone of device %s: transfer %s reuses sequence number %d of transfer %s",
+                    msg.device, msg.tid, seq, holder.tid)
+        self._reject(batch, msg.device, msg.tid, SequenceReusedError(
+            f"sequence number {seq} is already used by transfer {holder.tid}: two boxes seem to share "
+            f"the identity {msg.device!r}", device=msg.device, tid=msg.tid))
 
     def _answer_known(self, record: catalog.TransferRecord, batch: _Batch) -> None:
         """Re-answer a transfer central already knows (a repeated init or fin)."""
@@ -281,7 +301,7 @@ class Ingestor:
     def _on_status(self, status: Status) -> None:
         device = catalog.get_device(self._conn, status.device)
         if device is None or device.status != "active":
-            return   # a revoked box's last will or retained status must not make it look alive
+            return   # a revoked box's last will or a late status must not make it look alive
         if not status.online and status.updated_at is None:
             # The bare last will (the broker speaking for a box that vanished): it knows nothing
             # of the queue, so keep the backlog and error the box last reported — "offline with
@@ -367,30 +387,33 @@ class Ingestor:
             return
         meta = assembled.metadata
         stored_at = catalog.utc_now()
-        first = catalog.document_by_sha256(self._conn, assembled.original_sha256)
-        if first is None:
-            self._store.put_file(assembled.original, assembled.original_sha256)
+        sha = assembled.original_sha256
+        # Content once: the object is stored (or, if the copy there is missing or rotten, repaired
+        # from this one — perhaps the last good copy, the edge forgets it on our receipt) whatever
+        # the catalog says, so a central restored from an older backup takes the bytes again.
+        duplicate = catalog.object_exists(self._conn, sha)
+        put = self._store.put_file(assembled.original, sha)
+        # Provenance per arrival: this box's name, capture time and text get their own document,
+        # unless this very arrival is already catalogued (the same scan sent again).
+        document = catalog.NewDocument(
+            device=device, tid=tid, seq=header.seq, filename=meta.original_name, sha256=sha,
+            size=meta.original_size, pages=meta.pages, media_type=meta.media_type, received_at=stored_at,
+            text=assembled.text, metadata=assembled.metadata_json, package_sha256=assembled.package_sha256,
+            captured_at=meta.captured_at)
+        existing = catalog.arrival_by_key(self._conn, document.key)
+        if existing is None:
             self._store.put_file(assembled.package, assembled.package_sha256)
-            document_id = catalog.insert_document(self._conn, catalog.NewDocument(
-                device=device, tid=tid, seq=header.seq, filename=meta.original_name,
-                sha256=assembled.original_sha256, size=meta.original_size, pages=meta.pages,
-                media_type=meta.media_type, received_at=stored_at, text=assembled.text,
-                metadata=assembled.metadata_json, package_sha256=assembled.package_sha256))
+            document_id = catalog.insert_document(self._conn, document)
         else:
-            document_id = first
-            # Not simply dropped: if the stored original is missing or rotten, this copy (perhaps
-            # the last good one, the edge forgets it on our receipt) repairs it.
-            put = self._store.put_file(assembled.original, assembled.original_sha256)
-            if put is not Put.KEPT:
-                previous = "missing" if put is Put.STORED else "damaged"
-                log.warning("document %d: stored original was %s; repaired from %s", document_id,
-                            previous, tid)
-                catalog.add_fixity(self._conn, event="repaired", device=device, tid=tid, at=stored_at,
-                                   document_id=document_id, original_sha256=assembled.original_sha256,
-                                   detail=json.dumps({"previous": previous}))
-            # The package names this transfer (tid, seq): never the stored document's own package.
+            document_id = existing
+            # The package names this transfer (tid, seq): never the stored arrival's own package.
             assembled.package.unlink()
-        duplicate = first is not None
+        if duplicate and put is not Put.KEPT:
+            previous = "missing" if put is Put.STORED else "damaged"
+            log.warning("object %s was %s; repaired from %s (document %d)", sha, previous, tid, document_id)
+            catalog.add_fixity(self._conn, event="repaired", device=device, tid=tid, at=stored_at,
+                               document_id=document_id, original_sha256=sha,
+                               detail=json.dumps({"previous": previous}))
         receipt = Receipt.sign(ReceiptBody(device=device, tid=tid, sha256=assembled.original_sha256,
                                            stored_at=stored_at, document_id=document_id,
                                            duplicate=duplicate), self._keys.receipt)
@@ -402,15 +425,16 @@ class Ingestor:
                            original_sha256=assembled.original_sha256,
                            package_sha256=assembled.package_sha256,
                            ciphertext_sha256=assembled.ciphertext_sha256,
-                           detail=json.dumps({"seq": header.seq, "filename": meta.original_name},
-                                             ensure_ascii=False))
+                           detail=json.dumps({"seq": header.seq, "filename": meta.original_name,
+                                              "new_arrival": existing is None}, ensure_ascii=False))
         self._conn.commit()
         staging.unlink()
         fsync_dir(staging.parent)
         self._active.pop(tid, None)
         self.metrics.documents_ingested += 1
-        log.info("stored %s from %s as document %d%s", tid, device, document_id,
-                 " (duplicate)" if duplicate else "")
+        log.info("stored %s from %s as document %d%s%s", tid, device, document_id,
+                 " (content already stored)" if duplicate else "",
+                 "" if existing is None else " (arrival already catalogued)")
         batch.replies.append(Ack(device, tid, AckState.STORED))
         batch.replies.append(receipt)
 

@@ -36,11 +36,21 @@ class CentralPaths:
 
     @property
     def mosquitto_passwd(self) -> Path:
+        """The device listener's password file: one account per enrolled device."""
         return self.home / "mosquitto.passwd"
 
     @property
     def mosquitto_acl(self) -> Path:
         return self.home / "mosquitto.acl"
+
+    @property
+    def central_passwd(self) -> Path:
+        """Central's own listener: a password file with central's account only."""
+        return self.home / "mosquitto-central.passwd"
+
+    @property
+    def central_acl(self) -> Path:
+        return self.home / "mosquitto-central.acl"
 
     @property
     def mosquitto_pid(self) -> Path:

@@ -24,16 +24,13 @@ from central.keys import load_keys
 from central.metrics import Metrics
 from central.mqtt import Inbound, MqttClient, MqttSettings, PublishError
 from protocol.messages import encode
-from protocol.topics import CENTRAL_SHARED_FILTER, UP
+from protocol.topics import CENTRAL_SHARED_FILTER
 
 log = logging.getLogger("sohoa.central.service")
 
 PUBLISH_TIMEOUT_S = 30.0
 RESTART_BACKOFF_INITIAL_S = 1.0
 RESTART_BACKOFF_MAX_S = 60.0
-# Shared subscriptions never deliver retained messages, so statuses retained while central was
-# away also come through a plain subscription (a status seen twice is upserted twice, harmlessly).
-STATUS_FILTER = f"{UP}/+/status"
 
 
 def mqtt_settings(config: CentralConfig) -> MqttSettings:
@@ -41,7 +38,10 @@ def mqtt_settings(config: CentralConfig) -> MqttSettings:
     return MqttSettings(host=address.host, port=address.port, username=config.broker.username,
                         password=config.broker.password, client_id=config.broker.client_id,
                         session_expiry_s=config.broker.session_expiry_s,
-                        subscriptions=((CENTRAL_SHARED_FILTER, 1), (STATUS_FILTER, 1)))
+                        # Statuses too come through the shared subscription: nothing is retained at
+                        # the broker (retain_available false), so there is nothing a plain one would
+                        # add; a box's liveness is how recently it spoke (catalog.STALE_AFTER_S).
+                        subscriptions=((CENTRAL_SHARED_FILTER, 1),))
 
 
 @dataclass(slots=True)

@@ -119,7 +119,7 @@ class Will:
     topic: str
     payload: bytes
     qos: int = 1
-    retain: bool = True
+    retain: bool = False   # the broker refuses retain (central/broker_config.py): nothing is retained
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,8 +1,8 @@
 """The uplink: send packaged envelopes to central over MQTT v5 and record central's signed receipts.
 
 Sequence per connection: connect (jittered exponential backoff) → subscribe to the device's down
-topics → publish the retained online status (the last will says offline) → resume every active
-transfer from central's ack → pull more documents from the outbox as transfers finish.
+topics → publish the online status (the last will says offline; nothing is retained) → resume
+every active transfer from central's ack → pull more documents from the outbox as transfers finish.
 
 What to send and when is decided by :class:`protocol.transfer.TransferSender`; this module only
 reads segments from the envelope file by offset, publishes, feeds acks back in and sleeps until the
@@ -189,7 +189,9 @@ class Uplink:
         topic, payload = encode(Status(self._device, online=False))
         return MqttClient(self._broker_url, client_id=self._device, username=self._username,
                           password=self._password, ca_file=self._ca_file,
-                          will=Will(topic, payload, qos=1, retain=True))
+                          # Not retained: the broker refuses retain (retain_available false) and
+                          # central judges liveness by how recently the box spoke.
+                          will=Will(topic, payload, qos=1, retain=False))
 
     async def _session(self, client: MqttClient) -> None:
         await client.subscribe(device_down_filter(self._device), qos=1)
@@ -247,7 +249,7 @@ class Uplink:
                             updated_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
         topic, payload = encode(status)
         self.bytes_on_wire += len(payload)
-        await client.publish(topic, payload, qos=1, retain=True)
+        await client.publish(topic, payload, qos=1, retain=False)
 
     # -- sending -------------------------------------------------------------------------------
     async def _pump(self, client: MqttClient) -> None:

@@ -24,7 +24,7 @@ from edge import cli as edge_cli
 from edge import config as edge_config
 from edge.service import EdgeService
 from protocol.names import nfc
-from sohoa.localbroker import free_port, mosquitto_binary, wait_for_port
+from sohoa.localbroker import free_port, mosquitto_binary, wait_for_ports
 
 DEVICE_ID = "xa-tan-trao"
 
@@ -137,16 +137,17 @@ def main(*, scans: Path | None, pages: int, home: Path | None, exit_when_synced:
          timeout: float) -> int:
     home = home or Path(tempfile.mkdtemp(prefix="sohoa-demo-"))
     home.mkdir(parents=True, exist_ok=True)
-    broker_port, http_port = free_port(), free_port()
+    broker_port, device_port, http_port = free_port(), free_port(), free_port()
     central_home = home / "central"
+    # Two listeners, as in production: central's own, and the devices' (plain on loopback).
     central_commands.init(central_home, broker_url=f"mqtt://127.0.0.1:{broker_port}",
-                          http=f"127.0.0.1:{http_port}")
+                          http=f"127.0.0.1:{http_port}", device_url=f"mqtt://127.0.0.1:{device_port}")
     log_path = home / "mosquitto.out"
     with log_path.open("ab") as log:
         broker = subprocess.Popen([mosquitto_binary(), "-c", str(central_home / "mosquitto.conf")],
                                   stdout=log, stderr=subprocess.STDOUT)
     try:
-        wait_for_port(broker_port, proc=broker)
+        wait_for_ports(central_home / "mosquitto.conf", proc=broker)
         operator_password = secrets.token_urlsafe(12)
         central_commands.user_add(central_home, "demo", "admin", operator_password)
         # The password goes to a 0600 file, not to the terminal or a log.
@@ -161,7 +162,8 @@ def main(*, scans: Path | None, pages: int, home: Path | None, exit_when_synced:
         bundle.unlink()  # the bundle holds the device's secret key: it has served its purpose
         files = _scans(scans, pages, home / "samples")
         if not as_json:
-            print(f"sohoa demo in {home}: broker :{broker_port}, central http :{http_port}, "
+            print(f"sohoa demo in {home}: broker :{broker_port} (central) :{device_port} (devices), "
+                  f"central http :{http_port}, "
                   f"{len(files)} document(s)")
         try:
             summary = asyncio.run(_run(home, files, http_port=http_port, exit_when_synced=exit_when_synced,

@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 MOSQUITTO_CANDIDATES = ("mosquitto", "/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
 
@@ -32,6 +33,22 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def listener_ports(config: Path) -> list[int]:
+    """The ports of every ``listener PORT [ADDRESS]`` line of a mosquitto.conf, in order."""
+    ports = []
+    for line in config.read_text(encoding="utf-8").splitlines():
+        words = line.split()
+        if len(words) >= 2 and words[0] == "listener" and words[1].isascii() and words[1].isdigit():
+            ports.append(int(words[1]))
+    return ports
+
+
+def wait_for_ports(config: Path, timeout: float = 10.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Return once every listener of ``config`` accepts connections on 127.0.0.1."""
+    for port in listener_ports(config):
+        wait_for_port(port, timeout=timeout, proc=proc)
 
 
 def wait_for_port(port: int, timeout: float = 10.0, proc: subprocess.Popen[bytes] | None = None) -> None:

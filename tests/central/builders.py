@@ -27,11 +27,14 @@ from protocol.bag import (
 from protocol.envelope import EnvelopeSealer, SignedHeader
 from protocol.messages import Fin, Init, Message, Segment, encode
 
+CAPTURED_AT = "2024-05-01T08:00:00Z"
+
 
 def build_package(*, device: str, tid: str, seq: int, original: bytes, name: str, text: str,
-                  media_type: str = "application/pdf", pages: int = 1) -> bytes:
+                  media_type: str = "application/pdf", pages: int = 1,
+                  captured_at: str = CAPTURED_AT) -> bytes:
     members = package_members(device=device, tid=tid, seq=seq, original=original, name=name, text=text,
-                              media_type=media_type, pages=pages)
+                              media_type=media_type, pages=pages, captured_at=captured_at)
     return tar_of([(n, d, tarfile.REGTYPE, "") for n, d in members])
 
 
@@ -50,12 +53,13 @@ def tar_of(members: list[tuple[str, bytes, bytes, str]]) -> bytes:
 
 
 def package_members(*, device: str, tid: str, seq: int, original: bytes, name: str, text: str,
-                    media_type: str = "application/pdf", pages: int = 1) -> list[tuple[str, bytes]]:
+                    media_type: str = "application/pdf", pages: int = 1,
+                    captured_at: str = CAPTURED_AT) -> list[tuple[str, bytes]]:
     """The (name, bytes) members of a valid package, in protocol/bag.py's order."""
     metadata = PackageMetadata(
         tid=tid, device_id=device, seq=seq, original_name=name,
         original_sha256=hashlib.sha256(original).hexdigest(), original_size=len(original),
-        media_type=media_type, pages=pages, captured_at="2024-05-01T08:00:00Z",
+        media_type=media_type, pages=pages, captured_at=captured_at,
         ocr=OcrInfo(engine="tesseract 5.3", languages=("vie",), dpi=300, seconds=0.6))
     payload = {METADATA: metadata.to_json(), TEXT: text.encode(), HOCR: b"<html>hocr</html>",
                original_member(media_type): original}
@@ -94,10 +98,11 @@ def seal_document(*, device: str, seq: int, signing_key: nacl.signing.SigningKey
                   central_key: nacl.public.PublicKey, original: bytes,
                   name: str = "Công văn số 5 – Tuyên Quang.pdf",
                   text: str = "Quyết định về việc số hoá hồ sơ lưu trữ xã Tân Trào",
-                  media_type: str = "application/pdf", chunk_size: int = 4096) -> Sealed:
+                  media_type: str = "application/pdf", chunk_size: int = 4096,
+                  captured_at: str = CAPTURED_AT) -> Sealed:
     doc_id = secrets.token_bytes(16)
     package = build_package(device=device, tid=doc_id.hex(), seq=seq, original=original, name=name,
-                            text=text, media_type=media_type)
+                            text=text, media_type=media_type, captured_at=captured_at)
     return seal_stream(device=device, seq=seq, signing_key=signing_key, central_key=central_key,
                        pieces=[package], size=len(package), doc_id=doc_id, chunk_size=chunk_size)
 

@@ -36,7 +36,8 @@ def read_bundle(path: Path) -> Bundle:
 @pytest.fixture
 def home(tmp_path: Path) -> Path:
     directory = tmp_path / "central-home"
-    commands.init(directory, broker_url=f"mqtt://127.0.0.1:{free_port()}", http=f"127.0.0.1:{free_port()}")
+    commands.init(directory, broker_url=f"mqtt://127.0.0.1:{free_port()}", http=f"127.0.0.1:{free_port()}",
+                  device_url=f"mqtt://127.0.0.1:{free_port()}")
     return directory
 
 

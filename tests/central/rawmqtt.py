@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ssl
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +30,9 @@ class RawClient:
     answered: threading.Event = field(default_factory=threading.Event)      # CONNACK of any kind
     disconnected: threading.Event = field(default_factory=threading.Event)
     disconnect_reason: str | None = None
+    disconnected_at: float | None = None     # time.monotonic() of the first disconnect
     messages: list[tuple[str, bytes]] = field(default_factory=list)
+    retained: list[str] = field(default_factory=list)   # topics of messages delivered as retained
     puback: dict[int, int] = field(default_factory=dict)     # mid → reason code value
     suback: dict[int, list[int]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -38,7 +41,10 @@ class RawClient:
 
     def __post_init__(self) -> None:
         self.acked = threading.Condition(self.lock)
-        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=paho.MQTTv5)
+        # No reconnect: a test wants to see a disconnect, and loop_stop() must not wait out paho's
+        # reconnect delay (up to two minutes) after the broker cut the connection.
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=paho.MQTTv5,
+                             reconnect_on_failure=False)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
@@ -54,12 +60,16 @@ class RawClient:
         self.answered.set()
 
     def _on_disconnect(self, _c: Any, _u: Any, _f: Any, reason: ReasonCode, _p: Any) -> None:
+        if self.disconnected_at is None:
+            self.disconnected_at = time.monotonic()
         self.disconnect_reason = str(reason)
         self.disconnected.set()
 
     def _on_message(self, _c: Any, _u: Any, message: paho.MQTTMessage) -> None:
         with self.acked:
             self.messages.append((message.topic, bytes(message.payload)))
+            if message.retain:
+                self.retained.append(message.topic)
             self.acked.notify_all()
 
     def _on_publish(self, _c: Any, _u: Any, mid: int, reason: ReasonCode, _p: Any) -> None:

@@ -61,8 +61,8 @@ async def test_enroll_on_a_running_broker_without_restart(config: CentralConfig,
     one = enroll("xa-tan-trao")
     two = enroll("xa-minh-thanh")
     async with (
-        connected(central_broker.port, one.username, one.password) as device_one,
-        connected(central_broker.port, two.username, two.password,
+        connected(central_broker.device_port, one.username, one.password) as device_one,
+        connected(central_broker.device_port, two.username, two.password,
                   (("sohoa/v1/down/xa-minh-thanh/#", 1),)) as device_two,
         connected(central_broker.port, "central", config.broker.password) as central,
     ):
@@ -92,5 +92,5 @@ async def test_wrong_password_is_refused(central_broker: Broker, enroll: Enroll)
     enroll("xa-tan-trao")
     with pytest.raises(TimeoutError):
         async with asyncio.timeout(2):
-            async with connected(central_broker.port, "xa-tan-trao", "not-the-password"):
+            async with connected(central_broker.device_port, "xa-tan-trao", "not-the-password"):
                 pass

@@ -68,7 +68,7 @@ def test_run_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     home = tmp_path / "home"
     broker_port, http_port = free_port(), free_port()
     parse_args = parse("central", "init", "--home", str(home), "--broker", f"mqtt://127.0.0.1:{broker_port}",
-                       "--http", f"127.0.0.1:{http_port}")
+                       "--http", f"127.0.0.1:{http_port}", "--device-broker", f"mqtt://127.0.0.1:{free_port()}")
     assert parse_args.func(parse_args) == 0
     with running_broker(home / "mosquitto.conf", broker_port, tmp_path / "broker.log"):
         proc = subprocess.Popen([sys.executable, "-c", DRIVER, "central", "run", "--home", str(home)],

@@ -37,6 +37,7 @@ class Box:
     oldest_age_s: float
     last_error: str | None
     reported: bool   # has it ever published a status?
+    clone: bool      # a sequence number was reused: two boxes share its identity
 
     @property
     def active(self) -> bool:
@@ -50,6 +51,8 @@ class Box:
     def problem_rank(self) -> int:
         if self.revoked:
             return -1
+        if self.clone:
+            return 5
         if not self.online and self.backlog_docs > 0:
             return 4
         if self.last_error:
@@ -70,7 +73,8 @@ def make_fleet() -> list[Box]:
             backlog_bytes=backlog * 1_000_003 + i if backlog else 0,
             # Spread so some, not all, backlogs are older than the stale threshold.
             oldest_age_s=float((i * 37) % 40_000) + 0.5 if backlog else 0.0,
-            last_error=ERROR if reported and i % 11 == 0 else None, reported=reported))
+            last_error=ERROR if reported and i % 11 == 0 else None, reported=reported,
+            clone=i % 251 == 3))
     return boxes
 
 
@@ -90,6 +94,9 @@ def populate(config: CentralConfig, boxes: list[Box]) -> list[tuple[str, str]]:
                                              status_json=payload.decode(), at=catalog.utc_now())
             if box.revoked:
                 catalog.set_device_status(conn, box.id, "revoked")
+            if box.clone:
+                catalog.record_seq_collision(conn, device=box.id, seq=7, tid="b" * 32, other_tid="a" * 32,
+                                             at=catalog.utc_now())
         for n, box in enumerate(boxes[:BOXES_WITH_DOCS]):
             for seq in range(1, DOCS_PER_BOX + 1):
                 received = OLD_DAY if seq == 1 else catalog.utc_now()
@@ -99,7 +106,7 @@ def populate(config: CentralConfig, boxes: list[Box]) -> list[tuple[str, str]]:
                     device=box.id, tid=tid, seq=seq, filename=f"Công văn số {seq} – {box.id}.pdf",
                     sha256=f"{n:032x}{seq:032x}", size=1000 + n, pages=1, media_type="application/pdf",
                     received_at=received, text="Quyết định về việc sáp nhập thôn", metadata="{}",
-                    package_sha256=f"{seq:032x}{n:032x}"))
+                    package_sha256=f"{seq:032x}{n:032x}", captured_at=received))
                 catalog.store_transfer(conn, tid, document_id=doc_id, duplicate=False, receipt=b"r",
                                        stored_at=received)
                 docs.append((box.id, received))
@@ -158,7 +165,9 @@ async def test_fleet_summary_is_exact(fleet: Fleet) -> None:
         "with_error": sum(b.last_error is not None for b in active),
         "with_backlog": len(backlogged),
         "offline_with_backlog": sum(not b.online for b in backlogged),
+        "possible_clone": sum(b.clone for b in active),
     }
+    assert summary["devices"]["possible_clone"] > 0
     counts = summary["devices"]
     assert counts["online"] + counts["offline"] + counts["revoked"] == FLEET
     assert summary["backlog"] == {"docs": sum(b.backlog_docs for b in active),
@@ -166,6 +175,7 @@ async def test_fleet_summary_is_exact(fleet: Fleet) -> None:
                                   "oldest_age_s": oldest.age, "oldest_device": oldest.id}
     today = summary["documents"]["today_since"]
     assert summary["documents"]["total"] == len(fleet.docs) == BOXES_WITH_DOCS * DOCS_PER_BOX
+    assert summary["documents"]["objects"] == len(fleet.docs)   # every generated document differs
     assert summary["documents"]["today"] == sum(received >= today for _, received in fleet.docs)
     assert summary["documents"]["today"] == BOXES_WITH_DOCS   # the seq-1 documents are from 2020
     assert (await fleet.client.get("/api/fleet")).status == 401
@@ -188,13 +198,20 @@ async def test_problems_first_paged_and_filtered(fleet: Fleet) -> None:
     rows, headers = await fleet.get("/api/devices", sort="problems", limit=100)
     assert headers["X-Total-Count"] == str(FLEET)
     assert [r["id"] for r in rows] == expected[:100]
-    assert rows[0]["problem"] == "offline with backlog" and rows[0]["backlog_docs"] > 0
+    assert rows[0]["problem"] == "possible clone"
+    assert rows[0]["possible_clone"] == {"since": rows[0]["possible_clone"]["since"], "count": 1, "seq": 7,
+                                         "last_seen": rows[0]["possible_clone"]["since"],
+                                         "tids": ["a" * 32, "b" * 32]}
+    first_other = next(r for r in rows if r["problem"] != "possible clone")
+    assert first_other["problem"] == "offline with backlog" and first_other["backlog_docs"] > 0
+    assert all(r["possible_clone"] is None for r in rows if r["problem"] != "possible clone")
     assert [r["problem"] for r in rows].count(None) == 0
     # Walking every page gives each device exactly once, in order.
     assert await all_pages(fleet, 100, sort="problems") == expected
-    # The ranks appear in blocks: offline-with-backlog, error, stale, offline, fine, revoked.
+    # The ranks appear in blocks: possible clone, offline-with-backlog, error, stale, offline, fine,
+    # revoked.
     ranks = [b.problem_rank for b in sorted(fleet.boxes, key=lambda b: expected.index(b.id))]
-    assert ranks == sorted(ranks, reverse=True) and {4, 3, 2, 1, 0, -1} <= set(ranks)
+    assert ranks == sorted(ranks, reverse=True) and {5, 4, 3, 2, 1, 0, -1} <= set(ranks)
 
     # Filter: a case-insensitive id substring, counted before paging.
     matching = [b for b in fleet.boxes if "PHUONG-1".lower() in b.id]

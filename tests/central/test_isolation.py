@@ -24,7 +24,7 @@ def test_twenty_devices_cannot_reach_each_other(config: CentralConfig, central_b
     started = time.monotonic()
     bundles = [enroll(f"xa-{n:02d}") for n in range(DEVICES)]
     ids = [b.device_id for b in bundles]
-    clients = [rawmqtt.connect(central_broker.port, b.username, b.password) for b in bundles]
+    clients = [rawmqtt.connect(central_broker.device_port, b.username, b.password) for b in bundles]
     central = rawmqtt.connect(central_broker.port, "central", config.broker.password)
     try:
         assert all(c.connected.is_set() for c in clients) and central.connected.is_set()

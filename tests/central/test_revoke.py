@@ -34,8 +34,8 @@ async def test_revoke_cuts_the_live_session_and_refuses_reconnect(
         config: CentralConfig, central_broker: Broker, enroll: Enroll) -> None:
     bundle = enroll("xa-tan-trao")
     other = enroll("xa-minh-thanh")
-    live = rawmqtt.connect(central_broker.port, bundle.username, bundle.password)
-    bystander = rawmqtt.connect(central_broker.port, other.username, other.password)
+    live = rawmqtt.connect(central_broker.device_port, bundle.username, bundle.password)
+    bystander = rawmqtt.connect(central_broker.device_port, other.username, other.password)
     try:
         assert live.connected.is_set() and bystander.connected.is_set()
         started = time.monotonic()
@@ -49,7 +49,7 @@ async def test_revoke_cuts_the_live_session_and_refuses_reconnect(
     finally:
         rawmqtt.close(live)
         rawmqtt.close(bystander)
-    again = rawmqtt.connect(central_broker.port, bundle.username, bundle.password)
+    again = rawmqtt.connect(central_broker.device_port, bundle.username, bundle.password)
     rawmqtt.close(again)
     assert again.connack is not None and again.connack.value == 0x87, again.connack   # Not authorized
     print(f"live session cut {cut_after * 1000:.0f} ms after revoke; reconnect CONNACK 0x87")
@@ -68,7 +68,7 @@ async def test_publish_on_an_open_session_after_revoke_never_stores(
                           central_key=central_keys.encryption.public_key, original=b"%PDF-1.4 two")
     segments = sealed.segments(4096)
     pid_file = config.paths.mosquitto_pid
-    async with connected(central_broker.port, bundle.username, bundle.password,
+    async with connected(central_broker.device_port, bundle.username, bundle.password,
                          (("sohoa/v1/down/xa-tan-trao/#", 1),)) as device:
         opening: list[Message] = [sealed.init(), segments[0]]
         for message in opening:

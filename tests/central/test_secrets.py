@@ -35,7 +35,7 @@ async def test_no_secret_in_logs_or_api(
     sealed = seal_document(device="xa-tan-trao", seq=1, signing_key=bundle.signing_key,
                            central_key=central_keys.encryption.public_key,
                            original=b"%PDF-1.4\n" + secrets.token_bytes(30_000))
-    async with connected(central_broker.port, bundle.username, bundle.password,
+    async with connected(central_broker.device_port, bundle.username, bundle.password,
                          (("sohoa/v1/down/xa-tan-trao/#", 1),)) as device:
         await send_and_wait_receipt(device, sealed)
     commands.user_add(config.home, "lan", "admin", PASSWORD)

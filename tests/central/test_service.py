@@ -48,10 +48,9 @@ async def test_ingest_over_mqtt_then_browse_over_http(config: CentralConfig, cen
     original = b"%PDF-1.4\n" + secrets.token_bytes(70_000)
     sealed = seal_document(device="xa-tan-trao", seq=1, signing_key=bundle.signing_key,
                            central_key=central_keys.encryption.public_key, original=original)
-    async with connected(central_broker.port, bundle.username, bundle.password,
+    async with connected(central_broker.device_port, bundle.username, bundle.password,
                          (("sohoa/v1/down/xa-tan-trao/#", 1),)) as device:
-        await device.publish(*encode(Status("xa-tan-trao", online=True, queue_docs=1, queue_bytes=70_000)),
-                             retain=True)
+        await device.publish(*encode(Status("xa-tan-trao", online=True, queue_docs=1, queue_bytes=70_000)))
         receipt = await send_and_wait_receipt(device, sealed)
     body = receipt.verify(central_keys.receipt.verify_key)
     assert body.sha256 == hashlib.sha256(original).hexdigest()
@@ -100,7 +99,7 @@ async def test_bad_signature_over_mqtt_gets_rejected(config: CentralConfig, cent
     await ingest_ready((await aiohttp_client(create_app(config))).app)
     sealed = seal_document(device="xa-tan-trao", seq=1, signing_key=nacl.signing.SigningKey.generate(),
                            central_key=central_keys.encryption.public_key, original=b"%PDF-1.4 forged")
-    async with connected(central_broker.port, bundle.username, bundle.password,
+    async with connected(central_broker.device_port, bundle.username, bundle.password,
                          (("sohoa/v1/down/xa-tan-trao/#", 1),)) as device:
         await device.publish(*encode(sealed.init()))
         async with asyncio.timeout(TIMEOUT):
@@ -119,7 +118,7 @@ async def test_central_restart_mid_transfer_resumes(config: CentralConfig, centr
                            media_type="image/jpeg", name="Ảnh 1.jpg")
     segments = sealed.segments(8 * 1024)
     half = len(segments) // 2
-    async with connected(central_broker.port, bundle.username, bundle.password,
+    async with connected(central_broker.device_port, bundle.username, bundle.password,
                          (("sohoa/v1/down/xa-tan-trao/#", 1),)) as device:
         server = await aiohttp_server(create_app(config))
         await ingest_ready(server.app)
@@ -206,7 +205,7 @@ async def test_ingest_that_dies_is_restarted_and_ingests_again(
     assert samples["ingest_running"] == 1 and samples["ingest_failures_total"] == 1
     sealed = seal_document(device="xa-tan-trao", seq=1, signing_key=bundle.signing_key,
                            central_key=central_keys.encryption.public_key, original=b"%PDF-1.4 restarted")
-    async with connected(central_broker.port, bundle.username, bundle.password,
+    async with connected(central_broker.device_port, bundle.username, bundle.password,
                          (("sohoa/v1/down/xa-tan-trao/#", 1),)) as device:
         receipt = await send_and_wait_receipt(device, sealed)
     assert receipt.tid == sealed.tid
@@ -228,3 +227,47 @@ def parse_prometheus(text: str) -> dict[str, float]:
         assert match, f"not Prometheus text format: {line!r}"
         samples[match.group(1)] = float(match.group(2))
     return samples
+
+
+async def test_one_circular_from_two_communes_over_mqtt(config: CentralConfig, central_broker: Broker,
+                                                        central_keys: CentralKeys, enroll: Enroll,
+                                                        aiohttp_client: AiohttpClient) -> None:
+    """Issue 7 item 3 over the real broker: each commune's receipt names its own document, each keeps
+    its name, text and capture time, and the bytes are stored once."""
+    client = await aiohttp_client(create_app(config))
+    await ingest_ready(client.app)
+    circular = b"%PDF-1.4\n" + secrets.token_bytes(30_000) + b"\n%%EOF\n"
+    sent = {
+        "xa-tan-trao": ("Công văn 15 – Tân Trào.pdf", "Công văn số 15 gửi xã Tân Trào",
+                        "2026-11-02T07:30:00Z"),
+        "xa-minh-thanh": ("Công văn 15 – Minh Thanh.pdf", "Bản lưu tại xã Minh Thanh",
+                          "2026-11-03T09:15:00Z"),
+    }
+    receipts = {}
+    for device, (name, text, captured_at) in sent.items():
+        bundle = enroll(device)
+        sealed = seal_document(device=device, seq=1, signing_key=bundle.signing_key,
+                               central_key=central_keys.encryption.public_key, original=circular, name=name,
+                               text=text, captured_at=captured_at)
+        async with connected(central_broker.device_port, bundle.username, bundle.password,
+                             ((f"sohoa/v1/down/{device}/#", 1),)) as box:
+            receipt = await send_and_wait_receipt(box, sealed)
+        receipts[device] = receipt.verify(central_keys.receipt.verify_key)
+    first, second = receipts["xa-tan-trao"], receipts["xa-minh-thanh"]
+    assert first.document_id != second.document_id and (first.duplicate, second.duplicate) == (False, True)
+    auth = {"Authorization": f"Bearer {config.api_token}"}
+    for device, body in receipts.items():
+        listed = await (await client.get("/api/documents", params={"device": device}, headers=auth)).json()
+        assert [d["id"] for d in listed] == [body.document_id]
+        name, text, captured_at = sent[device]
+        detail = await (await client.get(f"/api/documents/{body.document_id}", headers=auth)).json()
+        assert (detail["device"], detail["filename"], detail["text"], detail["captured_at"]) == (
+            device, name, text, captured_at)
+        found = await (await client.get("/api/documents", params={"q": text}, headers=auth)).json()
+        assert [d["id"] for d in found] == [body.document_id]
+        original = await client.get(f"/api/documents/{body.document_id}/original", headers=auth)
+        assert await original.read() == circular
+    detail = await (await client.get(f"/api/documents/{second.document_id}", headers=auth)).json()
+    assert detail["same_content"] == [first.document_id]
+    samples = parse_prometheus(await (await client.get("/metrics")).text())
+    assert samples["documents_total"] == 2 and samples["bytes_stored"] == len(circular)

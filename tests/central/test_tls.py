@@ -118,3 +118,10 @@ def test_plaintext_device_link_off_loopback_is_refused_unless_asked_for(tmp_path
         commands.init(tmp_path / "b", device_url="mqtt://10.0.0.5:1883")
     commands.init(tmp_path / "c", broker_url="mqtt://0.0.0.0:1883", allow_plaintext=True)
     commands.init(tmp_path / "d", broker_url="mqtt://127.0.0.1:1883")   # the local demo and tests
+    # Without --device-broker devices get their own listener on the next port, in the bundle too.
+    config = load_config(tmp_path / "d")
+    assert (config.broker.url, config.broker.device_url) == ("mqtt://127.0.0.1:1883", "mqtt://127.0.0.1:1884")
+    commands.enroll(tmp_path / "d", "xa-tan-trao", tmp_path / "d.bundle")
+    assert tomllib.loads((tmp_path / "d.bundle").read_text())["broker"]["url"] == "mqtt://127.0.0.1:1884"
+    with pytest.raises(ConfigError, match="central's port"):
+        commands.init(tmp_path / "e", broker_url="mqtt://127.0.0.1:1883", device_url="mqtt://127.0.0.1:1883")

@@ -25,7 +25,7 @@ from PIL import Image
 
 from central import commands as central_commands
 from edge import cli as edge_cli
-from tests.faults.jepsen import CatalogEntry
+from tests.faults.jepsen import CatalogView
 from tests.faults.scenario import catalog, query
 from tests.support.broker import Broker, free_port
 
@@ -121,8 +121,8 @@ class Cluster:
         self.central.start()
         self.wait_central_http()
 
-    def catalog(self) -> list[CatalogEntry]:
-        """Every transfer central stored, with the content it carried (duplicates flagged)."""
+    def catalog(self) -> CatalogView:
+        """Central's arrivals and stored objects (see ``tests.faults.scenario.catalog``)."""
         return catalog(self.central_home)
 
     def edge_counts(self) -> dict[str, int]:
@@ -132,7 +132,7 @@ class Cluster:
     def synced(self) -> bool:
         counts = self.edge_counts()
         return counts.get("delivered", 0) >= len(self.dropped) and len(
-            {e.sha256 for e in self.catalog()}) >= len(self.dropped)
+            self.catalog().arrivals) >= len(self.dropped)
 
     def wait_synced(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -154,7 +154,7 @@ def cluster(root: Path, *, broker_port: int | None = None, rate_kbit: float = 0.
     http_port = free_port()
     central_home = root / "central"
     central_commands.init(central_home, broker_url=f"mqtt://127.0.0.1:{broker_port}",
-                          http=f"127.0.0.1:{http_port}")
+                          http=f"127.0.0.1:{http_port}", device_url=f"mqtt://127.0.0.1:{free_port()}")
     broker = Broker(config=central_home / "mosquitto.conf", port=broker_port, log=root / "broker.log")
     broker.start()
     central = Process([sys.executable, "-m", "sohoa.cli", "central", "run", "--home", str(central_home)],

@@ -1,9 +1,12 @@
 """Judge a fault run the way Jepsen judges a history: every document dropped into a scan folder must end
-up in central's catalog exactly once — not lost, not stored twice — and every SQLite file must be intact.
+up in central's catalog as exactly one arrival — not lost, not catalogued twice — every arrival must
+come from a drop, the content must be stored once, and every SQLite file must be intact.
 
-Catalog rows flagged ``duplicate`` are central recognising a re-sent document (idempotence working), so
-they never count as extra copies; an unflagged second row for the same content is a real duplicate.
-Rows whose content nobody dropped are reported as unexpected: the store holds something it should not.
+Central's model (issue 7, "content once, provenance per arrival"): one stored object per sha256, one
+document (arrival) per (device, file name, capture time, text). A drop is matched to arrivals by device,
+file name and content. Several transfers may map to one arrival (the same scan re-sent: idempotence),
+which is fine; two arrivals for one drop are a duplicate; an arrival no drop explains is unexpected.
+Objects are checked too: each content stored once, none missing, none that no arrival points at.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from enum import StrEnum
 from pathlib import Path
 
 SQLITE_SUFFIXES = frozenset({".db", ".sqlite", ".sqlite3"})
+_HEX = frozenset("0123456789abcdef")
 
 
 class Outcome(StrEnum):
@@ -24,18 +28,35 @@ class Outcome(StrEnum):
     DUPLICATED = "duplicated"
 
 
-@dataclass(frozen=True, slots=True)
-class CatalogEntry:
-    """One row of central's catalog as the checker needs it."""
+def _check_sha(sha256: str) -> None:
+    if len(sha256) != 64 or not set(sha256) <= _HEX:
+        raise ValueError(f"sha256 must be 64 lowercase hex digits, got {sha256!r}")
 
-    sha256: str
+
+@dataclass(frozen=True, slots=True)
+class Arrival:
+    """One document row of central's catalog, with every stored transfer that maps to it."""
+
+    document_id: int
     device: str
-    tid: str
-    duplicate: bool
+    filename: str
+    sha256: str
+    tids: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256):
-            raise ValueError(f"sha256 must be 64 lowercase hex digits, got {self.sha256!r}")
+        _check_sha(self.sha256)
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogView:
+    """What the checker needs of a catalog: its arrivals and its stored objects (one sha256 per row)."""
+
+    arrivals: tuple[Arrival, ...]
+    objects: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        for sha in self.objects:
+            _check_sha(sha)
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,8 +66,8 @@ class Verdict:
     name: str
     sha256: str
     outcome: Outcome
-    copies: int  # unflagged catalog rows holding this content
-    tids: tuple[str, ...]  # every transfer that carried it, flagged duplicates included
+    arrivals: tuple[int, ...]    # document ids matching this drop
+    tids: tuple[str, ...]        # every transfer that carried it
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,16 +77,18 @@ class Summary:
     lost: int
     duplicated: int
     unexpected: int
+    object_problems: int
 
     @property
     def valid(self) -> bool:
-        return self.lost == 0 and self.duplicated == 0 and self.unexpected == 0
+        return self.lost == 0 and self.duplicated == 0 and self.unexpected == 0 and self.object_problems == 0
 
 
 @dataclass(frozen=True, slots=True)
 class Report:
     verdicts: tuple[Verdict, ...]
-    unexpected: tuple[CatalogEntry, ...]
+    unexpected: tuple[Arrival, ...]
+    object_problems: tuple[str, ...]
     summary: Summary
 
     def with_outcome(self, outcome: Outcome) -> tuple[Verdict, ...]:
@@ -74,67 +97,69 @@ class Report:
     def describe(self) -> str:
         s = self.summary
         lines = [f"{s.dropped} dropped: {s.ok} ok, {s.lost} lost, {s.duplicated} duplicated, "
-                 f"{s.unexpected} unexpected in the catalog"]
-        lines += [f"  {v.outcome.value}: {v.name} ({v.sha256[:12]}…, {v.copies} copies, tids {list(v.tids)})"
-                  for v in self.verdicts if v.outcome is not Outcome.OK]
-        lines += [f"  unexpected: {e.sha256[:12]}… from {e.device} tid {e.tid}" for e in self.unexpected]
+                 f"{s.unexpected} unexpected arrivals, {s.object_problems} object problems"]
+        lines += [f"  {v.outcome.value}: {v.name} ({v.sha256[:12]}…, arrivals {list(v.arrivals)}, "
+                  f"tids {list(v.tids)})" for v in self.verdicts if v.outcome is not Outcome.OK]
+        lines += [f"  unexpected: document {a.document_id} {a.filename!r} ({a.sha256[:12]}…) from {a.device}"
+                  for a in self.unexpected]
+        lines += [f"  objects: {problem}" for problem in self.object_problems]
         return "\n".join(lines)
 
 
-def classify(
-    dropped: Mapping[str, str],
-    catalog: Iterable[CatalogEntry | tuple[str, str, str, bool]],
-    *,
-    device: str | None = None,
-) -> Report:
-    """Classify each dropped document (name → sha256) against central's catalog rows.
+def classify(dropped: Mapping[str, str], catalog: CatalogView, *, device: str | None = None) -> Report:
+    """Classify each drop (file name → sha256) against central's arrivals and objects.
 
-    Several names with the same content may legitimately be stored once each, so content dropped
-    under k names is ok with 1..k unflagged rows and duplicated beyond k. ``device`` restricts the
-    catalog to one edge's rows when several edges share a central.
+    ``device`` restricts the judgement to one edge's arrivals when several edges share a central;
+    objects are then only required for that edge's contents (others may hold more).
     """
-    entries = [e if isinstance(e, CatalogEntry) else CatalogEntry(*e) for e in catalog]
-    if device is not None:
-        entries = [e for e in entries if e.device == device]
-    copies = Counter(e.sha256 for e in entries if not e.duplicate)
-    tids: defaultdict[str, list[str]] = defaultdict(list)
-    for entry in entries:
-        tids[entry.sha256].append(entry.tid)
-    names_per_content = Counter(sha.lower() for sha in dropped.values())
+    arrivals = [a for a in catalog.arrivals if device is None or a.device == device]
+    by_drop: defaultdict[tuple[str, str], list[Arrival]] = defaultdict(list)
+    for arrival in arrivals:
+        by_drop[(arrival.filename, arrival.sha256)].append(arrival)
 
     verdicts = []
     for name, given in sorted(dropped.items()):
         sha = given.lower()
-        count = copies[sha]
-        if count == 0:
-            outcome = Outcome.LOST
-        elif count > names_per_content[sha]:
-            outcome = Outcome.DUPLICATED
-        else:
-            outcome = Outcome.OK
-        verdicts.append(Verdict(name, sha, outcome, count, tuple(sorted(tids[sha]))))
-    unexpected = tuple(e for e in entries if e.sha256 not in names_per_content)
+        matching = sorted(by_drop.get((name, sha), []), key=lambda a: a.document_id)
+        outcome = (Outcome.LOST if not matching else Outcome.OK if len(matching) == 1 else Outcome.DUPLICATED)
+        verdicts.append(Verdict(name, sha, outcome, tuple(a.document_id for a in matching),
+                                tuple(sorted(t for a in matching for t in a.tids))))
+    drops = {(name, sha.lower()) for name, sha in dropped.items()}
+    unexpected = tuple(a for a in arrivals if (a.filename, a.sha256) not in drops)
+
+    object_problems: list[str] = []
+    stored = Counter(catalog.objects)
+    object_problems += [f"{sha[:12]}… stored {n} times" for sha, n in sorted(stored.items()) if n > 1]
+    needed = {a.sha256 for a in arrivals}
+    object_problems += [f"{sha[:12]}… has arrivals but no stored object"
+                        for sha in sorted(needed - set(stored))]
+    if device is None:
+        object_problems += [f"{sha[:12]}… is stored but no arrival points at it"
+                            for sha in sorted(set(stored) - needed)]
+
     by_outcome = Counter(v.outcome for v in verdicts)
-    summary = Summary(
-        dropped=len(verdicts),
-        ok=by_outcome[Outcome.OK],
-        lost=by_outcome[Outcome.LOST],
-        duplicated=by_outcome[Outcome.DUPLICATED],
-        unexpected=len(unexpected),
-    )
-    return Report(tuple(verdicts), unexpected, summary)
+    summary = Summary(dropped=len(verdicts), ok=by_outcome[Outcome.OK], lost=by_outcome[Outcome.LOST],
+                      duplicated=by_outcome[Outcome.DUPLICATED], unexpected=len(unexpected),
+                      object_problems=len(object_problems))
+    return Report(tuple(verdicts), unexpected, tuple(object_problems), summary)
 
 
-def assert_exactly_once(
-    dropped: Mapping[str, str],
-    catalog: Iterable[CatalogEntry | tuple[str, str, str, bool]],
-    *,
-    device: str | None = None,
-) -> Report:
-    """classify() and fail the test with a readable account unless nothing was lost or duplicated."""
+def assert_exactly_once(dropped: Mapping[str, str], catalog: CatalogView, *,
+                        device: str | None = None) -> Report:
+    """classify() and fail the test with a readable account unless every drop is exactly one arrival,
+    every arrival is a drop, and every content is stored exactly once."""
     report = classify(dropped, catalog, device=device)
     assert report.summary.valid, report.describe()
     return report
+
+
+def resent_arrivals(catalog: CatalogView) -> list[Arrival]:
+    """Arrivals that more than one transfer carried (a scan sent twice under two transfer ids)."""
+    return [a for a in catalog.arrivals if len(a.tids) > 1]
+
+
+def view(arrivals: Iterable[Arrival], objects: Iterable[str]) -> CatalogView:
+    return CatalogView(tuple(arrivals), tuple(objects))
 
 
 def integrity_check(path: Path) -> str:

@@ -11,11 +11,12 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 from central import commands as central_commands
+from central.storage import ObjectStore
 from edge import cli as edge_cli
 from edge.config import EdgeConfig
 from edge.ocr import FakeOcrEngine
 from edge.service import EdgeService
-from tests.faults.jepsen import CatalogEntry
+from tests.faults.jepsen import Arrival, CatalogView, view
 from tests.support.broker import free_port, running_broker
 from tests.support.deployment import DEVICE, Deployment
 
@@ -28,7 +29,7 @@ def deployment_at(root: Path, *, central_home: Path | None = None,
     edge_home = edge_home or root / "edge"
     broker_port, http_port = free_port(), free_port()
     central_commands.init(central_home, broker_url=f"mqtt://127.0.0.1:{broker_port}",
-                          http=f"127.0.0.1:{http_port}")
+                          http=f"127.0.0.1:{http_port}", device_url=f"mqtt://127.0.0.1:{free_port()}")
     with running_broker(central_home / "mosquitto.conf", broker_port, root / "broker.log") as broker:
         bundle = root / "bundle.toml"
         central_commands.enroll(central_home, DEVICE, bundle)
@@ -52,12 +53,21 @@ def query(path: Path, sql: str) -> list[tuple[object, ...]]:
         connection.close()
 
 
-def catalog(central_home: Path) -> list[CatalogEntry]:
-    """Every transfer central stored, with the content it carried (duplicates flagged)."""
-    rows = query(central_home / "catalog.db",
-                 "SELECT d.sha256, t.device, t.tid, t.duplicate FROM transfers t "
-                 "JOIN documents d ON d.id = t.document_id WHERE t.state = 'stored'")
-    return [CatalogEntry(str(sha), str(device), str(tid), bool(dup)) for sha, device, tid, dup in rows]
+def catalog(central_home: Path) -> CatalogView:
+    """Central's arrivals (with the transfers that carried each) and its stored objects.
+
+    An object counts as stored only if its catalog row exists and its file is in the object store:
+    a row without bytes is reported by the checker as content with no stored object.
+    """
+    db = central_home / "catalog.db"
+    rows = query(db, "SELECT d.id, d.device, d.filename, d.sha256, group_concat(t.tid) FROM documents d"
+                     " LEFT JOIN transfers t ON t.document_id = d.id AND t.state = 'stored' GROUP BY d.id")
+    arrivals = [Arrival(int(str(doc_id)), str(device), str(name), str(sha),
+                        tuple(sorted(str(tids).split(","))) if tids else ())
+                for doc_id, device, name, sha, tids in rows]
+    store = ObjectStore(central_home / "storage" / "objects")
+    objects = [str(sha) for (sha,) in query(db, "SELECT sha256 FROM objects") if store.contains(str(sha))]
+    return view(arrivals, objects)
 
 
 def delivered_ciphertext_bytes(edge_home: Path) -> int:

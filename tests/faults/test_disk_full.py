@@ -22,7 +22,7 @@ from edge.outbox import DocState
 from edge.service import EdgeService
 from tests.faults.cluster import drop, make_documents
 from tests.faults.disk import fill, free, free_bytes, tmpfs
-from tests.faults.jepsen import assert_databases_intact, assert_exactly_once
+from tests.faults.jepsen import assert_databases_intact, assert_exactly_once, resent_arrivals
 from tests.faults.scenario import catalog, deployment_at, query, running_edge
 from tests.support.waiting import wait_until
 
@@ -104,7 +104,7 @@ async def test_edge_disk_full_while_taking_and_packaging(tmp_path: Path, leave_b
               f"watch folder, counts {counts}), drained {drain_s:.1f} s after freeing space")
         verdict = assert_exactly_once({**first, **later}, catalog(deployment.central_home))
         assert verdict.summary.ok == 11
-        assert [e for e in catalog(deployment.central_home) if e.duplicate] == []
+        assert resent_arrivals(catalog(deployment.central_home)) == []
         assert list(cfg.watch_dir.iterdir()) == [cfg.refused_dir]
         # Only the bad scan is handed back, with its reason, once there was room to do so.
         report = await status_report(deployment.edge_home)
@@ -139,7 +139,7 @@ async def test_central_disk_full_during_sync(tmp_path: Path, caplog: pytest.LogC
             stuck = 11 - stats.counts.get("delivered", 0)
             assert stuck > 0, "central stored everything: the disk was not full enough to matter"
             # Whatever central stored, it stored whole; nothing is receipted that is not in the catalog.
-            stored = {e.sha256 for e in catalog(deployment.central_home)}
+            stored = catalog(deployment.central_home).arrivals
             assert len(stored) == stats.counts.get("delivered", 0), (stored, stats)
             metrics = await _metrics(deployment.api)
             errors = [r.getMessage() for r in caplog.records if r.name.startswith("sohoa.central")

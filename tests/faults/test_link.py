@@ -24,7 +24,7 @@ from edge.config import EdgeConfig
 from edge.ocr import FakeOcrEngine
 from edge.service import EdgeService
 from tests.faults.cluster import drop, make_documents
-from tests.faults.jepsen import assert_databases_intact, assert_exactly_once
+from tests.faults.jepsen import assert_databases_intact, assert_exactly_once, resent_arrivals
 from tests.faults.proxy import FaultProxy, ProxyStats
 from tests.faults.scenario import catalog, delivered_ciphertext_bytes
 from tests.support.deployment import Deployment, running
@@ -147,7 +147,7 @@ async def _inflict(proxy: FaultProxy, service: EdgeService, plan: Faults, done: 
 async def _run_link_scenario(deployment: Deployment, tmp_path: Path, *, documents: int, side: int,
                              plan: Faults, drain_within: float) -> LinkFigures:
     dropped = make_documents(tmp_path / "docs", documents, seed=plan.seed, side=side)
-    async with FaultProxy("127.0.0.1", deployment.broker.port) as proxy:
+    async with FaultProxy("127.0.0.1", deployment.broker.device_port) as proxy:
         proxy.throttle(LINK_KBIT, LINK_LATENCY_S)
         cfg = _link_config(deployment, proxy.port)
         async with running(deployment, ocr_engine=FakeOcrEngine(), edge_config=cfg) as service:
@@ -184,7 +184,7 @@ async def _run_link_scenario(deployment: Deployment, tmp_path: Path, *, document
     report = assert_exactly_once(dropped, catalog(deployment.central_home), device=cfg.device_id)
     assert report.summary.ok == documents
     # Re-sends were resumes, never a second transfer of the same document.
-    assert [e for e in catalog(deployment.central_home) if e.duplicate] == []
+    assert resent_arrivals(catalog(deployment.central_home)) == []
     assert list(cfg.watch_dir.iterdir()) == []
     assert list(cfg.processed_dir.iterdir()) == []
     assert_databases_intact(deployment.edge_home)

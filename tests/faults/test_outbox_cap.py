@@ -16,7 +16,8 @@ from edge.cli import status_report
 from edge.ocr import FakeOcrEngine
 from edge.service import OUTBOX_FULL
 from tests.faults.cluster import drop, make_documents
-from tests.faults.jepsen import CatalogEntry, assert_exactly_once
+from tests.faults.jepsen import assert_exactly_once
+from tests.faults.scenario import catalog
 from tests.support.deployment import Deployment, running
 from tests.support.waiting import wait_until
 
@@ -68,6 +69,5 @@ async def test_outbox_cap_keeps_scans_in_the_watch_folder_until_the_link_returns
         assert await wait_until(cleared, within=30)
 
         docs = await deployment.get_json("/api/documents")
-        assert isinstance(docs, list)
-        catalog = [CatalogEntry(str(d["sha256"]), "xa-tan-trao", "0" * 32, False) for d in docs]
-        assert_exactly_once(dropped, catalog)
+        assert isinstance(docs, list) and len(docs) == 10
+        assert_exactly_once(dropped, catalog(deployment.central_home))

@@ -10,13 +10,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from sohoa.localbroker import free_port, mosquitto_binary, wait_for_port
+from sohoa.localbroker import free_port, listener_ports, mosquitto_binary, wait_for_port, wait_for_ports
 
 __all__ = ["Broker", "anonymous_config", "free_port", "mosquitto_binary", "running_broker", "wait_for_port"]
 
+
 @dataclass
 class Broker:
-    """A running Mosquitto; ``restart()`` and ``kill()`` serve the fault tests."""
+    """A running Mosquitto; ``restart()`` and ``kill()`` serve the fault tests.
+
+    ``port`` is the listener central (or a test's own client) uses; a generated central config has
+    a second listener for devices, ``device_port`` (the same port for single-listener test configs).
+    """
 
     config: Path
     port: int
@@ -27,12 +32,18 @@ class Broker:
     def url(self) -> str:
         return f"mqtt://127.0.0.1:{self.port}"
 
+    @property
+    def device_port(self) -> int:
+        others = [p for p in listener_ports(self.config) if p != self.port]
+        return others[0] if others else self.port
+
     def start(self) -> None:
         logf = self.log.open("ab")
         self.proc = subprocess.Popen([mosquitto_binary(), "-c", str(self.config)],
                                      stdout=logf, stderr=subprocess.STDOUT)
         logf.close()
         wait_for_port(self.port, proc=self.proc)
+        wait_for_ports(self.config, proc=self.proc)
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.proc and self.proc.poll() is None:

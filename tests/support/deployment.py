@@ -77,7 +77,7 @@ def _deployment(tmp_path: Path, *, tls: bool) -> Iterator[Deployment]:
     central_home = tmp_path / "central"
     central_commands.init(central_home, broker_url=f"mqtt://127.0.0.1:{broker_port}",
                           http=f"127.0.0.1:{http_port}",
-                          device_url=f"mqtts://127.0.0.1:{free_port()}" if tls else None)
+                          device_url=f"{'mqtts' if tls else 'mqtt'}://127.0.0.1:{free_port()}")
     with running_broker(central_home / "mosquitto.conf", broker_port, tmp_path / "broker.log") as broker:
         bundle = tmp_path / "bundle.toml"
         central_commands.enroll(central_home, DEVICE, bundle)
