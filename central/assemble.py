@@ -13,7 +13,7 @@ import hashlib
 import os
 import tarfile
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -76,10 +76,29 @@ def _private_file(path: Path) -> IO[bytes]:
     return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb")
 
 
-def decrypt_to_file(staging: Path, signed: SignedHeader, device_key: nacl.signing.VerifyKey,
+Ciphertext = Callable[[], Iterable[bytes]]
+"""Reads the whole ciphertext from the start, each time it is called (it is read twice: hash, then
+decrypt — nothing is decrypted before the hash and the device signature are checked)."""
+
+
+def file_ciphertext(path: Path) -> Ciphertext:
+    def read() -> Iterator[bytes]:
+        with path.open("rb") as handle:
+            while chunk := handle.read(BLOCK):
+                yield chunk
+    return read
+
+
+def decrypt_to_file(ciphertext: Ciphertext | Path, signed: SignedHeader, device_key: nacl.signing.VerifyKey,
                     central_key: nacl.public.PrivateKey, *, max_plaintext: int, out: Path) -> tuple[str, str]:
-    """Verify then decrypt ``staging`` into ``out``; return (ciphertext sha256, package sha256)."""
-    size, ciphertext_digest = file_digest(staging)
+    """Verify then decrypt the ciphertext into ``out``; return (ciphertext sha256, package sha256)."""
+    read = file_ciphertext(ciphertext) if isinstance(ciphertext, Path) else ciphertext
+    digest = hashlib.sha256()
+    size = 0
+    for chunk in read():
+        digest.update(chunk)
+        size += len(chunk)
+    ciphertext_digest = digest.digest()
     verified = verify_ciphertext(signed, device_key, size=size, sha256=ciphertext_digest)
     package_digest = hashlib.sha256()
     sink = _private_file(out)
@@ -89,9 +108,8 @@ def decrypt_to_file(staging: Path, signed: SignedHeader, device_key: nacl.signin
             sink.write(data)
 
         opener = EnvelopeOpener(verified, central_key, max_plaintext=max_plaintext, sink=write)
-        with staging.open("rb") as source:
-            while chunk := source.read(BLOCK):
-                opener.update(chunk)
+        for chunk in read():
+            opener.update(chunk)
         opener.finish()
     finally:
         _fsync_close(sink)
@@ -189,7 +207,7 @@ def _unpack(package: Path, *, device: str, tid: str, seq: int,
     return metadata, metadata_json, text, original_sha
 
 
-def assemble(staging: Path, signed: SignedHeader, device_key: nacl.signing.VerifyKey,
+def assemble(staging: Ciphertext | Path, signed: SignedHeader, device_key: nacl.signing.VerifyKey,
              central_key: nacl.public.PrivateKey, *, max_plaintext: int, work_dir: Path) -> Assembled:
     """Verify, decrypt and unpack one received envelope into files under ``work_dir``."""
     header = signed.header

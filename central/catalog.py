@@ -8,6 +8,7 @@ unless their name says so, so the ingest can make a batch of changes durable wit
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -19,14 +20,18 @@ from pathlib import Path
 from typing import Any
 
 from central.errors import CatalogError
+from protocol.errors import ProtocolError
 from protocol.names import fold
+from protocol.ranges import RangeSet
 from protocol.transfer import HeldSegment
 
 log = logging.getLogger("sohoa.central.catalog")
 
 # v2 (issue 7): content once, provenance per arrival — ``objects`` holds one row per stored original,
 # ``documents`` one row per arrival; devices carry the possible-clone flag. See ``_MIGRATIONS``.
-SCHEMA_VERSION = 2
+# v3 (issue 11): transfer state lives in the catalog (signed size, held ranges) so several workers can
+# share it; segments point into the shared segment journal; ``jobs`` holds assemblies to run.
+SCHEMA_VERSION = 3
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
@@ -92,6 +97,11 @@ CREATE TABLE IF NOT EXISTS transfers (
     duplicate   INTEGER NOT NULL DEFAULT 0,
     receipt     BLOB,
     stored_at   TEXT,
+    -- The signed ciphertext size, and what is durably held of it (coalesced [start, end) ranges as
+    -- JSON): the transfer's state for every worker, not a cache in one process (issue 11).
+    size        INTEGER,
+    held        TEXT NOT NULL DEFAULT '[]',
+    held_bytes  INTEGER NOT NULL DEFAULT 0,
     -- Replay protection: a sequence number is used by exactly one transfer of a device.
     UNIQUE (device, seq)
 );
@@ -111,7 +121,24 @@ CREATE TABLE IF NOT EXISTS segments (
     offset INTEGER NOT NULL,
     length INTEGER NOT NULL,
     crc    INTEGER NOT NULL,
+    -- Where the bytes are: a segment journal file under staging/ and the position in it; NULL for
+    -- segments staged before issue 11, which are in staging/<tid>.part at their offset.
+    log    TEXT,
+    pos    INTEGER,
     PRIMARY KEY (tid, offset)
+) WITHOUT ROWID;
+-- A journal file may be deleted once no segment points into it.
+CREATE INDEX IF NOT EXISTS segments_by_log ON segments (log);
+-- Work that any worker may pick up (DESIGN §8: background jobs live in the catalog): today the
+-- assembly of a transfer whose bytes are all held. A claim is a lease; an expired one is taken over.
+CREATE TABLE IF NOT EXISTS jobs (
+    tid         TEXT PRIMARY KEY REFERENCES transfers (tid),
+    kind        TEXT NOT NULL CHECK (kind IN ('assemble')),
+    created_at  TEXT NOT NULL,
+    claimed_by  TEXT,
+    lease_until TEXT,
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    last_error  TEXT
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS fixity (
     id                INTEGER PRIMARY KEY,
@@ -272,8 +299,34 @@ def _v1_to_v2(conn: sqlite3.Connection) -> None:
             conn.execute(statement)
 
 
+def _v2_to_v3(conn: sqlite3.Connection) -> None:
+    """Transfer state into the catalog: signed size and held ranges per transfer, journal positions
+    per segment, and the jobs table. Half-received transfers keep their staging/<tid>.part files
+    (segments with ``log`` NULL are read from there), so an upgrade mid-transfer loses nothing."""
+    from protocol.envelope import SignedHeader  # noqa: PLC0415 - only migrations decode headers here
+
+    for column in ("size INTEGER", "held TEXT NOT NULL DEFAULT '[]'",
+                   "held_bytes INTEGER NOT NULL DEFAULT 0"):
+        conn.execute(f"ALTER TABLE transfers ADD COLUMN {column}")
+    for column in ("log TEXT", "pos INTEGER"):
+        conn.execute(f"ALTER TABLE segments ADD COLUMN {column}")
+    for statement in _statements(SCHEMA):
+        if statement.startswith(("CREATE TABLE IF NOT EXISTS jobs",
+                                 "CREATE INDEX IF NOT EXISTS segments_by_log")):
+            conn.execute(statement)
+    rows = conn.execute("SELECT tid, header FROM transfers WHERE state = 'receiving'").fetchall()
+    for tid, header in rows:
+        try:
+            size = SignedHeader.decode(bytes(header)).header.ciphertext_size
+        except ProtocolError:
+            size = None   # unreadable header: the transfer is answered as before, never assembled
+        held = RangeSet.of((s.offset, s.offset + s.length) for s in held_segments(conn, tid))
+        conn.execute("UPDATE transfers SET size = ?, held = ?, held_bytes = ? WHERE tid = ?",
+                     (size, ranges_json(held), held.total(), tid))
+
+
 # user_version found → the step that brings the file to the next version.
-_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _v1_to_v2}
+_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _v1_to_v2, 2: _v2_to_v3}
 
 
 def text_sha256(text: str) -> str:
@@ -540,6 +593,22 @@ class TransferRecord:
     error: str | None
     error_class: str | None
     receipt: bytes | None
+    size: int | None = None                      # the signed ciphertext size
+    held: tuple[tuple[int, int], ...] = ()       # durably held, coalesced [start, end) ranges
+    held_bytes: int = 0
+
+    @property
+    def complete(self) -> bool:
+        return self.size is not None and self.held_bytes == self.size and (
+            self.size == 0 or self.held == ((0, self.size),))
+
+
+def ranges_json(ranges: RangeSet) -> str:
+    return json.dumps(ranges.as_list(), separators=(",", ":"))
+
+
+def _ranges(text: str) -> tuple[tuple[int, int], ...]:
+    return tuple((int(s), int(e)) for s, e in json.loads(text))
 
 
 def _transfer(row: sqlite3.Row | None) -> TransferRecord | None:
@@ -547,15 +616,31 @@ def _transfer(row: sqlite3.Row | None) -> TransferRecord | None:
         return None
     return TransferRecord(row["tid"], row["device"], row["seq"], bytes(row["header"]), row["state"],
                           row["error"], row["error_class"],
-                          bytes(row["receipt"]) if row["receipt"] is not None else None)
+                          bytes(row["receipt"]) if row["receipt"] is not None else None,
+                          row["size"], _ranges(row["held"]), row["held_bytes"])
 
 
-_TRANSFER_COLUMNS = "tid, device, seq, header, state, error, error_class, receipt"
+_TRANSFER_COLUMNS = "tid, device, seq, header, state, error, error_class, receipt, size, held, held_bytes"
 
 
 def get_transfer(conn: sqlite3.Connection, tid: str) -> TransferRecord | None:
     return _transfer(conn.execute(f"SELECT {_TRANSFER_COLUMNS} FROM transfers WHERE tid = ?",  # noqa: S608
                                   (tid,)).fetchone())
+
+
+def get_transfers(conn: sqlite3.Connection, tids: Iterable[str]) -> dict[str, TransferRecord]:
+    """Several transfers in one query (the batch stage reads every transfer it touches at once)."""
+    wanted = list(tids)
+    found: dict[str, TransferRecord] = {}
+    for start in range(0, len(wanted), 500):
+        chunk = wanted[start:start + 500]
+        marks = ",".join("?" * len(chunk))
+        for row in conn.execute(f"SELECT {_TRANSFER_COLUMNS} FROM transfers"  # noqa: S608
+                                f" WHERE tid IN ({marks})", chunk):
+            record = _transfer(row)
+            assert record is not None
+            found[record.tid] = record
+    return found
 
 
 def transfer_by_seq(conn: sqlite3.Connection, device: str, seq: int) -> TransferRecord | None:
@@ -564,15 +649,19 @@ def transfer_by_seq(conn: sqlite3.Connection, device: str, seq: int) -> Transfer
         (device, seq)).fetchone())
 
 
-def insert_transfer(conn: sqlite3.Connection, *, tid: str, device: str, seq: int, header: bytes) -> None:
+def insert_transfer(conn: sqlite3.Connection, *, tid: str, device: str, seq: int, header: bytes,
+                    size: int | None = None) -> None:
     now = utc_now()
-    conn.execute("INSERT INTO transfers (tid, device, seq, header, state, created_at, updated_at)"
-                 " VALUES (?, ?, ?, ?, 'receiving', ?, ?)", (tid, device, seq, header, now, now))
+    conn.execute("INSERT INTO transfers (tid, device, seq, header, state, created_at, updated_at, size)"
+                 " VALUES (?, ?, ?, ?, 'receiving', ?, ?, ?)", (tid, device, seq, header, now, now, size))
 
 
 def reject_transfer(conn: sqlite3.Connection, tid: str, error: str, error_class: str) -> None:
+    """The transfer is refused for good; its segments (and any job) are no longer needed."""
     conn.execute("UPDATE transfers SET state = 'rejected', error = ?, error_class = ?, updated_at = ?"
                  " WHERE tid = ?", (error, error_class, utc_now(), tid))
+    conn.execute("DELETE FROM segments WHERE tid = ?", (tid,))
+    conn.execute("DELETE FROM jobs WHERE tid = ?", (tid,))
 
 
 def store_transfer(conn: sqlite3.Connection, tid: str, *, document_id: int, duplicate: bool,
@@ -582,16 +671,95 @@ def store_transfer(conn: sqlite3.Connection, tid: str, *, document_id: int, dupl
                  (document_id, int(duplicate), receipt, stored_at, stored_at, tid))
     # The segment log is only needed to resume; the stored objects are now the truth.
     conn.execute("DELETE FROM segments WHERE tid = ?", (tid,))
+    conn.execute("DELETE FROM jobs WHERE tid = ?", (tid,))
 
 
-def add_segments(conn: sqlite3.Connection, tid: str, segments: Iterable[HeldSegment]) -> None:
-    conn.executemany("INSERT OR IGNORE INTO segments (tid, offset, length, crc) VALUES (?, ?, ?, ?)",
-                     [(tid, s.offset, s.length, s.crc) for s in segments])
+@dataclass(frozen=True, slots=True)
+class StoredSegment:
+    """A held segment and where its bytes are: journal file ``log`` at ``pos`` (None: the legacy
+    ``staging/<tid>.part`` at ``offset``)."""
+
+    offset: int
+    length: int
+    crc: int
+    log: str | None
+    pos: int | None
+
+
+def add_segments(conn: sqlite3.Connection, tid: str,
+                 segments: Iterable[HeldSegment | StoredSegment]) -> None:
+    conn.executemany("INSERT OR IGNORE INTO segments (tid, offset, length, crc, log, pos)"
+                     " VALUES (?, ?, ?, ?, ?, ?)",
+                     [(tid, s.offset, s.length, s.crc, getattr(s, "log", None), getattr(s, "pos", None))
+                      for s in segments])
+
+
+def set_held(conn: sqlite3.Connection, tid: str, held: RangeSet) -> None:
+    conn.execute("UPDATE transfers SET held = ?, held_bytes = ?, updated_at = ? WHERE tid = ?",
+                 (ranges_json(held), held.total(), utc_now(), tid))
 
 
 def held_segments(conn: sqlite3.Connection, tid: str) -> list[HeldSegment]:
     rows = conn.execute("SELECT offset, length, crc FROM segments WHERE tid = ? ORDER BY offset", (tid,))
     return [HeldSegment(r["offset"], r["length"], r["crc"]) for r in rows]
+
+
+def segment_at(conn: sqlite3.Connection, tid: str, offset: int) -> HeldSegment | None:
+    row = conn.execute("SELECT length, crc FROM segments WHERE tid = ? AND offset = ?",
+                       (tid, offset)).fetchone()
+    return HeldSegment(offset, row["length"], row["crc"]) if row else None
+
+
+def stored_segments(conn: sqlite3.Connection, tid: str) -> list[StoredSegment]:
+    rows = conn.execute("SELECT offset, length, crc, log, pos FROM segments WHERE tid = ? ORDER BY offset",
+                        (tid,))
+    return [StoredSegment(r["offset"], r["length"], r["crc"], r["log"], r["pos"]) for r in rows]
+
+
+def journal_in_use(conn: sqlite3.Connection, log: str) -> bool:
+    return conn.execute("SELECT 1 FROM segments WHERE log = ? LIMIT 1", (log,)).fetchone() is not None
+
+
+# -- jobs ----------------------------------------------------------------------------------------
+
+def add_job(conn: sqlite3.Connection, tid: str, *, kind: str = "assemble") -> None:
+    conn.execute("INSERT INTO jobs (tid, kind, created_at) VALUES (?, ?, ?) ON CONFLICT (tid) DO NOTHING",
+                 (tid, kind, utc_now()))
+
+
+def claim_job(conn: sqlite3.Connection, tid: str, *, worker: str, lease_s: float) -> bool:
+    """Take the job on ``tid`` unless another worker holds an unexpired lease on it."""
+    now = datetime.now(UTC)
+    return conn.execute(
+        "UPDATE jobs SET claimed_by = ?, lease_until = ?, attempts = attempts + 1"
+        " WHERE tid = ? AND (claimed_by IS NULL OR claimed_by = ? OR lease_until < ?)",
+        (worker, _iso(now + timedelta(seconds=lease_s)), tid, worker, _iso(now))).rowcount == 1
+
+
+def claimable_jobs(conn: sqlite3.Connection, *, worker: str, limit: int = 100) -> list[str]:
+    """Jobs nobody holds: new, or whose lease ran out (a worker died), or this worker's own."""
+    rows = conn.execute("SELECT tid FROM jobs WHERE claimed_by IS NULL OR claimed_by = ? OR lease_until < ?"
+                        " ORDER BY created_at LIMIT ?", (worker, utc_now(), limit))
+    return [str(r[0]) for r in rows]
+
+
+def release_job(conn: sqlite3.Connection, tid: str, error: str) -> None:
+    """Give the job back (our own trouble, e.g. disk): another try later, by anyone."""
+    conn.execute("UPDATE jobs SET claimed_by = NULL, lease_until = NULL, last_error = ? WHERE tid = ?",
+                 (error[:2000], tid))
+
+
+def complete_transfers_without_job(conn: sqlite3.Connection, limit: int = 100) -> list[str]:
+    """Receiving transfers whose bytes are all held but that have no job (a crash between the two, or a
+    catalog from before the jobs table): the reconciler gives them one."""
+    rows = conn.execute("SELECT t.tid FROM transfers t LEFT JOIN jobs j ON j.tid = t.tid"
+                        " WHERE t.state = 'receiving' AND t.size IS NOT NULL AND t.held_bytes = t.size"
+                        " AND j.tid IS NULL LIMIT ?", (limit,))
+    return [str(r[0]) for r in rows]
+
+
+def _iso(at: datetime) -> str:
+    return at.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def count_active_transfers(conn: sqlite3.Connection) -> int:

@@ -61,7 +61,14 @@ class BrokerSettings:
 @dataclass(frozen=True, slots=True)
 class IngestSettings:
     max_plaintext_bytes: int = DEFAULT_MAX_PLAINTEXT
-    batch_max: int = 64          # messages handled per durable commit (one fsync per staging file)
+    # Messages per batch; batches waiting behind the writer are committed together (one journal
+    # fsync and one WAL commit per group, however many transfers it touched).
+    batch_max: int = 512
+    batches_in_flight: int = 4
+    # Unacked messages the broker may push at central (MQTT v5 Receive Maximum): enough for several
+    # batches to be on their way while one is being committed.
+    receive_maximum: int = 2048
+    assemblers: int = 2          # threads assembling complete transfers (hashing, decrypting, storing)
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,7 +182,12 @@ def parse_config(home: Path, data: dict[str, Any], api_token: str) -> CentralCon
     i = root.table("ingest")
     ingest = IngestSettings(
         max_plaintext_bytes=i.integer("max_plaintext_bytes", DEFAULT_MAX_PLAINTEXT, minimum=1024),
-        batch_max=i.integer("batch_max", 64, minimum=1))
+        batch_max=i.integer("batch_max", 512, minimum=1),
+        batches_in_flight=i.integer("batches_in_flight", 4, minimum=1),
+        receive_maximum=i.integer("receive_maximum", 2048, minimum=1),
+        assemblers=i.integer("assemblers", 2, minimum=1))
+    if ingest.receive_maximum > 65535:
+        raise ConfigError(f"ingest.receive_maximum = {ingest.receive_maximum} is above MQTT's 65535")
     i.finish()
     root.finish()
     return CentralConfig(home=home, broker=broker, http=http, ingest=ingest, api_token=api_token)
@@ -209,5 +221,5 @@ def render_config(*, broker_url: str, http: str, password: str, device_url: str 
         "format": CONFIG_FORMAT,
         "broker": broker,
         "http": {"listen": http},
-        "ingest": {"max_plaintext_bytes": DEFAULT_MAX_PLAINTEXT, "batch_max": 64},
+        "ingest": {"max_plaintext_bytes": DEFAULT_MAX_PLAINTEXT, "batch_max": 512},
     }

@@ -1,6 +1,6 @@
-"""The ingest service: MQTT in → durable batch in the writer thread → acks and receipts out.
+"""The ingest service: MQTT in → the ingest pipeline (central.ingest.pipeline) → acks and receipts out.
 
-Runs as one TaskGroup (named tasks ``mqtt`` and ``ingest``) inside the web app's cleanup context,
+Runs as one TaskGroup (named tasks ``mqtt`` and the pipeline's) inside the web app's cleanup context,
 and ``central.app.serve_config`` runs that app until cancelled.
 
 ``IngestSupervisor`` keeps it running: the HTTP side outlives an ingest that dies of an unexpected
@@ -18,17 +18,15 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from central.config import CentralConfig
-from central.db import Database
-from central.ingest import Ingestor
+from central.ingest.pipeline import IngestCore, IngestPipeline, PipelineSettings
+from central.ingest.writer import GroupWriter
 from central.keys import load_keys
 from central.metrics import Metrics
-from central.mqtt import Inbound, MqttClient, MqttSettings, PublishError
-from protocol.messages import encode
+from central.mqtt import MqttClient, MqttSettings
 from protocol.topics import CENTRAL_SHARED_FILTER
 
 log = logging.getLogger("sohoa.central.service")
 
-PUBLISH_TIMEOUT_S = 30.0
 RESTART_BACKOFF_INITIAL_S = 1.0
 RESTART_BACKOFF_MAX_S = 60.0
 
@@ -38,66 +36,43 @@ def mqtt_settings(config: CentralConfig) -> MqttSettings:
     return MqttSettings(host=address.host, port=address.port, username=config.broker.username,
                         password=config.broker.password, client_id=config.broker.client_id,
                         session_expiry_s=config.broker.session_expiry_s,
+                        receive_maximum=config.ingest.receive_maximum,
                         # Statuses too come through the shared subscription: nothing is retained at
                         # the broker (retain_available false), so there is nothing a plain one would
                         # add; a box's liveness is how recently it spoke (catalog.STALE_AFTER_S).
+                        # Every worker subscribes to the same shared group, each with its own client id.
                         subscriptions=((CENTRAL_SHARED_FILTER, 1),))
+
+
+def pipeline_settings(config: CentralConfig) -> PipelineSettings:
+    ingest = config.ingest
+    return PipelineSettings(worker=config.broker.client_id, batch_max=ingest.batch_max,
+                            batches_in_flight=ingest.batches_in_flight, assemblers=ingest.assemblers)
 
 
 @dataclass(slots=True)
 class IngestService:
     config: CentralConfig
-    writer: Database
-    ingestor: Ingestor
+    writer: GroupWriter
+    ingestor: IngestCore
     client: MqttClient
 
     @classmethod
     async def start(cls, config: CentralConfig, metrics: Metrics) -> IngestService:
-        writer = Database(config.paths.catalog, readonly=False, name="catalog-writer")
-        keys = load_keys(config.paths)
-        ingestor = await writer.call(lambda conn: Ingestor(
-            conn, config.paths, keys, max_plaintext=config.ingest.max_plaintext_bytes, metrics=metrics))
-        return cls(config, writer, ingestor, MqttClient(mqtt_settings(config)))
+        core = IngestCore.create(config.paths, load_keys(config.paths), pipeline_settings(config),
+                                 max_plaintext=config.ingest.max_plaintext_bytes, metrics=metrics)
+        writer = await asyncio.to_thread(GroupWriter, config.paths.catalog, before_commit=core.journal.sync)
+        await writer.call(core.start_up)
+        return cls(config, writer, core, MqttClient(mqtt_settings(config)))
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as group:
             group.create_task(self.client.run(), name="mqtt")
-            group.create_task(self._ingest_loop(), name="ingest")
+            group.create_task(IngestPipeline(self.ingestor, self.writer, self.client).run(), name="ingest")
 
     async def close(self) -> None:
         await self.writer.close()
-
-    async def _ingest_loop(self) -> None:
-        inbox = self.client.inbox
-        limit = self.config.ingest.batch_max
-        while True:
-            batch: list[Inbound] = [await inbox.get()]
-            while len(batch) < limit and not inbox.empty():
-                batch.append(inbox.get_nowait())
-            items = [(m.topic, m.payload) for m in batch]
-            try:
-                replies = await self.writer.call(lambda _conn, items=items: self.ingestor.handle_batch(items))
-            except Exception:
-                # Devices resend what is not acked; a failing batch must not stop the service.
-                log.exception("ingest batch of %d messages failed", len(batch))
-                replies = []
-            for message in batch:
-                self.client.ack(message)
-            publishes = [self.client.publish(*encode(reply)) for reply in replies]
-            if publishes:
-                try:
-                    async with asyncio.timeout(PUBLISH_TIMEOUT_S):
-                        results = await asyncio.gather(*publishes, return_exceptions=True)
-                except TimeoutError:
-                    log.warning("broker did not acknowledge %d replies in %.0f s", len(publishes),
-                                PUBLISH_TIMEOUT_S)
-                    results = []
-                for result in results:
-                    if isinstance(result, PublishError):
-                        log.warning("reply not delivered (the device will ask again): %s", result)
-                    elif isinstance(result, BaseException):
-                        raise result
-
+        self.ingestor.journal.close()
 
 
 IngestStarter = Callable[[CentralConfig, Metrics], Awaitable[IngestService]]

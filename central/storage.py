@@ -44,16 +44,19 @@ class ObjectStore:
     def contains(self, sha256: str) -> bool:
         return self.path_for(sha256).is_file()
 
-    def put_file(self, source: Path, sha256: str) -> Put:
+    def put_file(self, source: Path, sha256: str, *, hashed: bool = False) -> Put:
         """Move ``source`` (already fsynced, on the same filesystem) into the store under its hash.
 
-        The hash is re-checked here: the store must never hold bytes under another object's name.
-        An existing copy is re-hashed too, and replaced if it is damaged.
+        The hash is re-checked here — the store must never hold bytes under another object's name —
+        unless ``hashed``: the caller computed it over exactly the bytes it wrote into ``source``, a
+        private file nobody else writes (the assembler does; re-reading it cost a third pass).
+        An existing copy is re-hashed, and replaced if it is damaged.
         """
         target = self.path_for(sha256)
-        actual = file_sha256(source)
-        if actual != sha256:
-            raise StorageError(f"object hash mismatch: expected {sha256}, file hashes to {actual}")
+        if not hashed:
+            actual = file_sha256(source)
+            if actual != sha256:
+                raise StorageError(f"object hash mismatch: expected {sha256}, file hashes to {actual}")
         outcome = Put.STORED
         if target.is_file():
             if file_sha256(target) == sha256:

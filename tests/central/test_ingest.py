@@ -21,6 +21,7 @@ from central.commands import verify
 from central.config import CentralConfig
 from central.errors import CatalogError
 from central.ingest import Ingestor, Reply, max_ciphertext_size
+from central.ingest.staging import SegmentReader
 from central.keys import CentralKeys
 from central.storage import ObjectStore
 from protocol.envelope import ABYTES, SignedHeader
@@ -245,7 +246,7 @@ def test_a_v1_catalog_migrates_in_place(tmp_path: Path) -> None:
     v1.close()
 
     conn = catalog.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == catalog.SCHEMA_VERSION == 2
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == catalog.SCHEMA_VERSION == 3
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
     doc = catalog.get_document(conn, 2)
@@ -398,7 +399,9 @@ def test_conflicting_segment_is_an_error_not_a_merge(config: CentralConfig, cent
     (ack,) = acks(ingestor.handle_batch(wire([forged])), sealed.tid)
     assert ack.state is AckState.RECEIVING and ack.error_class == "TransferError"
     assert ack.ranges == ((0, 4096),)
-    assert (config.paths.staging / f"{sealed.tid}.part").read_bytes()[:4096] == seg.data
+    conn = catalog.connect(config.paths.catalog, readonly=True)
+    (held,) = catalog.stored_segments(conn, sealed.tid)
+    assert [data for _, data in SegmentReader(config.paths.staging).chunks(sealed.tid, [held])] == [seg.data]
 
 
 def test_tampered_ciphertext_is_quarantined_with_a_reason(config: CentralConfig, central_keys: CentralKeys,

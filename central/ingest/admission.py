@@ -1,0 +1,96 @@
+"""Admission: a pure verdict on an init — may this transfer start, is it one we know, or a clone?
+
+No I/O here: the caller looks up the device, the transfer with this tid and the transfer holding
+this (device, seq), and records whatever the verdict says. The order of the checks is the point:
+nothing of a transfer is accepted or answered before the device is known, active and its signature
+valid; a tid is never reused for another header; a seq is never reused by another tid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import nacl.signing
+
+from central.catalog import DeviceRecord, TransferRecord
+from central.errors import ReplayError, RevokedDeviceError, UnknownDeviceError
+from protocol.envelope import ABYTES
+from protocol.errors import EnvelopeError, ProtocolError, SizeLimitError, UnknownKeyError
+from protocol.messages import Init
+
+
+@dataclass(frozen=True, slots=True)
+class Admit:
+    """A new transfer: record it as receiving."""
+
+
+@dataclass(frozen=True, slots=True)
+class Known:
+    """A repeated init of a transfer central already has: answer it from its record."""
+
+    record: TransferRecord
+
+
+@dataclass(frozen=True, slots=True)
+class Clone:
+    """A validly signed init whose (device, seq) another transfer holds: two boxes, one identity."""
+
+    holder: TransferRecord
+
+
+@dataclass(frozen=True, slots=True)
+class Refuse:
+    """Refused. ``record``: keep it as a rejected transfer, so its seq stays spent and a repeated
+    init gets the same answer (only once the signature is known good)."""
+
+    error: ProtocolError
+    record: bool = False
+
+
+Verdict = Admit | Known | Clone | Refuse
+
+
+def admit(init: Init, *, device: DeviceRecord | None, existing: TransferRecord | None,
+          seq_holder: TransferRecord | None, key_id: bytes, max_plaintext: int) -> Verdict:
+    signed = init.signed_header
+    header = signed.header
+    if device is None:
+        return Refuse(UnknownDeviceError(f"device {init.device!r} is not enrolled", device=init.device,
+                                         tid=init.tid))
+    if device.status != "active":
+        return Refuse(RevokedDeviceError(f"device {init.device!r} is {device.status}", device=init.device,
+                                         tid=init.tid))
+    try:
+        signed.verify(nacl.signing.VerifyKey(device.verify_key))
+    except EnvelopeError as exc:
+        return Refuse(exc)
+    if existing is not None:
+        if existing.header != signed.encode():
+            return Refuse(ReplayError("transfer id reused with a different header", device=init.device,
+                                      tid=init.tid))
+        return Known(existing)
+    if seq_holder is not None:
+        return Clone(seq_holder)
+    if header.central_key_id != key_id:
+        return Refuse(UnknownKeyError("sealed to a key this central does not hold", device=init.device,
+                                      tid=init.tid), record=True)
+    if header.plaintext_size > max_plaintext:
+        return Refuse(SizeLimitError(f"declared package of {header.plaintext_size} bytes exceeds "
+                                     f"{max_plaintext}", device=init.device, tid=init.tid), record=True)
+    if header.ciphertext_size > max_ciphertext_size(header.plaintext_size, header.chunk_size):
+        # Staged bytes are only hash-checked once all have arrived: bound them before any lands.
+        return Refuse(SizeLimitError(f"declared ciphertext of {header.ciphertext_size} bytes is more than "
+                                     f"a {header.plaintext_size}-byte package can seal to",
+                                     device=init.device, tid=init.tid), record=True)
+    return Admit()
+
+
+def max_ciphertext_size(plaintext_size: int, chunk_size: int) -> int:
+    """The most ciphertext an honest sealer can make of ``plaintext_size`` bytes (generously).
+
+    zstd's worst case is a little over its input (ZSTD_compressBound ≈ n + n/256 + 128 KiB at
+    most); we allow n + n/128 + 1 MiB. secretstream adds ABYTES per chunk, and the sealer makes at
+    most one chunk per ``chunk_size`` compressed bytes plus the final one.
+    """
+    compressed = plaintext_size + plaintext_size // 128 + (1 << 20)
+    return compressed + ABYTES * (compressed // chunk_size + 1)

@@ -1,0 +1,240 @@
+"""The archive stage: assemble a complete transfer off the hot path, then one short catalog write.
+
+Rules (DESIGN §1 "assemble", §6; EMQX's assembler per transfer):
+  - ``claim`` (writer, in its transaction) re-checks the device fresh — a revoke may have landed
+    since the bytes arrived — and snapshots what the assembler needs: the signed header, the device
+    key and where the segments are. Nothing of it changes afterwards (a complete transfer takes no
+    new bytes), so the assembler needs no database connection.
+  - ``assemble`` (an assembler worker, no catalog): whole-ciphertext hash and device signature,
+    then decrypt, unpack, and store the original and the package content-addressed and durably.
+    A verification failure keeps the ciphertext and a reason in quarantine; our own disk trouble
+    gives the job back for a later try.
+  - ``record`` (writer, in its transaction, never commits): catalog the arrival, the fixity event and
+    the signed receipt. Only after the writer's commit are the STORED ack and the receipt sent.
+  - Every step is idempotent: a job interrupted anywhere (crash, lost lease) is simply run again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import nacl.signing
+
+from central import catalog
+from central.assemble import assemble
+from central.errors import RevokedDeviceError
+from central.fsutil import fsync_dir, write_atomic
+from central.ingest.batch import Reply
+from central.ingest.staging import SegmentReader
+from central.keys import CentralKeys
+from central.metrics import Metrics
+from central.paths import CentralPaths
+from central.storage import ObjectStore, Put
+from protocol.envelope import SignedHeader
+from protocol.errors import ProtocolError
+from protocol.messages import Ack, AckState, Receipt, ReceiptBody, encode
+
+log = logging.getLogger("sohoa.central.ingest")
+
+# ``BatchStage.revoke_transfer``: reject a revoked device's transfer for good, keep its bytes.
+RevokeFn = Callable[[sqlite3.Connection, str, str], None]
+
+
+@dataclass(frozen=True, slots=True)
+class AssemblyJob:
+    tid: str
+    device: str
+    signed: SignedHeader
+    device_key: bytes
+    segments: tuple[catalog.StoredSegment, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Archived:
+    """Stored durably, not yet catalogued."""
+
+    job: AssemblyJob
+    metadata_json: str
+    text: str
+    original_name: str
+    original_sha256: str
+    original_size: int
+    media_type: str
+    pages: int
+    captured_at: str
+    package_sha256: str
+    ciphertext_sha256: str
+    put: Put
+
+
+@dataclass(frozen=True, slots=True)
+class Quarantined:
+    job: AssemblyJob
+    error: ProtocolError
+
+
+@dataclass(frozen=True, slots=True)
+class Deferred:
+    """Our trouble (disk, a missing journal file): the job goes back for a later try."""
+
+    job: AssemblyJob
+    error: OSError
+
+
+Assembly = Archived | Quarantined | Deferred
+
+
+class Archiver:
+    def __init__(self, paths: CentralPaths, keys: CentralKeys, *, max_plaintext: int,
+                 metrics: Metrics) -> None:
+        self._paths = paths
+        self._keys = keys
+        self._max_plaintext = max_plaintext
+        self._metrics = metrics
+        self._store = ObjectStore(paths.objects)
+        self._reader = SegmentReader(paths.staging)
+
+    # -- writer: claim ----------------------------------------------------------------------------
+    def claim(self, conn: sqlite3.Connection, tid: str,
+              revoke: RevokeFn) -> tuple[AssemblyJob | None, list[Reply]]:
+        """The job's snapshot, or None (and the replies to send) if it is no longer to be assembled."""
+        record = catalog.get_transfer(conn, tid)
+        if record is None or record.state != "receiving" or not record.complete:
+            return None, []
+        device = catalog.get_device(conn, record.device)   # fresh: a revoke may have landed meanwhile
+        if device is None or device.status != "active":
+            revoke(conn, record.device, tid)
+            exc = RevokedDeviceError(f"device {record.device!r} was revoked", device=record.device,
+                                     tid=tid)
+            self._metrics.error(type(exc).__name__)
+            return None, [Ack(record.device, tid, AckState.REJECTED, error=str(exc)[:500],
+                              error_class=type(exc).__name__)]
+        segments = tuple(catalog.stored_segments(conn, tid))
+        return AssemblyJob(tid, record.device, SignedHeader.decode(record.header), device.verify_key,
+                           segments), []
+
+    # -- assembler worker -------------------------------------------------------------------------
+    def assemble(self, job: AssemblyJob) -> Assembly:
+        try:
+            assembled = assemble(lambda: (data for _, data in self._reader.chunks(job.tid, job.segments)),
+                                 job.signed, nacl.signing.VerifyKey(job.device_key), self._keys.encryption,
+                                 max_plaintext=self._max_plaintext, work_dir=self._paths.tmp)
+        except ProtocolError as exc:
+            try:
+                self._keep_in_quarantine(job, exc)
+            except OSError as error:
+                return Deferred(job, error)
+            return Quarantined(job, exc)
+        except OSError as exc:
+            return Deferred(job, exc)
+        try:
+            meta = assembled.metadata
+            # Content once: the object is stored (or, if the copy there is missing or rotten,
+            # repaired from this one — perhaps the last good copy, the edge forgets it on our
+            # receipt) whatever the catalog says, so a central restored from an older backup takes
+            # the bytes again.
+            put = self._store.put_file(assembled.original, assembled.original_sha256, hashed=True)
+            self._store.put_file(assembled.package, assembled.package_sha256, hashed=True)
+        except OSError as exc:
+            for leftover in (assembled.original, assembled.package):
+                with contextlib.suppress(FileNotFoundError):
+                    leftover.unlink()
+            return Deferred(job, exc)
+        return Archived(job, assembled.metadata_json, assembled.text, meta.original_name,
+                        assembled.original_sha256, meta.original_size, meta.media_type, meta.pages,
+                        meta.captured_at, assembled.package_sha256, assembled.ciphertext_sha256, put)
+
+    def _keep_in_quarantine(self, job: AssemblyJob, exc: ProtocolError) -> None:
+        reason = {"device": job.device, "tid": job.tid, "at": catalog.utc_now(),
+                  "error_class": type(exc).__name__, "error": str(exc), "hint": exc.hint}
+        self._reader.copy_to(job.tid, job.segments, self._paths.quarantine / f"{job.tid}.part")
+        write_atomic(self._paths.quarantine / f"{job.tid}.reason.json",
+                     json.dumps(reason, ensure_ascii=False, indent=1).encode())
+        fsync_dir(self._paths.quarantine)
+
+    # -- writer: record ---------------------------------------------------------------------------
+    def record(self, conn: sqlite3.Connection, result: Assembly, revoke: RevokeFn) -> list[Reply]:
+        job = result.job
+        device, tid = job.device, job.tid
+        record = catalog.get_transfer(conn, tid)
+        if record is None or record.state != "receiving":
+            return []   # another worker finished it meanwhile; it answered
+        if isinstance(result, Deferred):
+            self._metrics.error(type(result.error).__name__)
+            log.error("cannot assemble %s: %s", tid, result.error)
+            catalog.release_job(conn, tid, f"{type(result.error).__name__}: {result.error}")
+            return [Ack(device, tid, AckState.RECEIVING, record.held)]
+        if isinstance(result, Quarantined):
+            exc = result.error
+            self._metrics.error(type(exc).__name__)
+            log.warning("refused transfer %s from %s: %s: %s", tid, device, type(exc).__name__, exc)
+            catalog.reject_transfer(conn, tid, str(exc)[:2000], type(exc).__name__)
+            catalog.add_fixity(conn, event="rejected", device=device, tid=tid, at=catalog.utc_now(),
+                               detail=json.dumps({"error_class": type(exc).__name__, "error": str(exc)},
+                                                 ensure_ascii=False))
+            return [Ack(device, tid, AckState.REJECTED, error=str(exc)[:500],
+                        error_class=type(exc).__name__)]
+        status = catalog.get_device(conn, device)
+        if status is None or status.status != "active":
+            # Revoked while it was being assembled: never catalogued, never receipted. A new object
+            # nobody points at is removed again (a shared one is another arrival's).
+            revoke(conn, device, tid)
+            if not catalog.object_exists(conn, result.original_sha256):
+                with contextlib.suppress(FileNotFoundError):
+                    self._store.path_for(result.original_sha256).unlink()
+            with contextlib.suppress(FileNotFoundError):
+                self._store.path_for(result.package_sha256).unlink()
+            exc2 = RevokedDeviceError(f"device {device!r} was revoked", device=device, tid=tid)
+            return [Ack(device, tid, AckState.REJECTED, error=str(exc2)[:500],
+                        error_class=type(exc2).__name__)]
+        stored_at = catalog.utc_now()
+        sha = result.original_sha256
+        duplicate = catalog.object_exists(conn, sha)
+        # Provenance per arrival: this box's name, capture time and text get their own document,
+        # unless this very arrival is already catalogued (the same scan sent again).
+        document = catalog.NewDocument(
+            device=device, tid=tid, seq=job.signed.header.seq, filename=result.original_name, sha256=sha,
+            size=result.original_size, pages=result.pages, media_type=result.media_type,
+            received_at=stored_at, text=result.text, metadata=result.metadata_json,
+            package_sha256=result.package_sha256, captured_at=result.captured_at)
+        existing = catalog.arrival_by_key(conn, document.key)
+        if existing is None:
+            document_id = catalog.insert_document(conn, document)
+        else:
+            document_id = existing
+            # The package names this transfer (tid, seq): never the stored arrival's own package.
+            with contextlib.suppress(FileNotFoundError):
+                self._store.path_for(result.package_sha256).unlink()
+        if duplicate and result.put is not Put.KEPT:
+            previous = "missing" if result.put is Put.STORED else "damaged"
+            log.warning("object %s was %s; repaired from %s (document %d)", sha, previous, tid, document_id)
+            catalog.add_fixity(conn, event="repaired", device=device, tid=tid, at=stored_at,
+                               document_id=document_id, original_sha256=sha,
+                               detail=json.dumps({"previous": previous}))
+        receipt = Receipt.sign(ReceiptBody(device=device, tid=tid, sha256=sha, stored_at=stored_at,
+                                           document_id=document_id, duplicate=duplicate), self._keys.receipt)
+        _, receipt_payload = encode(receipt)
+        catalog.store_transfer(conn, tid, document_id=document_id, duplicate=duplicate,
+                               receipt=receipt_payload, stored_at=stored_at)
+        catalog.add_fixity(conn, event="duplicate" if duplicate else "ingest", device=device, tid=tid,
+                           at=stored_at, document_id=document_id, original_sha256=sha,
+                           package_sha256=result.package_sha256, ciphertext_sha256=result.ciphertext_sha256,
+                           detail=json.dumps({"seq": job.signed.header.seq, "filename": result.original_name,
+                                              "new_arrival": existing is None}, ensure_ascii=False))
+        log.info("stored %s from %s as document %d%s%s", tid, device, document_id,
+                 " (content already stored)" if duplicate else "",
+                 "" if existing is None else " (arrival already catalogued)")
+        return [Ack(device, tid, AckState.STORED), receipt]
+
+
+def tmp_leftovers(tmp: Path) -> None:
+    """Half-written decrypted packages from an interrupted assembly; it restarts from the journal."""
+    for leftover in tmp.glob("*"):
+        if leftover.is_file():
+            leftover.unlink()

@@ -1,0 +1,385 @@
+"""The batch stage: apply a batch of received messages inside the writer's transaction.
+
+Rules (DESIGN §1, §3):
+  - Runs inside a transaction the writer owns and never commits. Accepted segment bytes go to the
+    segment journal; the writer syncs the journal before it commits the rows that point into it,
+    and the replies are published only after that commit. So an ack never names bytes that are not
+    durable, and one fsync of the journal plus one commit cover a whole group of batches.
+  - A transfer's state is read from the catalog each batch (signed size, held ranges), never from a
+    cache: several workers may hold segments of one transfer. A repeat of a held segment (same
+    offset, length, checksum) is a duplicate; any other overlap is a conflict, never a merge.
+  - Revocation is re-checked on every segment and fin, once per device per batch; a revoked device's
+    open transfers are rejected for good and their bytes kept in quarantine.
+  - When a transfer's bytes are all held, it gets an assembly job in the same transaction; its answer
+    is the assembly's outcome (STORED and the receipt, or REJECTED), from the archive stage. If
+    another worker holds the job, the device gets an ack covering everything meanwhile. No other
+    transfer's ack waits behind an assembly.
+  - One answer per touched transfer per batch (acks are coalesced).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sqlite3
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from central import catalog
+from central.errors import AbortedError, RevokedDeviceError, SequenceReusedError
+from central.ingest.admission import Admit, Clone, Known, Refuse, admit
+from central.ingest.staging import SegmentJournal, SegmentReader
+from central.metrics import Metrics
+from central.paths import CentralPaths
+from protocol.errors import ProtocolError, TransferError
+from protocol.messages import (
+    Abort,
+    Ack,
+    AckState,
+    Fin,
+    Init,
+    Message,
+    Receipt,
+    Segment,
+    Status,
+    decode,
+    encode,
+)
+from protocol.ranges import RangeSet
+from protocol.topics import Kind, Topic
+
+log = logging.getLogger("sohoa.central.ingest")
+
+Reply = Ack | Receipt
+_REPEAT = TransferError("a repeat of a held segment")   # a sentinel, never raised nor sent
+
+
+@dataclass(slots=True)
+class _Open:
+    """A receiving transfer as this batch sees it: its catalog row plus what the batch added."""
+
+    record: catalog.TransferRecord
+    held: RangeSet
+    pending: dict[int, catalog.StoredSegment] = field(default_factory=dict)
+    error: ProtocolError | None = None
+
+    @property
+    def size(self) -> int:
+        assert self.record.size is not None
+        return self.record.size
+
+
+@dataclass(slots=True)
+class BatchOutcome:
+    """What a batch decided; its replies may be published once the writer has committed."""
+
+    replies: list[Reply] = field(default_factory=list)
+    ready: list[str] = field(default_factory=list)       # complete transfers this worker now assembles
+    segments: int = 0                                    # newly held segments and bytes (metrics)
+    bytes: int = 0
+
+
+@dataclass(slots=True)
+class _Batch:
+    outcome: BatchOutcome = field(default_factory=BatchOutcome)
+    open: dict[str, _Open] = field(default_factory=dict)
+    answered: set[str] = field(default_factory=set)      # tids already given their one answer
+    touched: set[str] = field(default_factory=set)       # tids to answer from their state at the end
+    devices: set[str] = field(default_factory=set)
+    trusted: dict[str, bool] = field(default_factory=dict)
+
+    def reply(self, tid: str, *replies: Reply) -> None:
+        self.answered.add(tid)
+        self.touched.discard(tid)
+        self.outcome.replies.extend(replies)
+
+
+class BatchStage:
+    """Applies batches for one worker: admission, staging into the journal, the segment log."""
+
+    def __init__(self, paths: CentralPaths, journal: SegmentJournal, *, key_id: bytes, max_plaintext: int,
+                 worker: str, metrics: Metrics, lease_s: float) -> None:
+        self._paths = paths
+        self._journal = journal
+        self._reader = SegmentReader(paths.staging)
+        self._key_id = key_id
+        self._max_plaintext = max_plaintext
+        self._worker = worker
+        self._metrics = metrics
+        self._lease_s = lease_s
+
+    def apply(self, conn: sqlite3.Connection, items: list[tuple[str, bytes]]) -> BatchOutcome:
+        batch = _Batch()
+        messages: list[Message] = []
+        for topic, payload in items:
+            try:
+                messages.append(decode(topic, payload))
+            except ProtocolError as exc:
+                self._refused(exc, f"undecodable message on {topic[:120]!r}")
+        wanted = {m.tid for m in messages if isinstance(m, Segment | Fin)}
+        known = catalog.get_transfers(conn, wanted) if wanted else {}
+        for msg in messages:
+            batch.devices.add(msg.device)
+            try:
+                if isinstance(msg, Init):
+                    self._on_init(conn, msg, batch, known)
+                elif isinstance(msg, Segment):
+                    self._on_segment(conn, msg, batch, known)
+                elif isinstance(msg, Fin):
+                    self._on_fin(conn, msg, batch, known)
+                elif isinstance(msg, Abort):
+                    self._on_abort(conn, msg, batch, known)
+                elif isinstance(msg, Status):
+                    self._on_status(conn, msg)
+                # Acks and receipts travel down only; central never acts on one it sees.
+            except ProtocolError as exc:
+                self._refused(exc, f"{type(msg).__name__} from {msg.device}")
+        self._record(conn, batch)
+        return batch.outcome
+
+    # -- init -------------------------------------------------------------------------------------
+    def _on_init(self, conn: sqlite3.Connection, msg: Init, batch: _Batch,
+                 known: dict[str, catalog.TransferRecord]) -> None:
+        if msg.tid in batch.answered:
+            return
+        header = msg.signed_header.header
+        existing = catalog.get_transfer(conn, msg.tid)
+        device = catalog.get_device(conn, msg.device)
+        holder = None
+        if existing is None and device is not None:
+            holder = catalog.transfer_by_seq(conn, msg.device, header.seq)
+        verdict = admit(msg, device=device, existing=existing, seq_holder=holder, key_id=self._key_id,
+                        max_plaintext=self._max_plaintext)
+        if isinstance(verdict, Refuse):
+            if verdict.record:
+                catalog.insert_transfer(conn, tid=msg.tid, device=msg.device, seq=header.seq,
+                                        header=msg.signed_header.encode(), size=header.ciphertext_size)
+                catalog.reject_transfer(conn, msg.tid, str(verdict.error), type(verdict.error).__name__)
+            self._reject(batch, msg.device, msg.tid, verdict.error)
+        elif isinstance(verdict, Clone):
+            self._possible_clone(conn, batch, msg, verdict.holder)
+        elif isinstance(verdict, Known):
+            self._answer_known(verdict.record, batch)
+        else:
+            assert isinstance(verdict, Admit)
+            catalog.insert_transfer(conn, tid=msg.tid, device=msg.device, seq=header.seq,
+                                    header=msg.signed_header.encode(), size=header.ciphertext_size)
+            record = catalog.get_transfer(conn, msg.tid)
+            assert record is not None
+            known[msg.tid] = record
+            batch.open[msg.tid] = _Open(record, RangeSet())
+            batch.touched.add(msg.tid)
+
+    def _possible_clone(self, conn: sqlite3.Connection, batch: _Batch, msg: Init,
+                        holder: catalog.TransferRecord) -> None:
+        """A signed init reusing another transfer's seq: two boxes with one identity. Refuse, flag."""
+        import json  # noqa: PLC0415 - rare path
+
+        seq = msg.signed_header.header.seq
+        at = catalog.utc_now()
+        new = catalog.record_seq_collision(conn, device=msg.device, seq=seq, tid=msg.tid,
+                                           other_tid=holder.tid, at=at)
+        if new:
+            catalog.add_fixity(conn, event="possible_clone", device=msg.device, tid=msg.tid, at=at,
+                               detail=json.dumps({"seq": seq, "other_tid": holder.tid}))
+        log.warning("possible clone of device %s: transfer %s reuses sequence number %d of transfer %s",
+                    msg.device, msg.tid, seq, holder.tid)
+        self._reject(batch, msg.device, msg.tid, SequenceReusedError(
+            f"sequence number {seq} is already used by transfer {holder.tid}: two boxes seem to share "
+            f"the identity {msg.device!r}", device=msg.device, tid=msg.tid))
+
+    def _answer_known(self, record: catalog.TransferRecord, batch: _Batch) -> None:
+        """Answer a transfer central already knows (a repeated init, a late segment or fin)."""
+        if record.state == "stored":
+            replies: list[Reply] = [Ack(record.device, record.tid, AckState.STORED)]
+            if record.receipt is not None:
+                receipt = decode(str(Topic(Kind.RECEIPT, record.device)), record.receipt)
+                assert isinstance(receipt, Receipt)
+                replies.append(receipt)
+            batch.reply(record.tid, *replies)
+        elif record.state == "rejected":
+            batch.reply(record.tid, Ack(record.device, record.tid, AckState.REJECTED,
+                                        error=record.error, error_class=record.error_class))
+        else:
+            batch.open.setdefault(record.tid, _Open(record, RangeSet.of(record.held)))
+            batch.touched.add(record.tid)
+
+    def _open(self, conn: sqlite3.Connection, device: str, tid: str, batch: _Batch,
+              known: dict[str, catalog.TransferRecord]) -> _Open | None:
+        """The receiving transfer a segment or fin belongs to, or None once it has been answered."""
+        if tid in batch.answered:
+            return None
+        current = batch.open.get(tid)
+        if current is not None:
+            return current if self._still_trusted(conn, device, tid, batch) else None
+        record = known.get(tid)
+        if record is None or record.device != device:
+            batch.reply(tid, Ack(device, tid, AckState.UNKNOWN))
+            return None
+        if record.state != "receiving":
+            self._answer_known(record, batch)
+            return None
+        if record.size is None:   # a header no version of central could read: never assembled
+            batch.reply(tid, Ack(device, tid, AckState.UNKNOWN))
+            return None
+        if not self._still_trusted(conn, device, tid, batch):
+            return None
+        opened = batch.open[tid] = _Open(record, RangeSet.of(record.held))
+        return opened
+
+    # -- segments, fin, abort, status -------------------------------------------------------------
+    def _on_segment(self, conn: sqlite3.Connection, seg: Segment, batch: _Batch,
+                    known: dict[str, catalog.TransferRecord]) -> None:
+        transfer = self._open(conn, seg.device, seg.tid, batch, known)
+        if transfer is None:
+            return
+        batch.touched.add(seg.tid)
+        end = seg.end
+        conflict = self._conflict(conn, transfer, seg)
+        if conflict is _REPEAT:
+            return   # a repeat: acknowledged, not written
+        if conflict is not None:
+            self._refused(conflict, f"segment at {seg.offset}")
+            transfer.error = conflict
+            return
+        try:
+            name, position = self._journal.append(seg.data)
+        except OSError as exc:
+            # Our trouble (disk full): not held, not acked; the device sends it again.
+            self._metrics.error(type(exc).__name__)
+            log.error("cannot stage segment %s@%d: %s", seg.tid, seg.offset, exc)  # noqa: TRY400 - the cause is enough
+            return
+        transfer.pending[seg.offset] = catalog.StoredSegment(seg.offset, len(seg.data), seg.crc, name,
+                                                             position)
+        transfer.held.add(seg.offset, end)
+
+    @staticmethod
+    def _conflict(conn: sqlite3.Connection, transfer: _Open, seg: Segment) -> TransferError | None:
+        """None for new bytes, ``_REPEAT`` for a byte-identical repeat, else the conflict."""
+        if seg.end > transfer.size:
+            return TransferError(f"segment [{seg.offset}, {seg.end}) past the signed size {transfer.size}",
+                                 device=seg.device, tid=seg.tid, offset=seg.offset)
+        if not transfer.held.overlaps(seg.offset, seg.end):
+            return None
+        held = transfer.pending.get(seg.offset) or catalog.segment_at(conn, seg.tid, seg.offset)
+        if held is not None and held.length == len(seg.data) and held.crc == seg.crc:
+            return _REPEAT
+        return TransferError("conflicting segment at a held offset" if held is not None else
+                             "segment overlaps held bytes with a different geometry",
+                             device=seg.device, tid=seg.tid, offset=seg.offset)
+
+    def _on_fin(self, conn: sqlite3.Connection, fin: Fin, batch: _Batch,
+                known: dict[str, catalog.TransferRecord]) -> None:
+        transfer = self._open(conn, fin.device, fin.tid, batch, known)
+        if transfer is None:
+            return
+        batch.touched.add(fin.tid)
+        from protocol.envelope import SignedHeader  # noqa: PLC0415 - decoded only for fins
+
+        header = SignedHeader.decode(transfer.record.header).header
+        if fin.size != header.ciphertext_size or fin.sha256 != header.ciphertext_sha256:
+            exc = TransferError("fin disagrees with the signed header", device=fin.device, tid=fin.tid)
+            self._refused(exc, "fin")
+            transfer.error = exc
+
+    def _on_abort(self, conn: sqlite3.Connection, abort: Abort, batch: _Batch,
+                  known: dict[str, catalog.TransferRecord]) -> None:
+        record = known.get(abort.tid) or catalog.get_transfer(conn, abort.tid)
+        if record is None or record.device != abort.device or record.state != "receiving":
+            return
+        reason = AbortedError(f"aborted by the device: {abort.reason[:500]}", device=abort.device,
+                              tid=abort.tid)
+        catalog.reject_transfer(conn, abort.tid, str(reason), type(reason).__name__)
+        batch.open.pop(abort.tid, None)
+        batch.touched.discard(abort.tid)
+        batch.answered.add(abort.tid)   # nothing to say to a device that gave up
+        self._remove_legacy_part(abort.tid)
+
+    def _on_status(self, conn: sqlite3.Connection, status: Status) -> None:
+        device = catalog.get_device(conn, status.device)
+        if device is None or device.status != "active":
+            return   # a revoked box's last will or a late status must not make it look alive
+        if not status.online and status.updated_at is None:
+            # The bare last will (the broker speaking for a box that vanished): it knows nothing
+            # of the queue, so keep the backlog and error the box last reported — "offline with
+            # documents stuck on it" is exactly what an operator must see.
+            catalog.mark_offline(conn, status.device, at=catalog.utc_now())
+            return
+        _, payload = encode(status)
+        catalog.update_device_status(
+            conn, status.device, online=status.online, backlog_docs=status.queue_docs,
+            backlog_bytes=status.queue_bytes, last_error=status.last_error,
+            status_json=payload.decode("utf-8"), at=catalog.utc_now())
+
+    # -- the end of the batch ---------------------------------------------------------------------
+    def _record(self, conn: sqlite3.Connection, batch: _Batch) -> None:
+        for tid, transfer in batch.open.items():
+            if transfer.pending and tid not in batch.answered:
+                catalog.add_segments(conn, tid, transfer.pending.values())
+                catalog.set_held(conn, tid, transfer.held)
+                batch.outcome.segments += len(transfer.pending)
+                batch.outcome.bytes += sum(s.length for s in transfer.pending.values())
+        if batch.devices:
+            catalog.touch_devices(conn, sorted(batch.devices), catalog.utc_now())
+        for tid in sorted(batch.touched):
+            transfer = batch.open[tid]
+            record = transfer.record
+            if transfer.held.covers(0, transfer.size):
+                catalog.add_job(conn, tid)
+                if catalog.claim_job(conn, tid, worker=self._worker, lease_s=self._lease_s):
+                    # Its answer is the assembly's outcome (STORED and the receipt, or REJECTED),
+                    # published as soon as it is recorded; other transfers' acks do not wait for it.
+                    batch.outcome.ready.append(tid)
+                    continue
+            ack = Ack(record.device, tid, AckState.RECEIVING, tuple(transfer.held.as_list()))
+            if transfer.error is not None:
+                error = transfer.error
+                ack = Ack(ack.device, tid, ack.state, ack.ranges, str(error)[:500], type(error).__name__)
+            batch.outcome.replies.append(ack)
+
+    # -- refusals ---------------------------------------------------------------------------------
+    def _still_trusted(self, conn: sqlite3.Connection, device: str, tid: str, batch: _Batch) -> bool:
+        trusted = batch.trusted.get(device)
+        if trusted is None:
+            record = catalog.get_device(conn, device)
+            trusted = batch.trusted[device] = record is not None and record.status == "active"
+        if not trusted:
+            self.revoke_transfer(conn, device, tid, batch.open.pop(tid, None))
+            self._reject(batch, device, tid, RevokedDeviceError(f"device {device!r} was revoked",
+                                                                device=device, tid=tid))
+        return trusted
+
+    def revoke_transfer(self, conn: sqlite3.Connection, device: str, tid: str,
+                        transfer: _Open | None = None) -> None:
+        """Reject a transfer of a device revoked after its init, for good (it never resumes)."""
+        exc = RevokedDeviceError(f"device {device!r} was revoked", device=device, tid=tid)
+        held = catalog.stored_segments(conn, tid)
+        if transfer is not None:
+            held += list(transfer.pending.values())
+        if held:
+            # Kept (never decrypted) for whoever investigates what a revoked box was still sending.
+            try:
+                self._reader.copy_to(tid, sorted(held, key=lambda s: s.offset),
+                                     self._paths.quarantine / f"{tid}.part")
+            except OSError as error:
+                log.error("cannot keep the bytes of revoked transfer %s: %s", tid, error)  # noqa: TRY400
+        catalog.reject_transfer(conn, tid, str(exc), type(exc).__name__)
+        self._remove_legacy_part(tid)
+
+    def _remove_legacy_part(self, tid: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            (self._paths.staging / f"{tid}.part").unlink()
+
+    def _refused(self, exc: ProtocolError, what: str) -> None:
+        self._metrics.error(type(exc).__name__)
+        log.warning("refused %s: %s: %s", what, type(exc).__name__, exc)
+
+    def _reject(self, batch: _Batch, device: str, tid: str, exc: ProtocolError) -> None:
+        self._refused(exc, f"transfer {tid} from {device}")
+        batch.open.pop(tid, None)
+        batch.reply(tid, Ack(device, tid, AckState.REJECTED, error=str(exc)[:500],
+                             error_class=type(exc).__name__))
+
+
+def staging_part(paths: CentralPaths, tid: str) -> Path:
+    return paths.staging / f"{tid}.part"   # tid is checked hex: never a sender's name

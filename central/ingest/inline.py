@@ -1,0 +1,97 @@
+"""``Ingestor``: the pipeline's stages run one after the other on one connection.
+
+The same admission, batch and archive code as the service's pipeline, without the concurrency: a
+batch is applied and committed, then each transfer it completed is claimed, assembled and recorded,
+each in its own transaction. Tests and tools that feed messages by hand use it; so may a central
+that wants no threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+from central import catalog
+from central.ingest.archive import Archiver, tmp_leftovers
+from central.ingest.batch import BatchStage, Reply
+from central.ingest.staging import SegmentJournal
+from central.keys import CentralKeys
+from central.metrics import Metrics
+from central.paths import CentralPaths
+from protocol.envelope import key_id
+from protocol.messages import Receipt
+
+log = logging.getLogger("sohoa.central.ingest")
+
+T = TypeVar("T")
+LEASE_S = 600.0
+
+
+class Ingestor:
+    """Central's ingest over the catalog, the segment journal and the object store, inline."""
+
+    def __init__(self, conn: sqlite3.Connection, paths: CentralPaths, keys: CentralKeys, *,
+                 max_plaintext: int, metrics: Metrics | None = None, worker: str = "central") -> None:
+        self._conn = conn
+        self.metrics = metrics or Metrics()
+        self.journal = SegmentJournal(paths.staging, worker)
+        self.batch = BatchStage(paths, self.journal, key_id=key_id(bytes(keys.encryption.public_key)),
+                                max_plaintext=max_plaintext, worker=worker, metrics=self.metrics,
+                                lease_s=LEASE_S)
+        self.archive = Archiver(paths, keys, max_plaintext=max_plaintext, metrics=self.metrics)
+        remove_stale_staging(conn, paths)
+        tmp_leftovers(paths.tmp)
+
+    def transaction(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` in one write transaction; the journal is made durable before the commit."""
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(conn)
+            self.journal.sync()
+            conn.commit()
+        except BaseException:
+            conn.rollback()
+            raise
+        return result
+
+    def handle_batch(self, items: Sequence[tuple[str, bytes]]) -> list[Reply]:
+        """Apply received (topic, payload) pairs; return the acks and receipts to publish."""
+        try:
+            outcome = self.transaction(lambda conn: self.batch.apply(conn, list(items)))
+        except (OSError, sqlite3.Error) as exc:
+            self.metrics.error(type(exc).__name__)
+            log.error("batch not made durable, nothing acknowledged: %s", exc)  # noqa: TRY400 - the cause is enough
+            return []
+        self.metrics.segments_received += outcome.segments
+        self.metrics.bytes_received += outcome.bytes
+        replies = list(outcome.replies)
+        for tid in outcome.ready:
+            replies += self.archive_one(tid)
+        self.collect()
+        return replies
+
+    def archive_one(self, tid: str) -> list[Reply]:
+        revoke = self.batch.revoke_transfer
+        job, replies = self.transaction(lambda conn: self.archive.claim(conn, tid, revoke))
+        if job is None:
+            return replies
+        result = self.archive.assemble(job)
+        replies = self.transaction(lambda conn: self.archive.record(conn, result, revoke))
+        self.metrics.documents_ingested += sum(isinstance(r, Receipt) for r in replies)
+        return replies
+
+    def collect(self) -> None:
+        """Delete journal files nothing points into any more."""
+        self.journal.collect(lambda name: catalog.journal_in_use(self._conn, name))
+
+
+def remove_stale_staging(conn: sqlite3.Connection, paths: CentralPaths) -> None:
+    """Drop legacy ``.part`` files of transfers that are no longer receiving (a crash between the
+    commit and the unlink, or a catalog v2 staging directory)."""
+    for part in paths.staging.glob("*.part"):
+        record = catalog.get_transfer(conn, part.stem)
+        if record is not None and record.state != "receiving":
+            part.unlink()

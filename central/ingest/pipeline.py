@@ -1,0 +1,233 @@
+"""The ingest pipeline over MQTT: receive → batch (writer) → ack and answer; complete → assemble → record.
+
+Stages and what may wait for what:
+  - ``receive`` takes whatever the broker delivered (up to ``batch_max`` messages) and hands it to
+    the writer at once; up to ``batches_in_flight`` batches are queued behind the writer, which
+    commits all of them that are waiting as one group (one journal fsync, one WAL commit).
+  - ``answer`` takes the batches back in the order they were received, acknowledges their MQTT
+    messages (PUBACKs go out in order) and publishes the replies without waiting for the broker's
+    PUBACKs; transfers that became complete go to the assemblers.
+  - ``assemble`` workers claim a job (a writer call), assemble it on a thread, and post the one short
+    write that catalogs it; then the STORED ack and the receipt are published. A big document never
+    holds up the acks of anybody's segments.
+  - ``reconcile`` is level-triggered: once at start and every few seconds it gives complete transfers
+    without a job one, takes over jobs whose lease ran out (a worker died), and deletes journal files
+    nothing points into. Start-up recovery is the same loop run once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import sqlite3
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from central import catalog
+from central.ingest.archive import Archiver, Assembly, AssemblyJob, RevokeFn, tmp_leftovers
+from central.ingest.batch import BatchOutcome, BatchStage, Reply
+from central.ingest.inline import remove_stale_staging
+from central.ingest.staging import SegmentJournal
+from central.ingest.writer import GroupWriter
+from central.keys import CentralKeys
+from central.metrics import Metrics
+from central.mqtt import Inbound, MqttClient, PublishError
+from central.paths import CentralPaths
+from protocol.envelope import key_id
+from protocol.messages import Receipt, encode
+
+log = logging.getLogger("sohoa.central.ingest")
+
+RECONCILE_EVERY_S = 5.0
+LEASE_S = 600.0
+MAX_UNANSWERED_PUBLISHES = 2048
+PUBLISH_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineSettings:
+    worker: str
+    batch_max: int = 512
+    batches_in_flight: int = 4
+    assemblers: int = 2
+    reconcile_every_s: float = RECONCILE_EVERY_S
+    lease_s: float = LEASE_S
+
+
+@dataclass(slots=True)
+class IngestCore:
+    """The stages and the journal one worker runs; ``writer`` owns the catalog connection."""
+
+    paths: CentralPaths
+    settings: PipelineSettings
+    journal: SegmentJournal
+    batch: BatchStage
+    archive: Archiver
+    metrics: Metrics
+    assembling: set[str] = field(default_factory=set)
+
+    @classmethod
+    def create(cls, paths: CentralPaths, keys: CentralKeys, settings: PipelineSettings, *,
+               max_plaintext: int, metrics: Metrics) -> IngestCore:
+        journal = SegmentJournal(paths.staging, settings.worker)
+        batch = BatchStage(paths, journal, key_id=key_id(bytes(keys.encryption.public_key)),
+                           max_plaintext=max_plaintext, worker=settings.worker, metrics=metrics,
+                           lease_s=settings.lease_s)
+        return cls(paths, settings, journal, batch, Archiver(paths, keys, max_plaintext=max_plaintext,
+                                                             metrics=metrics), metrics)
+
+    def start_up(self, conn: sqlite3.Connection) -> None:
+        remove_stale_staging(conn, self.paths)
+        tmp_leftovers(self.paths.tmp)
+
+    def reconcile(self, conn: sqlite3.Connection) -> list[str]:
+        """Give complete transfers a job, take the jobs nobody holds, drop unused journal files."""
+        for tid in catalog.complete_transfers_without_job(conn):
+            catalog.add_job(conn, tid)
+        worker, lease = self.settings.worker, self.settings.lease_s
+        taken = [tid for tid in catalog.claimable_jobs(conn, worker=worker)
+                 if tid not in self.assembling and catalog.claim_job(conn, tid, worker=worker, lease_s=lease)]
+        self.journal.collect(lambda name: catalog.journal_in_use(conn, name))
+        return taken
+
+
+class IngestPipeline:
+    def __init__(self, core: IngestCore, writer: GroupWriter, client: MqttClient) -> None:
+        self.core = core
+        self.writer = writer
+        self.client = client
+        settings = core.settings
+        self._answers: asyncio.Queue[tuple[list[Inbound], asyncio.Task[BatchOutcome]]] = asyncio.Queue()
+        self._in_flight = asyncio.Semaphore(settings.batches_in_flight)
+        self._ready: asyncio.Queue[str] = asyncio.Queue()
+        self._publishing = asyncio.Semaphore(MAX_UNANSWERED_PUBLISHES)
+        self._publishes: set[asyncio.Task[None]] = set()
+        self._pool = ThreadPoolExecutor(max_workers=settings.assemblers, thread_name_prefix="assembler")
+
+    async def run(self) -> None:
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._receive(), name="receive")
+                group.create_task(self._answer(), name="answer")
+                for number in range(self.core.settings.assemblers):
+                    group.create_task(self._assemble(), name=f"assemble-{number}")
+                group.create_task(self._reconcile(), name="reconcile")
+        finally:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- receive and answer -----------------------------------------------------------------------
+    async def _receive(self) -> None:
+        inbox = self.client.inbox
+        limit = self.core.settings.batch_max
+        stage = self.core.batch
+        while True:
+            batch: list[Inbound] = [await inbox.get()]
+            while len(batch) < limit and not inbox.empty():
+                batch.append(inbox.get_nowait())
+            await self._in_flight.acquire()
+            items = [(m.topic, m.payload) for m in batch]
+            task = asyncio.create_task(self.writer.call(functools.partial(_apply, stage, items)))
+            await self._answers.put((batch, task))
+
+    async def _answer(self) -> None:
+        metrics = self.core.metrics
+        while True:
+            batch, task = await self._answers.get()
+            try:
+                outcome: BatchOutcome | None = await task
+            except (OSError, sqlite3.Error) as exc:
+                # Devices resend what is not acked; a failing batch must not stop the service.
+                metrics.error(type(exc).__name__)
+                log.error("batch of %d messages not made durable, nothing acknowledged: %s", len(batch), exc)  # noqa: TRY400
+                outcome = None
+            except Exception:
+                log.exception("ingest batch of %d messages failed", len(batch))
+                outcome = None
+            finally:
+                self._in_flight.release()
+            for message in batch:
+                self.client.ack(message)
+            if outcome is None:
+                continue
+            metrics.segments_received += outcome.segments
+            metrics.bytes_received += outcome.bytes
+            self._publish(outcome.replies)
+            for tid in outcome.ready:
+                self._schedule(tid)
+
+    def _schedule(self, tid: str) -> None:
+        if tid not in self.core.assembling:
+            self.core.assembling.add(tid)
+            self._ready.put_nowait(tid)
+
+    # -- assemble ---------------------------------------------------------------------------------
+    async def _assemble(self) -> None:
+        loop = asyncio.get_running_loop()
+        archive = self.core.archive
+        revoke = self.core.batch.revoke_transfer
+        while True:
+            tid = await self._ready.get()
+            try:
+                job, replies = await self.writer.call(functools.partial(_claim, archive, tid, revoke))
+                self._publish(replies)
+                if job is None:
+                    continue
+                result = await loop.run_in_executor(self._pool, archive.assemble, job)
+                replies = await self.writer.call(functools.partial(_record, archive, result, revoke))
+                self.core.metrics.documents_ingested += sum(isinstance(r, Receipt) for r in replies)
+                self._publish(replies)
+            except (OSError, sqlite3.Error) as exc:
+                # The job stays in the catalog; the reconciler gives it to someone once its lease ends.
+                self.core.metrics.error(type(exc).__name__)
+                log.error("assembly of %s not recorded: %s", tid, exc)  # noqa: TRY400 - the cause is enough
+            finally:
+                self.core.assembling.discard(tid)
+
+    async def _reconcile(self) -> None:
+        while True:
+            try:
+                for tid in await self.writer.call(self.core.reconcile):
+                    self._schedule(tid)
+            except (OSError, sqlite3.Error) as exc:
+                log.error("reconcile failed: %s", exc)  # noqa: TRY400 - the cause is enough
+            await asyncio.sleep(self.core.settings.reconcile_every_s)
+
+    # -- publish ----------------------------------------------------------------------------------
+    def _publish(self, replies: Iterable[Reply]) -> None:
+        for reply in replies:
+            task = asyncio.create_task(self._publish_one(reply))
+            self._publishes.add(task)
+            task.add_done_callback(self._publishes.discard)
+
+    async def _publish_one(self, reply: Reply) -> None:
+        async with self._publishing:
+            try:
+                async with asyncio.timeout(PUBLISH_TIMEOUT_S):
+                    await self.client.publish(*encode(reply))
+            except PublishError as exc:
+                log.warning("reply not delivered (the device will ask again): %s", exc)
+            except TimeoutError:
+                log.warning("broker did not acknowledge a reply in %.0f s (the device will ask again)",
+                            PUBLISH_TIMEOUT_S)
+
+    async def drain(self) -> None:
+        """Wait for the replies being published (tests, clean shutdown)."""
+        with contextlib.suppress(Exception):
+            await asyncio.gather(*self._publishes, return_exceptions=True)
+
+
+# The writer calls, as partials (a lambda in a loop would capture the loop variable).
+def _apply(stage: BatchStage, items: list[tuple[str, bytes]], conn: sqlite3.Connection) -> BatchOutcome:
+    return stage.apply(conn, items)
+
+
+def _claim(archive: Archiver, tid: str, revoke: RevokeFn,
+           conn: sqlite3.Connection) -> tuple[AssemblyJob | None, list[Reply]]:
+    return archive.claim(conn, tid, revoke)
+
+
+def _record(archive: Archiver, result: Assembly, revoke: RevokeFn, conn: sqlite3.Connection) -> list[Reply]:
+    return archive.record(conn, result, revoke)
