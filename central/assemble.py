@@ -66,9 +66,10 @@ def file_digest(path: Path) -> tuple[int, bytes]:
     return size, digest.digest()
 
 
-def _fsync_close(handle: IO[bytes]) -> None:
+def _fsync_close(handle: IO[bytes], *, sync: bool = True) -> None:
     handle.flush()
-    os.fsync(handle.fileno())
+    if sync:
+        os.fsync(handle.fileno())
     handle.close()
 
 
@@ -90,7 +91,8 @@ def file_ciphertext(path: Path) -> Ciphertext:
 
 
 def decrypt_to_file(ciphertext: Ciphertext | Path, signed: SignedHeader, device_key: nacl.signing.VerifyKey,
-                    central_key: nacl.public.PrivateKey, *, max_plaintext: int, out: Path) -> tuple[str, str]:
+                    central_key: nacl.public.PrivateKey, *, max_plaintext: int, out: Path,
+                    sync: bool = True) -> tuple[str, str]:
     """Verify then decrypt the ciphertext into ``out``; return (ciphertext sha256, package sha256)."""
     read = file_ciphertext(ciphertext) if isinstance(ciphertext, Path) else ciphertext
     digest = hashlib.sha256()
@@ -112,7 +114,7 @@ def decrypt_to_file(ciphertext: Ciphertext | Path, signed: SignedHeader, device_
             opener.update(chunk)
         opener.finish()
     finally:
-        _fsync_close(sink)
+        _fsync_close(sink, sync=sync)
     return ciphertext_digest.hex(), package_digest.hexdigest()
 
 
@@ -131,17 +133,17 @@ def _copy_hashing(handle: IO[bytes], write: Callable[[bytes], object]) -> str:
     return digest.hexdigest()
 
 
-def unpack(package: Path, *, device: str, tid: str, seq: int,
-           original_out: Path) -> tuple[PackageMetadata, str, str, str]:
+def unpack(package: Path, *, device: str, tid: str, seq: int, original_out: Path,
+           sync: bool = True) -> tuple[PackageMetadata, str, str, str]:
     """Stream-read the package tar; return (metadata, metadata json, text, original sha256)."""
     try:
-        return _unpack(package, device=device, tid=tid, seq=seq, original_out=original_out)
+        return _unpack(package, device=device, tid=tid, seq=seq, original_out=original_out, sync=sync)
     except tarfile.TarError as exc:
         raise BagError(f"package is not a valid tar: {exc}", device=device, tid=tid) from exc
 
 
-def _unpack(package: Path, *, device: str, tid: str, seq: int,
-            original_out: Path) -> tuple[PackageMetadata, str, str, str]:
+def _unpack(package: Path, *, device: str, tid: str, seq: int, original_out: Path,
+            sync: bool) -> tuple[PackageMetadata, str, str, str]:
     expected: list[str] = [*TAG_FILES, METADATA, TEXT, HOCR]   # original's name follows metadata
     hashes: dict[str, str] = {}
     manifest: dict[str, str] | None = None
@@ -191,7 +193,8 @@ def _unpack(package: Path, *, device: str, tid: str, seq: int,
                 with _private_file(original_out) as sink:
                     hashes[name] = _copy_hashing(handle, sink.write)
                     sink.flush()
-                    os.fsync(sink.fileno())
+                    if sync:
+                        os.fsync(sink.fileno())
     if seen != expected or metadata is None or manifest is None:
         raise BagError(f"package ends after {seen[-1] if seen else 'nothing'!r}; expected {expected}",
                        device=device, tid=tid)
@@ -208,16 +211,20 @@ def _unpack(package: Path, *, device: str, tid: str, seq: int,
 
 
 def assemble(staging: Ciphertext | Path, signed: SignedHeader, device_key: nacl.signing.VerifyKey,
-             central_key: nacl.public.PrivateKey, *, max_plaintext: int, work_dir: Path) -> Assembled:
-    """Verify, decrypt and unpack one received envelope into files under ``work_dir``."""
+             central_key: nacl.public.PrivateKey, *, max_plaintext: int, work_dir: Path,
+             sync: bool = True) -> Assembled:
+    """Verify, decrypt and unpack one received envelope into files under ``work_dir``.
+
+    ``sync=False`` leaves the files to a later barrier (``central.ingest.durability``)."""
     header = signed.header
     package = work_dir / f"{header.tid}.tar"
     original = work_dir / f"{header.tid}.original"
     try:
         ciphertext_sha, package_sha = decrypt_to_file(staging, signed, device_key, central_key,
-                                                      max_plaintext=max_plaintext, out=package)
+                                                      max_plaintext=max_plaintext, out=package, sync=sync)
         metadata, metadata_json, text, original_sha = unpack(
-            package, device=header.device_id, tid=header.tid, seq=header.seq, original_out=original)
+            package, device=header.device_id, tid=header.tid, seq=header.seq, original_out=original,
+            sync=sync)
     except BaseException:
         for leftover in (package, original):
             with contextlib.suppress(FileNotFoundError):

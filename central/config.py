@@ -68,7 +68,15 @@ class IngestSettings:
     # Unacked messages the broker may push at central (MQTT v5 Receive Maximum): enough for several
     # batches to be on their way while one is being committed.
     receive_maximum: int = 2048
-    assemblers: int = 2          # threads assembling complete transfers (hashing, decrypting, storing)
+    # Threads assembling complete transfers: hashing, decrypting and storing release the GIL, and
+    # storing waits on fsyncs, so more threads than cores keep the disk and the cores busy.
+    assemblers: int = 16
+    # 0: assemble on those threads; N: in N processes (spawned at start), for the cores the GIL keeps
+    # the threads from using (tar parsing, the glue around hashing and decrypting).
+    assembler_processes: int = 0
+    # How stored bytes are made durable before an ack or receipt: "syncfs" (one barrier per group
+    # commit, Linux; give central's home its own filesystem) or "fsync" (every file and directory).
+    durability: str = "syncfs"
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,7 +193,12 @@ def parse_config(home: Path, data: dict[str, Any], api_token: str) -> CentralCon
         batch_max=i.integer("batch_max", 512, minimum=1),
         batches_in_flight=i.integer("batches_in_flight", 4, minimum=1),
         receive_maximum=i.integer("receive_maximum", 2048, minimum=1),
-        assemblers=i.integer("assemblers", 2, minimum=1))
+        assemblers=i.integer("assemblers", 16, minimum=1),
+        assembler_processes=i.integer("assembler_processes", 0, minimum=0),
+        durability=i.text("durability", "syncfs"))
+    if ingest.durability not in ("syncfs", "fsync"):
+        raise ConfigError(f"ingest.durability = {ingest.durability!r} is not 'syncfs' or 'fsync'",
+                          hint="syncfs: one barrier per group commit (Linux); fsync: every file")
     if ingest.receive_maximum > 65535:
         raise ConfigError(f"ingest.receive_maximum = {ingest.receive_maximum} is above MQTT's 65535")
     i.finish()

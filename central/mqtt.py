@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,6 +64,9 @@ class MqttClient:
         self._loop = asyncio.get_running_loop()
         self._manual_ack = manual_ack
         self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._arrived: list[tuple[Callable[..., object], tuple[Any, ...]]] = []
+        self._arrived_lock = threading.Lock()
+        self._wakeup_pending = False
         self._early: dict[int, Any] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"mqtt-{settings.client_id}")
         client = paho.Client(CallbackAPIVersion.VERSION2, client_id=settings.client_id,
@@ -95,11 +100,28 @@ class MqttClient:
     def _cb_message(self, _client: paho.Client, _userdata: Any, message: paho.MQTTMessage) -> None:
         inbound = Inbound(message.topic, bytes(message.payload), message.qos, bool(message.retain),
                           message.mid)
-        self._loop.call_soon_threadsafe(self.inbox.put_nowait, inbound)
+        self._post(self.inbox.put_nowait, inbound)
+
+    def _post(self, fn: Callable[..., object], *args: Any) -> None:
+        """Run ``fn(*args)`` on the loop. One wakeup per burst, not per event: the loop drains
+        everything posted meanwhile (a self-pipe write per message cost more than the message)."""
+        with self._arrived_lock:
+            self._arrived.append((fn, args))
+            if self._wakeup_pending:
+                return
+            self._wakeup_pending = True
+        self._loop.call_soon_threadsafe(self._drain_arrived)
+
+    def _drain_arrived(self) -> None:
+        with self._arrived_lock:
+            arrived, self._arrived = self._arrived, []
+            self._wakeup_pending = False
+        for fn, args in arrived:
+            fn(*args)
 
     def _cb_publish(self, _client: paho.Client, _userdata: Any, mid: int, reason: ReasonCode,
                     _props: Any) -> None:
-        self._loop.call_soon_threadsafe(self._resolve, mid, reason)
+        self._post(self._resolve, mid, reason)
 
     def _cb_subscribe(self, _client: paho.Client, _userdata: Any, mid: int, reasons: list[ReasonCode],
                       _props: Any) -> None:
@@ -163,6 +185,16 @@ class MqttClient:
         reason: ReasonCode = await self._track(info.mid)
         if reason.is_failure:
             raise PublishError(f"broker refused publish to {topic}: {reason} (0x{reason.value:02x})")
+
+    def publish_nowait(self, topic: str, payload: bytes, *, qos: int = 0) -> None:
+        """Hand a QoS 0 message to paho and return (no PUBACK exists to wait for)."""
+        if qos != 0:
+            raise ValueError("publish_nowait is for QoS 0; await publish() for QoS 1")
+        if not self.connected.is_set():
+            raise PublishError("not connected to the broker")
+        info = self._client.publish(topic, payload, qos=0)
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            raise PublishError(f"publish failed: {paho.error_string(info.rc)}")
 
     async def subscribe(self, topic: str, qos: int = 1) -> list[ReasonCode]:
         """Subscribe now; return the granted reason codes (0x87 means not authorised)."""

@@ -47,7 +47,9 @@ def mqtt_settings(config: CentralConfig) -> MqttSettings:
 def pipeline_settings(config: CentralConfig) -> PipelineSettings:
     ingest = config.ingest
     return PipelineSettings(worker=config.broker.client_id, batch_max=ingest.batch_max,
-                            batches_in_flight=ingest.batches_in_flight, assemblers=ingest.assemblers)
+                            batches_in_flight=ingest.batches_in_flight, assemblers=ingest.assemblers,
+                            assembler_processes=ingest.assembler_processes,
+                            durability=ingest.durability)
 
 
 @dataclass(slots=True)
@@ -61,7 +63,8 @@ class IngestService:
     async def start(cls, config: CentralConfig, metrics: Metrics) -> IngestService:
         core = IngestCore.create(config.paths, load_keys(config.paths), pipeline_settings(config),
                                  max_plaintext=config.ingest.max_plaintext_bytes, metrics=metrics)
-        writer = await asyncio.to_thread(GroupWriter, config.paths.catalog, before_commit=core.journal.sync)
+        writer = await asyncio.to_thread(GroupWriter, config.paths.catalog,
+                                         before_commit=core.durability.before_commit)
         await writer.call(core.start_up)
         return cls(config, writer, core, MqttClient(mqtt_settings(config)))
 
@@ -73,6 +76,7 @@ class IngestService:
     async def close(self) -> None:
         await self.writer.close()
         self.ingestor.journal.close()
+        self.ingestor.durability.close()
 
 
 IngestStarter = Callable[[CentralConfig, Metrics], Awaitable[IngestService]]

@@ -44,13 +44,14 @@ class ObjectStore:
     def contains(self, sha256: str) -> bool:
         return self.path_for(sha256).is_file()
 
-    def put_file(self, source: Path, sha256: str, *, hashed: bool = False) -> Put:
+    def put_file(self, source: Path, sha256: str, *, hashed: bool = False, sync: bool = True) -> Put:
         """Move ``source`` (already fsynced, on the same filesystem) into the store under its hash.
 
         The hash is re-checked here — the store must never hold bytes under another object's name —
         unless ``hashed``: the caller computed it over exactly the bytes it wrote into ``source``, a
         private file nobody else writes (the assembler does; re-reading it cost a third pass).
-        An existing copy is re-hashed, and replaced if it is damaged.
+        An existing copy is re-hashed, and replaced if it is damaged. ``sync=False``: the caller
+        makes the directories durable later, with one barrier for many objects (``syncfs``).
         """
         target = self.path_for(sha256)
         if not hashed:
@@ -66,10 +67,12 @@ class ObjectStore:
         for directory in (target.parent.parent, target.parent):
             if not directory.is_dir():
                 directory.mkdir(mode=0o700, exist_ok=True)
-                fsync_dir(directory.parent)
+                if sync:
+                    fsync_dir(directory.parent)
         source.chmod(0o400)   # stored objects are immutable
         source.replace(target)   # over a damaged copy too: readers see the old or the new file
-        fsync_dir(target.parent)
+        if sync:
+            fsync_dir(target.parent)
         return outcome
 
 

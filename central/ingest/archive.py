@@ -31,6 +31,7 @@ from central.assemble import assemble
 from central.errors import RevokedDeviceError
 from central.fsutil import fsync_dir, write_atomic
 from central.ingest.batch import Reply
+from central.ingest.durability import Durability
 from central.ingest.staging import SegmentReader
 from central.keys import CentralKeys
 from central.metrics import Metrics
@@ -92,13 +93,13 @@ Assembly = Archived | Quarantined | Deferred
 
 class Archiver:
     def __init__(self, paths: CentralPaths, keys: CentralKeys, *, max_plaintext: int,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, durability: Durability) -> None:
         self._paths = paths
+        self._durability = durability
         self._keys = keys
         self._max_plaintext = max_plaintext
         self._metrics = metrics
         self._store = ObjectStore(paths.objects)
-        self._reader = SegmentReader(paths.staging)
 
     # -- writer: claim ----------------------------------------------------------------------------
     def claim(self, conn: sqlite3.Connection, tid: str,
@@ -119,44 +120,27 @@ class Archiver:
         return AssemblyJob(tid, record.device, SignedHeader.decode(record.header), device.verify_key,
                            segments), []
 
-    # -- assembler worker -------------------------------------------------------------------------
+    # -- assembler worker ---------------------------------------------------------------------
     def assemble(self, job: AssemblyJob) -> Assembly:
-        try:
-            assembled = assemble(lambda: (data for _, data in self._reader.chunks(job.tid, job.segments)),
-                                 job.signed, nacl.signing.VerifyKey(job.device_key), self._keys.encryption,
-                                 max_plaintext=self._max_plaintext, work_dir=self._paths.tmp)
-        except ProtocolError as exc:
-            try:
-                self._keep_in_quarantine(job, exc)
-            except OSError as error:
-                return Deferred(job, error)
-            return Quarantined(job, exc)
-        except OSError as exc:
-            return Deferred(job, exc)
-        try:
-            meta = assembled.metadata
-            # Content once: the object is stored (or, if the copy there is missing or rotten,
-            # repaired from this one — perhaps the last good copy, the edge forgets it on our
-            # receipt) whatever the catalog says, so a central restored from an older backup takes
-            # the bytes again.
-            put = self._store.put_file(assembled.original, assembled.original_sha256, hashed=True)
-            self._store.put_file(assembled.package, assembled.package_sha256, hashed=True)
-        except OSError as exc:
-            for leftover in (assembled.original, assembled.package):
-                with contextlib.suppress(FileNotFoundError):
-                    leftover.unlink()
-            return Deferred(job, exc)
-        return Archived(job, assembled.metadata_json, assembled.text, meta.original_name,
-                        assembled.original_sha256, meta.original_size, meta.media_type, meta.pages,
-                        meta.captured_at, assembled.package_sha256, assembled.ciphertext_sha256, put)
+        result = assemble_job(job, self._paths, self._keys, max_plaintext=self._max_plaintext,
+                              sync=self._durability.sync_objects)
+        if isinstance(result, Archived):
+            self._durability.stored()
+        return result
 
-    def _keep_in_quarantine(self, job: AssemblyJob, exc: ProtocolError) -> None:
-        reason = {"device": job.device, "tid": job.tid, "at": catalog.utc_now(),
-                  "error_class": type(exc).__name__, "error": str(exc), "hint": exc.hint}
-        self._reader.copy_to(job.tid, job.segments, self._paths.quarantine / f"{job.tid}.part")
-        write_atomic(self._paths.quarantine / f"{job.tid}.reason.json",
-                     json.dumps(reason, ensure_ascii=False, indent=1).encode())
-        fsync_dir(self._paths.quarantine)
+    def stored_elsewhere(self, result: Assembly) -> Assembly:
+        """A result from an assembler process: its objects await this process's barrier."""
+        if isinstance(result, Archived):
+            self._durability.stored()
+        return result
+
+    @property
+    def sync_objects(self) -> bool:
+        return self._durability.sync_objects
+
+    @property
+    def max_plaintext(self) -> int:
+        return self._max_plaintext
 
     # -- writer: record ---------------------------------------------------------------------------
     def record(self, conn: sqlite3.Connection, result: Assembly, revoke: RevokeFn) -> list[Reply]:
@@ -238,3 +222,66 @@ def tmp_leftovers(tmp: Path) -> None:
     for leftover in tmp.glob("*"):
         if leftover.is_file():
             leftover.unlink()
+
+
+def assemble_job(job: AssemblyJob, paths: CentralPaths, keys: CentralKeys, *, max_plaintext: int,
+                 sync: bool) -> Assembly:
+    """Verify, decrypt, unpack and store one complete transfer; no catalog (any thread or process)."""
+    reader = SegmentReader(paths.staging)
+    store = ObjectStore(paths.objects)
+    try:
+        assembled = assemble(lambda: (data for _, data in reader.chunks(job.tid, job.segments)),
+                             job.signed, nacl.signing.VerifyKey(job.device_key), keys.encryption,
+                             max_plaintext=max_plaintext, work_dir=paths.tmp, sync=sync)
+    except ProtocolError as exc:
+        try:
+            _keep_in_quarantine(reader, paths, job, exc)
+        except OSError as error:
+            return Deferred(job, error)
+        return Quarantined(job, exc)
+    except OSError as exc:
+        return Deferred(job, exc)
+    try:
+        meta = assembled.metadata
+        # Content once: the object is stored (or, if the copy there is missing or rotten, repaired
+        # from this one — perhaps the last good copy, the edge forgets it on our receipt) whatever
+        # the catalog says, so a central restored from an older backup takes the bytes again.
+        put = store.put_file(assembled.original, assembled.original_sha256, hashed=True, sync=sync)
+        store.put_file(assembled.package, assembled.package_sha256, hashed=True, sync=sync)
+    except OSError as exc:
+        for leftover in (assembled.original, assembled.package):
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
+        return Deferred(job, exc)
+    return Archived(job, assembled.metadata_json, assembled.text, meta.original_name,
+                    assembled.original_sha256, meta.original_size, meta.media_type, meta.pages,
+                    meta.captured_at, assembled.package_sha256, assembled.ciphertext_sha256, put)
+
+
+def _keep_in_quarantine(reader: SegmentReader, paths: CentralPaths, job: AssemblyJob,
+                        exc: ProtocolError) -> None:
+    reason = {"device": job.device, "tid": job.tid, "at": catalog.utc_now(),
+              "error_class": type(exc).__name__, "error": str(exc), "hint": exc.hint}
+    reader.copy_to(job.tid, job.segments, paths.quarantine / f"{job.tid}.part")
+    write_atomic(paths.quarantine / f"{job.tid}.reason.json",
+                 json.dumps(reason, ensure_ascii=False, indent=1).encode())
+    fsync_dir(paths.quarantine)
+
+
+# -- assembler processes: each loads the keys once, then assembles the jobs it is sent ----------
+
+_PROCESS: tuple[CentralPaths, CentralKeys, int, bool] | None = None
+
+
+def init_process(home: Path, max_plaintext: int, sync: bool) -> None:
+    from central.keys import load_keys  # noqa: PLC0415 - in the child only
+
+    global _PROCESS  # noqa: PLW0603 - one assembler per process, set once by the pool's initializer
+    paths = CentralPaths(home)
+    _PROCESS = (paths, load_keys(paths), max_plaintext, sync)
+
+
+def assemble_in_process(job: AssemblyJob) -> Assembly:
+    assert _PROCESS is not None, "init_process was not run"
+    paths, keys, max_plaintext, sync = _PROCESS
+    return assemble_job(job, paths, keys, max_plaintext=max_plaintext, sync=sync)

@@ -24,6 +24,7 @@ import logging
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from central import catalog
 from central.errors import AbortedError, RevokedDeviceError, SequenceReusedError
@@ -75,6 +76,7 @@ class BatchOutcome:
 
     replies: list[Reply] = field(default_factory=list)
     ready: list[str] = field(default_factory=list)       # complete transfers this worker now assembles
+    jobs: list[Any] = field(default_factory=list)        # their snapshots (archive.AssemblyJob), if taken
     segments: int = 0                                    # newly held segments and bytes (metrics)
     bytes: int = 0
 

@@ -16,6 +16,7 @@ from typing import TypeVar
 from central import catalog
 from central.ingest.archive import Archiver, tmp_leftovers
 from central.ingest.batch import BatchStage, Reply
+from central.ingest.durability import Durability
 from central.ingest.staging import SegmentJournal
 from central.keys import CentralKeys
 from central.metrics import Metrics
@@ -33,14 +34,17 @@ class Ingestor:
     """Central's ingest over the catalog, the segment journal and the object store, inline."""
 
     def __init__(self, conn: sqlite3.Connection, paths: CentralPaths, keys: CentralKeys, *,
-                 max_plaintext: int, metrics: Metrics | None = None, worker: str = "central") -> None:
+                 max_plaintext: int, metrics: Metrics | None = None, worker: str = "central",
+                 durability: str = "syncfs") -> None:
         self._conn = conn
         self.metrics = metrics or Metrics()
         self.journal = SegmentJournal(paths.staging, worker)
+        self.durability = Durability(durability, self.journal, [paths.staging, paths.objects])
         self.batch = BatchStage(paths, self.journal, key_id=key_id(bytes(keys.encryption.public_key)),
                                 max_plaintext=max_plaintext, worker=worker, metrics=self.metrics,
                                 lease_s=LEASE_S)
-        self.archive = Archiver(paths, keys, max_plaintext=max_plaintext, metrics=self.metrics)
+        self.archive = Archiver(paths, keys, max_plaintext=max_plaintext, metrics=self.metrics,
+                                durability=self.durability)
         remove_stale_staging(conn, paths)
         tmp_leftovers(paths.tmp)
 
@@ -50,7 +54,7 @@ class Ingestor:
         conn.execute("BEGIN IMMEDIATE")
         try:
             result = fn(conn)
-            self.journal.sync()
+            self.durability.before_commit()
             conn.commit()
         except BaseException:
             conn.rollback()

@@ -20,15 +20,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
+import multiprocessing
+import os
 import sqlite3
+import threading
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from central import catalog
-from central.ingest.archive import Archiver, Assembly, AssemblyJob, RevokeFn, tmp_leftovers
+from central.ingest.archive import (
+    Archiver,
+    Assembly,
+    AssemblyJob,
+    RevokeFn,
+    assemble_in_process,
+    init_process,
+    tmp_leftovers,
+)
 from central.ingest.batch import BatchOutcome, BatchStage, Reply
+from central.ingest.durability import Durability
 from central.ingest.inline import remove_stale_staging
 from central.ingest.staging import SegmentJournal
 from central.ingest.writer import GroupWriter
@@ -37,7 +51,7 @@ from central.metrics import Metrics
 from central.mqtt import Inbound, MqttClient, PublishError
 from central.paths import CentralPaths
 from protocol.envelope import key_id
-from protocol.messages import Receipt, encode
+from protocol.messages import Ack, AckState, Receipt, encode
 
 log = logging.getLogger("sohoa.central.ingest")
 
@@ -52,9 +66,11 @@ class PipelineSettings:
     worker: str
     batch_max: int = 512
     batches_in_flight: int = 4
-    assemblers: int = 2
+    assemblers: int = 16
+    assembler_processes: int = 0        # 0: assemble on threads of this process; N: in N processes
     reconcile_every_s: float = RECONCILE_EVERY_S
     lease_s: float = LEASE_S
+    durability: str = "syncfs"
 
 
 @dataclass(slots=True)
@@ -64,6 +80,7 @@ class IngestCore:
     paths: CentralPaths
     settings: PipelineSettings
     journal: SegmentJournal
+    durability: Durability
     batch: BatchStage
     archive: Archiver
     metrics: Metrics
@@ -73,11 +90,12 @@ class IngestCore:
     def create(cls, paths: CentralPaths, keys: CentralKeys, settings: PipelineSettings, *,
                max_plaintext: int, metrics: Metrics) -> IngestCore:
         journal = SegmentJournal(paths.staging, settings.worker)
+        durability = Durability(settings.durability, journal, [paths.staging, paths.objects])
         batch = BatchStage(paths, journal, key_id=key_id(bytes(keys.encryption.public_key)),
                            max_plaintext=max_plaintext, worker=settings.worker, metrics=metrics,
                            lease_s=settings.lease_s)
-        return cls(paths, settings, journal, batch, Archiver(paths, keys, max_plaintext=max_plaintext,
-                                                             metrics=metrics), metrics)
+        archive = Archiver(paths, keys, max_plaintext=max_plaintext, metrics=metrics, durability=durability)
+        return cls(paths, settings, journal, durability, batch, archive, metrics)
 
     def start_up(self, conn: sqlite3.Connection) -> None:
         remove_stale_staging(conn, self.paths)
@@ -102,10 +120,20 @@ class IngestPipeline:
         settings = core.settings
         self._answers: asyncio.Queue[tuple[list[Inbound], asyncio.Task[BatchOutcome]]] = asyncio.Queue()
         self._in_flight = asyncio.Semaphore(settings.batches_in_flight)
-        self._ready: asyncio.Queue[str] = asyncio.Queue()
+        self._ready: asyncio.Queue[AssemblyJob | str] = asyncio.Queue()
         self._publishing = asyncio.Semaphore(MAX_UNANSWERED_PUBLISHES)
         self._publishes: set[asyncio.Task[None]] = set()
-        self._pool = ThreadPoolExecutor(max_workers=settings.assemblers, thread_name_prefix="assembler")
+        self._pool: Executor
+        if settings.assembler_processes > 0:
+            # spawn, not fork: this process has threads (paho's, the writer) whose locks a fork copies.
+            self._pool = ProcessPoolExecutor(
+                max_workers=settings.assembler_processes, mp_context=multiprocessing.get_context("spawn"),
+                initializer=init_process,
+                initargs=(core.paths.home, core.archive.max_plaintext, core.archive.sync_objects))
+        else:
+            self._pool = ThreadPoolExecutor(max_workers=settings.assemblers, thread_name_prefix="assembler")
+        self.batches = 0
+        self.messages = 0
 
     async def run(self) -> None:
         try:
@@ -117,19 +145,23 @@ class IngestPipeline:
                 group.create_task(self._reconcile(), name="reconcile")
         finally:
             self._pool.shutdown(wait=False, cancel_futures=True)
+            self.log_stats()
 
     # -- receive and answer -----------------------------------------------------------------------
     async def _receive(self) -> None:
         inbox = self.client.inbox
         limit = self.core.settings.batch_max
         stage = self.core.batch
+        archive = self.core.archive
         while True:
             batch: list[Inbound] = [await inbox.get()]
             while len(batch) < limit and not inbox.empty():
                 batch.append(inbox.get_nowait())
             await self._in_flight.acquire()
+            self.batches += 1
+            self.messages += len(batch)
             items = [(m.topic, m.payload) for m in batch]
-            task = asyncio.create_task(self.writer.call(functools.partial(_apply, stage, items)))
+            task = asyncio.create_task(self.writer.call(functools.partial(_apply, stage, archive, items)))
             await self._answers.put((batch, task))
 
     async def _answer(self) -> None:
@@ -155,13 +187,15 @@ class IngestPipeline:
             metrics.segments_received += outcome.segments
             metrics.bytes_received += outcome.bytes
             self._publish(outcome.replies)
-            for tid in outcome.ready:
-                self._schedule(tid)
+            for job in outcome.jobs:
+                self._schedule(job)
 
-    def _schedule(self, tid: str) -> None:
+    def _schedule(self, job: AssemblyJob | str) -> None:
+        """Queue a claimed job (a snapshot taken in the batch's transaction) or a tid to claim."""
+        tid = job if isinstance(job, str) else job.tid
         if tid not in self.core.assembling:
             self.core.assembling.add(tid)
-            self._ready.put_nowait(tid)
+            self._ready.put_nowait(job)
 
     # -- assemble ---------------------------------------------------------------------------------
     async def _assemble(self) -> None:
@@ -169,13 +203,21 @@ class IngestPipeline:
         archive = self.core.archive
         revoke = self.core.batch.revoke_transfer
         while True:
-            tid = await self._ready.get()
+            queued = await self._ready.get()
+            tid = queued if isinstance(queued, str) else queued.tid
             try:
-                job, replies = await self.writer.call(functools.partial(_claim, archive, tid, revoke))
-                self._publish(replies)
-                if job is None:
-                    continue
-                result = await loop.run_in_executor(self._pool, archive.assemble, job)
+                if isinstance(queued, str):
+                    job, replies = await self.writer.call(functools.partial(_claim, archive, tid, revoke))
+                    self._publish(replies)
+                    if job is None:
+                        continue
+                else:
+                    job = queued
+                if isinstance(self._pool, ProcessPoolExecutor):
+                    result = archive.stored_elsewhere(
+                        await loop.run_in_executor(self._pool, assemble_in_process, job))
+                else:
+                    result = await loop.run_in_executor(self._pool, archive.assemble, job)
                 replies = await self.writer.call(functools.partial(_record, archive, result, revoke))
                 self.core.metrics.documents_ingested += sum(isinstance(r, Receipt) for r in replies)
                 self._publish(replies)
@@ -186,8 +228,21 @@ class IngestPipeline:
             finally:
                 self.core.assembling.discard(tid)
 
+    def log_stats(self) -> None:
+        log.info("ingest: %d batches of %.1f messages on average; writer: %d commits of %.1f calls;"
+                 " %d journal syncs, %d %s barriers; %d documents", self.batches,
+                 self.messages / max(self.batches, 1), self.writer.commits,
+                 self.writer.calls / max(self.writer.commits, 1), self.core.journal.syncs,
+                 self.core.durability.barriers, self.core.durability.mode,
+                 self.core.metrics.documents_ingested)
+        log.info("cpu seconds by thread: %s", json.dumps(thread_cpu()))
+
     async def _reconcile(self) -> None:
+        seen = (0, 0)
         while True:
+            if (self.batches, self.messages) != seen:
+                self.log_stats()
+                seen = (self.batches, self.messages)
             try:
                 for tid in await self.writer.call(self.core.reconcile):
                     self._schedule(tid)
@@ -198,9 +253,22 @@ class IngestPipeline:
     # -- publish ----------------------------------------------------------------------------------
     def _publish(self, replies: Iterable[Reply]) -> None:
         for reply in replies:
+            if isinstance(reply, Ack) and reply.state is AckState.RECEIVING:
+                # Progress acks go at QoS 0: one lost costs the device a resend of what it covered
+                # (it resends whatever no ack covers), while QoS 1 cost a PUBACK round trip, a
+                # future and paho's in-flight bookkeeping for most replies central sends. Outcomes
+                # (STORED, REJECTED, UNKNOWN) and receipts stay QoS 1.
+                self._publish_now(reply)
+                continue
             task = asyncio.create_task(self._publish_one(reply))
             self._publishes.add(task)
             task.add_done_callback(self._publishes.discard)
+
+    def _publish_now(self, reply: Ack) -> None:
+        try:
+            self.client.publish_nowait(*encode(reply), qos=0)
+        except PublishError as exc:
+            log.debug("progress ack not sent (the device will ask again): %s", exc)
 
     async def _publish_one(self, reply: Reply) -> None:
         async with self._publishing:
@@ -220,8 +288,16 @@ class IngestPipeline:
 
 
 # The writer calls, as partials (a lambda in a loop would capture the loop variable).
-def _apply(stage: BatchStage, items: list[tuple[str, bytes]], conn: sqlite3.Connection) -> BatchOutcome:
-    return stage.apply(conn, items)
+def _apply(stage: BatchStage, archive: Archiver, items: list[tuple[str, bytes]],
+           conn: sqlite3.Connection) -> BatchOutcome:
+    """The batch, and a snapshot of each transfer it completed for the assemblers (one writer call)."""
+    outcome = stage.apply(conn, items)
+    for tid in outcome.ready:
+        job, replies = archive.claim(conn, tid, stage.revoke_transfer)
+        outcome.replies += replies
+        if job is not None:
+            outcome.jobs.append(job)
+    return outcome
 
 
 def _claim(archive: Archiver, tid: str, revoke: RevokeFn,
@@ -231,3 +307,17 @@ def _claim(archive: Archiver, tid: str, revoke: RevokeFn,
 
 def _record(archive: Archiver, result: Assembly, revoke: RevokeFn, conn: sqlite3.Connection) -> list[Reply]:
     return archive.record(conn, result, revoke)
+
+
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds each kind of thread of this process has used (Linux; empty elsewhere)."""
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    spent: dict[str, float] = {}
+    for thread in threading.enumerate():
+        try:
+            fields = Path(f"/proc/self/task/{thread.native_id}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        kind = thread.name.split("_")[0].rstrip("0123456789-")
+        spent[kind] = round(spent.get(kind, 0.0) + (int(fields[11]) + int(fields[12])) / ticks, 2)
+    return spent

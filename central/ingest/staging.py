@@ -81,6 +81,10 @@ class SegmentJournal:
             self.syncs += 1
             self._dirty = False
 
+    def mark_synced(self) -> None:
+        """A filesystem-wide barrier (syncfs) made everything appended so far durable."""
+        self._dirty = False
+
     def _open_next(self) -> None:
         self._close_current()
         self._number += 1
