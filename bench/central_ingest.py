@@ -37,6 +37,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nacl.signing
 import paho.mqtt.client as mqtt
@@ -193,26 +194,29 @@ def raw_baseline(root: Path, home: Home, broker: Broker, messages: dict[str, lis
 
 
 @contextlib.contextmanager
-def running_central(home: Home, log: Path, *, strace: Path | None = None,
-                    profile: Path | None = None) -> Iterator[subprocess.Popen[bytes]]:
+def running_central(home: Home, log: Path, *, strace: Path | None = None, profile: Path | None = None,
+                    worker: str | None = None) -> Iterator[subprocess.Popen[bytes]]:
     argv = [sys.executable, "-m", "sohoa.cli", "central", "run", "--home", str(home.path)]
+    if worker is not None:
+        argv += ["--worker", worker]
     if profile is not None:
         # Collapsed stacks (one line per stack, with its sample count): greppable, and
-        # flamegraph.pl or speedscope draw them. --idle: waiting on fsync/locks shows too.
+        # flamegraph.pl or speedscope draw them.
         argv = [str(Path(sys.executable).with_name("py-spy")), "record", "--format", "raw",
                 "--threads", "-r", "200", "-o", str(profile), "--", *argv]
     if strace is not None:
-        argv = ["strace", "-f", "-c", "-e", "trace=fsync,fdatasync,sync_file_range", "-o", str(strace), *argv]
+        argv = ["strace", "-f", "-c", "-e", "trace=fsync,fdatasync,sync_file_range,syncfs", "-o", str(strace),
+                *argv]
     with log.open("ab") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=_env(home.code),
                                 cwd=home.code)
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            url = f"http://127.0.0.1:{home.http_port}/healthz"
-            with contextlib.suppress(OSError, ValueError), urllib.request.urlopen(url, timeout=1) as r:
-                if json.loads(r.read()).get("mqtt_connected"):
-                    break
+            if proc.poll() is not None:
+                raise RuntimeError(f"central exited: see {log}")
+            if "subscriptions acknowledged" in log.read_text(errors="replace") or _healthy(home, worker):
+                break
             time.sleep(0.1)
         else:
             raise TimeoutError(f"central did not come up: see {log}")
@@ -231,6 +235,15 @@ def running_central(home: Home, log: Path, *, strace: Path | None = None,
             proc.wait()
 
 
+def _healthy(home: Home, worker: str | None) -> bool:
+    if worker is not None:
+        return False   # several processes answer on the port: wait for this one's own log line
+    url = f"http://127.0.0.1:{home.http_port}/healthz"
+    with contextlib.suppress(OSError, ValueError), urllib.request.urlopen(url, timeout=1) as r:
+        return bool(json.loads(r.read()).get("mqtt_connected"))
+    return False
+
+
 def _central_pid(proc: subprocess.Popen[bytes], strace: bool) -> psutil.Process:
     process = psutil.Process(proc.pid)
     if strace:   # the python child of strace
@@ -243,12 +256,19 @@ def _central_pid(proc: subprocess.Popen[bytes], strace: bool) -> psutil.Process:
 
 
 def central_run(root: Path, home: Home, messages: dict[str, list[tuple[str, bytes]]], password: str,
-                docs: int, *, strace: bool = False, profile: Path | None = None) -> dict[str, float]:
+                docs: int, *, strace: bool = False, profile: Path | None = None,
+                workers: int = 1) -> dict[str, Any]:
+    """Run ``workers`` central processes on ``home`` (one: the plain ``central run``) until every
+    device has its receipts."""
     total = sum(len(payload) for ms in messages.values() for _, payload in ms)
     trace = root / f"strace-{home.path.name}.txt" if strace else None
-    with running_central(home, root / f"central-{home.path.name}.log", strace=trace,
-                         profile=profile) as proc:
-        central = _central_pid(proc, strace or profile is not None)
+    names: list[str | None] = [None] if workers == 1 else [f"w{n}" for n in range(workers)]
+    with contextlib.ExitStack() as stack:
+        procs = [stack.enter_context(running_central(
+            home, root / f"central-{home.path.name}{'' if name is None else '-' + name}.log",
+            strace=trace if n == 0 else None, profile=profile if n == 0 else None, worker=name))
+            for n, name in enumerate(names)]
+        centrals = [_central_pid(proc, strace or profile is not None) for proc in procs]
         start = _start_line(root)
         plan = Plan(port=home.device_port, start_file=str(start), devices=tuple(
             DevicePlan(d, d, password, tuple(ms), expect=docs, subscribe=f"sohoa/v1/down/{d}/#")
@@ -258,30 +278,55 @@ def central_run(root: Path, home: Home, messages: dict[str, list[tuple[str, byte
         runner = threading.Thread(target=lambda: result.update(run_load(root, plan, on_connected=connected)))
         runner.start()
         connected.wait(600)
-        cpu_before = sum(central.cpu_times()[:4])
-        threads_before = thread_cpu(central)
+        cpu_before = [sum(c.cpu_times()[:4]) for c in centrals]
         start.touch()
         runner.join()
-        cpu = sum(central.cpu_times()[:4]) - cpu_before
-        threads_after = thread_cpu(central)
+        cpu_each = [sum(c.cpu_times()[:4]) - before for c, before in zip(centrals, cpu_before, strict=True)]
     seconds = float(str(result["last_expected"])) - float(str(result["first_publish"]))
     documents = docs * len(messages)
-    stats = [line for line in (root / f"central-{home.path.name}.log").read_text().splitlines()
-             if "ingest: " in line or "cpu seconds by thread: " in line]
-    for line in stats[-2:]:
-        print(f"{home.path.name}: {line}", file=sys.stderr)
+    for log in sorted(root.glob(f"central-{home.path.name}*.log")):
+        stats = [line for line in log.read_text().splitlines()
+                 if "ingest: " in line or "cpu seconds by thread: " in line]
+        for line in stats[-2:]:
+            print(f"{log.stem}: {line}", file=sys.stderr)
     messages_in = sum(len(ms) for ms in messages.values())
-    out = {"seconds": seconds, "bytes": total, "mb_s": total / seconds / MB, "documents": documents,
-           "docs_s": documents / seconds, "cpu_ms_per_doc": cpu * 1000 / documents,
-           "cpu_us_per_message": round(cpu * 1e6 / messages_in, 1)}
-    out["cpu_ms_per_doc_by_thread"] = {  # type: ignore[assignment]
-        name: round((spent - threads_before.get(name, 0.0)) * 1000 / documents, 2)
-        for name, spent in sorted(threads_after.items()) if spent - threads_before.get(name, 0.0) > 0.005}
+    cpu = sum(cpu_each)
+    out: dict[str, Any] = {
+        "seconds": seconds, "bytes": total, "mb_s": total / seconds / MB, "documents": documents,
+        "docs_s": documents / seconds, "cpu_ms_per_doc": cpu * 1000 / documents,
+        "cpu_us_per_message": round(cpu * 1e6 / messages_in, 1), "workers": workers,
+        "cpu_s_per_worker": [round(c, 2) for c in cpu_each]}
     if trace is not None:
         out["fsyncs_per_doc"] = _strace_calls(trace) / documents
     if result.get("errors"):
-        out["errors"] = len(result["errors"])  # type: ignore[arg-type]
+        out["errors"] = result["errors"]
     return out
+
+
+def workers_ratio(*, devices: int, workers: int = 3, docs: int = 1, size: int = 110_000) -> dict[str, Any]:
+    """``workers`` central processes on one home against one, the same workload, same run."""
+    password = "bench-device-password"
+    with tempfile.TemporaryDirectory(prefix="sohoa-workers-") as tmp:
+        root = Path(tmp)
+        keys = {f"xa-{n:05d}": nacl.signing.SigningKey.generate() for n in range(devices)}
+        one = make_home(root, ROOT, "one")
+        messages = workload(root, one, devices, docs, size, keys)
+        many = make_home(root, ROOT, "many")
+        share_keys(one, many)
+        enroll_direct(many, keys, password)
+        with running_broker(one.path / "mosquitto.conf", one.broker_port, root / "broker-one.log"):
+            single = central_run(root, one, messages, password, docs)
+        with running_broker(many.path / "mosquitto.conf", many.broker_port, root / "broker-many.log"):
+            several = central_run(root, many, messages, password, docs, workers=workers)
+    cores = os.cpu_count() or 1
+    per_doc_ms = several["cpu_ms_per_doc"]
+    return {"value": round(several["mb_s"] / single["mb_s"], 3),
+            "baseline": f"one worker, same devices and messages ({cores} cores)",
+            "details": {"one": single, "several": several,
+                        # What one core of ingest carries, from the measured CPU per document.
+                        "docs_per_core_s": round(1000 / per_doc_ms, 1),
+                        "mb_per_core_s": round(
+                            1000 / per_doc_ms * several["bytes"] / several["documents"] / MB, 2)}}
 
 
 def thread_cpu(process: psutil.Process) -> dict[str, float]:
@@ -367,6 +412,13 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
             big_messages = workload(root, big, 1, 1, args.big_mib * 1024 * 1024, key)
             with running_broker(big.path / "mosquitto.conf", big.broker_port, root / "broker-big.log"):
                 figures["big"] = central_run(root, big, big_messages, password, 1)
+            if args.before:
+                big_before = make_home(root, Path(args.before).resolve(), "big-before")
+                share_keys(big, big_before)
+                enroll_direct(big_before, key, password)
+                with running_broker(big_before.path / "mosquitto.conf", big_before.broker_port,
+                                    root / "broker-big-before.log"):
+                    figures["big_before"] = central_run(root, big_before, big_messages, password, 1)
     raw = figures["raw"]
     central = figures["central"]
     assert isinstance(raw, dict) and isinstance(central, dict)

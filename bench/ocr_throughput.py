@@ -76,26 +76,21 @@ async def _ours(samples: list[Path], workers: int, dpi: int) -> tuple[float, int
         await engine.aclose()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pages", type=int, default=10)
-    parser.add_argument("--dpi", type=int, default=300)
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
+def measure(pages: int = 10, dpi: int = 300) -> dict[str, float | int]:
+    """Raw tesseract (default threads; OMP_THREAD_LIMIT=1 per core) and ours, on the same pages."""
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        samples = [s.path for s in generate_samples(root / "samples", pages=args.pages)]
+        samples = [s.path for s in generate_samples(root / "samples", pages=pages)]
         (root / "pages").mkdir()
-        pages = _rasterise(samples, root / "pages", args.dpi)
+        rasters = _rasterise(samples, root / "pages", dpi)
         # Warm the page cache and tesseract's model load once, outside the timings.
-        _raw(pages[:1], workers=1, omp="1")
-        raw_default = _raw(pages, workers=1, omp=None)
-        raw_omp1 = _raw(pages, workers=cores, omp="1")
-        ours, our_pages = asyncio.run(_ours(samples, cores, args.dpi))
-    n = len(pages)
-    rows = {
+        _raw(rasters[:1], workers=1, omp="1")
+        raw_default = _raw(rasters, workers=1, omp=None)
+        raw_omp1 = _raw(rasters, workers=cores, omp="1")
+        ours, our_pages = asyncio.run(_ours(samples, cores, dpi))
+    n = len(rasters)
+    return {
         "pages": n,
         "cores": cores,
         "raw_default_s_per_page": round(raw_default / n, 3),
@@ -104,6 +99,16 @@ def main() -> None:
         "sohoa_vs_raw_omp1_throughput": round((our_pages / ours) / (n / raw_omp1), 3),
         "sohoa_vs_raw_default_throughput": round((our_pages / ours) / (n / raw_default), 3),
     }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pages", type=int, default=10)
+    parser.add_argument("--dpi", type=int, default=300)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    rows = measure(args.pages, args.dpi)
     if args.json:
         print(json.dumps(rows, indent=2))
         return

@@ -100,7 +100,9 @@ async def serve_config(config: CentralConfig, *, ready: asyncio.Event | None = N
     runner = web.AppRunner(create_app(config), access_log=None)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, config.http.host, config.http.port)
+        # reuse_port: several workers on one home serve the same address; the kernel spreads
+        # connections among them (Linux SO_REUSEPORT).
+        site = web.TCPSite(runner, config.http.host, config.http.port, reuse_port=True)
         await site.start()
         log.info("central listening on http://%s", config.http)
         if ready is not None:

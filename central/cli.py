@@ -107,7 +107,7 @@ def _token_revoke(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return commands.run(args.home)
+    return commands.run(args.home, worker=args.worker)
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -204,6 +204,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                          description="Connect to the broker, ingest transfers, serve the dashboard, "
                                      "/api and /metrics. SIGTERM or Ctrl-C stops cleanly.")
     run.add_argument("--home", type=Path, required=True, help="central home directory")
+    run.add_argument("--worker", metavar="NAME", default=None,
+                     help="run as one of several workers sharing this home: MQTT client id "
+                          "<client_id>-NAME on the shared subscription, its own segment journal; every "
+                          "worker serves HTTP on the same port (SO_REUSEPORT)")
     run.set_defaults(func=_guard(_run))
 
     verify = sub.add_parser("verify", help="re-hash every stored object against the catalog",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import secrets
@@ -32,6 +33,7 @@ from central.broker_config import (
 )
 from central.config import (
     CENTRAL_CLIENT_ID,
+    CentralConfig,
     HostPort,
     load_config,
     parse_broker_url,
@@ -141,7 +143,8 @@ def enroll(home: Path, device_id: str, out: Path) -> None:
         check_device_id(device_id)
     except DecodeError as exc:
         raise EnrollError(str(exc)) from exc
-    if device_id in RESERVED_DEVICE_IDS:
+    if device_id in RESERVED_DEVICE_IDS or device_id.startswith(f"{CENTRAL_CLIENT_ID}-"):
+        # Client ids are one namespace across listeners: sohoa-central-NAME are central's workers.
         raise EnrollError(f"device id {device_id!r} is reserved")
     keys = load_keys(paths)
     signing_key = nacl.signing.SigningKey.generate()
@@ -281,16 +284,27 @@ def verify(home: Path) -> list[str]:
     return problems
 
 
-async def serve(home: Path, *, ready: asyncio.Event | None = None) -> None:
-    """Run ingest and HTTP until cancelled."""
+async def serve(home: Path, *, ready: asyncio.Event | None = None, worker: str | None = None) -> None:
+    """Run ingest and HTTP until cancelled; ``worker`` names one of several processes on this home."""
     from central.app import serve_config  # noqa: PLC0415 - keeps `init` free of aiohttp/paho
 
-    await serve_config(load_config(home), ready=ready)
+    await serve_config(as_worker(load_config(home), worker), ready=ready)
 
 
-def run(home: Path) -> int:
+def as_worker(config: CentralConfig, worker: str | None) -> CentralConfig:
+    """The config of worker ``worker``: its own MQTT client id (and so its own session and segment
+    journal) on the shared subscription; everything else shared through the catalog."""
+    if worker is None:
+        return config
+    if not worker or len(worker) > 32 or not all(c.isalnum() or c in "-_" for c in worker):
+        raise ConfigError(f"--worker {worker!r} must be 1-32 letters, digits, '-' or '_'")
+    return dataclasses.replace(config, broker=dataclasses.replace(
+        config.broker, client_id=f"{config.broker.client_id}-{worker}"))
+
+
+def run(home: Path, *, worker: str | None = None) -> int:
     """``asyncio.run(serve)``, with SIGTERM and SIGINT turned into a clean shutdown."""
-    load_config(home)   # fail fast with a config error, before any loop starts
+    as_worker(load_config(home), worker)   # fail fast with a config error, before any loop starts
 
     async def main() -> None:
         task = asyncio.current_task()
@@ -299,7 +313,7 @@ def run(home: Path) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, task.cancel)
         with contextlib.suppress(asyncio.CancelledError):
-            await serve(home)
+            await serve(home, worker=worker)
 
     asyncio.run(main())
     return 0

@@ -143,6 +143,8 @@ class MqttClient:
         refused = [str(r) for r in future.result() if r.is_failure]
         if refused:
             log.error("broker refused subscriptions: %s", ", ".join(refused))
+        else:
+            log.info("subscriptions acknowledged as %s", self.settings.client_id)
         self.ready.set()
 
     def _on_disconnected(self, reason: str, *, expected: bool = False) -> None:

@@ -27,7 +27,7 @@ from protocol.messages import Receipt
 log = logging.getLogger("sohoa.central.ingest")
 
 T = TypeVar("T")
-LEASE_S = 600.0
+LEASE_S = 120.0   # a worker that died holds its jobs this long; its own restart resumes them at once
 
 
 class Ingestor:

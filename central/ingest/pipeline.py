@@ -56,7 +56,7 @@ from protocol.messages import Ack, AckState, Receipt, encode
 log = logging.getLogger("sohoa.central.ingest")
 
 RECONCILE_EVERY_S = 5.0
-LEASE_S = 600.0
+LEASE_S = 120.0   # a worker that died holds its jobs this long; its own restart resumes them at once
 MAX_UNANSWERED_PUBLISHES = 2048
 PUBLISH_TIMEOUT_S = 30.0
 
