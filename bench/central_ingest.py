@@ -303,11 +303,13 @@ def central_run(root: Path, home: Home, messages: dict[str, list[tuple[str, byte
     return out
 
 
-def workers_ratio(*, devices: int, workers: int = 3, docs: int = 1, size: int = 110_000) -> dict[str, Any]:
+def workers_ratio(*, devices: int, workers: int = 3, docs: int = 1, size: int = 110_000,
+                  keep: Path | None = None) -> dict[str, Any]:
     """``workers`` central processes on one home against one, the same workload, same run."""
     password = "bench-device-password"
-    with tempfile.TemporaryDirectory(prefix="sohoa-workers-") as tmp:
-        root = Path(tmp)
+    with contextlib.ExitStack() as stack:
+        root = keep or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sohoa-workers-")))
+        root.mkdir(parents=True, exist_ok=True)
         keys = {f"xa-{n:05d}": nacl.signing.SigningKey.generate() for n in range(devices)}
         one = make_home(root, ROOT, "one")
         messages = workload(root, one, devices, docs, size, keys)

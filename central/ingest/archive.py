@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from central.fsutil import fsync_dir, write_atomic
 from central.ingest.batch import Reply
 from central.ingest.durability import Durability
 from central.ingest.staging import SegmentReader
+from central.ingest.store import IngestStore
 from central.keys import CentralKeys
 from central.metrics import Metrics
 from central.paths import CentralPaths
@@ -44,7 +44,7 @@ from protocol.messages import Ack, AckState, Receipt, ReceiptBody, encode
 log = logging.getLogger("sohoa.central.ingest")
 
 # ``BatchStage.revoke_transfer``: reject a revoked device's transfer for good, keep its bytes.
-RevokeFn = Callable[[sqlite3.Connection, str, str], None]
+RevokeFn = Callable[[IngestStore, str, str], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,21 +102,21 @@ class Archiver:
         self._store = ObjectStore(paths.objects)
 
     # -- writer: claim ----------------------------------------------------------------------------
-    def claim(self, conn: sqlite3.Connection, tid: str,
+    def claim(self, db: IngestStore, tid: str,
               revoke: RevokeFn) -> tuple[AssemblyJob | None, list[Reply]]:
         """The job's snapshot, or None (and the replies to send) if it is no longer to be assembled."""
-        record = catalog.get_transfer(conn, tid)
+        record = db.get_transfer(tid)
         if record is None or record.state != "receiving" or not record.complete:
             return None, []
-        device = catalog.get_device(conn, record.device)   # fresh: a revoke may have landed meanwhile
+        device = db.get_device(record.device)   # fresh: a revoke may have landed meanwhile
         if device is None or device.status != "active":
-            revoke(conn, record.device, tid)
+            revoke(db, record.device, tid)
             exc = RevokedDeviceError(f"device {record.device!r} was revoked", device=record.device,
                                      tid=tid)
             self._metrics.error(type(exc).__name__)
             return None, [Ack(record.device, tid, AckState.REJECTED, error=str(exc)[:500],
                               error_class=type(exc).__name__)]
-        segments = tuple(catalog.stored_segments(conn, tid))
+        segments = tuple(db.stored_segments(tid))
         return AssemblyJob(tid, record.device, SignedHeader.decode(record.header), device.verify_key,
                            segments), []
 
@@ -143,33 +143,33 @@ class Archiver:
         return self._max_plaintext
 
     # -- writer: record ---------------------------------------------------------------------------
-    def record(self, conn: sqlite3.Connection, result: Assembly, revoke: RevokeFn) -> list[Reply]:
+    def record(self, db: IngestStore, result: Assembly, revoke: RevokeFn) -> list[Reply]:
         job = result.job
         device, tid = job.device, job.tid
-        record = catalog.get_transfer(conn, tid)
+        record = db.get_transfer(tid)
         if record is None or record.state != "receiving":
             return []   # another worker finished it meanwhile; it answered
         if isinstance(result, Deferred):
             self._metrics.error(type(result.error).__name__)
             log.error("cannot assemble %s: %s", tid, result.error)
-            catalog.release_job(conn, tid, f"{type(result.error).__name__}: {result.error}")
+            db.release_job(tid, f"{type(result.error).__name__}: {result.error}")
             return [Ack(device, tid, AckState.RECEIVING, record.held)]
         if isinstance(result, Quarantined):
             exc = result.error
             self._metrics.error(type(exc).__name__)
             log.warning("refused transfer %s from %s: %s: %s", tid, device, type(exc).__name__, exc)
-            catalog.reject_transfer(conn, tid, str(exc)[:2000], type(exc).__name__)
-            catalog.add_fixity(conn, event="rejected", device=device, tid=tid, at=catalog.utc_now(),
+            db.reject_transfer(tid, str(exc)[:2000], type(exc).__name__)
+            db.add_fixity(event="rejected", device=device, tid=tid, at=catalog.utc_now(),
                                detail=json.dumps({"error_class": type(exc).__name__, "error": str(exc)},
                                                  ensure_ascii=False))
             return [Ack(device, tid, AckState.REJECTED, error=str(exc)[:500],
                         error_class=type(exc).__name__)]
-        status = catalog.get_device(conn, device)
+        status = db.get_device(device)
         if status is None or status.status != "active":
             # Revoked while it was being assembled: never catalogued, never receipted. A new object
             # nobody points at is removed again (a shared one is another arrival's).
-            revoke(conn, device, tid)
-            if not catalog.object_exists(conn, result.original_sha256):
+            revoke(db, device, tid)
+            if not db.object_exists(result.original_sha256):
                 with contextlib.suppress(FileNotFoundError):
                     self._store.path_for(result.original_sha256).unlink()
             with contextlib.suppress(FileNotFoundError):
@@ -179,7 +179,7 @@ class Archiver:
                         error_class=type(exc2).__name__)]
         stored_at = catalog.utc_now()
         sha = result.original_sha256
-        duplicate = catalog.object_exists(conn, sha)
+        duplicate = db.object_exists(sha)
         # Provenance per arrival: this box's name, capture time and text get their own document,
         # unless this very arrival is already catalogued (the same scan sent again).
         document = catalog.NewDocument(
@@ -187,9 +187,9 @@ class Archiver:
             size=result.original_size, pages=result.pages, media_type=result.media_type,
             received_at=stored_at, text=result.text, metadata=result.metadata_json,
             package_sha256=result.package_sha256, captured_at=result.captured_at)
-        existing = catalog.arrival_by_key(conn, document.key)
+        existing = db.arrival_by_key(document.key)
         if existing is None:
-            document_id = catalog.insert_document(conn, document)
+            document_id = db.insert_document(document)
         else:
             document_id = existing
             # The package names this transfer (tid, seq): never the stored arrival's own package.
@@ -198,15 +198,15 @@ class Archiver:
         if duplicate and result.put is not Put.KEPT:
             previous = "missing" if result.put is Put.STORED else "damaged"
             log.warning("object %s was %s; repaired from %s (document %d)", sha, previous, tid, document_id)
-            catalog.add_fixity(conn, event="repaired", device=device, tid=tid, at=stored_at,
+            db.add_fixity(event="repaired", device=device, tid=tid, at=stored_at,
                                document_id=document_id, original_sha256=sha,
                                detail=json.dumps({"previous": previous}))
         receipt = Receipt.sign(ReceiptBody(device=device, tid=tid, sha256=sha, stored_at=stored_at,
                                            document_id=document_id, duplicate=duplicate), self._keys.receipt)
         _, receipt_payload = encode(receipt)
-        catalog.store_transfer(conn, tid, document_id=document_id, duplicate=duplicate,
+        db.store_transfer(tid, document_id=document_id, duplicate=duplicate,
                                receipt=receipt_payload, stored_at=stored_at)
-        catalog.add_fixity(conn, event="duplicate" if duplicate else "ingest", device=device, tid=tid,
+        db.add_fixity(event="duplicate" if duplicate else "ingest", device=device, tid=tid,
                            at=stored_at, document_id=document_id, original_sha256=sha,
                            package_sha256=result.package_sha256, ciphertext_sha256=result.ciphertext_sha256,
                            detail=json.dumps({"seq": job.signed.header.seq, "filename": result.original_name,

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import sqlite3
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from central import catalog
 from central.errors import AbortedError, RevokedDeviceError, SequenceReusedError
 from central.ingest.admission import Admit, Clone, Known, Refuse, admit
 from central.ingest.staging import SegmentJournal, SegmentReader
+from central.ingest.store import IngestStore
 from central.metrics import Metrics
 from central.paths import CentralPaths
 from protocol.errors import ProtocolError, TransferError
@@ -77,6 +78,7 @@ class BatchOutcome:
     replies: list[Reply] = field(default_factory=list)
     ready: list[str] = field(default_factory=list)       # complete transfers this worker now assembles
     jobs: list[Any] = field(default_factory=list)        # their snapshots (archive.AssemblyJob), if taken
+    parked: list[int] = field(default_factory=list)      # items of transfers not announced yet
     segments: int = 0                                    # newly held segments and bytes (metrics)
     bytes: int = 0
 
@@ -110,79 +112,87 @@ class BatchStage:
         self._metrics = metrics
         self._lease_s = lease_s
 
-    def apply(self, conn: sqlite3.Connection, items: list[tuple[str, bytes]]) -> BatchOutcome:
+    def apply(self, db: IngestStore, items: list[tuple[str, bytes]],
+              park: Sequence[bool] | None = None) -> BatchOutcome:
+        """Apply ``items``; a segment or fin of a transfer nobody announced yet is parked (its index
+        in ``outcome.parked``) rather than answered UNKNOWN where ``park[i]`` allows it: with several
+        workers, its init may be in another worker's batch right now."""
         batch = _Batch()
-        messages: list[Message] = []
-        for topic, payload in items:
+        messages: list[tuple[int, Message]] = []
+        for index, (topic, payload) in enumerate(items):
             try:
-                messages.append(decode(topic, payload))
+                messages.append((index, decode(topic, payload)))
             except ProtocolError as exc:
                 self._refused(exc, f"undecodable message on {topic[:120]!r}")
-        wanted = {m.tid for m in messages if isinstance(m, Segment | Fin)}
-        known = catalog.get_transfers(conn, wanted) if wanted else {}
-        for msg in messages:
+        wanted = {m.tid for _, m in messages if isinstance(m, Segment | Fin)}
+        known = db.get_transfers(wanted) if wanted else {}
+        for index, msg in messages:
+            if park is not None and park[index] and isinstance(msg, Segment | Fin) and (
+                    msg.tid not in known and msg.tid not in batch.open and msg.tid not in batch.answered):
+                batch.outcome.parked.append(index)
+                continue
             batch.devices.add(msg.device)
             try:
                 if isinstance(msg, Init):
-                    self._on_init(conn, msg, batch, known)
+                    self._on_init(db, msg, batch, known)
                 elif isinstance(msg, Segment):
-                    self._on_segment(conn, msg, batch, known)
+                    self._on_segment(db, msg, batch, known)
                 elif isinstance(msg, Fin):
-                    self._on_fin(conn, msg, batch, known)
+                    self._on_fin(db, msg, batch, known)
                 elif isinstance(msg, Abort):
-                    self._on_abort(conn, msg, batch, known)
+                    self._on_abort(db, msg, batch, known)
                 elif isinstance(msg, Status):
-                    self._on_status(conn, msg)
+                    self._on_status(db, msg)
                 # Acks and receipts travel down only; central never acts on one it sees.
             except ProtocolError as exc:
                 self._refused(exc, f"{type(msg).__name__} from {msg.device}")
-        self._record(conn, batch)
+        self._record(db, batch)
         return batch.outcome
 
     # -- init -------------------------------------------------------------------------------------
-    def _on_init(self, conn: sqlite3.Connection, msg: Init, batch: _Batch,
+    def _on_init(self, db: IngestStore, msg: Init, batch: _Batch,
                  known: dict[str, catalog.TransferRecord]) -> None:
         if msg.tid in batch.answered:
             return
         header = msg.signed_header.header
-        existing = catalog.get_transfer(conn, msg.tid)
-        device = catalog.get_device(conn, msg.device)
+        existing = db.get_transfer(msg.tid)
+        device = db.get_device(msg.device)
         holder = None
         if existing is None and device is not None:
-            holder = catalog.transfer_by_seq(conn, msg.device, header.seq)
+            holder = db.transfer_by_seq(msg.device, header.seq)
         verdict = admit(msg, device=device, existing=existing, seq_holder=holder, key_id=self._key_id,
                         max_plaintext=self._max_plaintext)
         if isinstance(verdict, Refuse):
             if verdict.record:
-                catalog.insert_transfer(conn, tid=msg.tid, device=msg.device, seq=header.seq,
+                db.insert_transfer(tid=msg.tid, device=msg.device, seq=header.seq,
                                         header=msg.signed_header.encode(), size=header.ciphertext_size)
-                catalog.reject_transfer(conn, msg.tid, str(verdict.error), type(verdict.error).__name__)
+                db.reject_transfer(msg.tid, str(verdict.error), type(verdict.error).__name__)
             self._reject(batch, msg.device, msg.tid, verdict.error)
         elif isinstance(verdict, Clone):
-            self._possible_clone(conn, batch, msg, verdict.holder)
+            self._possible_clone(db, batch, msg, verdict.holder)
         elif isinstance(verdict, Known):
             self._answer_known(verdict.record, batch)
         else:
             assert isinstance(verdict, Admit)
-            catalog.insert_transfer(conn, tid=msg.tid, device=msg.device, seq=header.seq,
+            db.insert_transfer(tid=msg.tid, device=msg.device, seq=header.seq,
                                     header=msg.signed_header.encode(), size=header.ciphertext_size)
-            record = catalog.get_transfer(conn, msg.tid)
+            record = db.get_transfer(msg.tid)
             assert record is not None
             known[msg.tid] = record
             batch.open[msg.tid] = _Open(record, RangeSet())
             batch.touched.add(msg.tid)
 
-    def _possible_clone(self, conn: sqlite3.Connection, batch: _Batch, msg: Init,
+    def _possible_clone(self, db: IngestStore, batch: _Batch, msg: Init,
                         holder: catalog.TransferRecord) -> None:
         """A signed init reusing another transfer's seq: two boxes with one identity. Refuse, flag."""
         import json  # noqa: PLC0415 - rare path
 
         seq = msg.signed_header.header.seq
         at = catalog.utc_now()
-        new = catalog.record_seq_collision(conn, device=msg.device, seq=seq, tid=msg.tid,
+        new = db.record_seq_collision(device=msg.device, seq=seq, tid=msg.tid,
                                            other_tid=holder.tid, at=at)
         if new:
-            catalog.add_fixity(conn, event="possible_clone", device=msg.device, tid=msg.tid, at=at,
+            db.add_fixity(event="possible_clone", device=msg.device, tid=msg.tid, at=at,
                                detail=json.dumps({"seq": seq, "other_tid": holder.tid}))
         log.warning("possible clone of device %s: transfer %s reuses sequence number %d of transfer %s",
                     msg.device, msg.tid, seq, holder.tid)
@@ -206,14 +216,14 @@ class BatchStage:
             batch.open.setdefault(record.tid, _Open(record, RangeSet.of(record.held)))
             batch.touched.add(record.tid)
 
-    def _open(self, conn: sqlite3.Connection, device: str, tid: str, batch: _Batch,
+    def _open(self, db: IngestStore, device: str, tid: str, batch: _Batch,
               known: dict[str, catalog.TransferRecord]) -> _Open | None:
         """The receiving transfer a segment or fin belongs to, or None once it has been answered."""
         if tid in batch.answered:
             return None
         current = batch.open.get(tid)
         if current is not None:
-            return current if self._still_trusted(conn, device, tid, batch) else None
+            return current if self._still_trusted(db, device, tid, batch) else None
         record = known.get(tid)
         if record is None or record.device != device:
             batch.reply(tid, Ack(device, tid, AckState.UNKNOWN))
@@ -224,20 +234,20 @@ class BatchStage:
         if record.size is None:   # a header no version of central could read: never assembled
             batch.reply(tid, Ack(device, tid, AckState.UNKNOWN))
             return None
-        if not self._still_trusted(conn, device, tid, batch):
+        if not self._still_trusted(db, device, tid, batch):
             return None
         opened = batch.open[tid] = _Open(record, RangeSet.of(record.held))
         return opened
 
     # -- segments, fin, abort, status -------------------------------------------------------------
-    def _on_segment(self, conn: sqlite3.Connection, seg: Segment, batch: _Batch,
+    def _on_segment(self, db: IngestStore, seg: Segment, batch: _Batch,
                     known: dict[str, catalog.TransferRecord]) -> None:
-        transfer = self._open(conn, seg.device, seg.tid, batch, known)
+        transfer = self._open(db, seg.device, seg.tid, batch, known)
         if transfer is None:
             return
         batch.touched.add(seg.tid)
         end = seg.end
-        conflict = self._conflict(conn, transfer, seg)
+        conflict = self._conflict(db, transfer, seg)
         if conflict is _REPEAT:
             return   # a repeat: acknowledged, not written
         if conflict is not None:
@@ -256,23 +266,23 @@ class BatchStage:
         transfer.held.add(seg.offset, end)
 
     @staticmethod
-    def _conflict(conn: sqlite3.Connection, transfer: _Open, seg: Segment) -> TransferError | None:
+    def _conflict(db: IngestStore, transfer: _Open, seg: Segment) -> TransferError | None:
         """None for new bytes, ``_REPEAT`` for a byte-identical repeat, else the conflict."""
         if seg.end > transfer.size:
             return TransferError(f"segment [{seg.offset}, {seg.end}) past the signed size {transfer.size}",
                                  device=seg.device, tid=seg.tid, offset=seg.offset)
         if not transfer.held.overlaps(seg.offset, seg.end):
             return None
-        held = transfer.pending.get(seg.offset) or catalog.segment_at(conn, seg.tid, seg.offset)
+        held = transfer.pending.get(seg.offset) or db.segment_at(seg.tid, seg.offset)
         if held is not None and held.length == len(seg.data) and held.crc == seg.crc:
             return _REPEAT
         return TransferError("conflicting segment at a held offset" if held is not None else
                              "segment overlaps held bytes with a different geometry",
                              device=seg.device, tid=seg.tid, offset=seg.offset)
 
-    def _on_fin(self, conn: sqlite3.Connection, fin: Fin, batch: _Batch,
+    def _on_fin(self, db: IngestStore, fin: Fin, batch: _Batch,
                 known: dict[str, catalog.TransferRecord]) -> None:
-        transfer = self._open(conn, fin.device, fin.tid, batch, known)
+        transfer = self._open(db, fin.device, fin.tid, batch, known)
         if transfer is None:
             return
         batch.touched.add(fin.tid)
@@ -284,51 +294,51 @@ class BatchStage:
             self._refused(exc, "fin")
             transfer.error = exc
 
-    def _on_abort(self, conn: sqlite3.Connection, abort: Abort, batch: _Batch,
+    def _on_abort(self, db: IngestStore, abort: Abort, batch: _Batch,
                   known: dict[str, catalog.TransferRecord]) -> None:
-        record = known.get(abort.tid) or catalog.get_transfer(conn, abort.tid)
+        record = known.get(abort.tid) or db.get_transfer(abort.tid)
         if record is None or record.device != abort.device or record.state != "receiving":
             return
         reason = AbortedError(f"aborted by the device: {abort.reason[:500]}", device=abort.device,
                               tid=abort.tid)
-        catalog.reject_transfer(conn, abort.tid, str(reason), type(reason).__name__)
+        db.reject_transfer(abort.tid, str(reason), type(reason).__name__)
         batch.open.pop(abort.tid, None)
         batch.touched.discard(abort.tid)
         batch.answered.add(abort.tid)   # nothing to say to a device that gave up
         self._remove_legacy_part(abort.tid)
 
-    def _on_status(self, conn: sqlite3.Connection, status: Status) -> None:
-        device = catalog.get_device(conn, status.device)
+    def _on_status(self, db: IngestStore, status: Status) -> None:
+        device = db.get_device(status.device)
         if device is None or device.status != "active":
             return   # a revoked box's last will or a late status must not make it look alive
         if not status.online and status.updated_at is None:
             # The bare last will (the broker speaking for a box that vanished): it knows nothing
             # of the queue, so keep the backlog and error the box last reported — "offline with
             # documents stuck on it" is exactly what an operator must see.
-            catalog.mark_offline(conn, status.device, at=catalog.utc_now())
+            db.mark_offline(status.device, at=catalog.utc_now())
             return
         _, payload = encode(status)
-        catalog.update_device_status(
-            conn, status.device, online=status.online, backlog_docs=status.queue_docs,
+        db.update_device_status(
+            status.device, online=status.online, backlog_docs=status.queue_docs,
             backlog_bytes=status.queue_bytes, last_error=status.last_error,
             status_json=payload.decode("utf-8"), at=catalog.utc_now())
 
     # -- the end of the batch ---------------------------------------------------------------------
-    def _record(self, conn: sqlite3.Connection, batch: _Batch) -> None:
+    def _record(self, db: IngestStore, batch: _Batch) -> None:
         for tid, transfer in batch.open.items():
             if transfer.pending and tid not in batch.answered:
-                catalog.add_segments(conn, tid, transfer.pending.values())
-                catalog.set_held(conn, tid, transfer.held)
+                db.add_segments(tid, transfer.pending.values())
+                db.set_held(tid, transfer.held)
                 batch.outcome.segments += len(transfer.pending)
                 batch.outcome.bytes += sum(s.length for s in transfer.pending.values())
         if batch.devices:
-            catalog.touch_devices(conn, sorted(batch.devices), catalog.utc_now())
+            db.touch_devices(sorted(batch.devices), catalog.utc_now())
         for tid in sorted(batch.touched):
             transfer = batch.open[tid]
             record = transfer.record
             if transfer.held.covers(0, transfer.size):
-                catalog.add_job(conn, tid)
-                if catalog.claim_job(conn, tid, worker=self._worker, lease_s=self._lease_s):
+                db.add_job(tid)
+                if db.claim_job(tid, worker=self._worker, lease_s=self._lease_s):
                     # Its answer is the assembly's outcome (STORED and the receipt, or REJECTED),
                     # published as soon as it is recorded; other transfers' acks do not wait for it.
                     batch.outcome.ready.append(tid)
@@ -340,22 +350,22 @@ class BatchStage:
             batch.outcome.replies.append(ack)
 
     # -- refusals ---------------------------------------------------------------------------------
-    def _still_trusted(self, conn: sqlite3.Connection, device: str, tid: str, batch: _Batch) -> bool:
+    def _still_trusted(self, db: IngestStore, device: str, tid: str, batch: _Batch) -> bool:
         trusted = batch.trusted.get(device)
         if trusted is None:
-            record = catalog.get_device(conn, device)
+            record = db.get_device(device)
             trusted = batch.trusted[device] = record is not None and record.status == "active"
         if not trusted:
-            self.revoke_transfer(conn, device, tid, batch.open.pop(tid, None))
+            self.revoke_transfer(db, device, tid, batch.open.pop(tid, None))
             self._reject(batch, device, tid, RevokedDeviceError(f"device {device!r} was revoked",
                                                                 device=device, tid=tid))
         return trusted
 
-    def revoke_transfer(self, conn: sqlite3.Connection, device: str, tid: str,
+    def revoke_transfer(self, db: IngestStore, device: str, tid: str,
                         transfer: _Open | None = None) -> None:
         """Reject a transfer of a device revoked after its init, for good (it never resumes)."""
         exc = RevokedDeviceError(f"device {device!r} was revoked", device=device, tid=tid)
-        held = catalog.stored_segments(conn, tid)
+        held = db.stored_segments(tid)
         if transfer is not None:
             held += list(transfer.pending.values())
         if held:
@@ -365,7 +375,7 @@ class BatchStage:
                                      self._paths.quarantine / f"{tid}.part")
             except OSError as error:
                 log.error("cannot keep the bytes of revoked transfer %s: %s", tid, error)  # noqa: TRY400
-        catalog.reject_transfer(conn, tid, str(exc), type(exc).__name__)
+        db.reject_transfer(tid, str(exc), type(exc).__name__)
         self._remove_legacy_part(tid)
 
     def _remove_legacy_part(self, tid: str) -> None:

@@ -13,11 +13,11 @@ import sqlite3
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-from central import catalog
 from central.ingest.archive import Archiver, tmp_leftovers
 from central.ingest.batch import BatchStage, Reply
 from central.ingest.durability import Durability
 from central.ingest.staging import SegmentJournal
+from central.ingest.store import IngestStore, SqliteIngestStore
 from central.keys import CentralKeys
 from central.metrics import Metrics
 from central.paths import CentralPaths
@@ -37,6 +37,7 @@ class Ingestor:
                  max_plaintext: int, metrics: Metrics | None = None, worker: str = "central",
                  durability: str = "syncfs") -> None:
         self._conn = conn
+        self._db = SqliteIngestStore(conn)
         self.metrics = metrics or Metrics()
         self.journal = SegmentJournal(paths.staging, worker)
         self.durability = Durability(durability, self.journal, [paths.staging, paths.objects])
@@ -45,15 +46,15 @@ class Ingestor:
                                 lease_s=LEASE_S)
         self.archive = Archiver(paths, keys, max_plaintext=max_plaintext, metrics=self.metrics,
                                 durability=self.durability)
-        remove_stale_staging(conn, paths)
+        remove_stale_staging(self._db, paths)
         tmp_leftovers(paths.tmp)
 
-    def transaction(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    def transaction(self, fn: Callable[[IngestStore], T]) -> T:
         """Run ``fn`` in one write transaction; the journal is made durable before the commit."""
         conn = self._conn
         conn.execute("BEGIN IMMEDIATE")
         try:
-            result = fn(conn)
+            result = fn(self._db)
             self.durability.before_commit()
             conn.commit()
         except BaseException:
@@ -89,13 +90,13 @@ class Ingestor:
 
     def collect(self) -> None:
         """Delete journal files nothing points into any more."""
-        self.journal.collect(lambda name: catalog.journal_in_use(self._conn, name))
+        self.journal.collect(self._db.journal_in_use)
 
 
-def remove_stale_staging(conn: sqlite3.Connection, paths: CentralPaths) -> None:
+def remove_stale_staging(db: IngestStore, paths: CentralPaths) -> None:
     """Drop legacy ``.part`` files of transfers that are no longer receiving (a crash between the
     commit and the unlink, or a catalog v2 staging directory)."""
     for part in paths.staging.glob("*.part"):
-        record = catalog.get_transfer(conn, part.stem)
+        record = db.get_transfer(part.stem)
         if record is not None and record.state != "receiving":
             part.unlink()

@@ -4,6 +4,8 @@ Stages and what may wait for what:
   - ``receive`` takes whatever the broker delivered (up to ``batch_max`` messages) and hands it to
     the writer at once; up to ``batches_in_flight`` batches are queued behind the writer, which
     commits all of them that are waiting as one group (one journal fsync, one WAL commit).
+  - A segment or fin of a transfer not announced yet (its init is in another worker's batch) is
+    parked in memory and tried again with the next batches for a few seconds before UNKNOWN.
   - ``answer`` takes the batches back in the order they were received, acknowledges their MQTT
     messages (PUBACKs go out in order) and publishes the replies without waiting for the broker's
     PUBACKs; transfers that became complete go to the assemblers.
@@ -31,7 +33,6 @@ from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from central import catalog
 from central.ingest.archive import (
     Archiver,
     Assembly,
@@ -45,6 +46,7 @@ from central.ingest.batch import BatchOutcome, BatchStage, Reply
 from central.ingest.durability import Durability
 from central.ingest.inline import remove_stale_staging
 from central.ingest.staging import SegmentJournal
+from central.ingest.store import IngestStore
 from central.ingest.writer import GroupWriter
 from central.keys import CentralKeys
 from central.metrics import Metrics
@@ -59,6 +61,11 @@ RECONCILE_EVERY_S = 5.0
 LEASE_S = 120.0   # a worker that died holds its jobs this long; its own restart resumes them at once
 MAX_UNANSWERED_PUBLISHES = 2048
 PUBLISH_TIMEOUT_S = 30.0
+# With several workers on one shared subscription a transfer's first segments may reach a worker
+# before its init has been committed by another: such segments wait here (in memory; the device is
+# only acked what is durable) and are tried again, for up to PARK_S, before UNKNOWN is answered.
+PARK_S = 5.0
+PARK_RETRY_S = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,18 +104,18 @@ class IngestCore:
         archive = Archiver(paths, keys, max_plaintext=max_plaintext, metrics=metrics, durability=durability)
         return cls(paths, settings, journal, durability, batch, archive, metrics)
 
-    def start_up(self, conn: sqlite3.Connection) -> None:
-        remove_stale_staging(conn, self.paths)
+    def start_up(self, db: IngestStore) -> None:
+        remove_stale_staging(db, self.paths)
         tmp_leftovers(self.paths.tmp)
 
-    def reconcile(self, conn: sqlite3.Connection) -> list[str]:
+    def reconcile(self, db: IngestStore) -> list[str]:
         """Give complete transfers a job, take the jobs nobody holds, drop unused journal files."""
-        for tid in catalog.complete_transfers_without_job(conn):
-            catalog.add_job(conn, tid)
+        for tid in db.complete_transfers_without_job():
+            db.add_job(tid)
         worker, lease = self.settings.worker, self.settings.lease_s
-        taken = [tid for tid in catalog.claimable_jobs(conn, worker=worker)
-                 if tid not in self.assembling and catalog.claim_job(conn, tid, worker=worker, lease_s=lease)]
-        self.journal.collect(lambda name: catalog.journal_in_use(conn, name))
+        taken = [tid for tid in db.claimable_jobs(worker=worker)
+                 if tid not in self.assembling and db.claim_job(tid, worker=worker, lease_s=lease)]
+        self.journal.collect(db.journal_in_use)
         return taken
 
 
@@ -118,7 +125,10 @@ class IngestPipeline:
         self.writer = writer
         self.client = client
         settings = core.settings
-        self._answers: asyncio.Queue[tuple[list[Inbound], asyncio.Task[BatchOutcome]]] = asyncio.Queue()
+        self._answers: asyncio.Queue[tuple[list[Inbound], list[tuple[Inbound, float]],
+                                           asyncio.Task[BatchOutcome]]] = asyncio.Queue()
+        self._parked: list[tuple[float, Inbound]] = []   # (first seen, message) of unannounced transfers
+        self._wake = asyncio.Event()
         self._in_flight = asyncio.Semaphore(settings.batches_in_flight)
         self._ready: asyncio.Queue[AssemblyJob | str] = asyncio.Queue()
         self._publishing = asyncio.Semaphore(MAX_UNANSWERED_PUBLISHES)
@@ -153,21 +163,54 @@ class IngestPipeline:
         limit = self.core.settings.batch_max
         stage = self.core.batch
         archive = self.core.archive
+        loop = asyncio.get_running_loop()
         while True:
-            batch: list[Inbound] = [await inbox.get()]
-            while len(batch) < limit and not inbox.empty():
-                batch.append(inbox.get_nowait())
+            fresh: list[Inbound] = []
+            if self._parked or self._wake.is_set():
+                # Parked messages are tried again with whatever comes next, or alone after a pause.
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(PARK_RETRY_S):
+                        fresh.append(await inbox.get())
+            else:
+                message = await self._next_or_wake()
+                if message is not None:
+                    fresh.append(message)
+            while len(fresh) < limit and not inbox.empty():
+                fresh.append(inbox.get_nowait())
+            now = loop.time()
+            parked, self._parked = self._parked, []
+            pending = [*((m, since) for since, m in parked), *((m, now) for m in fresh)]
+            if not pending:
+                continue
             await self._in_flight.acquire()
             self.batches += 1
-            self.messages += len(batch)
-            items = [(m.topic, m.payload) for m in batch]
-            task = asyncio.create_task(self.writer.call(functools.partial(_apply, stage, archive, items)))
-            await self._answers.put((batch, task))
+            self.messages += len(fresh)
+            items = [(m.topic, m.payload) for m, _ in pending]
+            park = [now - since < PARK_S for _, since in pending]
+            call = functools.partial(_apply, stage, archive, items, park)
+            task = asyncio.create_task(self.writer.call(call))
+            await self._answers.put((fresh, pending, task))
+
+    async def _next_or_wake(self) -> Inbound | None:
+        """The next message, or None as soon as ``_answer`` parks something (nothing may arrive)."""
+        inbox = self.client.inbox
+        if not inbox.empty():
+            return inbox.get_nowait()
+        getting = asyncio.ensure_future(inbox.get())
+        waking = asyncio.ensure_future(self._wake.wait())
+        try:
+            await asyncio.wait({getting, waking}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waking.cancel()
+            if not getting.done():
+                getting.cancel()
+        return getting.result() if getting.done() and not getting.cancelled() else None
 
     async def _answer(self) -> None:
         metrics = self.core.metrics
         while True:
-            batch, task = await self._answers.get()
+            batch, pending, task = await self._answers.get()
             try:
                 outcome: BatchOutcome | None = await task
             except (OSError, sqlite3.Error) as exc:
@@ -180,10 +223,17 @@ class IngestPipeline:
                 outcome = None
             finally:
                 self._in_flight.release()
+            # PUBACK to the broker only: the device's own ack comes from central, after durability,
+            # so a parked message (held here, in memory) is safe to acknowledge too.
             for message in batch:
                 self.client.ack(message)
             if outcome is None:
                 continue
+            for index in outcome.parked:
+                message, since = pending[index]
+                self._parked.append((since, message))
+            if outcome.parked:
+                self._wake.set()
             metrics.segments_received += outcome.segments
             metrics.bytes_received += outcome.bytes
             self._publish(outcome.replies)
@@ -288,12 +338,12 @@ class IngestPipeline:
 
 
 # The writer calls, as partials (a lambda in a loop would capture the loop variable).
-def _apply(stage: BatchStage, archive: Archiver, items: list[tuple[str, bytes]],
-           conn: sqlite3.Connection) -> BatchOutcome:
+def _apply(stage: BatchStage, archive: Archiver, items: list[tuple[str, bytes]], park: list[bool],
+           db: IngestStore) -> BatchOutcome:
     """The batch, and a snapshot of each transfer it completed for the assemblers (one writer call)."""
-    outcome = stage.apply(conn, items)
+    outcome = stage.apply(db, items, park)
     for tid in outcome.ready:
-        job, replies = archive.claim(conn, tid, stage.revoke_transfer)
+        job, replies = archive.claim(db, tid, stage.revoke_transfer)
         outcome.replies += replies
         if job is not None:
             outcome.jobs.append(job)
@@ -301,12 +351,12 @@ def _apply(stage: BatchStage, archive: Archiver, items: list[tuple[str, bytes]],
 
 
 def _claim(archive: Archiver, tid: str, revoke: RevokeFn,
-           conn: sqlite3.Connection) -> tuple[AssemblyJob | None, list[Reply]]:
-    return archive.claim(conn, tid, revoke)
+           db: IngestStore) -> tuple[AssemblyJob | None, list[Reply]]:
+    return archive.claim(db, tid, revoke)
 
 
-def _record(archive: Archiver, result: Assembly, revoke: RevokeFn, conn: sqlite3.Connection) -> list[Reply]:
-    return archive.record(conn, result, revoke)
+def _record(archive: Archiver, result: Assembly, revoke: RevokeFn, db: IngestStore) -> list[Reply]:
+    return archive.record(db, result, revoke)
 
 
 def thread_cpu() -> dict[str, float]:

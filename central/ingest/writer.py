@@ -10,26 +10,43 @@ commit. N batches and assemblies cost one journal fsync and one WAL fsync togeth
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import queue
-import sqlite3
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 from central import catalog
+from central.ingest.store import SqliteIngestStore
 
 log = logging.getLogger("sohoa.central.writer")
 
 T = TypeVar("T")
-_Call = tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any], asyncio.AbstractEventLoop]
+_Call = tuple[Callable[[Any], Any], asyncio.Future[Any], asyncio.AbstractEventLoop]
 
 
 class GroupWriter:
-    def __init__(self, path: Path, *, before_commit: Callable[[], None] = lambda: None,
-                 name: str = "catalog-writer", max_group: int = 256) -> None:
-        self._path = path
+    """``call(fn)`` runs ``fn(store)`` in the writer's next group transaction.
+
+    ``connect`` opens the connection (on the writer's thread) and ``store`` wraps it in the interface
+    the calls get (``central.ingest.store``); ``begin`` starts a write transaction: SQLite's
+    ``BEGIN IMMEDIATE`` takes the write lock at once, so two workers on one file queue instead of
+    failing their upgrade.
+    """
+
+    def __init__(self, path: Path | None = None, *, before_commit: Callable[[], None] = lambda: None,
+                 name: str = "catalog-writer", max_group: int = 256,
+                 connect: Callable[[], Any] | None = None, store: Callable[[Any], Any] = SqliteIngestStore,
+                 begin: str = "BEGIN IMMEDIATE") -> None:
+        if connect is None:
+            assert path is not None
+            connect = functools.partial(catalog.connect, path)
+        self._connect = connect
+        self._store = store
+        self._begin = begin
         self._before_commit = before_commit
         self._max_group = max_group
         self._queue: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
@@ -43,7 +60,7 @@ class GroupWriter:
             self._thread.join()
             raise failure
 
-    async def call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def call(self, fn: Callable[[Any], T]) -> T:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         self._queue.put((fn, future, loop))
@@ -55,7 +72,8 @@ class GroupWriter:
 
     def _run(self) -> None:
         try:
-            conn = catalog.connect(self._path)
+            conn = self._connect()
+            store = self._store(conn)
         except BaseException as exc:
             self._opened.put(exc)
             return
@@ -76,35 +94,35 @@ class GroupWriter:
                         stop = True
                         break
                     group.append(item)
-                self._run_group(conn, group)
+                self._run_group(conn, store, group)
                 if stop:
                     return
         finally:
             conn.close()
 
-    def _run_group(self, conn: sqlite3.Connection, group: list[_Call]) -> None:
+    def _run_group(self, conn: Any, store: Any, group: list[_Call]) -> None:
         results: list[tuple[_Call, Any, BaseException | None]] = []
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            conn.execute(self._begin)
             for call in group:
                 conn.execute("SAVEPOINT call")
                 try:
-                    value = call[0](conn)
+                    value = call[0](store)
                 except Exception as exc:   # handed to the caller, whatever it is
-                    conn.execute("ROLLBACK TO call")
-                    conn.execute("RELEASE call")
+                    conn.execute("ROLLBACK TO SAVEPOINT call")
+                    conn.execute("RELEASE SAVEPOINT call")
                     results.append((call, None, exc))
                 else:
-                    conn.execute("RELEASE call")
+                    conn.execute("RELEASE SAVEPOINT call")
                     results.append((call, value, None))
             self._before_commit()
-            conn.commit()
+            conn.execute("COMMIT")
             self.commits += 1
             self.calls += len(group)
         except BaseException as exc:
             # The commit (or the journal's fsync) failed: nothing of the group is durable.
-            if conn.in_transaction:
-                conn.rollback()
+            with contextlib.suppress(Exception):
+                conn.execute("ROLLBACK")
             log.error("group of %d writes not committed: %s", len(group), exc)  # noqa: TRY400 - the cause is enough
             results = [(call, None, exc) for call in group]
         for (_fn, future, loop), value, error in results:
