@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.broker import Broker, anonymous_config, free_port, running_broker
+from tests.support.postgres import Postgres, running_postgres
 
 # The whole-deployment fixture (generated broker config, central, one enrolled edge).
 pytest_plugins = ["tests.support.deployment"]
@@ -21,3 +22,10 @@ def mosquitto(tmp_path: Path) -> Iterator[Broker]:
     directory.mkdir()
     with running_broker(anonymous_config(directory, port), port, directory / "mosquitto.log") as broker:
         yield broker
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgres]:
+    """One PostgreSQL cluster for the session (each test creates its own database in it)."""
+    with running_postgres(tmp_path_factory.mktemp("postgres")) as server:
+        yield server

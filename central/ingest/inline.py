@@ -11,13 +11,13 @@ from __future__ import annotations
 import logging
 import sqlite3
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from central.ingest.archive import Archiver, tmp_leftovers
 from central.ingest.batch import BatchStage, Reply
 from central.ingest.durability import Durability
 from central.ingest.staging import SegmentJournal
-from central.ingest.store import IngestStore, SqliteIngestStore
+from central.ingest.store import OUR_TROUBLE, IngestStore, SqliteIngestStore
 from central.keys import CentralKeys
 from central.metrics import Metrics
 from central.paths import CentralPaths
@@ -33,11 +33,19 @@ LEASE_S = 120.0   # a worker that died holds its jobs this long; its own restart
 class Ingestor:
     """Central's ingest over the catalog, the segment journal and the object store, inline."""
 
-    def __init__(self, conn: sqlite3.Connection, paths: CentralPaths, keys: CentralKeys, *,
+    def __init__(self, conn: sqlite3.Connection | Any, paths: CentralPaths, keys: CentralKeys, *,
                  max_plaintext: int, metrics: Metrics | None = None, worker: str = "central",
                  durability: str = "syncfs") -> None:
+        """``conn``: the SQLite catalog, or a PostgreSQL connection (``central.ingest.pgstore``)."""
         self._conn = conn
-        self._db = SqliteIngestStore(conn)
+        self._sqlite = isinstance(conn, sqlite3.Connection)
+        self._db: IngestStore
+        if self._sqlite:
+            self._db = SqliteIngestStore(conn)
+        else:
+            from central.ingest.pgstore import PostgresIngestStore  # noqa: PLC0415 - psycopg is optional
+
+            self._db = PostgresIngestStore(conn)  # type: ignore[arg-type]
         self.metrics = metrics or Metrics()
         self.journal = SegmentJournal(paths.staging, worker)
         self.durability = Durability(durability, self.journal, [paths.staging, paths.objects])
@@ -52,13 +60,13 @@ class Ingestor:
     def transaction(self, fn: Callable[[IngestStore], T]) -> T:
         """Run ``fn`` in one write transaction; the journal is made durable before the commit."""
         conn = self._conn
-        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("BEGIN IMMEDIATE" if self._sqlite else "BEGIN")
         try:
             result = fn(self._db)
             self.durability.before_commit()
-            conn.commit()
+            conn.execute("COMMIT")
         except BaseException:
-            conn.rollback()
+            conn.execute("ROLLBACK")
             raise
         return result
 
@@ -66,7 +74,7 @@ class Ingestor:
         """Apply received (topic, payload) pairs; return the acks and receipts to publish."""
         try:
             outcome = self.transaction(lambda conn: self.batch.apply(conn, list(items)))
-        except (OSError, sqlite3.Error) as exc:
+        except OUR_TROUBLE as exc:
             self.metrics.error(type(exc).__name__)
             log.error("batch not made durable, nothing acknowledged: %s", exc)  # noqa: TRY400 - the cause is enough
             return []

@@ -26,7 +26,6 @@ import json
 import logging
 import multiprocessing
 import os
-import sqlite3
 import threading
 from collections.abc import Iterable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
@@ -46,7 +45,7 @@ from central.ingest.batch import BatchOutcome, BatchStage, Reply
 from central.ingest.durability import Durability
 from central.ingest.inline import remove_stale_staging
 from central.ingest.staging import SegmentJournal
-from central.ingest.store import IngestStore
+from central.ingest.store import OUR_TROUBLE, IngestStore
 from central.ingest.writer import GroupWriter
 from central.keys import CentralKeys
 from central.metrics import Metrics
@@ -213,7 +212,7 @@ class IngestPipeline:
             batch, pending, task = await self._answers.get()
             try:
                 outcome: BatchOutcome | None = await task
-            except (OSError, sqlite3.Error) as exc:
+            except OUR_TROUBLE as exc:
                 # Devices resend what is not acked; a failing batch must not stop the service.
                 metrics.error(type(exc).__name__)
                 log.error("batch of %d messages not made durable, nothing acknowledged: %s", len(batch), exc)  # noqa: TRY400
@@ -271,7 +270,7 @@ class IngestPipeline:
                 replies = await self.writer.call(functools.partial(_record, archive, result, revoke))
                 self.core.metrics.documents_ingested += sum(isinstance(r, Receipt) for r in replies)
                 self._publish(replies)
-            except (OSError, sqlite3.Error) as exc:
+            except OUR_TROUBLE as exc:
                 # The job stays in the catalog; the reconciler gives it to someone once its lease ends.
                 self.core.metrics.error(type(exc).__name__)
                 log.error("assembly of %s not recorded: %s", tid, exc)  # noqa: TRY400 - the cause is enough
@@ -296,7 +295,7 @@ class IngestPipeline:
             try:
                 for tid in await self.writer.call(self.core.reconcile):
                     self._schedule(tid)
-            except (OSError, sqlite3.Error) as exc:
+            except OUR_TROUBLE as exc:
                 log.error("reconcile failed: %s", exc)  # noqa: TRY400 - the cause is enough
             await asyncio.sleep(self.core.settings.reconcile_every_s)
 

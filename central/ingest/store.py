@@ -19,6 +19,15 @@ from central.catalog import ArrivalKey, DeviceRecord, NewDocument, StoredSegment
 from protocol.ranges import RangeSet
 from protocol.transfer import HeldSegment
 
+try:   # the errors a catalog backend raises for its own trouble (not a device's)
+    from psycopg import Error as _PostgresError
+except ImportError:   # psycopg is only needed with a PostgreSQL catalog
+    class _PostgresError(Exception):  # type: ignore[no-redef]
+        """Stands in for psycopg.Error where psycopg is not installed."""
+
+# Our own trouble (disk, database), never a device's: the batch is not acknowledged and comes again.
+OUR_TROUBLE: tuple[type[Exception], ...] = (OSError, sqlite3.Error, _PostgresError)
+
 
 class IngestStore(Protocol):
     """Ingest-side catalog operations, inside a transaction someone else commits."""
@@ -60,6 +69,14 @@ class IngestStore(Protocol):
     def add_fixity(self, *, event: str, device: str, tid: str, at: str, document_id: int | None = None,
                    original_sha256: str | None = None, package_sha256: str | None = None,
                    ciphertext_sha256: str | None = None, detail: str | None = None) -> None: ...
+
+
+class AdminStore(IngestStore, Protocol):
+    """What enrolment, revocation and search need besides (every backend has them too)."""
+
+    def add_device(self, device_id: str, verify_key: bytes) -> None: ...
+    def set_device_status(self, device_id: str, status: str) -> bool: ...
+    def search(self, q: str, *, device: str | None = None, limit: int = 100) -> list[int]: ...
 
 
 class SqliteIngestStore:
@@ -145,6 +162,15 @@ class SqliteIngestStore:
 
     def insert_document(self, doc: NewDocument) -> int:
         return catalog.insert_document(self.conn, doc)
+
+    def add_device(self, device_id: str, verify_key: bytes) -> None:
+        catalog.add_device(self.conn, device_id, verify_key)
+
+    def set_device_status(self, device_id: str, status: str) -> bool:
+        return catalog.set_device_status(self.conn, device_id, status)
+
+    def search(self, q: str, *, device: str | None = None, limit: int = 100) -> list[int]:
+        return [int(d["id"]) for d in catalog.search_documents(self.conn, q=q, device=device, limit=limit)]
 
     def add_fixity(self, *, event: str, device: str, tid: str, at: str, document_id: int | None = None,
                    original_sha256: str | None = None, package_sha256: str | None = None,

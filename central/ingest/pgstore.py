@@ -1,0 +1,313 @@
+"""``IngestStore`` on PostgreSQL (15, Debian's): the catalog several central workers share.
+
+Same rows and rules as the SQLite catalog (``central.catalog``), with what PostgreSQL changes:
+  - Transactions run concurrently (READ COMMITTED), so every read of a transfer inside the writer's
+    transaction locks its row (``FOR UPDATE``, several rows in tid order so two workers never
+    deadlock): the held ranges are read, extended and written back by one worker at a time.
+  - Jobs are claimed with ``FOR UPDATE SKIP LOCKED`` (DESIGN §8: background jobs live in the catalog).
+  - Search: the application folds text (``protocol.names.fold``: marks stripped, đ→d, case-folded:
+    neither FTS5's remove_diacritics nor every ``unaccent`` build folds đ), PostgreSQL indexes the
+    folded words with the ``simple`` configuration, ``unaccent`` guards the query side, and
+    ``pg_trgm`` serves substring search on file names.
+  - Migrations are numbered in ``sohoa_schema``; each step runs in one transaction.
+
+Timestamps stay ISO-8601 text (the catalog's format), so both backends order and compare alike.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+
+from central.catalog import (
+    ArrivalKey,
+    DeviceRecord,
+    NewDocument,
+    StoredSegment,
+    TransferRecord,
+    ranges_json,
+    utc_now,
+)
+from central.errors import CatalogError
+from protocol.names import fold
+from protocol.ranges import RangeSet
+from protocol.transfer import HeldSegment
+
+SCHEMA_VERSION = 1
+
+_V1 = """
+CREATE EXTENSION IF NOT EXISTS unaccent;
+CREATE EXTENSION IF NOT EXISTS pg_trgm;
+CREATE TABLE devices (
+    id text PRIMARY KEY, verify_key bytea NOT NULL, enrolled_at text NOT NULL,
+    status text NOT NULL CHECK (status IN ('active', 'revoked')), online boolean NOT NULL DEFAULT false,
+    last_seen text, backlog_docs bigint NOT NULL DEFAULT 0, backlog_bytes bigint NOT NULL DEFAULT 0,
+    last_error text, status_json text, possible_clone_since text);
+CREATE TABLE objects (sha256 text PRIMARY KEY, size bigint NOT NULL, media_type text NOT NULL,
+    stored_at text NOT NULL);
+CREATE TABLE documents (
+    id bigserial PRIMARY KEY, device text NOT NULL REFERENCES devices (id), tid text NOT NULL UNIQUE,
+    seq bigint NOT NULL, filename text NOT NULL, sha256 text NOT NULL REFERENCES objects (sha256),
+    captured_at text NOT NULL, text_sha256 text NOT NULL, pages integer NOT NULL, received_at text NOT NULL,
+    text text NOT NULL, metadata text NOT NULL, package_sha256 text NOT NULL,
+    folded_filename text NOT NULL, search tsvector NOT NULL,
+    UNIQUE (device, sha256, filename, captured_at, text_sha256));
+CREATE INDEX documents_by_device ON documents (device, id);
+CREATE INDEX documents_by_received ON documents (received_at);
+CREATE INDEX documents_by_sha256 ON documents (sha256, id);
+CREATE INDEX documents_search ON documents USING gin (search);
+CREATE INDEX documents_filename_trgm ON documents USING gin (folded_filename gin_trgm_ops);
+CREATE TABLE transfers (
+    tid text PRIMARY KEY, device text NOT NULL REFERENCES devices (id), seq bigint NOT NULL,
+    header bytea NOT NULL, state text NOT NULL CHECK (state IN ('receiving', 'stored', 'rejected')),
+    created_at text NOT NULL, updated_at text NOT NULL, error text, error_class text,
+    document_id bigint REFERENCES documents (id), duplicate boolean NOT NULL DEFAULT false, receipt bytea,
+    stored_at text, size bigint, held text NOT NULL DEFAULT '[]', held_bytes bigint NOT NULL DEFAULT 0,
+    UNIQUE (device, seq));
+CREATE INDEX transfers_by_state ON transfers (state);
+CREATE TABLE seq_collisions (device text NOT NULL REFERENCES devices (id), tid text NOT NULL,
+    seq bigint NOT NULL, other_tid text NOT NULL, first_seen text NOT NULL, last_seen text NOT NULL,
+    PRIMARY KEY (device, tid));
+CREATE TABLE segments (tid text NOT NULL REFERENCES transfers (tid), "offset" bigint NOT NULL,
+    length integer NOT NULL, crc bigint NOT NULL, log text, pos bigint, PRIMARY KEY (tid, "offset"));
+CREATE INDEX segments_by_log ON segments (log);
+CREATE TABLE jobs (tid text PRIMARY KEY REFERENCES transfers (tid),
+    kind text NOT NULL CHECK (kind IN ('assemble')), created_at text NOT NULL, claimed_by text,
+    lease_until text, attempts integer NOT NULL DEFAULT 0, last_error text);
+CREATE TABLE fixity (id bigserial PRIMARY KEY, at text NOT NULL, event text NOT NULL, device text NOT NULL,
+    tid text NOT NULL, document_id bigint, original_sha256 text, package_sha256 text,
+    ciphertext_sha256 text, detail text);
+"""
+
+# schema version found → the SQL that brings it to the next one.
+_MIGRATIONS: dict[int, str] = {0: _V1}
+
+
+def connect(url: str) -> psycopg.Connection[Any]:
+    """A connection in autocommit mode: the writer issues BEGIN/SAVEPOINT/COMMIT itself."""
+    return psycopg.connect(url, autocommit=True)
+
+
+def migrate(conn: psycopg.Connection[Any]) -> int:
+    """Bring the catalog to ``SCHEMA_VERSION`` (one transaction per step, under an advisory lock so
+    workers starting together migrate once); return the version found."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(7411)")
+        conn.execute("CREATE TABLE IF NOT EXISTS sohoa_schema (version integer NOT NULL)")
+        row = conn.execute("SELECT version FROM sohoa_schema").fetchone()
+        found = int(row[0]) if row else 0
+        if found > SCHEMA_VERSION:
+            raise CatalogError(f"the catalog has schema version {found}; this sohoa knows up to "
+                               f"{SCHEMA_VERSION}", hint="run the sohoa version that wrote it, or newer")
+        for version in range(found, SCHEMA_VERSION):
+            for statement in _MIGRATIONS[version].split(";"):
+                if statement.strip():
+                    conn.execute(statement)   # constant schema text
+        if row is None:
+            conn.execute("INSERT INTO sohoa_schema (version) VALUES (%s)", (SCHEMA_VERSION,))
+        else:
+            conn.execute("UPDATE sohoa_schema SET version = %s", (SCHEMA_VERSION,))
+    return found
+
+
+_TRANSFER = ("tid, device, seq, header, state, error, error_class, receipt, size, held, held_bytes")
+
+
+def _transfer(row: tuple[Any, ...] | None) -> TransferRecord | None:
+    if row is None:
+        return None
+    (tid, device, seq, header, state, error, error_class, receipt, size, held, held_bytes) = row
+    return TransferRecord(tid, device, int(seq), bytes(header), state, error, error_class,
+                          bytes(receipt) if receipt is not None else None,
+                          None if size is None else int(size),
+                          tuple((int(s), int(e)) for s, e in json.loads(held)), int(held_bytes))
+
+
+def _iso(at: datetime) -> str:
+    return at.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class PostgresIngestStore:
+    """``IngestStore`` over one psycopg connection (the writer's)."""
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self.conn = conn
+
+    def _one(self, sql: str, params: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        return self.conn.execute(sql, params).fetchone()
+
+    def _run(self, sql: str, params: tuple[Any, ...]) -> int:
+        return int(self.conn.execute(sql, params).rowcount)
+
+    # -- devices ----------------------------------------------------------------------------------
+    def add_device(self, device_id: str, verify_key: bytes) -> None:
+        self._run("INSERT INTO devices (id, verify_key, enrolled_at, status) VALUES (%s, %s, %s, 'active')",
+                  (device_id, verify_key, utc_now()))
+
+    def get_device(self, device_id: str) -> DeviceRecord | None:
+        row = self._one("SELECT id, verify_key, status FROM devices WHERE id = %s", (device_id,))
+        return DeviceRecord(row[0], bytes(row[1]), row[2]) if row else None
+
+    def set_device_status(self, device_id: str, status: str) -> bool:
+        return self._run("UPDATE devices SET status = %s WHERE id = %s", (status, device_id)) == 1
+
+    def touch_devices(self, device_ids: Iterable[str], at: str) -> None:
+        self._run("UPDATE devices SET last_seen = %s WHERE id = ANY(%s)", (at, sorted(set(device_ids))))
+
+    def update_device_status(self, device_id: str, *, online: bool, backlog_docs: int, backlog_bytes: int,
+                             last_error: str | None, status_json: str, at: str) -> None:
+        self._run("UPDATE devices SET online = %s, backlog_docs = %s, backlog_bytes = %s, last_error = %s,"
+                  " status_json = %s, last_seen = %s WHERE id = %s",
+                  (online, backlog_docs, backlog_bytes, last_error, status_json, at, device_id))
+
+    def mark_offline(self, device_id: str, *, at: str) -> None:
+        self._run("UPDATE devices SET online = false, last_seen = %s WHERE id = %s", (at, device_id))
+
+    def record_seq_collision(self, *, device: str, seq: int, tid: str, other_tid: str, at: str) -> bool:
+        new = self._run("INSERT INTO seq_collisions (device, tid, seq, other_tid, first_seen, last_seen)"
+                        " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (device, tid) DO NOTHING",
+                        (device, tid, seq, other_tid, at, at)) == 1
+        if not new:
+            self._run("UPDATE seq_collisions SET last_seen = %s WHERE device = %s AND tid = %s",
+                      (at, device, tid))
+        self._run("UPDATE devices SET possible_clone_since = coalesce(possible_clone_since, %s)"
+                  " WHERE id = %s", (at, device))
+        return new
+
+    # -- transfers and the segment log (rows locked: workers write them concurrently) --------------
+    def get_transfer(self, tid: str) -> TransferRecord | None:
+        return _transfer(self._one(f"SELECT {_TRANSFER} FROM transfers WHERE tid = %s"  # noqa: S608 - constant
+                                   " FOR UPDATE", (tid,)))
+
+    def get_transfers(self, tids: Iterable[str]) -> dict[str, TransferRecord]:
+        sql = f"SELECT {_TRANSFER} FROM transfers WHERE tid = ANY(%s) ORDER BY tid FOR UPDATE"  # noqa: S608
+        rows = self.conn.execute(sql, (sorted(set(tids)),)).fetchall()
+        records = (_transfer(row) for row in rows)
+        return {r.tid: r for r in records if r is not None}
+
+    def transfer_by_seq(self, device: str, seq: int) -> TransferRecord | None:
+        return _transfer(self._one(f"SELECT {_TRANSFER} FROM transfers"  # noqa: S608 - constant columns
+                                   " WHERE device = %s AND seq = %s", (device, seq)))
+
+    def insert_transfer(self, *, tid: str, device: str, seq: int, header: bytes, size: int | None) -> None:
+        now = utc_now()
+        self._run("INSERT INTO transfers (tid, device, seq, header, state, created_at, updated_at, size)"
+                  " VALUES (%s, %s, %s, %s, 'receiving', %s, %s, %s)",
+                  (tid, device, seq, header, now, now, size))
+
+    def reject_transfer(self, tid: str, error: str, error_class: str) -> None:
+        self._run("UPDATE transfers SET state = 'rejected', error = %s, error_class = %s, updated_at = %s"
+                  " WHERE tid = %s", (error, error_class, utc_now(), tid))
+        self._run("DELETE FROM segments WHERE tid = %s", (tid,))
+        self._run("DELETE FROM jobs WHERE tid = %s", (tid,))
+
+    def store_transfer(self, tid: str, *, document_id: int, duplicate: bool, receipt: bytes,
+                       stored_at: str) -> None:
+        self._run("UPDATE transfers SET state = 'stored', document_id = %s, duplicate = %s, receipt = %s,"
+                  " stored_at = %s, updated_at = %s WHERE tid = %s",
+                  (document_id, duplicate, receipt, stored_at, stored_at, tid))
+        self._run("DELETE FROM segments WHERE tid = %s", (tid,))
+        self._run("DELETE FROM jobs WHERE tid = %s", (tid,))
+
+    def add_segments(self, tid: str, segments: Iterable[StoredSegment]) -> None:
+        with self.conn.cursor() as cursor:
+            cursor.executemany(
+                'INSERT INTO segments (tid, "offset", length, crc, log, pos) VALUES (%s, %s, %s, %s, %s, %s)'
+                ' ON CONFLICT (tid, "offset") DO NOTHING',
+                [(tid, s.offset, s.length, s.crc, s.log, s.pos) for s in segments])
+
+    def set_held(self, tid: str, held: RangeSet) -> None:
+        self._run("UPDATE transfers SET held = %s, held_bytes = %s, updated_at = %s WHERE tid = %s",
+                  (ranges_json(held), held.total(), utc_now(), tid))
+
+    def segment_at(self, tid: str, offset: int) -> HeldSegment | None:
+        row = self._one('SELECT length, crc FROM segments WHERE tid = %s AND "offset" = %s', (tid, offset))
+        return HeldSegment(offset, int(row[0]), int(row[1])) if row else None
+
+    def stored_segments(self, tid: str) -> list[StoredSegment]:
+        rows = self.conn.execute('SELECT "offset", length, crc, log, pos FROM segments WHERE tid = %s'
+                                 ' ORDER BY "offset"', (tid,)).fetchall()
+        return [StoredSegment(int(o), int(n), int(c), log, None if pos is None else int(pos))
+                for o, n, c, log, pos in rows]
+
+    def journal_in_use(self, log: str) -> bool:
+        return self._one("SELECT 1 FROM segments WHERE log = %s LIMIT 1", (log,)) is not None
+
+    # -- jobs ---------------------------------------------------------------------------------------
+    def add_job(self, tid: str) -> None:
+        self._run("INSERT INTO jobs (tid, kind, created_at) VALUES (%s, 'assemble', %s)"
+                  " ON CONFLICT (tid) DO NOTHING", (tid, utc_now()))
+
+    def claim_job(self, tid: str, *, worker: str, lease_s: float) -> bool:
+        now = datetime.now(UTC)
+        return self._run("UPDATE jobs SET claimed_by = %s, lease_until = %s, attempts = attempts + 1"
+                         " WHERE tid = %s AND (claimed_by IS NULL OR claimed_by = %s OR lease_until < %s)",
+                         (worker, _iso(now + timedelta(seconds=lease_s)), tid, worker, _iso(now))) == 1
+
+    def claimable_jobs(self, *, worker: str, limit: int = 100) -> list[str]:
+        rows = self.conn.execute(
+            "SELECT tid FROM jobs WHERE claimed_by IS NULL OR claimed_by = %s OR lease_until < %s"
+            " ORDER BY created_at LIMIT %s FOR UPDATE SKIP LOCKED", (worker, utc_now(), limit)).fetchall()
+        return [str(r[0]) for r in rows]
+
+    def release_job(self, tid: str, error: str) -> None:
+        self._run("UPDATE jobs SET claimed_by = NULL, lease_until = NULL, last_error = %s WHERE tid = %s",
+                  (error[:2000], tid))
+
+    def complete_transfers_without_job(self, limit: int = 100) -> list[str]:
+        rows = self.conn.execute(
+            "SELECT t.tid FROM transfers t LEFT JOIN jobs j ON j.tid = t.tid WHERE t.state = 'receiving'"
+            " AND t.size IS NOT NULL AND t.held_bytes = t.size AND j.tid IS NULL LIMIT %s",
+            (limit,)).fetchall()
+        return [str(r[0]) for r in rows]
+
+    # -- objects, arrivals, fixity ----------------------------------------------------------------
+    def object_exists(self, sha256: str) -> bool:
+        return self._one("SELECT 1 FROM objects WHERE sha256 = %s", (sha256,)) is not None
+
+    def arrival_by_key(self, key: ArrivalKey) -> int | None:
+        row = self._one("SELECT id FROM documents WHERE device = %s AND sha256 = %s AND filename = %s"
+                        " AND captured_at = %s AND text_sha256 = %s",
+                        (key.device, key.sha256, key.filename, key.captured_at, key.text_sha256))
+        return int(row[0]) if row else None
+
+    def insert_document(self, doc: NewDocument) -> int:
+        self._run("INSERT INTO objects (sha256, size, media_type, stored_at) VALUES (%s, %s, %s, %s)"
+                  " ON CONFLICT (sha256) DO NOTHING", (doc.sha256, doc.size, doc.media_type, doc.received_at))
+        key = doc.key
+        folded_name = fold(doc.filename)
+        row = self._one(
+            "INSERT INTO documents (device, tid, seq, filename, sha256, captured_at, text_sha256, pages,"
+            " received_at, text, metadata, package_sha256, folded_filename, search) VALUES (%s, %s, %s, %s,"
+            " %s, %s, %s, %s, %s, %s, %s, %s, %s, to_tsvector('simple', %s)) RETURNING id",
+            (doc.device, doc.tid, doc.seq, doc.filename, doc.sha256, doc.captured_at, key.text_sha256,
+             doc.pages, doc.received_at, doc.text, doc.metadata, doc.package_sha256, folded_name,
+             f"{folded_name} {fold(doc.text)}"))
+        assert row is not None
+        return int(row[0])
+
+    def add_fixity(self, *, event: str, device: str, tid: str, at: str, document_id: int | None = None,
+                   original_sha256: str | None = None, package_sha256: str | None = None,
+                   ciphertext_sha256: str | None = None, detail: str | None = None) -> None:
+        self._run("INSERT INTO fixity (at, event, device, tid, document_id, original_sha256, package_sha256,"
+                  " ciphertext_sha256, detail) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                  (at, event, device, tid, document_id, original_sha256, package_sha256, ciphertext_sha256,
+                   detail))
+
+    # -- search (what GET /api/documents?q= needs; the HTTP side still reads SQLite) -----------------
+    def search(self, q: str, *, device: str | None = None, limit: int = 100) -> list[int]:
+        """Arrival ids, newest first: every folded word of ``q`` in the name or text, or ``q`` a
+        substring of the folded file name (trigram index)."""
+        folded = fold(q).strip()
+        if not folded:
+            return []
+        literal = folded.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        rows = self.conn.execute(
+            "SELECT id FROM documents WHERE (search @@ plainto_tsquery('simple', unaccent(%s))"
+            " OR folded_filename LIKE '%%' || %s || '%%' ESCAPE '\\') AND (%s::text IS NULL OR device = %s)"
+            " ORDER BY id DESC LIMIT %s", (folded, literal, device, device, limit)).fetchall()
+        return [int(r[0]) for r in rows]

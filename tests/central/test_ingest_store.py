@@ -1,0 +1,218 @@
+"""One contract for every catalog backend the ingest runs on: SQLite (default) and PostgreSQL.
+
+The same operations, through ``IngestStore``, inside a transaction the test owns (the stages never
+commit), must give the same answers on both: transfer state and the segment log, job leases, arrivals
+and their natural key, clone collisions, and diacritic-free search with đ folded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+from typing import Any
+
+import nacl.signing
+import pytest
+
+from central import catalog
+from central.catalog import ArrivalKey, NewDocument, StoredSegment
+from central.config import CentralConfig
+from central.ingest import Ingestor
+from central.ingest.store import AdminStore, SqliteIngestStore
+from central.keys import CentralKeys
+from protocol.messages import Ack, AckState, Receipt
+from protocol.ranges import RangeSet
+from tests.central.builders import seal_document, wire
+from tests.support.postgres import Postgres
+
+Transaction = Callable[[], AbstractContextManager[AdminStore]]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def transaction(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Transaction]:
+    if request.param == "sqlite":
+        conn: Any = catalog.connect(tmp_path / "catalog.db")
+        store: AdminStore = SqliteIngestStore(conn)
+        begin = "BEGIN IMMEDIATE"
+    else:
+        from central.ingest import pgstore  # noqa: PLC0415 - psycopg only where PostgreSQL runs
+
+        server: Postgres = request.getfixturevalue("postgres")
+        conn = pgstore.connect(server.create_database())
+        pgstore.migrate(conn)
+        store = pgstore.PostgresIngestStore(conn)
+        begin = "BEGIN"
+
+    @contextmanager
+    def tx() -> Iterator[AdminStore]:
+        conn.execute(begin)
+        try:
+            yield store
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    yield tx
+    conn.close()
+
+
+def _document(device: str, tid: str, seq: int, content: bytes, name: str, text: str) -> NewDocument:
+    return NewDocument(device=device, tid=tid, seq=seq, filename=name,
+                       sha256=hashlib.sha256(content).hexdigest(), size=len(content), pages=1,
+                       media_type="application/pdf",
+                       received_at="2026-12-01T08:00:00.000Z", text=text, metadata="{}",
+                       package_sha256=hashlib.sha256(tid.encode()).hexdigest(),
+                       captured_at="2026-11-30T07:00:00Z")
+
+
+def test_transfer_state_and_the_segment_log(transaction: Transaction) -> None:
+    with transaction() as db:
+        db.add_device("xa-tan-trao", b"k" * 32)
+        db.insert_transfer(tid="a" * 32, device="xa-tan-trao", seq=1, header=b"h1", size=100)
+        db.insert_transfer(tid="b" * 32, device="xa-tan-trao", seq=2, header=b"h2", size=50)
+    with transaction() as db:
+        record = db.get_transfer("a" * 32)
+        assert record is not None and (record.state, record.size, record.held, record.complete) == (
+            "receiving", 100, (), False)
+        assert set(db.get_transfers(["a" * 32, "b" * 32, "c" * 32])) == {"a" * 32, "b" * 32}
+        assert db.transfer_by_seq("xa-tan-trao", 2) is not None
+        assert db.transfer_by_seq("xa-tan-trao", 3) is None
+        db.add_segments("a" * 32, [StoredSegment(60, 40, 7, "journal-w-00000000-00000001.log", 0),
+                                   StoredSegment(0, 60, 9, None, None)])
+        db.add_segments("a" * 32, [StoredSegment(0, 60, 9, None, None)])   # a repeat is ignored
+        db.set_held("a" * 32, RangeSet.of([(0, 60), (60, 100)]))
+    with transaction() as db:
+        record = db.get_transfer("a" * 32)
+        assert record is not None and record.held == ((0, 100),)
+        assert record.held_bytes == 100 and record.complete
+        held = db.segment_at("a" * 32, 60)
+        assert held is not None and (held.length, held.crc) == (40, 7)
+        assert db.segment_at("a" * 32, 10) is None
+        assert [(s.offset, s.log, s.pos) for s in db.stored_segments("a" * 32)] == [
+            (0, None, None), (60, "journal-w-00000000-00000001.log", 0)]
+        assert db.journal_in_use("journal-w-00000000-00000001.log")
+        assert db.complete_transfers_without_job() == ["a" * 32]
+        db.add_job("a" * 32)
+        db.reject_transfer("a" * 32, "bad", "BagError")
+    with transaction() as db:
+        record = db.get_transfer("a" * 32)
+        assert record is not None and (record.state, record.error_class) == ("rejected", "BagError")
+        assert db.stored_segments("a" * 32) == [] and not db.journal_in_use("journal-w-00000000-00000001.log")
+        assert db.claimable_jobs(worker="w1") == []
+
+
+def test_job_leases(transaction: Transaction) -> None:
+    with transaction() as db:
+        db.add_device("xa-1", b"k" * 32)
+        db.insert_transfer(tid="d" * 32, device="xa-1", seq=1, header=b"h", size=10)
+        db.add_job("d" * 32)
+        db.add_job("d" * 32)   # idempotent
+        assert db.claimable_jobs(worker="w1") == ["d" * 32]
+        assert db.claim_job("d" * 32, worker="w1", lease_s=60)
+    with transaction() as db:
+        assert not db.claim_job("d" * 32, worker="w2", lease_s=60)   # held by a live lease
+        assert db.claimable_jobs(worker="w2") == []
+        assert db.claim_job("d" * 32, worker="w1", lease_s=60)       # its own: a restarted worker resumes
+        assert db.claim_job("d" * 32, worker="w1", lease_s=-1)       # …and lets it lapse
+    with transaction() as db:
+        assert db.claimable_jobs(worker="w2") == ["d" * 32]          # a lapsed lease is anyone's
+        assert db.claim_job("d" * 32, worker="w2", lease_s=60)
+        db.release_job("d" * 32, "OSError: disk full")
+    with transaction() as db:
+        assert db.claim_job("d" * 32, worker="w3", lease_s=60)
+
+
+def test_arrivals_objects_and_search(transaction: Transaction) -> None:
+    content = b"%PDF-1.4 cong van"
+    with transaction() as db:
+        for device in ("xa-tan-trao", "xa-minh-thanh"):
+            db.add_device(device, b"k" * 32)
+        first = _document("xa-tan-trao", "1" * 32, 1, content, "Công văn 15 – Tân Trào.pdf",
+                          "Quyết định về đất đai của Ủy ban")
+        second = _document("xa-minh-thanh", "2" * 32, 1, content, "Bản sao Đồng Văn.pdf", "Bản lưu tại xã")
+        for doc in (first, second):
+            db.insert_transfer(tid=doc.tid, device=doc.device, seq=1, header=b"h", size=1)
+        assert not db.object_exists(first.sha256)
+        one = db.insert_document(first)
+        two = db.insert_document(second)
+    with transaction() as db:
+        assert db.object_exists(first.sha256) and one != two
+        assert db.arrival_by_key(first.key) == one and db.arrival_by_key(second.key) == two
+        other = ArrivalKey("xa-tan-trao", first.sha256, first.filename, "2026-01-01T00:00:00Z",
+                           first.key.text_sha256)
+        assert db.arrival_by_key(other) is None
+        for query in ("quyết định", "quyet dinh", "QUYET ĐỊNH", "dat dai", "uy ban"):
+            assert db.search(query) == [one], query
+        # đ folds to d on both sides, whatever the database's own unaccent does with it.
+        assert db.search("dong van") == [two] and db.search("Đồng Văn") == [two]
+        assert db.search("tan trao", device="xa-minh-thanh") == []
+        assert db.search("%") == [] and db.search("   ") == []
+
+
+def test_seq_collisions_and_device_status(transaction: Transaction) -> None:
+    with transaction() as db:
+        db.add_device("xa-1", b"k" * 32)
+        db.insert_transfer(tid="e" * 32, device="xa-1", seq=1, header=b"h", size=1)
+        assert db.record_seq_collision(device="xa-1", seq=1, tid="f" * 32, other_tid="e" * 32,
+                                       at="2026-12-01T00:00:00.000Z")
+        assert not db.record_seq_collision(device="xa-1", seq=1, tid="f" * 32, other_tid="e" * 32,
+                                           at="2026-12-01T00:00:01.000Z")
+        db.update_device_status("xa-1", online=True, backlog_docs=3, backlog_bytes=9, last_error=None,
+                                status_json="{}", at="2026-12-01T00:00:02.000Z")
+        db.touch_devices(["xa-1"], "2026-12-01T00:00:03.000Z")
+        db.mark_offline("xa-1", at="2026-12-01T00:00:04.000Z")
+        assert db.set_device_status("xa-1", "revoked")
+    with transaction() as db:
+        device = db.get_device("xa-1")
+        assert device is not None and device.status == "revoked" and db.get_device("xa-2") is None
+
+
+def test_a_failed_transaction_leaves_nothing(transaction: Transaction) -> None:
+    with pytest.raises(RuntimeError), transaction() as db:
+        db.add_device("xa-1", b"k" * 32)
+        raise RuntimeError("the writer's group failed before COMMIT")
+    with transaction() as db:
+        assert db.get_device("xa-1") is None
+
+
+def test_sqlite_store_reads_what_the_catalog_functions_wrote(tmp_path: Path) -> None:
+    # The SQLite store is a thin face over central.catalog: the HTTP side reads the same rows.
+    conn = catalog.connect(tmp_path / "catalog.db")
+    SqliteIngestStore(conn).add_device("xa-1", b"k" * 32)
+    conn.commit()
+    reader = catalog.connect(tmp_path / "catalog.db", readonly=True)
+    assert catalog.get_device(reader, "xa-1") is not None
+
+
+def test_the_ingest_stages_run_on_postgres(config: CentralConfig, central_keys: CentralKeys,
+                                           postgres: Postgres) -> None:
+    """Admission, batch, journal and archive unchanged on a PostgreSQL catalog: stored, receipted,
+    searchable; a repeat is answered from the catalog; a forged segment is a conflict."""
+    from central.ingest import pgstore  # noqa: PLC0415
+
+    conn = pgstore.connect(postgres.create_database())
+    pgstore.migrate(conn)
+    store = pgstore.PostgresIngestStore(conn)
+    key = nacl.signing.SigningKey.generate()
+    store.add_device("xa-tan-trao", bytes(key.verify_key))
+    ingestor = Ingestor(conn, config.paths, central_keys, max_plaintext=config.ingest.max_plaintext_bytes)
+    original = b"%PDF-1.4\n" + secrets.token_bytes(50_000)
+    sealed = seal_document(device="xa-tan-trao", seq=1, signing_key=key,
+                           central_key=central_keys.encryption.public_key, original=original,
+                           text="Quyết định giao đất cho hộ ông Đặng Văn Lâm")
+    replies = ingestor.handle_batch(wire(sealed.messages(8192)))
+    (receipt,) = [r for r in replies if isinstance(r, Receipt)]
+    body = receipt.verify(central_keys.receipt.verify_key)
+    assert body.sha256 == hashlib.sha256(original).hexdigest() and not body.duplicate
+    assert store.search("dang van lam") == [body.document_id] == store.search("Đặng Văn Lâm")
+    again = ingestor.handle_batch(wire(sealed.messages(8192)))
+    assert [r for r in again if isinstance(r, Receipt)] and all(
+        r.state is AckState.STORED for r in again if isinstance(r, Ack))
+    record = store.get_transfer(sealed.tid)
+    assert record is not None and record.state == "stored" and store.stored_segments(sealed.tid) == []
+    assert not list(config.paths.staging.iterdir())   # the journal file went with the last segment row
+    conn.close()
