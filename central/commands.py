@@ -14,7 +14,7 @@ import logging
 import secrets
 import signal
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -169,11 +169,23 @@ def enroll(home: Path, device_id: str, out: Path) -> None:
         # Bundle first, then broker account, then commit: a failure leaves no half-enrolled device.
         write_atomic(out, tomli_w.dumps(bundle).encode(), mode=0o600)
         add_user(paths, device_id, password)
+        _on_ingest_catalog(config, lambda db: db.add_device(device_id, bytes(signing_key.verify_key)))
         conn.commit()
     finally:
         conn.close()
     pid = reload_broker(paths)
     log.info("enrolled %s%s", device_id, f"; broker {pid} reloaded" if pid else "")
+
+
+def _on_ingest_catalog(config: CentralConfig, change: Callable[[Any], object]) -> None:
+    """Apply a device change to the ingest's PostgreSQL catalog too, when there is one (the SQLite
+    catalog stays the home of operators, sessions and the HTTP side's reads)."""
+    if not config.catalog_url:
+        return
+    from central.ingest import pgstore  # noqa: PLC0415 - psycopg only with a PostgreSQL catalog
+
+    with pgstore.connect(config.catalog_url, ensure_schema=True) as conn, conn.transaction():
+        change(pgstore.PostgresIngestStore(conn))
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +209,7 @@ def revoke(home: Path, device_id: str, *, actor: str = "cli") -> Revoked:
             raise DeviceError(f"no enrolled device {device_id!r}")
         catalog.set_device_status(conn, device_id, "revoked")
         catalog.add_audit(conn, actor=actor, action="revoke_device", target=device_id)
+        _on_ingest_catalog(load_config(home), lambda db: db.set_device_status(device_id, "revoked"))
     remove_user(paths, device_id)
     pid = reload_broker(paths)
     log.info("revoked %s%s", device_id, f"; broker {pid} reloaded" if pid else "; no running broker found")

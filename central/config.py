@@ -86,6 +86,9 @@ class CentralConfig:
     http: HostPort
     ingest: IngestSettings
     api_token: str = field(repr=False)
+    # [catalog] url = "postgresql://…": the ingest's catalog (devices, transfers, segments, jobs,
+    # arrivals) on PostgreSQL, shared by several workers. Empty: the SQLite catalog.db in the home.
+    catalog_url: str = field(default="", repr=False)
 
     @property
     def paths(self) -> CentralPaths:
@@ -202,8 +205,15 @@ def parse_config(home: Path, data: dict[str, Any], api_token: str) -> CentralCon
     if ingest.receive_maximum > 65535:
         raise ConfigError(f"ingest.receive_maximum = {ingest.receive_maximum} is above MQTT's 65535")
     i.finish()
+    c = root.table("catalog")
+    catalog_url = c.text("url", "")
+    if catalog_url and not catalog_url.startswith(("postgresql://", "postgres://")):
+        raise ConfigError(f"catalog.url = {catalog_url.split('@')[-1]!r} is not postgresql://…",
+                          hint="e.g. postgresql://sohoa@127.0.0.1:5432/sohoa, or leave it out for SQLite")
+    c.finish()
     root.finish()
-    return CentralConfig(home=home, broker=broker, http=http, ingest=ingest, api_token=api_token)
+    return CentralConfig(home=home, broker=broker, http=http, ingest=ingest, api_token=api_token,
+                         catalog_url=catalog_url)
 
 
 def load_config(home: Path) -> CentralConfig:

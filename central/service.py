@@ -12,6 +12,7 @@ writer connection; what was not acked is redelivered by the broker) after a grow
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 from collections.abc import Awaitable, Callable
@@ -63,8 +64,16 @@ class IngestService:
     async def start(cls, config: CentralConfig, metrics: Metrics) -> IngestService:
         core = IngestCore.create(config.paths, load_keys(config.paths), pipeline_settings(config),
                                  max_plaintext=config.ingest.max_plaintext_bytes, metrics=metrics)
-        writer = await asyncio.to_thread(GroupWriter, config.paths.catalog,
-                                         before_commit=core.durability.before_commit)
+        if config.catalog_url:
+            from central.ingest import pgstore  # noqa: PLC0415 - psycopg only with a PostgreSQL catalog
+
+            writer = await asyncio.to_thread(
+                GroupWriter, before_commit=core.durability.before_commit, begin="BEGIN",
+                connect=functools.partial(pgstore.connect, config.catalog_url, ensure_schema=True),
+                store=pgstore.PostgresIngestStore)
+        else:
+            writer = await asyncio.to_thread(GroupWriter, config.paths.catalog,
+                                             before_commit=core.durability.before_commit)
         await writer.call(core.start_up)
         return cls(config, writer, core, MqttClient(mqtt_settings(config)))
 

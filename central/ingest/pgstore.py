@@ -87,9 +87,12 @@ CREATE TABLE fixity (id bigserial PRIMARY KEY, at text NOT NULL, event text NOT 
 _MIGRATIONS: dict[int, str] = {0: _V1}
 
 
-def connect(url: str) -> psycopg.Connection[Any]:
+def connect(url: str, *, ensure_schema: bool = False) -> psycopg.Connection[Any]:
     """A connection in autocommit mode: the writer issues BEGIN/SAVEPOINT/COMMIT itself."""
-    return psycopg.connect(url, autocommit=True)
+    conn = psycopg.connect(url, autocommit=True)
+    if ensure_schema:
+        migrate(conn)
+    return conn
 
 
 def migrate(conn: psycopg.Connection[Any]) -> int:

@@ -26,7 +26,7 @@ from PIL import Image
 from central import commands as central_commands
 from edge import cli as edge_cli
 from tests.faults.jepsen import CatalogView
-from tests.faults.scenario import catalog, query
+from tests.faults.scenario import catalog, catalog_postgres, query
 from tests.support.broker import Broker, free_port
 
 DEVICE = "xa-tan-trao"
@@ -121,8 +121,12 @@ class Cluster:
         self.central.start()
         self.wait_central_http()
 
+    catalog_url: str = ""   # set when central's ingest catalog is PostgreSQL
+
     def catalog(self) -> CatalogView:
         """Central's arrivals and stored objects (see ``tests.faults.scenario.catalog``)."""
+        if self.catalog_url:
+            return catalog_postgres(self.catalog_url, self.central_home)
         return catalog(self.central_home)
 
     def edge_counts(self) -> dict[str, int]:

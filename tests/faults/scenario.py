@@ -70,6 +70,22 @@ def catalog(central_home: Path) -> CatalogView:
     return view(arrivals, objects)
 
 
+def catalog_postgres(url: str, central_home: Path) -> CatalogView:
+    """``catalog`` for a central whose ingest catalog is PostgreSQL (``[catalog] url``)."""
+    import psycopg  # noqa: PLC0415 - only the PostgreSQL scenarios need it
+
+    with psycopg.connect(url) as conn:
+        rows = conn.execute("SELECT d.id, d.device, d.filename, d.sha256, string_agg(t.tid, ',')"
+                            " FROM documents d LEFT JOIN transfers t"
+                            " ON t.document_id = d.id AND t.state = 'stored' GROUP BY d.id").fetchall()
+        shas = [str(r[0]) for r in conn.execute("SELECT sha256 FROM objects").fetchall()]
+    arrivals = [Arrival(int(doc_id), str(device), str(name), str(sha),
+                        tuple(sorted(str(tids).split(","))) if tids else ())
+                for doc_id, device, name, sha, tids in rows]
+    store = ObjectStore(central_home / "storage" / "objects")
+    return view(arrivals, [sha for sha in shas if store.contains(sha)])
+
+
 def delivered_ciphertext_bytes(edge_home: Path) -> int:
     """Σ ciphertext size over delivered rows: what a cut-free uplink would have sent as segments."""
     rows = query(edge_home / "outbox.db",
