@@ -174,8 +174,14 @@ def read_users(paths: CentralPaths) -> dict[str, str]:
 
 def add_user(paths: CentralPaths, username: str, password: str) -> None:
     """Add or replace one account in the password file (atomically)."""
+    add_users(paths, {username: password})
+
+
+def add_users(paths: CentralPaths, accounts: dict[str, str]) -> None:
+    """Add or replace accounts (username → password) in the password file, in one atomic rewrite."""
     users = read_users(paths)
-    users[username] = hash_password(password)
+    for username, password in accounts.items():
+        users[username] = hash_password(password)
     body = "".join(f"{name}:{hashed}\n" for name, hashed in users.items())
     write_atomic(paths.mosquitto_passwd, body.encode(), mode=0o600)
 

@@ -52,6 +52,18 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _enroll(args: argparse.Namespace) -> int:
+    if args.from_csv is not None:
+        if args.device_id is not None or args.out is not None or args.out_dir is None:
+            raise CentralError("--from takes --out-dir DIR, and no DEVICE_ID or --out",
+                               hint="sohoa central enroll --from devices.csv --out-dir bundles/ --home DIR")
+        args.out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        devices = commands.read_enrollment_csv(args.from_csv, args.out_dir)
+        commands.enroll_many(args.home, devices)
+        print(f"enrolled {len(devices)} devices; bundles (secret, 0600) written to {args.out_dir}/")
+        return 0
+    if args.device_id is None or args.out is None:
+        raise CentralError("give DEVICE_ID and --out FILE, or --from devices.csv --out-dir DIR",
+                           hint="sohoa central enroll xa-tan-trao --out xa-tan-trao.toml --home DIR")
     commands.enroll(args.home, args.device_id, args.out)
     print(f"enrolled {args.device_id}; bundle (secret, 0600) written to {args.out}")
     return 0
@@ -150,9 +162,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                             description="Generate a device signing key and broker account, record the "
                                         "device, reload a running broker, and write the bundle for "
                                         "`sohoa edge init --bundle`.")
-    enroll.add_argument("device_id", metavar="DEVICE_ID", help="e.g. xa-tan-trao (a-z, 0-9, '-')")
+    enroll.add_argument("device_id", metavar="DEVICE_ID", nargs="?", help="e.g. xa-tan-trao (a-z, 0-9, '-')")
     enroll.add_argument("--home", type=Path, required=True, help="central home directory")
-    enroll.add_argument("--out", type=Path, required=True, help="bundle file to write (0600)")
+    enroll.add_argument("--out", type=Path, help="bundle file to write (0600)")
+    enroll.add_argument("--from", dest="from_csv", type=Path, metavar="CSV",
+                        help="enroll every device of a CSV file (a device_id column, or ids in the first "
+                             "column): all or none, one broker reload")
+    enroll.add_argument("--out-dir", type=Path, metavar="DIR", help="with --from: DIR/<device_id>.toml each")
     enroll.set_defaults(func=_guard(_enroll))
 
     revoke = sub.add_parser("revoke", help="revoke a device: refuse its envelopes and cut its broker session",

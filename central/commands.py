@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import csv
 import dataclasses
 import json
 import logging
@@ -25,7 +26,7 @@ import tomli_w
 from central import catalog, operators, tls
 from central.broker_config import (
     CENTRAL_USER,
-    add_user,
+    add_users,
     is_ip,
     reload_broker,
     remove_user,
@@ -137,44 +138,83 @@ def default_device_url(central: HostPort) -> str:
 
 def enroll(home: Path, device_id: str, out: Path) -> None:
     """Enroll a device: signing key, catalog row, broker account (live), and its 0600 bundle."""
+    enroll_many(home, [(device_id, out)])
+
+
+def read_enrollment_csv(path: Path, out_dir: Path) -> list[tuple[str, Path]]:
+    """``devices.csv`` → (device id, bundle path) pairs: a ``device_id`` column (other columns, such as
+    a commune's name for the inventory, are ignored), or ids in the first column without a header."""
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        rows = [row for row in csv.reader(handle) if row and any(cell.strip() for cell in row)]
+    if not rows:
+        raise EnrollError(f"{path} lists no device")
+    header = [cell.strip().lower() for cell in rows[0]]
+    column = header.index("device_id") if "device_id" in header else 0
+    body = rows[1:] if "device_id" in header else rows
+    ids = [row[column].strip() if column < len(row) else "" for row in body]
+    return [(device_id, out_dir / f"{device_id}.toml") for device_id in ids]
+
+
+def enroll_many(home: Path, devices: list[tuple[str, Path]]) -> None:
+    """Enroll devices together: every id is checked first (nothing is written if one is bad), then
+    one catalog transaction, one password-file rewrite and one broker reload for all of them."""
     config = load_config(home)
     paths = config.paths
-    try:
-        check_device_id(device_id)
-    except DecodeError as exc:
-        raise EnrollError(str(exc)) from exc
-    if device_id in RESERVED_DEVICE_IDS or device_id.startswith(f"{CENTRAL_CLIENT_ID}-"):
-        # Client ids are one namespace across listeners: sohoa-central-NAME are central's workers.
-        raise EnrollError(f"device id {device_id!r} is reserved")
+    seen: set[str] = set()
+    for device_id, _ in devices:
+        try:
+            check_device_id(device_id)
+        except DecodeError as exc:
+            raise EnrollError(str(exc)) from exc
+        if device_id in RESERVED_DEVICE_IDS or device_id.startswith(f"{CENTRAL_CLIENT_ID}-"):
+            # Client ids are one namespace across listeners: sohoa-central-NAME are central's workers.
+            raise EnrollError(f"device id {device_id!r} is reserved")
+        if device_id in seen:
+            raise EnrollError(f"device id {device_id!r} is listed twice")
+        seen.add(device_id)
     keys = load_keys(paths)
-    signing_key = nacl.signing.SigningKey.generate()
-    password = secrets.token_urlsafe(32)
-    broker: dict[str, str] = {"url": config.broker.devices_dial, "username": device_id, "password": password}
-    if config.broker.device_tls:
-        broker["ca_cert"] = tls.ca_pem(paths)   # public: lets the box authenticate the broker
-    bundle = {
-        "format": BUNDLE_FORMAT,
-        "device_id": device_id,
-        "broker": broker,
-        "central": {"encryption_public_key": keys.encryption_public_b64,
-                    "receipt_public_key": keys.receipt_public_b64},
-        "device": {"signing_key": b64(bytes(signing_key))},
-    }
+    ca = tls.ca_pem(paths) if config.broker.device_tls else None   # public: lets the box check the broker
+    made: list[tuple[str, Path, nacl.signing.SigningKey, str]] = [
+        (device_id, out, nacl.signing.SigningKey.generate(), secrets.token_urlsafe(32))
+        for device_id, out in devices]
     conn = catalog.connect(paths.catalog)
     try:
-        try:
-            catalog.add_device(conn, device_id, bytes(signing_key.verify_key))
-        except sqlite3.IntegrityError as exc:
-            raise EnrollError(f"device {device_id!r} is already enrolled") from exc
-        # Bundle first, then broker account, then commit: a failure leaves no half-enrolled device.
-        write_atomic(out, tomli_w.dumps(bundle).encode(), mode=0o600)
-        add_user(paths, device_id, password)
-        _on_ingest_catalog(config, lambda db: db.add_device(device_id, bytes(signing_key.verify_key)))
+        conn.execute("BEGIN IMMEDIATE")
+        for device_id, _, signing_key, _ in made:
+            try:
+                catalog.add_device(conn, device_id, bytes(signing_key.verify_key))
+            except sqlite3.IntegrityError as exc:
+                raise EnrollError(f"device {device_id!r} is already enrolled") from exc
+        # Bundles first, then broker accounts, then commit: a failure leaves no half-enrolled device.
+        for device_id, out, signing_key, password in made:
+            broker: dict[str, str] = {"url": config.broker.devices_dial, "username": device_id,
+                                      "password": password}
+            if ca is not None:
+                broker["ca_cert"] = ca
+            bundle = {
+                "format": BUNDLE_FORMAT,
+                "device_id": device_id,
+                "broker": broker,
+                "central": {"encryption_public_key": keys.encryption_public_b64,
+                            "receipt_public_key": keys.receipt_public_b64},
+                "device": {"signing_key": b64(bytes(signing_key))},
+            }
+            write_atomic(out, tomli_w.dumps(bundle).encode(), mode=0o600)
+        add_users(paths, {device_id: password for device_id, _, _, password in made})
+
+        def add_all(db: Any) -> None:
+            for device_id, _, signing_key, _ in made:
+                db.add_device(device_id, bytes(signing_key.verify_key))
+
+        _on_ingest_catalog(config, add_all)
         conn.commit()
+    except BaseException:
+        conn.rollback()
+        raise
     finally:
         conn.close()
     pid = reload_broker(paths)
-    log.info("enrolled %s%s", device_id, f"; broker {pid} reloaded" if pid else "")
+    log.info("enrolled %d device(s)%s", len(made), f"; broker {pid} reloaded" if pid else "")
 
 
 def _on_ingest_catalog(config: CentralConfig, change: Callable[[Any], object]) -> None:

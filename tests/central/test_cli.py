@@ -13,13 +13,18 @@ from pathlib import Path
 
 import pytest
 
+from central import broker_config, catalog
 from central.cli import register
+from central.config import load_config
+from tests.central.conftest import read_bundle
 from tests.support.broker import free_port, running_broker, wait_for_port
 
 ROOT = Path(__file__).resolve().parents[2]
 DRIVER = """\
 import argparse, sys
+from central import broker_config, catalog
 from central.cli import register
+from central.config import load_config
 p = argparse.ArgumentParser(prog="sohoa")
 register(p.add_subparsers(required=True))
 a = p.parse_args()
@@ -89,3 +94,42 @@ def test_run_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
                 proc.kill()
         assert proc.returncode == 0, output
         assert "Traceback" not in output, output
+
+
+def _cli(*argv: str) -> int:
+    args = parse(*argv)
+    return int(args.func(args))
+
+
+def test_bulk_enrollment_from_a_csv_is_all_or_none_and_fast(tmp_path: Path) -> None:
+    """Issue 11: `central enroll --from devices.csv` for Ansible, at in-process speed (≤ 50 ms/device)."""
+    home = tmp_path / "home"
+    assert _cli("central", "init", "--home", str(home), "--broker", f"mqtt://127.0.0.1:{free_port()}",
+                "--http", "127.0.0.1:0") == 0
+
+    devices = tmp_path / "devices.csv"
+    ids = [f"xa-{n:04d}" for n in range(200)]
+    devices.write_text("device_id,commune\n" + "".join(f"{d},Xã số {n}\n" for n, d in enumerate(ids)),
+                       encoding="utf-8")
+    out = tmp_path / "bundles"
+    started = time.perf_counter()
+    assert _cli("central", "enroll", "--from", str(devices), "--out-dir", str(out), "--home", str(home)) == 0
+    per_device = (time.perf_counter() - started) / len(ids)
+    print(f"\nbulk enrolment: {per_device * 1000:.1f} ms per device ({len(ids)} devices)")
+    assert per_device < 0.05
+    paths = load_config(home).paths
+    assert set(broker_config.read_users(paths)) == set(ids)
+    bundle = read_bundle(out / "xa-0007.toml")
+    assert bundle.device_id == "xa-0007" and (out / "xa-0007.toml").stat().st_mode & 0o777 == 0o600
+    conn = catalog.connect(paths.catalog, readonly=True)
+    assert conn.execute("SELECT count(*) FROM devices").fetchone()[0] == len(ids)
+    # One bad row (listed twice, enrolled already, or reserved) and nothing of the file is enrolled.
+    again = tmp_path / "again.csv"
+    again.write_text("xa-new-1\nxa-new-2\nxa-0007\n", encoding="utf-8")
+    assert _cli("central", "enroll", "--from", str(again), "--out-dir", str(out), "--home", str(home)) == 65
+    assert conn.execute("SELECT count(*) FROM devices WHERE id LIKE 'xa-new-%'").fetchone()[0] == 0
+    assert "xa-new-1" not in broker_config.read_users(paths)
+    reserved = tmp_path / "reserved.csv"
+    reserved.write_text("device_id\nsohoa-central-w1\n", encoding="utf-8")
+    assert _cli("central", "enroll", "--from", str(reserved), "--out-dir", str(out),
+                "--home", str(home)) == 65
