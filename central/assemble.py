@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
+import subprocess
 import tarfile
 import unicodedata
 from collections.abc import Callable, Iterable, Iterator
@@ -150,6 +152,7 @@ def _unpack(package: Path, *, device: str, tid: str, seq: int, original_out: Pat
     metadata: PackageMetadata | None = None
     metadata_json = ""
     text = ""
+    jxl = False
     seen: list[str] = []
     with package.open("rb") as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
         for member in tar:
@@ -178,6 +181,11 @@ def _unpack(package: Path, *, device: str, tid: str, seq: int, original_out: Pat
                     raise BagError(f"metadata seq {metadata.seq} differs from the signed header's {seq}",
                                    device=device, tid=tid)
                 expected.append(original_member(metadata.media_type))
+                encoding = metadata.extra.get("original_encoding")
+                if encoding not in (None, JXL_ENCODING) or (encoding and metadata.media_type != "image/jpeg"):
+                    raise BagError(f"original_encoding {str(encoding)[:40]!r} is not known for "
+                                   f"{metadata.media_type}", device=device, tid=tid)
+                jxl = encoding == JXL_ENCODING
                 metadata_json = data.decode("utf-8")
                 hashes[name] = hashlib.sha256(data).hexdigest()
             elif name == TEXT:
@@ -190,10 +198,13 @@ def _unpack(package: Path, *, device: str, tid: str, seq: int, original_out: Pat
             elif name == HOCR:
                 hashes[name] = _copy_hashing(handle, lambda _chunk: None)
             else:
-                with _private_file(original_out) as sink:
+                # A JPEG that travelled as its lossless JPEG XL transcode (edge.transcode) is
+                # restored below; the manifest names the bytes in the bag, the metadata the JPEG's.
+                member_out = original_out.with_suffix(".jxl") if jxl else original_out
+                with _private_file(member_out) as sink:
                     hashes[name] = _copy_hashing(handle, sink.write)
                     sink.flush()
-                    if sync:
+                    if sync and not jxl:
                         os.fsync(sink.fileno())
     if seen != expected or metadata is None or manifest is None:
         raise BagError(f"package ends after {seen[-1] if seen else 'nothing'!r}; expected {expected}",
@@ -205,9 +216,57 @@ def _unpack(package: Path, *, device: str, tid: str, seq: int, original_out: Pat
             raise BagError(f"{name} hashes to {digest[:16]}…, manifest says {manifest[name][:16]}…",
                            device=device, tid=tid)
     original_sha = hashes[expected[-1]]
+    if jxl:
+        original_sha = restore_jpeg(original_out.with_suffix(".jxl"), original_out,
+                                    max_size=metadata.original_size, device=device, tid=tid, sync=sync)
     if original_sha != metadata.original_sha256 or original_out.stat().st_size != metadata.original_size:
         raise BagError("original does not match the size and sha256 in metadata.json", device=device, tid=tid)
     return metadata, metadata_json, text, original_sha
+
+
+JXL_ENCODING = "jpeg-xl"     # edge.transcode.ENCODING (the two sides meet only in the package)
+DJXL_TIMEOUT_S = 300.0
+DJXL_MEMORY = 2 * 1024 * 1024 * 1024
+
+
+def restore_jpeg(jxl: Path, out: Path, *, max_size: int, device: str, tid: str, sync: bool) -> str:
+    """``djxl`` the transcode back to the JPEG; return its sha256 (the caller checks it against the
+    signed metadata). The decoder is bounded: address space, output size (the declared JPEG's), time."""
+    djxl = shutil.which("djxl")
+    try:
+        if djxl is None:
+            # Our trouble, not the sender's: the job waits (retried) until libjxl-tools is installed.
+            raise OSError("djxl is not installed: cannot restore a JPEG XL original "
+                          "(apt install libjxl-tools)")
+
+        # prlimit (util-linux), not preexec_fn: the assemblers are threads, and a Python hook between
+        # fork and exec of a threaded process can deadlock.
+        prlimit = shutil.which("prlimit")
+        limits = [prlimit, f"--as={DJXL_MEMORY}", f"--fsize={max_size + 1}", "--"] if prlimit else []
+        restored = out.with_suffix(".restored.jpg")   # djxl picks the output format by its extension
+        try:
+            done = subprocess.run([*limits, djxl, "--quiet", str(jxl), str(restored)],  # noqa: S603 - our files
+                                  capture_output=True, timeout=DJXL_TIMEOUT_S, check=False)
+        except subprocess.TimeoutExpired as exc:
+            restored.unlink(missing_ok=True)
+            raise BagError("the JPEG XL original took too long to restore", device=device, tid=tid) from exc
+        if done.returncode != 0 or not restored.is_file() or restored.stat().st_size > max_size:
+            restored.unlink(missing_ok=True)
+            why = done.stderr.decode("utf-8", "replace").strip()[-200:] or f"exit status {done.returncode}"
+            raise BagError(f"the JPEG XL original does not restore to a JPEG ({why})", device=device, tid=tid)
+        restored.chmod(0o600)
+        restored.replace(out)
+        with out.open("rb") as reader:
+            digest = _copy_hashing(reader, lambda _chunk: None)
+        if sync:
+            fd = os.open(out, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        return digest
+    finally:
+        jxl.unlink(missing_ok=True)
 
 
 def assemble(staging: Ciphertext | Path, signed: SignedHeader, device_key: nacl.signing.VerifyKey,
@@ -226,7 +285,8 @@ def assemble(staging: Ciphertext | Path, signed: SignedHeader, device_key: nacl.
             package, device=header.device_id, tid=header.tid, seq=header.seq, original_out=original,
             sync=sync)
     except BaseException:
-        for leftover in (package, original):
+        for leftover in (package, original, original.with_suffix(".jxl"),
+                         original.with_suffix(".restored.jpg")):
             with contextlib.suppress(FileNotFoundError):
                 leftover.unlink()
         raise

@@ -9,6 +9,7 @@ the same bytes. Both outputs are written crash-safe (temp file, fsync, rename).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import tarfile
@@ -23,6 +24,7 @@ from edge.errors import ContentChangedError
 from edge.fsutil import atomic_writer
 from edge.media import MediaInfo, open_regular
 from edge.ocr import OcrResult
+from edge.transcode import ENCODING, JxlTranscoder, Transcoded
 from protocol.bag import (
     BAGIT_TXT,
     HOCR,
@@ -74,8 +76,28 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
 
 def build_package(original: Path, out: Path, *, media: MediaInfo, ocr: OcrResult, tid: str,
                   device_id: str, seq: int, original_name: str, original_sha256: str,
-                  captured_at: str, bagging_date: str | None = None) -> int:
-    """Write the package tar to ``out``; return its size in bytes."""
+                  captured_at: str, bagging_date: str | None = None,
+                  transcoder: JxlTranscoder | None = None) -> int:
+    """Write the package tar to ``out``; return its size in bytes.
+
+    With a ``transcoder``, a JPEG travels as its lossless JPEG XL transcode when that restores the
+    identical bytes (``edge.transcode``); the metadata keeps the JPEG's size and sha256.
+    """
+    jxl = None
+    if transcoder is not None and media.media_type == "image/jpeg":
+        jxl = transcoder.transcode(original, original_sha256, out.parent)
+    try:
+        return _build(original, out, media=media, ocr=ocr, tid=tid, device_id=device_id, seq=seq,
+                      original_name=original_name, original_sha256=original_sha256, captured_at=captured_at,
+                      bagging_date=bagging_date, jxl=jxl)
+    finally:
+        if jxl is not None:
+            jxl.path.unlink(missing_ok=True)
+
+
+def _build(original: Path, out: Path, *, media: MediaInfo, ocr: OcrResult, tid: str, device_id: str,
+           seq: int, original_name: str, original_sha256: str, captured_at: str, bagging_date: str | None,
+           jxl: Transcoded | None) -> int:
     text = unicodedata.normalize("NFC", ocr.text).encode("utf-8")
     hocr = ocr.hocr.encode("utf-8")
     with open_regular(original, max_bytes=1 << 62) as (source, size):
@@ -84,27 +106,33 @@ def build_package(original: Path, out: Path, *, media: MediaInfo, ocr: OcrResult
             original_sha256=original_sha256, original_size=size, media_type=media.media_type,
             pages=ocr.pages, captured_at=captured_at,
             ocr=OcrInfo(engine=ocr.engine, languages=tuple(ocr.languages), dpi=ocr.dpi,
-                        seconds=ocr.seconds, mean_confidence=ocr.mean_confidence))
+                        seconds=ocr.seconds, mean_confidence=ocr.mean_confidence),
+            extra={"original_encoding": ENCODING} if jxl is not None else {})
         meta = metadata.to_json()
         original_name_in_bag = original_member(media.media_type)
+        member_sha256 = jxl.sha256 if jxl is not None else original_sha256
         hashes = {METADATA: hashlib.sha256(meta).hexdigest(), TEXT: hashlib.sha256(text).hexdigest(),
-                  HOCR: hashlib.sha256(hocr).hexdigest(), original_name_in_bag: original_sha256}
+                  HOCR: hashlib.sha256(hocr).hexdigest(), original_name_in_bag: member_sha256}
         assert set(hashes) == set(payload_members(media.media_type))
+        member_size = jxl.size if jxl is not None else size
         info = bag_info(device_id=device_id, tid=tid, bagging_date=bagging_date or captured_at[:10],
-                        payload_bytes=len(meta) + len(text) + len(hocr) + size, payload_files=4)
+                        payload_bytes=len(meta) + len(text) + len(hocr) + member_size, payload_files=4)
         small = [("bagit.txt", BAGIT_TXT), ("bag-info.txt", info), ("manifest-sha256.txt", manifest(hashes)),
                  (METADATA, meta), (TEXT, text), (HOCR, hocr)]
         with atomic_writer(out, 0o600) as handle:
             with tarfile.open(fileobj=handle, mode="w|", format=tarfile.PAX_FORMAT) as tar:
                 for name, data in small:
                     tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
-                reader = _HashingReader(source)
-                try:
-                    tar.addfile(_tarinfo(original_name_in_bag, size), reader)
-                except OSError as exc:  # tarfile's "unexpected end of data": the file shrank
-                    raise ContentChangedError(f"{original_name} changed while it was being packaged "
-                                              f"({exc})") from exc
-            if reader.count != size or reader.digest.hexdigest() != original_sha256:
+                with contextlib.ExitStack() as stack:
+                    member = stack.enter_context(jxl.path.open("rb")) if jxl is not None else source
+                    reader = _HashingReader(member)
+                    try:
+                        tar.addfile(_tarinfo(original_name_in_bag, member_size), reader)
+                    except OSError as exc:  # tarfile's "unexpected end of data": the file shrank
+                        raise ContentChangedError(f"{original_name} changed while it was being packaged "
+                                                  f"({exc})") from exc
+            # A transcode was checked against the row's sha256 when djxl restored it (edge.transcode).
+            if reader.count != member_size or reader.digest.hexdigest() != member_sha256:
                 raise ContentChangedError(f"{original_name} changed since it was taken")
             handle.flush()
             return handle.tell()

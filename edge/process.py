@@ -36,8 +36,12 @@ from edge.ocr import OcrEngine
 from edge.outbox import Doc, DocState, Outbox, OutboxError, Place
 from edge.package import build_package, seal_package
 from edge.reasons import classify
+from edge.transcode import JxlTranscoder
 
 log = logging.getLogger("sohoa.edge.process")
+
+# JPEG originals travel as lossless JPEG XL when Debian's libjxl-tools are installed (edge.transcode).
+TRANSCODER = JxlTranscoder.find()
 
 MAX_ATTEMPTS = 3
 DISK_FULL_RETRY_S = 5.0
@@ -143,7 +147,7 @@ class Processor:
             await asyncio.to_thread(
                 build_package, held, job.package, media=media, ocr=result, tid=doc.tid,
                 device_id=cfg.device_id, seq=doc.seq, original_name=doc.name, original_sha256=doc.sha256,
-                captured_at=captured)
+                captured_at=captured, transcoder=TRANSCODER)
             signed = await asyncio.to_thread(
                 seal_package, job.package, job.envelope, device_id=cfg.device_id, tid=doc.tid, seq=doc.seq,
                 signing_key=self._key, central_public_key=cfg.central.encryption_key,

@@ -7,8 +7,9 @@ set -o errexit -o nounset -o pipefail
 
 role="${1:-dev}"
 common=(python3 python3-venv python3-dev ca-certificates sqlite3)
-edge=(tesseract-ocr tesseract-ocr-vie)
-central=(mosquitto mosquitto-clients openssl)
+# libjxl-tools: JPEG originals travel as lossless JPEG XL (edge.transcode), central restores them.
+edge=(tesseract-ocr tesseract-ocr-vie libjxl-tools)
+central=(mosquitto mosquitto-clients openssl libjxl-tools)
 dev=(fonts-dejavu-core poppler-utils shellcheck)
 
 case "${role}" in
