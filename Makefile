@@ -6,6 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: demo test lint torture bench deps venv clean
 
@@ -38,9 +39,10 @@ lint: $(STAMP)
 torture: $(STAMP)
 	$(BIN)/pytest -m torture $(PYTEST_ARGS)
 
+# Every figure a ratio against a baseline measured in the same run: bench/results.json and a table
+# (about 15 minutes on 2 cores; BENCH_ARGS=--quick for a few minutes, --only NAME,... for some).
 bench: $(STAMP)
-	$(BIN)/python -m bench.ocr_throughput
-	$(BIN)/python -m bench.link_model --quick
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
