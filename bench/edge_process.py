@@ -82,6 +82,8 @@ def measure(*, scan_mb: int = 500, idle_seconds: float = 30.0) -> tuple[dict[str
                 idle = {"value": round((cpu1 - cpu0) / (wall1 - wall0), 5),
                         "baseline": "wall-clock seconds (1.0 = one core busy)",
                         "details": {"cpu_s": round(cpu1 - cpu0, 3), "wall_s": round(wall1 - wall0, 1)}}
+                rss_idle_kb = int(process.memory_info().rss / 1024)
+                hwm_idle_kb = _hwm_kb(edge.proc.pid)
                 scans = root / "big"
                 scans.mkdir()
                 size = scan_mb * MB
@@ -102,7 +104,11 @@ def measure(*, scan_mb: int = 500, idle_seconds: float = 30.0) -> tuple[dict[str
                 peak = {"value": round(peak_kb / 1024, 1), "baseline": f"the scan's {scan_mb} MB",
                         "ratio_to_scan": round(peak_kb * 1024 / size, 4),
                         "details": {"delivered": delivered, "seconds": round(time.monotonic() - started, 1),
-                                    "counts": deployment.edge_counts()}}
+                                    "counts": deployment.edge_counts(),
+                                    # What start-up alone costs (imports, the first status), to tell
+                                    # the scan's share of the peak from the process's own.
+                                    "rss_idle_mb": round(rss_idle_kb / 1024, 1),
+                                    "peak_before_scan_mb": round(hwm_idle_kb / 1024, 1)}}
             finally:
                 edge.stop()
     return idle, peak

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,7 +27,15 @@ def mosquitto(tmp_path: Path) -> Iterator[Broker]:
 
 
 @pytest.fixture(scope="session")
-def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgres]:
-    """One PostgreSQL cluster for the session (each test creates its own database in it)."""
-    with running_postgres(tmp_path_factory.mktemp("postgres")) as server:
-        yield server
+def postgres() -> Iterator[Postgres]:
+    """One PostgreSQL cluster for the session (each test creates its own database in it).
+
+    Not under pytest's basetemp: another pytest run on the machine may prune old basetemps while
+    this session still runs, and PostgreSQL shuts down when its data directory disappears.
+    """
+    directory = Path(tempfile.mkdtemp(prefix="sohoa-postgres-"))
+    try:
+        with running_postgres(directory) as server:
+            yield server
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
