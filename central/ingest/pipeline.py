@@ -65,6 +65,7 @@ PUBLISH_TIMEOUT_S = 30.0
 # only acked what is durable) and are tried again, for up to PARK_S, before UNKNOWN is answered.
 PARK_S = 5.0
 PARK_RETRY_S = 0.05
+PARK_MAX_BYTES = 64 * 1024 * 1024   # beyond this, segments of unknown transfers are answered at once
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,11 +183,13 @@ class IngestPipeline:
             pending = [*((m, since) for since, m in parked), *((m, now) for m in fresh)]
             if not pending:
                 continue
+            # A sender may make up transfer ids: what waits here for an init is bounded in bytes.
+            room = PARK_MAX_BYTES - sum(len(m.payload) for m, _ in pending[:len(parked)])
             await self._in_flight.acquire()
             self.batches += 1
             self.messages += len(fresh)
             items = [(m.topic, m.payload) for m, _ in pending]
-            park = [now - since < PARK_S for _, since in pending]
+            park = [room > 0 and now - since < PARK_S for _, since in pending]
             call = functools.partial(_apply, stage, archive, items, park)
             task = asyncio.create_task(self.writer.call(call))
             await self._answers.put((fresh, pending, task))
