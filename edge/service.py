@@ -35,9 +35,9 @@ from edge.take import Taker
 from edge.uplink import Uplink
 from edge.watch import Intake
 from protocol.messages import Status, encode
+from protocol.version import version
 
 log = logging.getLogger("sohoa.edge")
-VERSION = "0.1.0"
 __all__ = ["OUTBOX_FULL", "EdgeService", "is_disk_full", "run"]
 
 
@@ -216,7 +216,7 @@ class EdgeService:
             device=self.config.device_id, online=bool(uplink and uplink.connected),
             queue_docs=stats.queued_docs, queue_bytes=stats.queued_bytes,
             oldest_age_s=round(stats.oldest_age_s, 1), failed_docs=stats.failed, last_receipt_at=last,
-            disk_free_bytes=disk_free(self.config.home), version=VERSION,
+            disk_free_bytes=disk_free(self.config.home), version=version(),
             last_error=self.alarms.last_error or (uplink.last_error if uplink else None),
             alarms=tuple(sorted(self.alarms.active)),
             updated_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
