@@ -184,6 +184,31 @@ class RetentionConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class StatusPageConfig:
+    """The clerk's read-only status page and the box's /metrics (edge.statuspage)."""
+
+    # On the office LAN by default: the clerk opens http://BOX:8090/ from the office PC. It shows
+    # file names and reasons, nothing else, and changes nothing; set a LAN address (or 127.0.0.1)
+    # to narrow it, or enabled = false to turn it off.
+    listen: str = "0.0.0.0:8090"
+    enabled: bool = True
+
+    def __post_init__(self) -> None:
+        host, sep, port = self.listen.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise ConfigError(f"status_page.listen = {self.listen!r}: expected HOST:PORT, "
+                              "e.g. \"0.0.0.0:8090\"")
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+
+@dataclass(frozen=True, slots=True)
 class EdgeConfig:
     home: Path
     device_id: str
@@ -195,6 +220,7 @@ class EdgeConfig:
     uplink: UplinkConfig = field(default_factory=UplinkConfig)
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
+    status_page: StatusPageConfig = field(default_factory=StatusPageConfig)
 
     def __post_init__(self) -> None:
         try:
@@ -243,6 +269,7 @@ class EdgeConfig:
 _SECTIONS: dict[str, type] = {
     "broker": BrokerConfig, "central": CentralKeys, "intake": IntakeConfig, "ocr": OcrConfig,
     "uplink": UplinkConfig, "outbox": OutboxConfig, "retention": RetentionConfig,
+    "status_page": StatusPageConfig,
 }
 
 

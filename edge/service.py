@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge import config as edge_config
+from edge import statuspage
 from edge.alarms import IDENTITY_CLASH, OUTBOX_FULL, Alarms, is_disk_full
 from edge.config import EdgeConfig
 from edge.custody import Custody
@@ -71,6 +72,7 @@ class EdgeService:
         self.layout = Layout(processed=config.processed_dir, envelopes=config.envelopes_dir,
                              work=config.work_dir, watch=config.watch_dir, refused=config.refused_dir)
         self.ready = asyncio.Event()
+        self.status_page_port: int | None = None   # set once the clerk's page listens
 
     @property
     def outbox(self) -> Outbox:
@@ -138,6 +140,7 @@ class EdgeService:
                     group.create_task(custody.run(), name="custody")
                     group.create_task(uplink.run(), name="uplink")
                     group.create_task(self._status_loop(), name="status")
+                    group.create_task(statuspage.run(self), name="status-page")
         finally:
             with contextlib.suppress(Exception):
                 await engine.aclose()
@@ -230,7 +233,8 @@ def _write_status(path: Path, payload: bytes) -> None:
     cut in that instant could tear it, and the next atomic write repairs it.
     """
     try:
-        atomic_write_bytes(path, payload, 0o600)
+        # 0640: the home's group (set by the installer) may read the box's status, never the outbox.
+        atomic_write_bytes(path, payload, 0o640)
     except OSError as exc:
         if not is_disk_full(exc) or not path.exists():
             raise

@@ -62,7 +62,9 @@ async def _run(home: Path, files: list[Path], *, http_port: int, exit_when_synce
     cfg = edge_config.load(edge_home)
     # A demo should not make people wait for a slow scanner: settle after one quiet second.
     cfg = dataclasses.replace(cfg, intake=dataclasses.replace(cfg.intake, quiet_seconds=1.0,
-                                                              check_interval=0.25))
+                                                              check_interval=0.25),
+                              # The clerk's page, on loopback: the demo is not an office box.
+                              status_page=dataclasses.replace(cfg.status_page, listen="127.0.0.1:0"))
     service = EdgeService(cfg)
     edge_task = asyncio.create_task(service.run(), name="edge")
     await asyncio.wait_for(service.ready.wait(), 30)
