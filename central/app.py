@@ -28,6 +28,7 @@ ROUTES = [
     web.get("/devices/{id}", handlers.page),
     web.get("/documents/{id}", handlers.page),
     web.get("/static/{name:.+}", handlers.static),
+    web.get("/favicon.ico", handlers.favicon),
     web.get("/healthz", handlers.healthz),
     web.get("/readyz", handlers.readyz),
     web.get("/metrics", handlers.metrics),

@@ -359,8 +359,12 @@ async def page(request: web.Request) -> web.Response:
     signed_in = PRINCIPAL in request
     name = "static/dashboard.html" if signed_in else "static/login.html"
     html = resources.files("central").joinpath(name).read_text(encoding="utf-8")
-    return web.Response(text=html, content_type="text/html", charset="utf-8",
-                        status=200 if signed_in else 401, headers=PAGE_HEADERS)
+    # The sign-in page is a page like any other (200): a 401 document is a console error in browsers.
+    return web.Response(text=html, content_type="text/html", charset="utf-8", headers=PAGE_HEADERS)
+
+
+async def favicon(request: web.Request) -> web.Response:
+    return web.Response(status=204, headers={"Cache-Control": "max-age=86400"})
 
 
 _STATIC_NAME = re.compile(r"(?:i18n/)?[a-z][a-z0-9-]*\.(?:js|css|json)")

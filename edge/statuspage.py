@@ -161,8 +161,6 @@ def render_page(view: dict[str, Any], lang: str) -> str:
         (tr("refused_count", folder=folder), _e(len(view["refused"]))),
         (tr("disk_free"), _e(size(view["disk_free_bytes"], lang))),
     ]
-    if view["last_error"]:
-        facts.append((tr("last_error"), f'<span class="off">{_e(view["last_error"])}</span>'))
     rows = "\n".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in facts)
     alarms = ""
     if view["alarms"]:
