@@ -3,7 +3,8 @@
 ``GET /`` lists each recent scan by file name (received → OCR'd → sent → archived, or refused
 with the reason in plain Vietnamese and what to do), the link to central, free disk and the last
 successful send; ``?lang=en`` switches to English. It is server-rendered HTML with no script, so
-any browser in the office shows it. ``GET /metrics`` is the box's Prometheus exposition and
+any browser in the office shows it; it does not reload itself (a timed refresh moves the page
+under someone reading it, WCAG 2.2.1), it says when its figures are from and offers a reload link. ``GET /metrics`` is the box's Prometheus exposition and
 ``GET /status.json`` the clerk's view as JSON. Nothing here changes anything on the box.
 
 The same task writes the view to ``HOME/status-view.json`` (0640) for `sohoa edge status`.
@@ -204,7 +205,6 @@ def render_page(view: dict[str, Any], lang: str) -> str:
 <head>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<meta http-equiv="refresh" content="15">
 <title>{tr("title", device=view["device"])}</title>
 <style>
 {_CSS}</style>
@@ -222,13 +222,15 @@ def render_page(view: dict[str, Any], lang: str) -> str:
 <h2>{tr("recent")}</h2>
 {recent}
 </main>
-<footer><p class="note">{tr("times_note")}</p></footer>
+<footer><p class="note">{tr("times_note", time=vn_time(view["written_at"]))}
+<a href="?lang={lang}">{tr("reload")}</a></p></footer>
 </body>
 </html>
 """
 
 
-_CSS = """body { font: 16px/1.45 system-ui, "Noto Sans", "DejaVu Sans", sans-serif; margin: 0 auto;
+_CSS = """* { box-sizing: border-box; }
+body { font: 16px/1.45 system-ui, "Noto Sans", "DejaVu Sans", sans-serif; margin: 0 auto;
        padding: 0 1rem 2rem; max-width: 60rem; color: #1d1d1d; overflow-wrap: anywhere; }
 header { display: flex; flex-wrap: wrap; justify-content: space-between; align-items: center; gap: .5rem; }
 h1 { font-size: 1.3rem; } h2 { font-size: 1.1rem; margin-top: 1.6rem; }
