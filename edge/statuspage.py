@@ -3,9 +3,10 @@
 ``GET /`` lists each recent scan by file name (received → OCR'd → sent → archived, or refused
 with the reason in plain Vietnamese and what to do), the link to central, free disk and the last
 successful send; ``?lang=en`` switches to English. It is server-rendered HTML with no script, so
-any browser in the office shows it; it does not reload itself (a timed refresh moves the page
-under someone reading it, WCAG 2.2.1), it says when its figures are from and offers a reload link. ``GET /metrics`` is the box's Prometheus exposition and
-``GET /status.json`` the clerk's view as JSON. Nothing here changes anything on the box.
+any browser in the office shows it. It does not reload itself (a timed refresh moves the page
+under someone reading it, WCAG 2.2.1): it says when its figures are from, with a reload link.
+``GET /metrics`` is the box's Prometheus exposition, ``GET /status.json`` the clerk's view as
+JSON. Nothing here changes anything on the box.
 
 The same task writes the view to ``HOME/status-view.json`` (0640) for `sohoa edge status`.
 A page that cannot bind its port (taken, no such address) is logged and skipped: the box's real

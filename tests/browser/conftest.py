@@ -43,13 +43,29 @@ from tests.support.broker import free_port, running_broker
 CHROMIUM = "/usr/bin/chromium"
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = Path(os.environ.get("SOHOA_ARTIFACTS", ROOT / "artifacts" / "browser"))
-LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-               "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+LAUNCH_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 AXE = Path(__file__).parent / "vendor" / "axe-core" / "axe.min.js"
 
-LIVE, STOPPED, NEVER, REVOKED, CLONE = "xa-tan-trao", "xa-da-dung", "xa-chua-ket-noi", "xa-thu-hoi", "xa-nhan-ban"
-OCR_TEXT = ("ỦY BAN NHÂN DÂN XÃ TÂN TRÀO\nQuyết định về việc sáp nhập thôn Khuôn Điển vào thôn Tân Lập "
-            "và đặt tên thôn mới sau khi sáp nhập")
+LIVE, STOPPED, NEVER, REVOKED, CLONE = (
+    "xa-tan-trao",
+    "xa-da-dung",
+    "xa-chua-ket-noi",
+    "xa-thu-hoi",
+    "xa-nhan-ban",
+)
+OCR_TEXT = (
+    "ỦY BAN NHÂN DÂN XÃ TÂN TRÀO\nQuyết định về việc sáp nhập thôn Khuôn Điển vào thôn Tân Lập "
+    "và đặt tên thôn mới sau khi sáp nhập"
+)
 CLONE_TEXT = "Công văn về công tác phòng, chống lụt bão và tìm kiếm cứu nạn năm 2024 của xã"
 REFUSED_NAME = "Ghi chú họp thôn.txt"
 PASSWORD = "mật-khẩu-đủ-dài-2024"
@@ -57,11 +73,11 @@ PASSWORD = "mật-khẩu-đủ-dài-2024"
 
 @dataclass
 class Scene:
-    url: str                 # central's dashboard
-    clerk_url: str           # the live box's status page
+    url: str  # central's dashboard
+    clerk_url: str  # the live box's status page
     central_home: Path
     edge_home: Path
-    scan_name: str           # the live box's delivered scan
+    scan_name: str  # the live box's delivered scan
     scan_sha256: str
     loop: asyncio.AbstractEventLoop
     service: EdgeService
@@ -86,16 +102,40 @@ async def _speak(port: int, bundle: Any, status: Status) -> None:
 
 async def _clone(port: int, bundle: Any, central_key: Any) -> None:
     """One stored document, then a second transfer signed with the same sequence number."""
-    async with connected(port, bundle.username, bundle.password, ((f"sohoa/v1/down/{CLONE}/#", 1),)) as device:
-        await device.publish(*encode(Status(CLONE, online=True, queue_docs=0, version="0.1.0",
-                                            disk_free_bytes=12 * 1024**3,
-                                            updated_at=time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()))))
-        first = seal_document(device=CLONE, seq=7, signing_key=bundle.signing_key, central_key=central_key,
-                              original=b"%PDF-1.4\n% lut bao\n" + bytes(2000), name="Công văn lụt bão.pdf",
-                              text=CLONE_TEXT)
+    async with connected(
+        port, bundle.username, bundle.password, ((f"sohoa/v1/down/{CLONE}/#", 1),)
+    ) as device:
+        await device.publish(
+            *encode(
+                Status(
+                    CLONE,
+                    online=True,
+                    queue_docs=0,
+                    version="0.1.0",
+                    disk_free_bytes=12 * 1024**3,
+                    updated_at=time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
+                )
+            )
+        )
+        first = seal_document(
+            device=CLONE,
+            seq=7,
+            signing_key=bundle.signing_key,
+            central_key=central_key,
+            original=b"%PDF-1.4\n% lut bao\n" + bytes(2000),
+            name="Công văn lụt bão.pdf",
+            text=CLONE_TEXT,
+        )
         await send_and_wait_receipt(device, first)
-        second = seal_document(device=CLONE, seq=7, signing_key=bundle.signing_key, central_key=central_key,
-                               original=b"%PDF-1.4\n% other box\n", name="Bản khác.pdf", text="khác")
+        second = seal_document(
+            device=CLONE,
+            seq=7,
+            signing_key=bundle.signing_key,
+            central_key=central_key,
+            original=b"%PDF-1.4\n% other box\n",
+            name="Bản khác.pdf",
+            text="khác",
+        )
         await device.publish(*encode(second.messages(16 * 1024)[0]))
         await asyncio.sleep(1.0)
 
@@ -105,8 +145,12 @@ def scene(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scene]:
     root = tmp_path_factory.mktemp("browser")
     broker_port, http_port = free_port(), free_port()
     central_home = root / "central"
-    central_commands.init(central_home, broker_url=f"mqtt://127.0.0.1:{broker_port}",
-                          http=f"127.0.0.1:{http_port}", device_url=f"mqtt://127.0.0.1:{free_port()}")
+    central_commands.init(
+        central_home,
+        broker_url=f"mqtt://127.0.0.1:{broker_port}",
+        http=f"127.0.0.1:{http_port}",
+        device_url=f"mqtt://127.0.0.1:{free_port()}",
+    )
     central_commands.user_add(central_home, "vanhanh", "operator", PASSWORD)
     central_commands.user_add(central_home, "xem", "viewer", PASSWORD)
     bundles = {}
@@ -127,15 +171,25 @@ def scene(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scene]:
             return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
 
         ready = asyncio.Event()
-        central_task = asyncio.run_coroutine_threadsafe(central_commands.serve(central_home, ready=ready), loop)
+        central_task = asyncio.run_coroutine_threadsafe(
+            central_commands.serve(central_home, ready=ready), loop
+        )
         run(asyncio.wait_for(ready.wait(), 30))
         cfg = edge_config.load(root / "edge")
         import dataclasses  # noqa: PLC0415
+
         cfg = dataclasses.replace(
-            cfg, intake=dataclasses.replace(cfg.intake, quiet_seconds=0.5, check_interval=0.2, rescan_seconds=2.0,
-                                            unknown_quiet_seconds=1.0),
+            cfg,
+            intake=dataclasses.replace(
+                cfg.intake,
+                quiet_seconds=0.5,
+                check_interval=0.2,
+                rescan_seconds=2.0,
+                unknown_quiet_seconds=1.0,
+            ),
             retention=dataclasses.replace(cfg.retention, release_after_seconds=0.0),
-            status_page=dataclasses.replace(cfg.status_page, listen="127.0.0.1:0"))
+            status_page=dataclasses.replace(cfg.status_page, listen="127.0.0.1:0"),
+        )
 
         async def start_edge() -> EdgeService:
             service = EdgeService(cfg, ocr_engine=FakeOcrEngine(OCR_TEXT))
@@ -151,23 +205,45 @@ def scene(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scene]:
         async def counts() -> dict[str, int]:
             return dict((await service.outbox.stats()).counts)
 
-        _wait(lambda: run(counts()).get("delivered", 0) >= 1 and run(counts()).get("failed", 0) >= 1,
-              "the live box did not deliver its scan and refuse the text file")
+        _wait(
+            lambda: run(counts()).get("delivered", 0) >= 1 and run(counts()).get("failed", 0) >= 1,
+            "the live box did not deliver its scan and refuse the text file",
+        )
         device_port = broker.device_port
         central_key = central_commands.load_keys(CentralPaths(central_home)).encryption.public_key
         run(_clone(device_port, bundles[CLONE], central_key))
-        run(_speak(device_port, bundles[STOPPED], Status(STOPPED, online=True, queue_docs=3, queue_bytes=4_500_000,
-                                                         oldest_age_s=7200.0, failed_docs=1, version="0.1.0",
-                                                         disk_free_bytes=3 * 1024**3,
-                                                         updated_at="2026-01-01T00:00:00+00:00")))
+        run(
+            _speak(
+                device_port,
+                bundles[STOPPED],
+                Status(
+                    STOPPED,
+                    online=True,
+                    queue_docs=3,
+                    queue_bytes=4_500_000,
+                    oldest_age_s=7200.0,
+                    failed_docs=1,
+                    version="0.1.0",
+                    disk_free_bytes=3 * 1024**3,
+                    updated_at="2026-01-01T00:00:00+00:00",
+                ),
+            )
+        )
         # Its last will, as the broker publishes it when the box vanishes.
         run(_speak(device_port, bundles[STOPPED], Status(STOPPED, online=False)))
         run(_speak(device_port, bundles[REVOKED], Status(REVOKED, online=True, version="0.1.0")))
         central_commands.revoke(central_home, REVOKED)
         _wait(lambda: service.status_page_port is not None, "the clerk's page did not start")
-        yield Scene(url=f"http://127.0.0.1:{http_port}", clerk_url=f"http://127.0.0.1:{service.status_page_port}",
-                    central_home=central_home, edge_home=root / "edge", scan_name=scan_name,
-                    scan_sha256=scan_sha256, loop=loop, service=service)
+        yield Scene(
+            url=f"http://127.0.0.1:{http_port}",
+            clerk_url=f"http://127.0.0.1:{service.status_page_port}",
+            central_home=central_home,
+            edge_home=root / "edge",
+            scan_name=scan_name,
+            scan_sha256=scan_sha256,
+            loop=loop,
+            service=service,
+        )
 
         async def stop() -> None:
             for task in asyncio.all_tasks():
@@ -200,4 +276,3 @@ def shot(page: Any, name: str) -> Path:
     path = ARTIFACTS / f"{name}.png"
     page.screenshot(path=str(path), full_page=True)
     return path
-

@@ -29,10 +29,16 @@ from tests.browser.conftest import (
 )
 
 pytestmark = pytest.mark.timeout(120)
-STATES = {"vi": {LIVE: "Trực tuyến", STOPPED: "Mất kết nối", NEVER: "Chưa từng kết nối", REVOKED: "Đã thu hồi",
-                 CLONE: "Trực tuyến"},
-          "en": {LIVE: "Online", STOPPED: "Offline", NEVER: "Never connected", REVOKED: "Revoked",
-                 CLONE: "Online"}}
+STATES = {
+    "vi": {
+        LIVE: "Trực tuyến",
+        STOPPED: "Mất kết nối",
+        NEVER: "Chưa từng kết nối",
+        REVOKED: "Đã thu hồi",
+        CLONE: "Trực tuyến",
+    },
+    "en": {LIVE: "Online", STOPPED: "Offline", NEVER: "Never connected", REVOKED: "Revoked", CLONE: "Online"},
+}
 
 
 class Page:
@@ -58,9 +64,13 @@ class Page:
 @pytest.fixture
 def context(browser: Any, request: pytest.FixtureRequest) -> Iterator[Any]:
     lang = getattr(request, "param", "vi")
-    ctx = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True,
-                              locale="vi-VN" if lang == "vi" else "en-GB", timezone_id="Europe/Paris")
-    if lang == "en":   # the reader's choice is kept in the browser, as the switch button does
+    ctx = browser.new_context(
+        viewport={"width": 1280, "height": 900},
+        accept_downloads=True,
+        locale="vi-VN" if lang == "vi" else "en-GB",
+        timezone_id="Europe/Paris",
+    )
+    if lang == "en":  # the reader's choice is kept in the browser, as the switch button does
         ctx.add_init_script("localStorage.setItem('sohoa.lang', 'en')")
     try:
         yield ctx
@@ -81,8 +91,9 @@ def login(scene: Scene, context: Any, name: str = "vanhanh") -> Page:
 def check(p: Page, name: str) -> None:
     """axe-core, 390 px, console: the rules every page is held to."""
     serious = p.axe()
-    assert serious == [], json.dumps([(v["id"], v["help"], [n["target"] for n in v["nodes"]][:3]) for v in serious],
-                                     ensure_ascii=False)
+    assert serious == [], json.dumps(
+        [(v["id"], v["help"], [n["target"] for n in v["nodes"]][:3]) for v in serious], ensure_ascii=False
+    )
     shot(p.page, name)
     p.page.set_viewport_size({"width": 390, "height": 844})
     p.page.wait_for_timeout(150)
@@ -104,15 +115,16 @@ def test_fleet_states_and_search(scene: Scene, context: Any, request: pytest.Fix
     clone_row = page.locator("#devices tbody tr", has=page.locator(f"a[href='/devices/{CLONE}']"))
     assert clone_row.locator(".badge.clone").count() == 1
     # Times are Vietnam time whatever the browser's zone (this one is set to Paris).
-    assert page.locator("footer").inner_text() == ("Mọi thời gian theo giờ Việt Nam (UTC+7)." if lang == "vi"
-                                                   else "All times are Vietnam time (UTC+7).")
+    assert page.locator("footer").inner_text() == (
+        "Mọi thời gian theo giờ Việt Nam (UTC+7)." if lang == "vi" else "All times are Vietnam time (UTC+7)."
+    )
     check(p, f"fleet-{lang}")
 
     # With and without diacritics: the same document, the match highlighted in the snippet.
     for query in ("lụt bão", "lut bao"):
         page.fill("#q", query)
         page.click("#search-submit")
-        page.wait_for_selector(f"#documents li[data-id] .snippet mark")
+        page.wait_for_selector("#documents li[data-id] .snippet mark")
         results = page.locator("#documents li[data-id]")
         assert results.count() == 1
         marks = [m.lower() for m in results.first.locator(".snippet mark").all_inner_texts()]
@@ -121,8 +133,9 @@ def test_fleet_states_and_search(scene: Scene, context: Any, request: pytest.Fix
     page.fill("#q", "quyet dinh sap nhap")
     page.click("#search-submit")
     page.locator("#documents li[data-id] a.title", has_text="Quyết định").first.wait_for()
-    assert page.locator("#doc-order").inner_text() == ("Kết quả theo mức độ phù hợp" if lang == "vi"
-                                                        else "Results by relevance")
+    assert page.locator("#doc-order").inner_text() == (
+        "Kết quả theo mức độ phù hợp" if lang == "vi" else "Results by relevance"
+    )
     shot(page, f"search-{lang}")
     assert p.errors == []
 
@@ -140,8 +153,10 @@ def test_document_page_download_matches_sha256(scene: Scene, context: Any, tmp_p
     assert page.locator("#sha256").inner_text() == scene.scan_sha256
     # (wait_for_function evaluates a string, which the page's CSP forbids: poll from here instead)
     for _ in range(100):
-        if page.evaluate("() => { const i = document.querySelector('img#preview');"
-                         " return !!i && i.complete && i.naturalWidth > 100; }"):
+        if page.evaluate(
+            "() => { const i = document.querySelector('img#preview');"
+            " return !!i && i.complete && i.naturalWidth > 100; }"
+        ):
             break
         page.wait_for_timeout(100)
     else:
@@ -163,8 +178,9 @@ def test_viewer_sees_no_download(scene: Scene, context: Any) -> None:
     assert page.locator("#download").count() == 0
     assert page.locator("#no-download").inner_text() == "Tải bản gốc cần quyền người vận hành."
     shot(page, "document-viewer-vi")
-    response = page.request.get(scene.url + page.url.replace(scene.url, "").replace("/documents/", "/api/documents/")
-                                + "/original")
+    response = page.request.get(
+        scene.url + page.url.replace(scene.url, "").replace("/documents/", "/api/documents/") + "/original"
+    )
     assert response.status == 403
     assert p.errors == []
 
