@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from protocol.version import version
@@ -29,7 +29,7 @@ DEVICE_SERIES_MAX = 200
 
 # name → (type, help). The documented metrics (README "Metrics" lists the same).
 METRICS: dict[str, tuple[str, str]] = {
-    "sohoa_central": ("info", "This central's version."),
+    "sohoa_central_info": ("gauge", "Always 1; the version label says which sohoa this central runs."),
     "sohoa_central_segments_received": ("counter", "Segments durably written by this process."),
     "sohoa_central_received_bytes": ("counter", "Ciphertext bytes of those segments."),
     "sohoa_central_documents_ingested": ("counter", "Transfers stored and receipted by this process."),
@@ -92,8 +92,8 @@ class _Collector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         m, cat = self._metrics, self._scrape.catalog
-        info = InfoMetricFamily("sohoa_central", METRICS["sohoa_central"][1])
-        info.add_metric([], {"version": version()})
+        info = GaugeMetricFamily("sohoa_central_info", METRICS["sohoa_central_info"][1], labels=["version"])
+        info.add_metric([version()], 1)
         yield info
         for name, value in (("sohoa_central_segments_received", m.segments_received),
                             ("sohoa_central_received_bytes", m.bytes_received),
@@ -108,10 +108,9 @@ class _Collector(Collector):
         yield errors
         yield GaugeMetricFamily("sohoa_central_ingest_running", METRICS["sohoa_central_ingest_running"][1],
                                 value=int(m.ingest_running))
-        if self._scrape.broker_connected is not None:
-            yield GaugeMetricFamily("sohoa_central_broker_connected",
-                                    METRICS["sohoa_central_broker_connected"][1],
-                                    value=int(self._scrape.broker_connected))
+        # 0 too in a catalog-only app (no ingest, no broker): the series always exists for alerts.
+        name = "sohoa_central_broker_connected"
+        yield GaugeMetricFamily(name, METRICS[name][1], value=int(bool(self._scrape.broker_connected)))
         for name, key in (("sohoa_central_transfers_active", "transfers_active"),
                           ("sohoa_catalog_documents", "documents"), ("sohoa_catalog_objects", "objects"),
                           ("sohoa_catalog_stored_bytes", "stored_bytes"),

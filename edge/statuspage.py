@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from edge.clerk import LANGS, VIEW_MODE, VIEW_NAME, WRITE_EVERY_S, age, build_view, size, t, vn_time
@@ -42,7 +42,7 @@ log = logging.getLogger("sohoa.edge.statuspage")
 
 # name → (type, help): the documented edge metrics (a test holds the exposition to this list).
 METRICS: dict[str, tuple[str, str]] = {
-    "sohoa_edge": ("info", "This box: version and device id."),
+    "sohoa_edge_info": ("gauge", "Always 1; the labels say which box and which sohoa version."),
     "sohoa_edge_documents": ("gauge", "Outbox rows by state."),
     "sohoa_edge_queue_documents": ("gauge", "Documents taken and not yet receipted by central."),
     "sohoa_edge_queue_bytes": ("gauge", "Bytes they hold on the box (originals and envelopes)."),
@@ -77,8 +77,9 @@ class _Collector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         s, v = self._service, self._view
-        info = InfoMetricFamily("sohoa_edge", METRICS["sohoa_edge"][1])
-        info.add_metric([], {"version": version(), "device": v["device"]})
+        info = GaugeMetricFamily("sohoa_edge_info", METRICS["sohoa_edge_info"][1],
+                                 labels=["device", "version"])
+        info.add_metric([v["device"], version()], 1)
         yield info
         states = GaugeMetricFamily("sohoa_edge_documents", METRICS["sohoa_edge_documents"][1],
                                    labels=["state"])
