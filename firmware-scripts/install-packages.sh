@@ -9,7 +9,9 @@ role="${1:-dev}"
 common=(python3 python3-venv python3-dev ca-certificates sqlite3)
 edge=(tesseract-ocr tesseract-ocr-vie)
 central=(mosquitto mosquitto-clients openssl)
-dev=(fonts-dejavu-core poppler-utils shellcheck)
+# chromium: the browser tests (Playwright drives Debian's build, never a downloaded one);
+# prometheus: promtool, which checks and unit-tests monitoring/sohoa-alerts.yml.
+dev=(fonts-dejavu-core poppler-utils shellcheck chromium prometheus)
 
 case "${role}" in
   edge) wanted=("${common[@]}" "${edge[@]}") ;;
