@@ -22,7 +22,8 @@ from edge.reasons import explain
 
 VIEW_NAME = "status-view.json"
 VIEW_MODE = 0o640          # the group the installer gives the home may read it; others may not
-WRITE_EVERY_S = 10.0
+CHECK_EVERY_S = 2.0        # the view is recomputed this often, and written when it changed
+WRITE_EVERY_S = 10.0       # ... or at least this often (the heartbeat)
 STALE_AFTER_S = 60.0       # six missed writes: the service is not running
 RECENT = 50
 # Vietnam has kept UTC+7 without daylight saving since 1975.

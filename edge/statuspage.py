@@ -29,7 +29,18 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from edge.clerk import LANGS, VIEW_MODE, VIEW_NAME, WRITE_EVERY_S, age, build_view, size, t, vn_time
+from edge.clerk import (
+    CHECK_EVERY_S,
+    LANGS,
+    VIEW_MODE,
+    VIEW_NAME,
+    WRITE_EVERY_S,
+    age,
+    build_view,
+    size,
+    t,
+    vn_time,
+)
 from edge.fsutil import atomic_write_bytes, disk_free
 from edge.quarantine import list_failed
 from edge.reasons import explain
@@ -310,14 +321,21 @@ async def run(service: EdgeService) -> None:
             await runner.cleanup()
             runner = None
     path = service.config.home / VIEW_NAME
+    written: tuple[dict[str, Any], float] | None = None
+    loop = asyncio.get_running_loop()
     try:
         while True:
             try:
-                write_view_now = await current_view(service)
-                await asyncio.to_thread(write_view, path, write_view_now)
+                view = await current_view(service)
+                same = {**view, "written_at": None, "disk_free_bytes": None}
+                # Spare the SD card: write when something the clerk sees changed, else every 10 s
+                # (the heartbeat that tells `sohoa edge status` the service runs).
+                if written is None or same != written[0] or loop.time() - written[1] >= WRITE_EVERY_S:
+                    await asyncio.to_thread(write_view, path, view)
+                    written = (same, loop.time())
             except OSError as exc:   # a full disk: the status.json fallback carries the alarm
                 log.debug("cannot write %s: %s", path, exc)
-            await asyncio.sleep(WRITE_EVERY_S)
+            await asyncio.sleep(CHECK_EVERY_S)
     finally:
         if runner is not None:
             with contextlib.suppress(Exception):
