@@ -92,6 +92,50 @@ def _user_add(args: argparse.Namespace) -> int:
     return 0
 
 
+def _table(rows: list[dict[str, object]], columns: tuple[str, ...]) -> None:
+    def shown(row: dict[str, object], column: str) -> str:
+        value = row.get(column)
+        return "-" if value is None else str(value)
+
+    widths = [max([len(c), *(len(shown(r, c)) for r in rows)]) for c in columns]
+    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
+    for row in rows:
+        cells = [shown(row, c) for c in columns]
+        print("  ".join(v.ljust(w) for v, w in zip(cells, widths, strict=True)).rstrip())
+
+
+def _user_list(args: argparse.Namespace) -> int:
+    _table(commands.user_list(args.home), ("name", "role", "disabled", "sessions", "created_at"))
+    return 0
+
+
+def _user_remove(args: argparse.Namespace) -> int:
+    commands.user_remove(args.home, args.name)
+    print(f"operator {args.name} disabled and signed out (kept in the audit log)")
+    return 0
+
+
+def _token_list(args: argparse.Namespace) -> int:
+    _table(commands.token_list(args.home), ("name", "role", "created_at", "revoked_at"))
+    return 0
+
+
+def _device_list(args: argparse.Namespace) -> int:
+    rows = commands.device_list(args.home)
+    for row in rows:
+        row["online"] = "yes" if row["online"] else "no"
+        row["possible_clone"] = "POSSIBLE CLONE" if row["possible_clone"] else None
+    _table(rows, ("id", "status", "online", "last_seen", "backlog_docs", "last_receipt", "problem",
+                  "possible_clone"))
+    return 0
+
+
+def _device_remove(args: argparse.Namespace) -> int:
+    commands.device_remove(args.home, args.device_id)
+    print(f"{args.device_id} removed (it had never sent anything); its broker account is gone")
+    return 0
+
+
 def _token_create(args: argparse.Namespace) -> int:
     token = commands.token_create(args.home, args.name, args.role)
     print(token)   # shown once, by design: only its hash is stored
@@ -174,6 +218,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     clear.add_argument("device_id", metavar="DEVICE_ID")
     clear.add_argument("--home", type=Path, required=True, help="central home directory")
     clear.set_defaults(func=_guard(_clear_clone))
+    device_ls = device_sub.add_parser("list", help="every enrolled device with its state",
+                                      description="Devices by id: status, online, last seen, backlog, "
+                                                  "problem.")
+    device_ls.add_argument("--home", type=Path, required=True, help="central home directory")
+    device_ls.set_defaults(func=_guard(_device_list))
+    device_rm = device_sub.add_parser(
+        "remove", help="remove a device that never sent anything (else: revoke)",
+        description="Delete an enrolled device that never sent a transfer (a typo, a box never installed) "
+                    "and its broker account. A device whose documents are archived stays: revoke it.")
+    device_rm.add_argument("device_id", metavar="DEVICE_ID")
+    device_rm.add_argument("--home", type=Path, required=True, help="central home directory")
+    device_rm.set_defaults(func=_guard(_device_remove))
 
     user = sub.add_parser("user", help="dashboard operators (argon2id passwords)",
                           description="Manage the people who sign in to the dashboard.")
@@ -186,6 +242,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                                "admin: also revoke devices and read the audit log")
     user_add.add_argument("--home", type=Path, required=True, help="central home directory")
     user_add.set_defaults(func=_guard(_user_add))
+    user_ls = user_sub.add_parser("list", help="operators, their roles and open sessions")
+    user_ls.add_argument("--home", type=Path, required=True, help="central home directory")
+    user_ls.set_defaults(func=_guard(_user_list))
+    user_rm = user_sub.add_parser("remove", help="disable an operator and end its sessions",
+                                  description="The account is disabled (kept: the audit log names it) and "
+                                              "signed out everywhere; `user add` with the name enables it "
+                                              "again.")
+    user_rm.add_argument("name", metavar="NAME")
+    user_rm.add_argument("--home", type=Path, required=True, help="central home directory")
+    user_rm.set_defaults(func=_guard(_user_remove))
 
     token = sub.add_parser("token", help="API tokens for scripts (stored hashed)",
                            description="Bearer tokens for /api; HOME/api-token stays the bootstrap admin.")
@@ -199,6 +265,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     revoke_token.add_argument("name", metavar="NAME")
     revoke_token.add_argument("--home", type=Path, required=True, help="central home directory")
     revoke_token.set_defaults(func=_guard(_token_revoke))
+    token_ls = token_sub.add_parser("list", help="tokens by name (never their values), with revocations")
+    token_ls.add_argument("--home", type=Path, required=True, help="central home directory")
+    token_ls.set_defaults(func=_guard(_token_list))
 
     run = sub.add_parser("run", help="run ingest and HTTP until SIGTERM",
                          description="Connect to the broker, ingest transfers, serve the dashboard, "

@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import secrets
+import shutil
 import signal
 import sqlite3
 from collections.abc import Iterator
@@ -100,19 +101,38 @@ def init(home: Path, *, broker_url: str = "mqtt://127.0.0.1:1883", http: str = "
     token = secrets.token_urlsafe(32)
     rendered = render_config(broker_url=broker_url, http=http, password=password, device_url=device_url)
     parse_config(home, rendered, token)   # never write a config we would refuse to load
-    for directory in paths.private_dirs():
-        make_private_dir(directory)
-    generate_keys(paths)
-    if devices_tls:
-        if tls_certs is None:
-            tls.generate(paths, devices.host)
+    # All or nothing: whatever fails below (openssl, a certificate that does not load, a full disk),
+    # what this run created is removed, so a retry starts from where the operator started.
+    before = set(home.iterdir()) if home.is_dir() else None
+    try:
+        for directory in paths.private_dirs():
+            make_private_dir(directory)
+        generate_keys(paths)
+        if devices_tls:
+            if tls_certs is None:
+                tls.generate(paths, devices.host)
+            else:
+                tls.install(paths, tls_certs)
+        write_broker_files(paths, listen, password, devices, device_tls=devices_tls)
+        write_atomic(paths.api_token, (token + "\n").encode())
+        catalog.connect(paths.catalog).close()
+        # The config goes last: its presence is what marks the home as initialised.
+        write_atomic(paths.config, tomli_w.dumps(rendered).encode())
+    except BaseException:
+        _undo_init(home, before)
+        raise
+
+
+def _undo_init(home: Path, before: set[Path] | None) -> None:
+    """Remove what a failed init created: the whole home if it made it, else only the new entries."""
+    if before is None:
+        shutil.rmtree(home, ignore_errors=True)
+        return
+    for entry in set(home.iterdir()) - before:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
         else:
-            tls.install(paths, tls_certs)
-    write_broker_files(paths, listen, password, devices, device_tls=devices_tls)
-    write_atomic(paths.api_token, (token + "\n").encode())
-    catalog.connect(paths.catalog).close()
-    # The config goes last: its presence is what marks the home as initialised.
-    write_atomic(paths.config, tomli_w.dumps(rendered).encode())
+            entry.unlink(missing_ok=True)
 
 
 def _clash(central: HostPort, devices: HostPort) -> bool:
@@ -240,6 +260,50 @@ def user_add(home: Path, name: str, role: str, password: str, *, actor: str = "c
     with _audited_change(home) as conn:
         operators.add_operator(conn, name, role, password)
         catalog.add_audit(conn, actor=actor, action="user_add", target=name, detail=role)
+
+
+def user_list(home: Path) -> list[dict[str, Any]]:
+    with _audited_change(home) as conn:
+        return operators.list_operators(conn)
+
+
+def user_remove(home: Path, name: str, *, actor: str = "cli") -> None:
+    """Disable an operator and end its sessions (kept as a row: the audit log names it)."""
+    with _audited_change(home) as conn:
+        if not operators.remove_operator(conn, name):
+            raise operators.OperatorError(f"no active operator named {name!r}")
+        catalog.add_audit(conn, actor=actor, action="user_remove", target=name)
+
+
+def token_list(home: Path) -> list[dict[str, Any]]:
+    with _audited_change(home) as conn:
+        return operators.list_tokens(conn)
+
+
+def device_list(home: Path) -> list[dict[str, Any]]:
+    with _audited_change(home) as conn:
+        return catalog.list_devices(conn)
+
+
+def device_remove(home: Path, device_id: str, *, actor: str = "cli") -> None:
+    """Remove an enrolled device that never sent anything (a typo, a box never installed).
+
+    A device that sent a transfer stays (its documents' provenance names it): revoke it instead.
+    """
+    paths = load_config(home).paths
+    with _audited_change(home) as conn:
+        if catalog.get_device(conn, device_id) is None:
+            raise DeviceError(f"no enrolled device {device_id!r}")
+        sent = conn.execute("SELECT count(*) FROM transfers WHERE device = ?", (device_id,)).fetchone()[0]
+        if sent:
+            raise DeviceError(f"device {device_id!r} has sent {sent} transfer(s); its documents name it",
+                              hint=f"revoke it instead: sohoa central revoke {device_id} --home {home}")
+        for table in ("device_history", "seq_collisions"):
+            conn.execute(f"DELETE FROM {table} WHERE device = ?", (device_id,))  # noqa: S608 - fixed names
+        conn.execute("DELETE FROM devices WHERE id = ?", (device_id,))
+        catalog.add_audit(conn, actor=actor, action="device_remove", target=device_id)
+    remove_user(paths, device_id)
+    reload_broker(paths)
 
 
 def token_create(home: Path, name: str, role: str = "viewer", *, actor: str = "cli") -> str:

@@ -44,6 +44,9 @@ def register(subparsers: Any) -> None:
     init.add_argument("--bundle", type=Path, required=True, help="bundle file from `sohoa central enroll`")
     init.add_argument("--watch", type=Path, required=True, help="folder the scanner writes into")
     init.add_argument("--force", action="store_true", help="overwrite an existing configuration")
+    init.add_argument("--abandon-queue", action="store_true",
+                      help="with --force: move the old identity's unsent queue aside "
+                           "(HOME/abandoned-TIME/) instead of refusing; nothing is deleted")
     init.add_argument("--status-group", metavar="GROUP",
                       help="let this group read the box's status (sohoa edge status without root): the home "
                            "becomes 2710 with this group, the status files 0640; keys, outbox stay private")
@@ -76,7 +79,46 @@ def register(subparsers: Any) -> None:
     retry.set_defaults(func=_retry)
 
 
-def init(home: Path, bundle_path: Path, watch: Path, *, force: bool = False,
+def unsent(outbox_path: Path) -> int:
+    """Documents in the outbox that central has not receipted (taken, packaged or being sent)."""
+    import sqlite3
+
+    if not outbox_path.exists():
+        return 0
+    conn = sqlite3.connect(f"file:{outbox_path}?mode=ro", uri=True)
+    try:
+        row = conn.execute("SELECT count(*) FROM docs"
+                           " WHERE state IN ('stable', 'packaged', 'sending')").fetchone()
+    except sqlite3.Error:
+        return 0   # no docs table: nothing was ever queued
+    finally:
+        conn.close()
+    return int(row[0])
+
+
+def _set_aside_queue(home: Path, *, abandon: bool) -> None:
+    """Before re-initialising a box: refuse to strand unsent documents, or move them aside intact.
+
+    Unsent envelopes are signed with the old identity's key; under a new bundle central would refuse
+    them, and a new outbox would never look at them again.
+    """
+    outbox = home / "outbox.db"
+    waiting = unsent(outbox)
+    if not waiting:
+        return
+    if not abandon:
+        raise ConfigError(f"{home} holds {waiting} document(s) not yet receipted by central; re-initialising "
+                          "would strand them. Let them drain first (sohoa edge status), or pass "
+                          "--abandon-queue to move the old queue aside (nothing is deleted)")
+    aside = home / f"abandoned-{dt.datetime.now(dt.UTC).strftime('%Y%m%dT%H%M%SZ')}"
+    aside.mkdir(mode=0o700)
+    for name in ("outbox.db", "outbox.db-wal", "outbox.db-shm", "envelopes", "processed", "work",
+                 "status.json", VIEW_NAME):
+        if (home / name).exists():
+            (home / name).rename(aside / name)
+
+
+def init(home: Path, bundle_path: Path, watch: Path, *, force: bool = False, abandon_queue: bool = False,
          status_group: str | None = None) -> Path:
     """Write ``edge.toml`` (0600) and ``keys/device.key`` (0600) from the bundle.
 
@@ -88,6 +130,8 @@ def init(home: Path, bundle_path: Path, watch: Path, *, force: bool = False,
     config_path = home / CONFIG_NAME
     if config_path.exists() and not force:
         raise ConfigError(f"{config_path} exists: pass --force to overwrite")
+    if config_path.exists():
+        _set_aside_queue(home, abandon=abandon_queue)
     gid = None
     if status_group is not None:
         import grp
@@ -128,7 +172,8 @@ def init(home: Path, bundle_path: Path, watch: Path, *, force: bool = False,
 
 
 def _init(args: argparse.Namespace) -> int:
-    path = init(args.home, args.bundle, args.watch, force=args.force, status_group=args.status_group)
+    path = init(args.home, args.bundle, args.watch, force=args.force, abandon_queue=args.abandon_queue,
+                status_group=args.status_group)
     print(f"wrote {path}; start with: sohoa edge run --home {args.home}")
     return 0
 
