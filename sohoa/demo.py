@@ -12,6 +12,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -135,9 +136,31 @@ def _print_summary(summary: dict[str, Any], *, keep_serving: bool) -> None:
               f"--exit-when-synced keeps it up ({login})")
 
 
+def _interrupted(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(*, scans: Path | None, pages: int, home: Path | None, exit_when_synced: bool, as_json: bool,
          timeout: float) -> int:
+    """Run the demo; SIGTERM and Ctrl-C stop it cleanly: the services are cancelled (the OCR workers
+    shut down with the edge), the broker stopped, and a temporary home with its keys removed."""
+    previous = signal.signal(signal.SIGTERM, _interrupted)
+    temporary = home is None
     home = home or Path(tempfile.mkdtemp(prefix="sohoa-demo-"))
+    try:
+        return _main(scans=scans, pages=pages, home=home, exit_when_synced=exit_when_synced, as_json=as_json,
+                     timeout=timeout)
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if temporary:
+            # Keys, the device bundle's secret and the dashboard password lived here: not left in /tmp.
+            shutil.rmtree(home, ignore_errors=True)
+
+
+def _main(*, scans: Path | None, pages: int, home: Path, exit_when_synced: bool, as_json: bool,
+          timeout: float) -> int:
     home.mkdir(parents=True, exist_ok=True)
     broker_port, device_port, http_port = free_port(), free_port(), free_port()
     central_home = home / "central"
@@ -167,15 +190,17 @@ def main(*, scans: Path | None, pages: int, home: Path | None, exit_when_synced:
             print(f"sohoa demo in {home}: broker :{broker_port} (central) :{device_port} (devices), "
                   f"central http :{http_port}, "
                   f"{len(files)} document(s)")
-        try:
-            summary = asyncio.run(_run(home, files, http_port=http_port, exit_when_synced=exit_when_synced,
-                                       as_json=as_json, give_up_after=timeout,
-                                       login=("demo", str(password_file))))
-        except KeyboardInterrupt:
-            return 130
+        summary = asyncio.run(_run(home, files, http_port=http_port, exit_when_synced=exit_when_synced,
+                                   as_json=as_json, give_up_after=timeout,
+                                   login=("demo", str(password_file))))
     finally:
-        broker.terminate()
-        broker.wait(timeout=10)
+        with contextlib.suppress(ProcessLookupError):
+            broker.terminate()
+        try:
+            broker.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            broker.kill()
+            broker.wait()
     if as_json:
         print(json.dumps(summary, ensure_ascii=False, indent=2))
     # Success means every document receipted; a quarantined sample is a failure worth an exit code.
