@@ -39,6 +39,6 @@ def test_sigterm_cleans_up(tmp_path: Path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
-    gone, alive = psutil.wait_procs(children, timeout=15)
+    _, alive = psutil.wait_procs(children, timeout=15)
     assert alive == [], [(p.pid, p.name()) for p in alive]
     assert list(tmp_path.glob("sohoa-demo-*")) == []
