@@ -15,6 +15,7 @@ import tomli_w
 
 from edge import config as edge_config
 from edge.clerk import (
+    ACK_NAME,
     RECENT,
     VIEW_NAME,
     age,
@@ -65,6 +66,14 @@ def register(subparsers: Any) -> None:
     status.add_argument("--home", type=Path, required=True)
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(func=_status)
+
+    ack = sub.add_parser("ack", help="acknowledge the box's last error (it stops being reported)",
+                         description="Mark the errors so far as read: the running service stops "
+                                     "reporting its last error (to the status page, `edge status` and "
+                                     "central). Alarms whose cause persists stay. Errors clear by "
+                                     "themselves after a day.")
+    ack.add_argument("--home", type=Path, required=True)
+    ack.set_defaults(func=_ack)
 
     retry = sub.add_parser(
         "retry", help="take refused scans back in (from the refused folder in the scan share)",
@@ -354,6 +363,14 @@ def _status(args: argparse.Namespace) -> int:
         print(json.dumps(report, ensure_ascii=False, indent=2))
         return 0
     print(render_status(report, lang_from_env()))
+    return 0
+
+
+def _ack(args: argparse.Namespace) -> int:
+    marker = args.home / ACK_NAME
+    marker.touch(mode=0o600)
+    os.utime(marker)
+    print(t(lang_from_env(), "acknowledged"))
     return 0
 
 

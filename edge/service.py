@@ -24,6 +24,7 @@ from pathlib import Path
 from edge import config as edge_config
 from edge import statuspage
 from edge.alarms import IDENTITY_CLASH, OUTBOX_FULL, Alarms, is_disk_full
+from edge.clerk import ACK_NAME
 from edge.config import EdgeConfig
 from edge.custody import Custody
 from edge.fsutil import atomic_write_bytes, disk_free
@@ -215,12 +216,16 @@ class EdgeService:
             self.alarms.raise_(IDENTITY_CLASH)
         last = (dt.datetime.fromtimestamp(stats.last_receipt_at, dt.UTC).isoformat(timespec="seconds")
                 if stats.last_receipt_at else None)
+        with contextlib.suppress(OSError):
+            self.alarms.acknowledge(self.config.home.joinpath(ACK_NAME).stat().st_mtime)
+        # The link's last error is the reason it is down: once connected again it is history.
+        link_error = uplink.last_error if uplink is not None and not uplink.connected else None
         return Status(
             device=self.config.device_id, online=bool(uplink and uplink.connected),
             queue_docs=stats.queued_docs, queue_bytes=stats.queued_bytes,
             oldest_age_s=round(stats.oldest_age_s, 1), failed_docs=stats.failed, last_receipt_at=last,
             disk_free_bytes=disk_free(self.config.home), version=version(),
-            last_error=self.alarms.last_error or (uplink.last_error if uplink else None),
+            last_error=self.alarms.current_error() or link_error,
             alarms=tuple(sorted(self.alarms.active)),
             updated_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
 

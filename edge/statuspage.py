@@ -141,7 +141,7 @@ async def current_view(service: EdgeService) -> dict[str, Any]:
         device=cfg.device_id, stats=stats, recent=recent, refused=refused,
         refused_folder=cfg.intake.refused_folder, online=bool(uplink and uplink.connected),
         link_error=uplink.last_error if uplink else None, connected_since=None, disk_free=free,
-        alarms=sorted(service.alarms.active), last_error=service.alarms.last_error,
+        alarms=sorted(service.alarms.active), last_error=service.alarms.current_error(),
         cap_bytes=cfg.outbox.cap_bytes,
         version=version(), now=time.time())
 

@@ -140,7 +140,9 @@ async def _clone(port: int, bundle: Any, central_key: Any) -> None:
         await asyncio.sleep(1.0)
 
 
-@pytest.fixture(scope="session")
+# Package scope: torn down when the browser tests are done, so the rest of the suite runs without
+# this deployment (and its broker) in the background.
+@pytest.fixture(scope="package")
 def scene(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scene]:
     root = tmp_path_factory.mktemp("browser")
     broker_port, http_port = free_port(), free_port()
@@ -258,7 +260,9 @@ def scene(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scene]:
         thread.join(10)
 
 
-@pytest.fixture(scope="session")
+# Module scope: Playwright's sync API keeps an event loop running on the main thread while it is
+# open, which the asyncio tests after the browser tests must not inherit.
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     if not Path(CHROMIUM).exists():
         pytest.skip("Debian's chromium is not installed (firmware-scripts/install-packages.sh dev)")

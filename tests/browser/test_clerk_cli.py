@@ -10,10 +10,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
+from central.config import load_config
 from edge.clerk import VIEW_NAME
 from tests.browser.conftest import REFUSED_NAME, Scene
 
@@ -80,3 +82,27 @@ def test_status_readable_by_the_group_without_root(scene: Scene) -> None:
         assert "Kết nối về kho trung tâm: Mất kết nối" in stale.stdout
     finally:
         shutil.rmtree(top)
+
+
+def test_an_acknowledged_error_clears_everywhere(scene: Scene) -> None:
+    """The refused scan left a last error on the box; `sohoa edge ack` clears it on the box, in the
+    status view and at central (the next status the box publishes carries none)."""
+    token = load_config(scene.central_home).api_token
+
+    def central_error() -> object:
+        request = urllib.request.Request(f"{scene.url}/api/devices/xa-tan-trao",
+                                         headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.load(response)["last_error"]
+
+    assert scene.service.alarms.current_error() is not None
+    assert subprocess.run([SOHOA, "edge", "ack", "--home", str(scene.edge_home)], check=False,
+                          capture_output=True, text=True, env={**os.environ, "LANG": "vi_VN.UTF-8"}
+                          ).stdout.startswith("Đã ghi nhận")
+    deadline = time.monotonic() + 45
+    while (central_error() is not None or scene.service.alarms.last_error is not None) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert scene.service.alarms.last_error is None
+    assert central_error() is None
+    view = json.loads((scene.edge_home / VIEW_NAME).read_text())
+    assert view["last_error"] is None
