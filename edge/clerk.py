@@ -146,4 +146,7 @@ def build_view(*, device: str, stats: OutboxStats, recent: list[Doc], refused: l
 
 
 def view_is_fresh(view: dict[str, Any] | None, *, now: float) -> bool:
-    return bool(view) and now - float(view.get("written_at", 0)) <= STALE_AFTER_S  # type: ignore[union-attr]
+    """Written by a running service: recently, and not its farewell (``stopped_at``)."""
+    if not view or view.get("stopped_at"):
+        return False
+    return now - float(view.get("written_at", 0)) <= STALE_AFTER_S

@@ -322,6 +322,7 @@ async def run(service: EdgeService) -> None:
             runner = None
     path = service.config.home / VIEW_NAME
     written: tuple[dict[str, Any], float] | None = None
+    last: dict[str, Any] = {}
     loop = asyncio.get_running_loop()
     try:
         while True:
@@ -332,11 +333,16 @@ async def run(service: EdgeService) -> None:
                 # (the heartbeat that tells `sohoa edge status` the service runs).
                 if written is None or same != written[0] or loop.time() - written[1] >= WRITE_EVERY_S:
                     await asyncio.to_thread(write_view, path, view)
-                    written = (same, loop.time())
+                    written, last = (same, loop.time()), view
             except OSError as exc:   # a full disk: the status.json fallback carries the alarm
                 log.debug("cannot write %s: %s", path, exc)
             await asyncio.sleep(CHECK_EVERY_S)
     finally:
+        # A clean stop says so at once: `sohoa edge status` must not show a stopped box as running
+        # for the minute its last view stays fresh (and, as root, then reads the outbox itself).
+        if written is not None:
+            with contextlib.suppress(OSError):
+                write_view(path, {**last, "stopped_at": time.time()})
         if runner is not None:
             with contextlib.suppress(Exception):
                 await runner.cleanup()
