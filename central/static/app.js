@@ -70,6 +70,9 @@ function el(tag, attrs, ...children) {
   return node;
 }
 
+// replaceChildren without the absent parts (a null child would be drawn as the text "null").
+function fill(node, ...children) { node.replaceChildren(...children.filter((c) => c !== null && c !== undefined)); }
+
 function translateStatic() {
   document.documentElement.lang = lang;
   for (const node of document.querySelectorAll("[data-i18n]")) node.textContent = t(node.dataset.i18n);
@@ -398,7 +401,7 @@ async function renderDevicePage(main, id) {
   document.title = t("device_title", { id: d.id }) + " — sohoa";
   const alarms = (hl.alarms || []).length ? el("ul", { class: "alarms", id: "alarms" }, ...hl.alarms.map((a) => el("li", {}, a)))
     : el("p", { id: "alarms", class: "muted" }, t("no_alarms"));
-  main.replaceChildren(
+  fill(main,
     el("p", {}, el("a", { href: "/" }, t("back_to_fleet"))),
     el("h1", {}, t("device_title", { id: d.id })),
     el("p", { id: "status", role: "status", "aria-live": "polite" }),
@@ -449,7 +452,7 @@ async function renderDocumentPage(main, id) {
     : el("p", { class: "muted", id: "no-download" }, t("download_forbidden"));
   const events = (doc.fixity || []).map((f) => [whenAgo(f.at), t("event_" + f.event),
     el("span", { class: "hash" }, f.original_sha256 || t("dash")), el("span", { class: "hash" }, f.package_sha256 || t("dash"))]);
-  main.replaceChildren(
+  fill(main,
     el("p", {}, el("a", { href: "/" }, t("back_to_fleet"))),
     el("h1", {}, doc.filename),
     el("p", { id: "status", role: "status", "aria-live": "polite", class: "muted" }, t("document_title", { id: doc.id })),

@@ -151,6 +151,7 @@ def test_document_page_download_matches_sha256(scene: Scene, context: Any, tmp_p
     assert page.locator("h1").inner_text() == scene.scan_name
     assert "Khuôn Điển" in page.locator("#ocr-text").inner_text()
     assert page.locator("#sha256").inner_text() == scene.scan_sha256
+    assert "null" not in page.locator("main").inner_text() and "undefined" not in page.locator("main").inner_text()
     # (wait_for_function evaluates a string, which the page's CSP forbids: poll from here instead)
     for _ in range(100):
         if page.evaluate(
@@ -195,6 +196,7 @@ def test_device_pages(scene: Scene, context: Any, request: pytest.FixtureRequest
     assert page.locator("#device-state").inner_text() == STATES[lang][STOPPED]
     assert page.locator("#disk-free").inner_text().startswith("3")
     assert page.locator("svg.chart").count() == 1
+    assert "null" not in page.locator("main").inner_text() and "undefined" not in page.locator("main").inner_text()
     check(p, f"device-stopped-{lang}")
     page.goto(f"{scene.url}/devices/{LIVE}")
     page.wait_for_selector("#device-state")
