@@ -3,8 +3,11 @@
 tesseract runs with ``OMP_THREAD_LIMIT=1`` (its OpenMP threads made a 2-core box 5x slower, DESIGN
 §2); parallelism comes from a process pool, one task per page, results joined in page order.
 ``-l vie`` comes first: ``eng+vie`` strips diacritics. Each page is rasterized (PDF pages with
-PDFium at ``dpi``, TIFF frames with Pillow) to a PNG in a private temp dir, and tesseract writes
-the text and the hOCR in a single run.
+PDFium at ``dpi``, lowered to fit the pixel cap; image frames with Pillow) to a PNG in a private
+temp dir, and tesseract writes the text and the hOCR in a single run. A page whose file declares no
+plausible resolution is handed to tesseract without one, so it estimates it from the text; the
+resolution used, and whether it was estimated, is part of the result. Workers run under an
+address-space limit that their tesseract child inherits.
 
 Errors: a page we cannot decode is :class:`BadInputError` (quarantine the file); tesseract missing
 or crashing is :class:`OcrEngineError` (an :class:`EdgeError`, retry later).
@@ -14,9 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import math
 import multiprocessing
 import os
 import re
+import resource
 import subprocess
 import tempfile
 import time
@@ -27,11 +32,10 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 import pypdfium2 as pdfium
-import pytesseract
 from PIL import Image, ImageOps
 
 from edge.errors import BadInputError, OcrEngineError
-from edge.media import MediaInfo, open_regular
+from edge.media import MAX_PAGE_PIXELS, MAX_PIXELS, MediaInfo, open_regular, plan_pdf_dpi
 
 PAGE_SEPARATOR = "\f"
 
@@ -46,6 +50,7 @@ class OcrResult:
     languages: tuple[str, ...]
     dpi: int
     mean_confidence: float | None
+    dpi_estimated: bool = False
 
 
 class OcrEngine(Protocol):
@@ -61,6 +66,8 @@ class PageText:
     index: int
     text: str
     hocr: str
+    dpi: int = 0              # the resolution tesseract worked at (0: unknown)
+    estimated: bool = False   # True when the file had none and tesseract estimated it
 
 
 # ---- pure helpers over tesseract output -------------------------------------------------------
@@ -111,48 +118,105 @@ def join_pages(texts: Sequence[str]) -> str:
 
 # ---- worker side (runs in the process pool) ---------------------------------------------------
 
-def _worker_init() -> None:
+# An OCR worker and its tesseract child may map this much address space. A 40 Mpx page (the pixel
+# cap) needs ~700 MiB in tesseract; the worker's own interpreter, PDFium and Pillow ~400 MiB of
+# mappings. A runaway page then fails with MemoryError / std::bad_alloc in that worker instead of
+# taking the whole box (and every scan in progress) down with the kernel's OOM killer.
+DEFAULT_ADDRESS_SPACE = 2 * 2**30
+
+
+def _worker_init(address_space: int | None = DEFAULT_ADDRESS_SPACE) -> None:
     # Inherited by every tesseract subprocess: one core each, the pool provides the parallelism.
     os.environ["OMP_THREAD_LIMIT"] = "1"
+    if address_space:
+        # RLIMIT_AS survives fork+exec, so the tesseract child is bounded by the same figure.
+        resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
 
 
-def rasterize(path: Path, media_type: str, index: int, dpi: int) -> tuple[Image.Image, int]:
-    """Page ``index`` of ``path`` as a grayscale image plus the resolution to tell tesseract."""
+# A resolution in a file header is believed only if it is plausible for a paper document: phone
+# cameras write 72 dpi (a 4000 px photo would then be a 1.4 m page), screenshots 96.
+MIN_PLAUSIBLE_DPI = 100
+MAX_PLAUSIBLE_DPI = 1200
+MAX_PLAUSIBLE_SIDE_INCHES = 47.0   # A0's long side
+
+
+def plausible_dpi(declared: float | None, size_px: tuple[int, int]) -> int | None:
+    """The file's resolution if it describes a real paper page, else None (estimate it instead)."""
+    if not declared or not MIN_PLAUSIBLE_DPI <= declared <= MAX_PLAUSIBLE_DPI:
+        return None
+    if max(size_px) / declared > MAX_PLAUSIBLE_SIDE_INCHES:
+        return None
+    return round(declared)
+
+
+@dataclass(frozen=True, slots=True)
+class Raster:
+    """One decoded page. ``dpi`` is None when the file carries no plausible resolution."""
+
+    image: Image.Image
+    dpi: int | None
+
+
+def rasterize(path: Path, media_type: str, index: int, dpi: int,
+              max_pixels: int = MAX_PAGE_PIXELS) -> Raster:
+    """Page ``index`` of ``path``, within ``max_pixels``, and the resolution known for it."""
     try:
-        return _rasterize(path, media_type, index, dpi)
+        return _rasterize(path, media_type, index, dpi, max_pixels)
     except BadInputError:
         raise
+    except MemoryError:
+        raise BadInputError(f"page {index + 1} needs more memory than an OCR worker may use") from None
     except Exception as exc:  # any decoder failure on a page means the page is unusable
         raise BadInputError(f"page {index + 1} cannot be decoded for OCR ({exc!r})") from None
 
 
-def _rasterize(path: Path, media_type: str, index: int, dpi: int) -> tuple[Image.Image, int]:
+def _rasterize(path: Path, media_type: str, index: int, dpi: int, max_pixels: int) -> Raster:
     # Re-checked here: the worker must not follow a symlink swapped in after probe().
     with open_regular(path, max_bytes=1 << 62) as (handle, _size):
         if media_type == "application/pdf":
             document = pdfium.PdfDocument(handle)
             try:
                 page = document[index]
-                bitmap = page.render(scale=dpi / 72, grayscale=True)
-                image = bitmap.to_pil().convert("L")
-                page.close()
+                try:
+                    # The page's size decides the resolution before a single pixel is rendered.
+                    width, height = page.get_size()
+                    used = plan_pdf_dpi(width, height, wanted=dpi, index=index, max_pixels=max_pixels)
+                    bitmap = page.render(scale=used / 72, grayscale=True)
+                    image = bitmap.to_pil().convert("L")
+                finally:
+                    page.close()
             finally:
                 document.close()
-            return image, dpi
-        return _image_frame(handle, index, dpi)
+            return Raster(image, used)
+        return _image_frame(handle, index, max_pixels)
 
 
-def _image_frame(handle: BinaryIO, index: int, dpi: int) -> tuple[Image.Image, int]:
+def _image_frame(handle: BinaryIO, index: int, max_pixels: int) -> Raster:
     with Image.open(handle) as source:
         source.seek(index)
+        width, height = source.size
+        if width * height > MAX_PIXELS:
+            raise BadInputError(f"page {index + 1} is {width}×{height} pixels, above the limit of "
+                                f"{MAX_PIXELS} (a decompression bomb?)")
         source.load()
         native = source.info.get("dpi", (0, 0))[0]
         image = ImageOps.exif_transpose(source.convert("RGB") if source.mode in ("P", "CMYK")
                                         else source.copy())
     if image.mode not in ("L", "1", "RGB"):
         image = image.convert("RGB")
-    resolution = round(float(native)) if native and 70 <= float(native) <= 1200 else dpi
-    return image, resolution
+    try:
+        declared: float | None = float(native)
+    except (TypeError, ValueError):
+        declared = None
+    resolution = plausible_dpi(declared, image.size)
+    pixels = image.width * image.height
+    if pixels > max_pixels:
+        # A legitimately large scan (A3 at 600 dpi): read it at the largest size the cap allows.
+        scale = math.sqrt(max_pixels / pixels)
+        image = image.resize((max(1, int(image.width * scale)), max(1, int(image.height * scale))),
+                             Image.Resampling.LANCZOS)
+        resolution = max(1, int(resolution * scale)) if resolution else None
+    return Raster(image, resolution)
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,31 +228,57 @@ class PageJob:
     languages: str
     timeout: float
     tesseract_cmd: str = "tesseract"
+    max_pixels: int = MAX_PAGE_PIXELS
+
+
+_ESTIMATE_RE = re.compile(r"Estimating resolution as (\d+)")
 
 
 def ocr_page(job: PageJob) -> PageText:
     """Rasterize one page and run tesseract once for both text and hOCR."""
     index, timeout = job.index, job.timeout
-    # This worker process runs only OCR pages, so setting pytesseract's module-level command is safe.
-    pytesseract.pytesseract.tesseract_cmd = job.tesseract_cmd
-    image, resolution = rasterize(Path(job.path), job.media_type, index, job.dpi)
+    raster = rasterize(Path(job.path), job.media_type, index, job.dpi, job.max_pixels)
     with tempfile.TemporaryDirectory(prefix="sohoa-ocr-") as tmp:
         png = Path(tmp) / "page.png"
-        image.save(png, format="PNG", compress_level=1)
+        # Saved without a resolution when the file had none: tesseract then estimates it from the
+        # text itself (DESIGN §9: never assume a DPI).
+        raster.image.save(png, format="PNG", compress_level=1)
         base = str(Path(tmp) / "out")
-        try:
-            pytesseract.pytesseract.run_tesseract(
-                str(png), base, extension="txt hocr", lang=job.languages,
-                config=f"--dpi {resolution} --psm 3", timeout=timeout)
-        except pytesseract.TesseractNotFoundError:
-            raise OcrEngineError("tesseract is not installed or not on PATH") from None
-        except pytesseract.TesseractError as exc:
-            raise OcrEngineError(f"tesseract failed on page {index + 1}: {exc}") from None
-        except RuntimeError as exc:  # pytesseract's timeout
-            raise BadInputError(f"page {index + 1} took longer than {timeout:.0f} s to OCR") from exc
+        argv = [job.tesseract_cmd, str(png), base, "-l", job.languages, "--psm", "3"]
+        if raster.dpi is not None:
+            argv += ["--dpi", str(raster.dpi)]
+        argv += ["txt", "hocr"]
+        stderr = _run_tesseract(argv, index, timeout)
         text = Path(base + ".txt").read_text("utf-8", errors="replace")
         hocr = Path(base + ".hocr").read_text("utf-8", errors="replace")
-    return PageText(index, text, hocr)
+    if raster.dpi is not None:
+        return PageText(index, text, hocr, raster.dpi, estimated=False)
+    estimate = _ESTIMATE_RE.search(stderr)
+    return PageText(index, text, hocr, int(estimate.group(1)) if estimate else 0, estimated=True)
+
+
+# How tesseract (C++) and leptonica (C) report an allocation refused under RLIMIT_AS.
+_OUT_OF_MEMORY = ("bad_alloc", "malloc fail", "Cannot allocate memory", "Out of memory")
+
+
+def _run_tesseract(argv: list[str], index: int, timeout: float) -> str:
+    try:
+        # argv holds the operator's tesseract command and our own temp paths, never scan data.
+        done = subprocess.run(argv, capture_output=True, timeout=timeout, check=False)  # noqa: S603
+    except FileNotFoundError:
+        raise OcrEngineError("tesseract is not installed or not on PATH") from None
+    except subprocess.TimeoutExpired:
+        raise BadInputError(f"page {index + 1} took longer than {timeout:.0f} s to OCR") from None
+    except OSError as exc:
+        raise OcrEngineError(f"cannot run tesseract: {exc}") from None
+    stderr = done.stderr.decode("utf-8", errors="replace")
+    if done.returncode != 0:
+        if any(sign in stderr for sign in _OUT_OF_MEMORY):
+            # Deterministic for this page under the worker's address-space limit: not worth a retry.
+            raise BadInputError(f"page {index + 1} needs more memory than an OCR worker may use")
+        raise OcrEngineError(f"tesseract failed on page {index + 1} (exit {done.returncode}): "
+                             f"{stderr.strip()[-300:]}")
+    return stderr
 
 
 # ---- engines ----------------------------------------------------------------------------------
@@ -214,13 +304,14 @@ def tesseract_version(tesseract_cmd: str = "tesseract") -> str:
 
 
 class TesseractEngine:
-    """The real engine: tesseract via pytesseract, one process per core, one task per page."""
+    """The real engine: the tesseract CLI, one process per core, one task per page."""
 
     name = "tesseract"
 
     def __init__(self, languages: Sequence[str] = ("vie",), workers: int | None = None, dpi: int = 300,
                  page_timeout: float = 300.0, *, allow_non_vie_first: bool = False,
-                 tesseract_cmd: str = "tesseract") -> None:
+                 tesseract_cmd: str = "tesseract", max_page_pixels: int = MAX_PAGE_PIXELS,
+                 address_space: int | None = DEFAULT_ADDRESS_SPACE) -> None:
         languages = tuple(languages)
         if not languages:
             raise ValueError("languages must not be empty; use ('vie',)")
@@ -236,6 +327,8 @@ class TesseractEngine:
         self.dpi = dpi
         self.page_timeout = page_timeout
         self.tesseract_cmd = tesseract_cmd
+        self.max_page_pixels = max_page_pixels
+        self.address_space = address_space
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
         self._version: str | None = None
 
@@ -244,7 +337,7 @@ class TesseractEngine:
             # forkserver: the service has watchdog and MQTT threads; forking them is unsafe.
             self._pool = concurrent.futures.ProcessPoolExecutor(
                 max_workers=self.workers, mp_context=multiprocessing.get_context("forkserver"),
-                initializer=_worker_init)
+                initializer=_worker_init, initargs=(self.address_space,))
         return self._pool
 
     def check(self) -> None:
@@ -259,7 +352,8 @@ class TesseractEngine:
         started = time.monotonic()
         pool = self._executor()
         jobs = [PageJob(str(path), media.media_type, index, self.dpi, "+".join(self.languages),
-                        self.page_timeout, self.tesseract_cmd) for index in range(media.pages)]
+                        self.page_timeout, self.tesseract_cmd, self.max_page_pixels)
+                for index in range(media.pages)]
         futures = [loop.run_in_executor(pool, ocr_page, job) for job in jobs]
         try:
             pages = await asyncio.wait_for(asyncio.gather(*futures),
@@ -276,7 +370,9 @@ class TesseractEngine:
         hocr = merge_hocr([p.hocr for p in ordered])
         return OcrResult(text=join_pages([p.text for p in ordered]), hocr=hocr, pages=media.pages,
                          seconds=round(time.monotonic() - started, 3), engine=await self.version(),
-                         languages=self.languages, dpi=self.dpi, mean_confidence=mean_confidence(hocr))
+                         languages=self.languages, dpi=ordered[0].dpi if ordered else self.dpi,
+                         mean_confidence=mean_confidence(hocr),
+                         dpi_estimated=any(p.estimated for p in ordered))
 
     async def version(self) -> str:
         if self._version is None:

@@ -9,7 +9,8 @@ role="${1:-dev}"
 common=(python3 python3-venv python3-dev ca-certificates sqlite3)
 edge=(tesseract-ocr tesseract-ocr-vie)
 central=(mosquitto mosquitto-clients openssl)
-dev=(fonts-dejavu-core poppler-utils shellcheck)
+# fonts-liberation2: Times-compatible serif for the OCR quality test set (Decree 30 prescribes Times).
+dev=(fonts-dejavu-core fonts-liberation2 poppler-utils shellcheck)
 
 case "${role}" in
   edge) wanted=("${common[@]}" "${edge[@]}") ;;

@@ -1,0 +1,28 @@
+"""Character error rate and word accuracy of OCR text against ground truth (ocreval's definitions).
+
+Both texts are NFC-normalised and their whitespace collapsed to single spaces first, so line breaks
+and layout spacing are not counted; case, diacritics and punctuation are.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+
+from rapidfuzz.distance import Levenshtein
+
+
+def normalise(text: str) -> str:
+    return " ".join(unicodedata.normalize("NFC", text).split())
+
+
+def cer(truth: str, hypothesis: str) -> float:
+    """Edits (insert, delete, substitute) per character of the truth."""
+    reference = normalise(truth)
+    return Levenshtein.distance(reference, normalise(hypothesis)) / max(1, len(reference))
+
+
+def word_accuracy(truth: str, hypothesis: str) -> float:
+    """1 - word error rate (word-level edits per truth word), floored at 0."""
+    reference = normalise(truth).split()
+    edits = Levenshtein.distance(reference, normalise(hypothesis).split())
+    return max(0.0, 1.0 - edits / max(1, len(reference)))
