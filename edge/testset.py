@@ -146,6 +146,7 @@ def make_document(rng: random.Random, index: int) -> Document:
     values = {"person": person, "village": rng.choice(VILLAGES), "year": year,
               "deadline": rng.randint(10, 30)}
     paragraphs = tuple(p.format(**values) for p in rng.sample(BODY, 3))
+    lines: tuple[str, ...]
     if party:
         parent, lines = f"ĐẢNG BỘ HUYỆN {district.upper()}", ("ĐẢNG ỦY XÃ " + commune.upper(),)
         number_text = f"{number}-{symbol}"
