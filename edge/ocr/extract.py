@@ -103,7 +103,10 @@ def extract_fields(hocr: str) -> dict[str, DocumentField]:
             break
 
     if number_at is not None:
-        above = [row for row in left[:number_at] if any(c.isalpha() for c in row.text)]
+        # Rules and the Party's "*" under the body's name come out as stray low-confidence marks.
+        above = [_Row(kept, row.column) for row in left[:number_at]
+                 if (kept := tuple(w for w in row.words if w.confidence >= 0.3 and any(
+                     c.isalpha() for c in w.text)))]
         body = above[1:] if len(above) >= 2 else above
         if body:
             found["co_quan"] = (" ".join(row.text for row in body),
@@ -278,12 +281,16 @@ def _signer(page: Page, split: float | None) -> tuple[str, float] | None:
             capacity_seen = True
             best = None
             continue
-        if _looks_like_name(row.text):
-            best = (row.text, row.confidence * (1.0 if capacity_seen else 0.6))
+        name = _name(row.text)
+        if name:
+            best = (name, row.confidence * (1.0 if capacity_seen else 0.6))
     return best
 
 
-def _looks_like_name(text: str) -> bool:
-    words = text.split()
-    return 2 <= len(words) <= 5 and all(
-        w[0].isupper() and w[1:].islower() and w.isalpha() for w in words)
+def _name(text: str) -> str | None:
+    """``Trần Thị Lan`` if the line is a person's name (2-5 capitalised words), stray marks dropped."""
+    words = [w.strip("\"'“”‘’.,:;-_|*") for w in text.split()]
+    words = [w for w in words if w]
+    if 2 <= len(words) <= 5 and all(w[0].isupper() and w[1:].islower() and w.isalpha() for w in words):
+        return " ".join(words)
+    return None

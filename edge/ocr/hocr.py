@@ -56,6 +56,20 @@ def join_pages(texts: Sequence[str]) -> str:
     return PAGE_SEPARATOR.join(cleaned)
 
 
+_LINE_BOX_RE = re.compile(r"class='ocr(?:x_line|_line|_header|_caption|_textfloat)'[^>]*?"
+                          r"title=[\"']bbox (\d+) (\d+) (\d+) (\d+)")
+
+
+def vertical_share(hocr: str) -> float:
+    """Share of text lines taller than wide: tesseract reads a sideways page, but its boxes then
+    run down the page and the layout is lost (0 when there are no lines)."""
+    boxes = [tuple(int(v) for v in m.groups()) for m in _LINE_BOX_RE.finditer(hocr)]
+    long_lines = [b for b in boxes if max(b[2] - b[0], b[3] - b[1]) > 4 * min(b[2] - b[0], b[3] - b[1])]
+    if not long_lines:
+        return 0.0
+    return sum(1 for b in long_lines if b[3] - b[1] > b[2] - b[0]) / len(long_lines)
+
+
 # ---- a small hOCR reader -------------------------------------------------------------------------
 
 Box = tuple[int, int, int, int]   # x0, y0, x1, y1 in page pixels

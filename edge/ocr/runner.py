@@ -11,9 +11,10 @@ run under an address-space limit (RLIMIT_AS, inherited by tesseract) so one runa
 alone instead of taking the box into the OOM killer.
 
 Orientation is asked only when a first reading is doubtful (mean word confidence below
-``doubt_below``, or almost no words): OSD costs as much as reading the page (measured on this box),
-and an upright page reads with high confidence. ``orientation="always"`` runs OSD first on every
-page (OCRmyPDF's ``--rotate-pages``). The bench measures both.
+``DOUBT_BELOW``, almost no words, or text lines running down the page): OSD costs as much as
+reading the page (measured on this box), and an upright page reads with high confidence.
+``orientation="always"`` runs OSD first on every page (OCRmyPDF's ``--rotate-pages``). The bench
+measures both.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from edge.errors import OcrEngineError
 from edge.media import MAX_PAGE_PIXELS, MediaInfo
 from edge.ocr.engines import TesseractPageEngine, check_languages, installed_languages, tesseract_version
 from edge.ocr.filters import DeskewFilter, OrientationFilter
-from edge.ocr.hocr import join_pages, mean_confidence, merge_hocr
+from edge.ocr.hocr import join_pages, mean_confidence, merge_hocr, vertical_share
 from edge.ocr.model import OcrResult, PageEngine, PageFilter, PageImage, PageResult, PageText
 from edge.ocr.rasterize import rasterize
 from protocol.bag import DocumentField, OcrPage
@@ -47,6 +48,7 @@ DEFAULT_ADDRESS_SPACE = 2 * 2**30
 # the page is turned. Measured by bench/ocr_quality.py (upright pages read at 85-96).
 DOUBT_BELOW = 70.0
 DOUBT_WORDS = 8
+SIDEWAYS_MARGIN = 15.0
 
 Orientation = Literal["off", "doubt", "always"]
 Extractor = Callable[[str], dict[str, DocumentField]]
@@ -86,12 +88,16 @@ def process_page(job: PageJob) -> PageResult:
         raster = job.orientation(raster, job.engine, job.timeout)
     prepared = _prepare(raster, job)
     reading = job.engine.recognize_page(prepared, job.timeout)
-    if job.orientation is not None and job.orientation_mode == "doubt" and _doubtful(reading):
+    doubt = _doubt(reading) if job.orientation is not None and job.orientation_mode == "doubt" else None
+    if job.orientation is not None and doubt is not None:
         turned = job.orientation(raster, job.engine, job.timeout)
         if turned.rotation != raster.rotation:
             again = _prepare(turned, job)
             second = job.engine.recognize_page(again, job.timeout)
-            if (second.mean_confidence or 0) > (reading.mean_confidence or 0):
+            # A sideways page often reads well but with its layout lost: there the turned reading
+            # wins unless it is clearly worse; otherwise it must be better.
+            margin = SIDEWAYS_MARGIN if doubt == "sideways" else 0.0
+            if (second.mean_confidence or 0) + margin > (reading.mean_confidence or 0):
                 prepared, reading = again, second
         else:
             prepared = prepared.replace(orientation_confidence=turned.orientation_confidence)
@@ -107,8 +113,13 @@ def _prepare(page: PageImage, job: PageJob) -> PageImage:
     return page
 
 
-def _doubtful(reading: PageText) -> bool:
-    return (reading.mean_confidence or 0.0) < DOUBT_BELOW or len(reading.text.split()) < DOUBT_WORDS
+def _doubt(reading: PageText) -> str | None:
+    """Why a first reading might come from a turned page, or None if it looks upright."""
+    if vertical_share(reading.hocr) > 0.5:
+        return "sideways"
+    if (reading.mean_confidence or 0.0) < DOUBT_BELOW or len(reading.text.split()) < DOUBT_WORDS:
+        return "low confidence"
+    return None
 
 
 class OcrRunner:

@@ -1,0 +1,248 @@
+"""OCR quality on the Decree 30 test set (edge/testset.py), against raw `tesseract -l vie` on the same
+files in the same run.
+
+Reported (CER: character error rate, lower is better; word accuracy: 1 - WER):
+  raw            `tesseract FILE - -l vie` as a user would run it (it reads the file's own DPI)
+  raw-300        the same with `--dpi 300` forced (only pages whose file has no plausible DPI)
+  sohoa-plain    our runner, no filters, no orientation (rasterise + DPI rule only)
+  sohoa          our runner as configured by default (deskew; OSD when a reading is doubtful)
+  sohoa-always   deskew + OSD before every page (OCRmyPDF's --rotate-pages)
+  +correction    the default run's text after the diacritic correction step (if any)
+per condition (clean, skewed, noisy/JPEG, rotated, photo) and overall; then the OSD confidence of
+every page with the false-rotation rate on upright pages at each threshold; then per-field
+metadata accuracy of the default run.
+
+    python -m bench.ocr_quality [--pages 30] [--seed 0] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from bench.textmetrics import cer, normalise, word_accuracy
+from edge.media import probe
+from edge.ocr import DeskewFilter, OcrResult, TesseractEngine
+from edge.ocr.engines import parse_osd
+from edge.ocr.extract import extract_fields
+from edge.ocr.rasterize import rasterize
+from edge.testset import FIELD_NAMES, TestPage, generate
+from protocol.names import fold
+
+THRESHOLDS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 8.0, 14.0)
+
+
+def condition(page: TestPage) -> str:
+    spec = page.degradation
+    if spec.photo:
+        return "photo"
+    if spec.rotate:
+        return "rotated"
+    if spec.noise or spec.jpeg_quality:
+        return "noisy/jpeg"
+    if spec.skew:
+        return "skewed"
+    return "clean"
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_THREAD_LIMIT": "1"}
+
+
+def raw_tesseract(files: list[Path], extra: tuple[str, ...] = ()) -> tuple[list[str], float]:
+    def one(path: Path) -> str:
+        return subprocess.run(["tesseract", str(path), "-", "-l", "vie", *extra], capture_output=True,
+                              text=True, check=True, env=_env()).stdout
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        texts = list(pool.map(one, files))
+    return texts, time.perf_counter() - started
+
+
+async def ours(files: list[Path], **options: object) -> tuple[list[OcrResult], float]:
+    engine = TesseractEngine(("vie",), extractor=extract_fields, **options)  # type: ignore[arg-type]
+    engine.warm()
+    try:
+        started = time.perf_counter()
+        results = list(await asyncio.gather(*(engine.recognize(p, probe(p)) for p in files)))
+        return results, time.perf_counter() - started
+    finally:
+        await engine.aclose()
+
+
+def osd_of(path: Path) -> tuple[int, float] | None:
+    """tesseract OSD on the page as rasterised for OCR (what the orientation filter sees)."""
+    page = rasterize(path, probe(path).media_type, 0, 300)
+    with tempfile.TemporaryDirectory() as tmp:
+        png = Path(tmp) / "p.png"
+        page.image.save(png)
+        argv = ["tesseract", str(png), "-", "--psm", "0", "-l", "osd"]
+        if page.dpi:
+            argv += ["--dpi", str(page.dpi)]
+        done = subprocess.run(argv, capture_output=True, text=True, env=_env(), check=False)
+    return parse_osd(done.stdout) if done.returncode == 0 else None
+
+
+def needed_rotation(page: TestPage) -> int:
+    """Clockwise degrees that turn this page upright (testset rotates counter-clockwise)."""
+    return page.degradation.rotate % 360
+
+
+def field_ok(name: str, truth: str, got: str | None) -> bool:
+    if got is None:
+        return False
+    if name in ("so_ky_hieu", "ngay"):
+        return "".join(got.split()) == "".join(truth.split())
+    return fold(normalise(got)) == fold(normalise(truth))
+
+
+def table(rows: dict[str, dict[str, list[float]]], variants: list[str]) -> list[str]:
+    lines = ["| condition | pages | " + " | ".join(f"{v} CER / word acc." for v in variants) + " |",
+             "|---|---|" + "---|" * len(variants)]
+    for name, metrics in rows.items():
+        count = len(metrics[variants[0] + ":cer"])
+        cells = []
+        for variant in variants:
+            c, w = metrics[variant + ":cer"], metrics[variant + ":wa"]
+            cells.append(f"{sum(c) / len(c):.3f} / {sum(w) / len(w):.3f}" if c else "–")
+        lines.append(f"| {name} | {count} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pages", type=int, default=30)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--skip-always", action="store_true", help="skip the OSD-on-every-page run")
+    args = parser.parse_args()
+    corrector: Callable[[str], str] | None
+    try:
+        from edge.ocr.correct import build_corrector  # noqa: PLC0415 - optional step
+
+        corrector = build_corrector()
+    except (ImportError, FileNotFoundError):
+        corrector = None
+    with tempfile.TemporaryDirectory() as tmp:
+        pages = generate(Path(tmp), args.pages, seed=args.seed)
+        files = [path for path, _ in pages]
+        truths = [page for _, page in pages]
+        raw, raw_s = raw_tesseract(files)
+        no_dpi = [i for i, path in enumerate(files)
+                  if rasterize(path, probe(path).media_type, 0, 300).dpi is None]
+        raw300, _ = raw_tesseract([files[i] for i in no_dpi], ("--dpi", "300"))
+        plain, plain_s = asyncio.run(ours(files, filters=(), orientation="off"))
+        default, default_s = asyncio.run(ours(files, filters=(DeskewFilter(),), orientation="doubt"))
+        always: list[OcrResult] = []
+        always_s = 0.0
+        if not args.skip_always:
+            always, always_s = asyncio.run(ours(files, filters=(DeskewFilter(),), orientation="always"))
+        osd = [osd_of(path) for path in files]
+
+    variants: dict[str, list[str]] = {"raw": raw, "sohoa-plain": [r.text for r in plain],
+                                      "sohoa": [r.text for r in default]}
+    if always:
+        variants["sohoa-always"] = [r.text for r in always]
+    if corrector is not None:
+        variants["+correction"] = [corrector(r.text) for r in default]
+    rows: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for index, page in enumerate(truths):
+        for group in (condition(page), "all"):
+            for name, texts in variants.items():
+                rows[group][name + ":cer"].append(cer(page.truth, texts[index]))
+                rows[group][name + ":wa"].append(word_accuracy(page.truth, texts[index]))
+    ordered = {k: rows[k] for k in ("clean", "skewed", "noisy/jpeg", "rotated", "photo", "all") if k in rows}
+    report: dict[str, object] = {"pages": len(files), "seed": args.seed}
+    print(f"## Text quality ({len(files)} pages, seed {args.seed})\n")
+    print("\n".join(table(ordered, list(variants))))
+    report["quality"] = {g: {k: round(sum(v) / len(v), 4) for k, v in m.items()} for g, m in ordered.items()}
+    for name, results, seconds in (("sohoa-plain", plain, plain_s), ("sohoa", default, default_s),
+                                   ("sohoa-always", always, always_s)):
+        if results:
+            print(f"\n{name}: {seconds:.1f} s for {len(files)} pages; raw: {raw_s:.1f} s "
+                  f"(time ratio {seconds / raw_s:.2f})")
+    report["seconds"] = {"raw": raw_s, "sohoa-plain": plain_s, "sohoa": default_s, "sohoa-always": always_s}
+
+    # DPI: pages whose file declares no plausible resolution, estimated vs forced 300.
+    if no_dpi:
+        est = [cer(truths[i].truth, default[i].text) for i in no_dpi]
+        plain_est = [cer(truths[i].truth, plain[i].text) for i in no_dpi]
+        forced = [cer(truths[i].truth, text) for i, text in zip(no_dpi, raw300, strict=True)]
+        raw_est = [cer(truths[i].truth, raw[i]) for i in no_dpi]
+        print(f"\n## Pages without a plausible DPI ({len(no_dpi)}): mean CER")
+        print("| raw tesseract (estimates) | raw --dpi 300 | sohoa-plain (estimated) | sohoa (estimated) |")
+        print("|---|---|---|---|")
+        print(f"| {sum(raw_est) / len(raw_est):.3f} | {sum(forced) / len(forced):.3f} | "
+              f"{sum(plain_est) / len(plain_est):.3f} | {sum(est) / len(est):.3f} |")
+        report["no_dpi"] = {"pages": len(no_dpi), "raw": raw_est, "raw_300": forced, "sohoa_plain": plain_est,
+                            "sohoa": est, "estimates": [default[i].dpi for i in no_dpi]}
+
+    # Orientation: OSD confidence per page; false rotations on upright pages per threshold.
+    upright = [i for i, page in enumerate(truths) if needed_rotation(page) == 0]
+    turned = [i for i, page in enumerate(truths) if needed_rotation(page) != 0]
+    print("\n## Orientation (tesseract OSD on every page)\n")
+    print("| threshold | false rotations (upright pages) | turned pages put right |\n|---|---|---|")
+    osd_rows = []
+    for threshold in THRESHOLDS:
+        false = sum(1 for i in upright if osd[i] and osd[i][0] != 0 and osd[i][1] >= threshold)  # type: ignore[index]
+        right = sum(1 for i in turned if osd[i] and osd[i][0] == needed_rotation(truths[i])
+                    and osd[i][1] >= threshold)  # type: ignore[index]
+        print(f"| {threshold} | {false}/{len(upright)} | {right}/{len(turned)} |")
+        osd_rows.append({"threshold": threshold, "false": false, "upright": len(upright), "right": right,
+                         "turned": len(turned)})
+    wrong_upright = [(truths[i].name, osd[i]) for i in upright if osd[i] and osd[i][0] != 0]
+    print(f"\nupright pages OSD would turn (name, (degrees, confidence)): {wrong_upright}")
+    print("turned pages (name, needed, OSD): "
+          f"{[(truths[i].name, needed_rotation(truths[i]), osd[i]) for i in turned]}")
+    pipeline_false = sum(1 for i in upright if default[i].page_info[0].rotation != 0)
+    pipeline_right = sum(1 for i in turned if default[i].page_info[0].rotation == needed_rotation(truths[i]))
+    print(f"\nsohoa (default pipeline): upright pages turned {pipeline_false}/{len(upright)}, "
+          f"turned pages put right {pipeline_right}/{len(turned)}")
+    if always:
+        always_false = sum(1 for i in upright if always[i].page_info[0].rotation != 0)
+        always_right = sum(1 for i in turned if always[i].page_info[0].rotation == needed_rotation(truths[i]))
+        print(f"sohoa-always: upright pages turned {always_false}/{len(upright)}, "
+              f"turned pages put right {always_right}/{len(turned)}")
+    report["osd"] = {"per_threshold": osd_rows, "pipeline_false": pipeline_false,
+                     "pipeline_right": pipeline_right}
+
+    # Metadata: per-field accuracy of the default run.
+    print("\n## Metadata fields (default run)\n")
+    print("| field | correct | accuracy | mean confidence |\n|---|---|---|---|")
+    fields_report = {}
+    misses: list[str] = []
+    for name in FIELD_NAMES:
+        ok = 0
+        confidences = []
+        for index, page in enumerate(truths):
+            got = default[index].fields.get(name)
+            good = field_ok(name, page.document.fields[name], got.value if got else None)
+            ok += good
+            if got:
+                confidences.append(got.confidence)
+            if not good:
+                misses.append(f"{page.name} {name}: {page.document.fields[name]!r} → "
+                              f"{got.value if got else None!r}")
+        mean_conf = sum(confidences) / len(confidences) if confidences else 0.0
+        print(f"| {name} | {ok}/{len(truths)} | {ok / len(truths):.0%} | {mean_conf:.2f} |")
+        fields_report[name] = ok / len(truths)
+    if misses:
+        print("\nmisses:\n" + "\n".join(f"- {m}" for m in misses))
+    report["fields"] = fields_report
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1, ensure_ascii=False))
+
+
+if __name__ == "__main__":
+    main()
