@@ -77,4 +77,5 @@ def estimate_skew(image: Image.Image, max_angle: float = 5.0) -> float:
     steps = int(max_angle)
     coarse = max((float(k) for k in range(-steps, steps + 1)), key=score)
     medium = max((coarse + k * 0.25 for k in range(-3, 4)), key=score)
-    return round(max((medium + k * 0.1 for k in (-1, 0, 1)), key=score), 2)
+    fine: float = max((medium + k * 0.1 for k in (-1, 0, 1)), key=score)
+    return round(fine, 2)
