@@ -35,7 +35,7 @@ from edge.ocr import DeskewFilter, OcrResult, TesseractEngine
 from edge.ocr.engines import parse_osd
 from edge.ocr.extract import extract_fields
 from edge.ocr.rasterize import rasterize
-from edge.testset import FIELD_NAMES, TestPage, generate
+from edge.testset import FIELD_NAMES, Degradation, TestPage, generate
 from protocol.names import fold
 
 THRESHOLDS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 8.0, 14.0)
@@ -126,6 +126,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--skip-always", action="store_true", help="skip the OSD-on-every-page run")
+    parser.add_argument("--osd-pages", type=int, default=24,
+                        help="extra hard pages (low-resolution blurred photos) for the OSD threshold")
     args = parser.parse_args()
     corrector: Callable[[str], str] | None
     try:
@@ -149,6 +151,11 @@ def main() -> None:
         if not args.skip_always:
             always, always_s = asyncio.run(ours(files, filters=(DeskewFilter(),), orientation="always"))
         osd = [osd_of(path) for path in files]
+        hard_mix = [Degradation(dpi=(90, 110, 130)[n % 3], photo=True, blur=1.0 + (n % 2) * 0.6,
+                                noise=20 * (n % 2), rotate=(0, 90, 180, 270)[(n // 3) % 4])
+                    for n in range(args.osd_pages)]
+        hard = generate(Path(tmp) / "hard", len(hard_mix), seed=args.seed + 1, mix=hard_mix)
+        hard_osd = [(needed_rotation(page), osd_of(path)) for path, page in hard]
 
     variants: dict[str, list[str]] = {"raw": raw, "sohoa-plain": [r.text for r in plain],
                                       "sohoa": [r.text for r in default]}
@@ -205,6 +212,22 @@ def main() -> None:
     print(f"\nupright pages OSD would turn (name, (degrees, confidence)): {wrong_upright}")
     print("turned pages (name, needed, OSD): "
           f"{[(truths[i].name, needed_rotation(truths[i]), osd[i]) for i in turned]}")
+    print(f"\n### Hard pages: {len(hard_osd)} blurred phone photos at 90-130 dpi, turned 0/90/180/270\n")
+    print("| threshold | upright pages turned | turned pages turned wrongly | turned pages put right |")
+    print("|---|---|---|---|")
+    hard_upright = [o for need, o in hard_osd if need == 0]
+    hard_turned = [(need, o) for need, o in hard_osd if need != 0]
+    hard_rows = []
+    for threshold in THRESHOLDS:
+        false = sum(1 for o in hard_upright if o and o[0] != 0 and o[1] >= threshold)
+        wrong = sum(1 for need, o in hard_turned if o and o[0] != need and o[1] >= threshold)
+        right = sum(1 for need, o in hard_turned if o and o[0] == need and o[1] >= threshold)
+        print(f"| {threshold} | {false}/{len(hard_upright)} | {wrong}/{len(hard_turned)} | "
+              f"{right}/{len(hard_turned)} |")
+        hard_rows.append({"threshold": threshold, "false": false, "wrong": wrong, "right": right})
+    print(f"\nhard pages (needed, OSD): {hard_osd}")
+    osd_ran = sum(1 for r in default for p in r.page_info if p.orientation_confidence is not None)
+    print(f"\nsohoa (default) asked OSD on {osd_ran}/{len(files)} pages")
     pipeline_false = sum(1 for i in upright if default[i].page_info[0].rotation != 0)
     pipeline_right = sum(1 for i in turned if default[i].page_info[0].rotation == needed_rotation(truths[i]))
     print(f"\nsohoa (default pipeline): upright pages turned {pipeline_false}/{len(upright)}, "
@@ -215,7 +238,7 @@ def main() -> None:
         print(f"sohoa-always: upright pages turned {always_false}/{len(upright)}, "
               f"turned pages put right {always_right}/{len(turned)}")
     report["osd"] = {"per_threshold": osd_rows, "pipeline_false": pipeline_false,
-                     "pipeline_right": pipeline_right}
+                     "pipeline_right": pipeline_right, "hard": hard_rows, "osd_ran": osd_ran}
 
     # Metadata: per-field accuracy of the default run.
     print("\n## Metadata fields (default run)\n")

@@ -56,7 +56,7 @@ KINDS = (
     ("THÔNG BÁO", "Thông báo", "TB-UBND", (
         "lịch tiếp công dân của Chủ tịch Ủy ban nhân dân xã",
         "kết luận của Chủ tịch tại cuộc họp giao ban tháng {month}")),
-    ("NGHỊ QUYẾT", "Nghị quyết", "NQ-ĐU", (
+    ("NGHỊ QUYẾT", "Nghị quyết", "NQ/ĐU", (
         "lãnh đạo thực hiện nhiệm vụ chính trị năm {year}",
         "tăng cường công tác kiểm tra, giám sát của Đảng")),
     ("CÔNG VĂN", "Công văn", "CV/ĐU", (
@@ -168,33 +168,43 @@ def make_document(rng: random.Random, index: int) -> Document:
 
 
 def truth_text(doc: Document) -> str:
-    """The page's text in the reading order tesseract uses for this layout (column blocks)."""
-    left = [doc.parent, *doc.body_lines]
-    right = ["ĐẢNG CỘNG SẢN VIỆT NAM"] if doc.party else [
-        "CỘNG HÒA XÃ HỘI CHỦ NGHĨA VIỆT NAM", "Độc lập - Tự do - Hạnh phúc"]
-    number_line = f"Số {doc.number}" if doc.party else f"Số: {doc.number}"
-    date_line = f"{doc.place}, ngày {doc.day} tháng {doc.month} năm {doc.year}"
-    lines = [*left, number_line]
-    if doc.kind == "CÔNG VĂN":
-        lines += _wrap(f"V/v {doc.subject}", 34)
-        lines += [*right, date_line]
-    else:
-        lines += [*right, date_line, doc.kind, *_wrap(f"Về việc {doc.subject}", 52)]
-    for paragraph in doc.paragraphs:
-        lines += _wrap(paragraph, 78)
-    lines += ["Nơi nhận:", *doc.recipients, *doc.capacity, doc.signer]
-    return "\n".join(lines)
+    """The page's text in reading order: rows from top to bottom, and on one row left before right
+    (how tesseract reads the two header columns and the signature block: line-interleaved)."""
+    placed: list[tuple[int, int, int, str]] = []
+    render(doc, dpi=100, placed=placed)
+    rows: list[list[tuple[int, int, int, str]]] = []
+    for item in sorted(placed):
+        y, _, height, _ = item
+        if rows and abs(rows[-1][0][0] - y) < height / 2:
+            rows[-1].append(item)
+        else:
+            rows.append([item])
+    return "\n".join(" ".join(text for _, _, _, text in sorted(row, key=lambda i: i[1])) for row in rows)
+
+
+def _date_line(doc: Document) -> str:
+    # Decree 30 annex I: days below 10 and months below 3 are written with a leading zero.
+    day = f"{doc.day:02d}" if doc.day < 10 else str(doc.day)
+    month = f"{doc.month:02d}" if doc.month < 3 else str(doc.month)
+    return f"{doc.place}, ngày {day} tháng {month} năm {doc.year}"
 
 
 def _wrap(text: str, width: int) -> list[str]:
     return textwrap.wrap(text, width)
 
 
-def render(doc: Document, dpi: int = 300) -> Image.Image:
-    """Draw the document on white A4 at ``dpi`` (grayscale), in Decree 30's positions and sizes."""
+def render(doc: Document, dpi: int = 300,
+           placed: list[tuple[int, int, int, str]] | None = None) -> Image.Image:
+    """Draw the document on white A4 at ``dpi`` (grayscale), in Decree 30's positions and sizes.
+    Each line of text drawn is appended to ``placed`` as (y, x, height, text)."""
     width, height = (round(side * dpi) for side in A4_INCHES)
     image = Image.new("L", (width, height), 255)
     draw = ImageDraw.Draw(image)
+
+    def put(xy: tuple[float, float], text: str, f: ImageFont.FreeTypeFont) -> None:
+        draw.text(xy, text, font=f, fill=0)
+        if placed is not None and text != "*":   # the Party's star is decoration, not text
+            placed.append((round(xy[1]), round(xy[0]), round(f.size), text))
 
     def font(style: str, points: float) -> ImageFont.FreeTypeFont:
         return ImageFont.truetype(str(_font_path(style)), round(points / 72 * dpi))
@@ -210,7 +220,7 @@ def render(doc: Document, dpi: int = 300) -> Image.Image:
 
     def centred(text: str, x0: int, x1: int, y: int, f: ImageFont.FreeTypeFont) -> int:
         w = draw.textlength(text, font=f)
-        draw.text(((x0 + x1 - w) / 2, y), text, font=f, fill=0)
+        put(((x0 + x1 - w) / 2, y), text, f)
         return round(w)
 
     def rule(x0: int, x1: int, y: int, w: int) -> None:
@@ -248,7 +258,7 @@ def render(doc: Document, dpi: int = 300) -> Image.Image:
         y += step
         rule(right_x0, right_x1, y + step // 8 - step // 3, w)
     y += step // 2
-    centred(f"{doc.place}, ngày {doc.day} tháng {doc.month} năm {doc.year}", right_x0, right_x1, y, italic)
+    centred(_date_line(doc), right_x0, right_x1, y, italic)
     y = max(left_end, y + step) + step
     if doc.kind != "CÔNG VĂN":
         centred(doc.kind, body_x0, body_x1, y, font("Bold", 14))
@@ -259,15 +269,15 @@ def render(doc: Document, dpi: int = 300) -> Image.Image:
         y += step
     for paragraph in doc.paragraphs:
         for number, line in enumerate(_wrap(paragraph, 78)):
-            draw.text((body_x0 + (px(10) if number == 0 else 0), y), line, font=font("Regular", 13.5), fill=0)
+            put((body_x0 + (px(10) if number == 0 else 0), y), line, font("Regular", 13.5))
             y += step
         y += step // 3
     y += step
     sign_y = y
-    draw.text((body_x0, y), "Nơi nhận:", font=font("BoldItalic", 12), fill=0)
+    put((body_x0, y), "Nơi nhận:", font("BoldItalic", 12))
     y += step
     for line in doc.recipients:
-        draw.text((body_x0, y), line, font=font("Regular", 11), fill=0)
+        put((body_x0, y), line, font("Regular", 11))
         y += round(step * 0.85)
     y = sign_y
     sign_x0, sign_x1 = px(110), px(190)

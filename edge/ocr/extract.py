@@ -21,8 +21,8 @@ import re
 import unicodedata
 from dataclasses import dataclass
 
-from edge.ocr.hocr import Line, Page, Word, parse_hocr
 from protocol.bag import DocumentField
+from protocol.hocr import Line, Page, Word, parse_hocr
 from protocol.names import fold
 
 # Decree 30/2020 annex III (tên loại văn bản → chữ viết tắt), plus the Party's "CV" for công văn.
@@ -251,12 +251,17 @@ def _centred_block(rows: list[_Row], x0: int, x1: int, *, first_is_subject: bool
     middle, width = (x0 + x1) / 2, x1 - x0
     block: list[_Row] = []
     for row in rows:
-        left, _, right, _ = row.box
-        centred = abs((left + right) / 2 - middle) < 0.08 * width and (right - left) < 0.9 * width
+        left, top, right, _ = row.box
+        centred = abs((left + right) / 2 - middle) < 0.08 * width and (right - left) < 0.85 * width
         if not block and not (first_is_subject or row.folded.startswith("ve viec")):
             break
         if block and not centred:
             break
+        if block:
+            # The body starts after a blank line: a gap larger than the subject's own spacing.
+            previous = block[-1].box
+            if top - previous[3] > 1.2 * (previous[3] - previous[1]):
+                break
         block.append(row)
         if len(block) >= 4:
             break

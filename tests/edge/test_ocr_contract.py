@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from edge.ocr import FakePageEngine, PageEngine, PageImage, TesseractPageEngine
-from edge.ocr.hocr import parse_hocr
 from edge.testset import make_document, render
+from protocol.hocr import parse_hocr
 
 pytestmark = pytest.mark.timeout(120)
 
