@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocol.bag import (
+    DOCUMENT_FIELDS,
     HOCR,
     METADATA,
     TEXT,
@@ -26,6 +27,7 @@ from protocol.bag import (
 )
 from protocol.errors import BagError, ProtocolError
 from protocol.names import display_name, fold, nfc
+from protocol.schemas import TEMPLATES
 
 TID = "0123456789abcdef0123456789abcdef"
 META = PackageMetadata(
@@ -187,3 +189,10 @@ def test_bad_page_info_is_a_bag_error(page: dict[str, object]) -> None:
     obj["ocr"]["page_info"] = [page]
     with pytest.raises(BagError):
         PackageMetadata.from_json(json.dumps(obj).encode())
+
+
+def test_templates_map_only_onto_extracted_fields() -> None:
+    for template in TEMPLATES.values():
+        keys = [f.key for f in template.fields]
+        assert len(keys) == len(set(keys)) and not template.verified
+        assert {f.extracted for f in template.fields if f.extracted} == set(DOCUMENT_FIELDS)
