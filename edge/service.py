@@ -31,7 +31,7 @@ from edge.config import EdgeConfig
 from edge.errors import BadInputError, EdgeError
 from edge.fsutil import atomic_write_bytes, disk_free, move_durably, sha256_file
 from edge.media import probe
-from edge.ocr import OcrEngine, TesseractEngine
+from edge.ocr import OcrEngine, build_engine
 from edge.outbox import Doc, DocState, Outbox
 from edge.package import build_package, seal_package
 from edge.quarantine import quarantine
@@ -107,8 +107,7 @@ class EdgeService:
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         cfg.watch_dir.mkdir(parents=True, exist_ok=True)
         self._outbox = await Outbox.open(cfg.outbox_path, cap_bytes=cfg.outbox.cap_bytes)
-        engine = self._engine or TesseractEngine(cfg.ocr.languages, workers=cfg.ocr.worker_count,
-                                                 dpi=cfg.ocr.dpi)
+        engine = self._engine or build_engine(cfg.ocr)
         up = cfg.uplink
         self._uplink = Uplink(
             device_id=cfg.device_id, broker_url=cfg.broker.url, username=cfg.broker.username,

@@ -13,7 +13,7 @@ Errors: a page we cannot decode, or one that exceeds the caps, is :class:`BadInp
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from edge.ocr.engines import FakePageEngine, TesseractPageEngine, installed_languages, tesseract_version
 from edge.ocr.fake import FakeOcrEngine
@@ -21,7 +21,7 @@ from edge.ocr.filters import DeskewFilter, OrientationFilter
 from edge.ocr.hocr import PAGE_SEPARATOR, join_pages, mean_confidence, merge_hocr
 from edge.ocr.model import OcrEngine, OcrResult, PageEngine, PageFilter, PageImage, PageText
 from edge.ocr.rasterize import plausible_dpi, rasterize
-from edge.ocr.runner import DEFAULT_ADDRESS_SPACE, OcrRunner, TesseractEngine
+from edge.ocr.runner import DEFAULT_ADDRESS_SPACE, OcrRunner, Orientation, TesseractEngine
 
 if TYPE_CHECKING:
     from edge.config import OcrConfig
@@ -40,13 +40,16 @@ def build_engine(cfg: OcrConfig) -> OcrRunner:
     from edge.ocr.extract import extract_fields  # noqa: PLC0415 - keeps `import edge.ocr` light
 
     filters = (DeskewFilter(),) if cfg.deskew else ()
-    common = {"workers": cfg.worker_count, "dpi": cfg.dpi, "filters": filters,
-              "orientation": cfg.orientation, "extractor": extract_fields,
-              "address_space": cfg.address_space_mib * 2**20 if cfg.address_space_mib else None}
+    address_space = cfg.address_space_mib * 2**20 if cfg.address_space_mib else None
+    orientation = cast("Orientation", cfg.orientation)   # validated by OcrConfig
     engine: OcrRunner
     if cfg.engine == "fake":
-        engine = OcrRunner(FakePageEngine(), languages=cfg.languages, version="fake", **common)  # type: ignore[arg-type]
+        engine = OcrRunner(FakePageEngine(), workers=cfg.worker_count, dpi=cfg.dpi, filters=filters,
+                           orientation=orientation, extractor=extract_fields,
+                           address_space=address_space, languages=cfg.languages, version="fake")
     else:
-        engine = TesseractEngine(cfg.languages, **common)  # type: ignore[arg-type]
+        engine = TesseractEngine(cfg.languages, workers=cfg.worker_count, dpi=cfg.dpi, filters=filters,
+                                 orientation=orientation, extractor=extract_fields,
+                                 address_space=address_space)
     engine.warm()
     return engine
