@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import subprocess
 import tempfile
 import time
@@ -29,6 +30,7 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import psutil
 from rapidfuzz.distance import Levenshtein
 
 from bench.textmetrics import cer, normalise, word_accuracy
@@ -58,6 +60,21 @@ def condition(page: TestPage) -> str:
 
 def _env() -> dict[str, str]:
     return {**os.environ, "OMP_THREAD_LIMIT": "1"}
+
+
+def children_cpu() -> float:
+    """CPU seconds of every descendant so far (tesseract runs, pool workers): unlike wall time, not
+    inflated by whatever else the machine is doing. Pool workers are children of multiprocessing's
+    forkserver (a live child of ours), so its own and its reaped children's times are added."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    total = usage.ru_utime + usage.ru_stime
+    for child in psutil.Process().children():
+        try:
+            times = child.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system + times.children_user + times.children_system
+    return total
 
 
 def raw_tesseract(files: list[Path], extra: tuple[str, ...] = ()) -> tuple[list[str], float]:
@@ -168,16 +185,22 @@ def main() -> None:
         pages = generate(Path(tmp), args.pages, seed=args.seed)
         files = [path for path, _ in pages]
         truths = [page for _, page in pages]
+        cpu = children_cpu()
         raw, raw_s = raw_tesseract(files)
+        raw_cpu, cpu = children_cpu() - cpu, children_cpu()
         no_dpi = [i for i, path in enumerate(files)
                   if rasterize(path, probe(path).media_type, 0, 300).dpi is None]
         raw300, _ = raw_tesseract([files[i] for i in no_dpi], ("--dpi", "300"))
         plain, plain_s = asyncio.run(ours(files, filters=(), orientation="off"))
+        plain_cpu, cpu = children_cpu() - cpu, children_cpu()
         default, default_s = asyncio.run(ours(files, filters=(DeskewFilter(),), orientation="doubt"))
+        default_cpu, cpu = children_cpu() - cpu, children_cpu()
         always: list[OcrResult] = []
         always_s = 0.0
+        always_cpu = 0.0
         if not args.skip_always:
             always, always_s = asyncio.run(ours(files, filters=(DeskewFilter(),), orientation="always"))
+            always_cpu = children_cpu() - cpu
         osd = [osd_of(path) for path in files]
         hard_mix = [Degradation(dpi=(90, 110, 130)[n % 3], photo=True, blur=1.0 + (n % 2) * 0.6,
                                 noise=20 * (n % 2), rotate=(0, 90, 180, 270)[(n // 3) % 4])
@@ -200,11 +223,15 @@ def main() -> None:
     print(f"## Text quality ({len(files)} pages, seed {args.seed})\n")
     print("\n".join(table(ordered, list(variants))))
     report["quality"] = {g: {k: round(sum(v) / len(v), 4) for k, v in m.items()} for g, m in ordered.items()}
-    for name, results, seconds in (("sohoa-plain", plain, plain_s), ("sohoa", default, default_s),
-                                   ("sohoa-always", always, always_s)):
+    print("\n| run | wall s | CPU s (all processes) | CPU ÷ raw |\n|---|---|---|---|")
+    print(f"| raw | {raw_s:.1f} | {raw_cpu:.1f} | 1.00 |")
+    for name, results, seconds, spent in (("sohoa-plain", plain, plain_s, plain_cpu),
+                                          ("sohoa", default, default_s, default_cpu),
+                                          ("sohoa-always", always, always_s, always_cpu)):
         if results:
-            print(f"\n{name}: {seconds:.1f} s for {len(files)} pages; raw: {raw_s:.1f} s "
-                  f"(time ratio {seconds / raw_s:.2f})")
+            print(f"| {name} | {seconds:.1f} | {spent:.1f} | {spent / raw_cpu:.2f} |")
+    report["cpu_seconds"] = {"raw": raw_cpu, "sohoa-plain": plain_cpu, "sohoa": default_cpu,
+                             "sohoa-always": always_cpu}
     print("\n## Diacritic-only word errors (what a diacritic correction step could fix)\n")
     print("| variant | truth words | word substitutions | diacritic-only | hook above a circumflex "
           "dropped | OCR'd syllable not in hunspell-vi |")
