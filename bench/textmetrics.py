@@ -7,6 +7,7 @@ and layout spacing are not counted; case, diacritics and punctuation are.
 from __future__ import annotations
 
 import unicodedata
+from collections import Counter
 
 from rapidfuzz.distance import Levenshtein
 
@@ -26,3 +27,11 @@ def word_accuracy(truth: str, hypothesis: str) -> float:
     reference = normalise(truth).split()
     edits = Levenshtein.distance(reference, normalise(hypothesis).split())
     return max(0.0, 1.0 - edits / max(1, len(reference)))
+
+
+def bag_of_words_accuracy(truth: str, hypothesis: str) -> float:
+    """Share of the truth's words (as a multiset) found anywhere in the hypothesis: blind to reading
+    order, so two readings that differ only in where a block was placed score the same."""
+    reference = Counter(normalise(truth).split())
+    found = Counter(normalise(hypothesis).split())
+    return sum((reference & found).values()) / max(1, sum(reference.values()))
