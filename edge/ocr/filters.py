@@ -58,16 +58,19 @@ class DeskewFilter:
         return page.replace(image=straight, skew=round(page.skew + angle, 2))
 
 
+_INK = [255 if v < 140 else 0 for v in range(256)]
+
+
 def estimate_skew(image: Image.Image, max_angle: float = 5.0) -> float:
     """Degrees to rotate (counter-clockwise) so that text lines are horizontal.
 
     Rows of a straight page alternate sharply between ink and paper; the angle that maximises the
     differences between adjacent row sums is the skew. Search in 1° steps, then 0.25°, then 0.1°."""
     gray = image.convert("L")
-    scale = min(1.0, 700 / max(gray.size))   # 0.1° is still a pixel across 700 px
+    scale = min(1.0, 600 / max(gray.size))   # 0.1° is still a pixel across 600 px
     small = gray.resize((max(1, int(gray.width * scale)), max(1, int(gray.height * scale))),
                         Image.Resampling.BOX)
-    ink = small.point(lambda v: 255 if v < 140 else 0)
+    ink = small.point(_INK)
 
     def score(angle: float) -> float:
         turned = ink.rotate(angle, resample=Image.Resampling.BILINEAR, fillcolor=0)
