@@ -27,11 +27,12 @@ MAX_PLAUSIBLE_SIDE_INCHES = 47.0   # A0's long side
 
 def plausible_dpi(declared: float | None, size_px: tuple[int, int]) -> int | None:
     """The file's resolution if it describes a real paper page, else None (estimate it instead)."""
-    if not declared or not MIN_PLAUSIBLE_DPI <= declared <= MAX_PLAUSIBLE_DPI:
+    if not declared or not math.isfinite(declared):   # absent, zero, NaN or infinite
         return None
-    if max(size_px) / declared > MAX_PLAUSIBLE_SIDE_INCHES:
+    dpi = round(declared)   # PNG stores pixels per metre: 100 dpi reads back as 99.9998
+    if not MIN_PLAUSIBLE_DPI <= dpi <= MAX_PLAUSIBLE_DPI or max(size_px) / dpi > MAX_PLAUSIBLE_SIDE_INCHES:
         return None
-    return round(declared)
+    return dpi
 
 
 def rasterize(path: Path, media_type: str, index: int, dpi: int,

@@ -20,7 +20,8 @@ pytestmark = pytest.mark.timeout(120)
 
 def test_plausible_dpi() -> None:
     assert plausible_dpi(300, (2480, 3508)) == 300
-    assert plausible_dpi(199.9996, (1654, 2338)) == 200
+    assert plausible_dpi(199.9996, (1654, 2338)) == 200 and plausible_dpi(99.9998, (827, 1169)) == 100
+    assert plausible_dpi(float("nan"), (827, 1169)) is None
     assert plausible_dpi(None, (2480, 3508)) is None
     assert plausible_dpi(0, (2480, 3508)) is None
     assert plausible_dpi(72, (3000, 4000)) is None      # a phone's default: a 1.4 m "page"

@@ -12,8 +12,17 @@ import pytest
 from PIL import Image
 
 from bench.textmetrics import cer
+from edge.config import ConfigError, OcrConfig
 from edge.media import probe
-from edge.ocr import DeskewFilter, FakePageEngine, OcrRunner, PageEngine, PageImage, TesseractEngine
+from edge.ocr import (
+    DeskewFilter,
+    FakePageEngine,
+    OcrRunner,
+    PageEngine,
+    PageImage,
+    TesseractEngine,
+    build_engine,
+)
 from edge.ocr.filters import OrientationFilter, estimate_skew
 from edge.ocr.hocr import vertical_share
 from edge.testset import Degradation, generate, make_document, render
@@ -87,3 +96,23 @@ async def test_real_engine_turns_upside_down_and_sideways_pages_only(tmp_path: P
     assert [r.page_info[0].rotation for r in results] == [0, 180, 90]
     for (_, page), result in zip(pages, results, strict=True):
         assert cer(page.truth, result.text) < 0.05, result.text[:300]
+
+
+async def test_engine_is_chosen_by_config(tmp_path: Path) -> None:
+    page = tmp_path / "trang.png"
+    render(make_document(random.Random(2), 0), dpi=100).save(page, dpi=(100, 100))
+    engine = build_engine(OcrConfig(engine="fake", workers=1, orientation="off"))
+    try:
+        result = await engine.recognize(page, probe(page))
+    finally:
+        await engine.aclose()
+    assert result.engine == "fake" and "Tân Trào" in result.text and result.page_info[0].dpi == 100
+    real = build_engine(OcrConfig(workers=1))
+    try:
+        assert isinstance(real, TesseractEngine) and real.address_space == 2048 * 2**20
+        assert real.orientation == "doubt" and [f.name for f in real.filters] == ["deskew"]
+    finally:
+        await real.aclose()
+    for bad in ({"engine": "paddle"}, {"orientation": "sometimes"}, {"address_space_mib": 100}):
+        with pytest.raises(ConfigError):
+            OcrConfig(**bad)  # type: ignore[arg-type]
