@@ -135,10 +135,15 @@ def main() -> None:
         print(f"original {sizes['original']:,} B; PDF/A {sizes['pdfa']:,} B "
               f"({sizes['pdfa'] / sizes['original']:.3f}×); signed {sizes['signed']:,} B "
               f"({sizes['signed'] / sizes['original']:.3f}×)")
+        payload = sum(original.with_suffix(f".{n}.jpg").stat().st_size for n in range(args.pages))
+        print(f"the JPEG images themselves: {payload:,} B (the original PDF holds them ASCII85-encoded); "
+              f"PDF/A overhead over them: {sizes['pdfa'] - payload:,} B "
+              f"({(sizes['pdfa'] - payload) / args.pages / 1024:.1f} KiB a page: text layer, font, ICC)")
         print(f"JPEG streams byte-identical to the original's: {same_jpeg}")
         for check, ok in pdfa_checks(signed).items():
             print(f"- {check}: {'yes' if ok else 'NO'}")
-        print(f"qpdf --check: {qpdf.stdout.strip().splitlines()[-1] if qpdf.stdout else qpdf.stderr}")
+        verdict = [line for line in qpdf.stdout.splitlines() if "errors" in line]
+        print(f"qpdf --check (exit {qpdf.returncode}): {verdict[-1] if verdict else qpdf.stderr.strip()}")
         recall = [word_recall(ocr_page, pdf_page)
                   for ocr_page, pdf_page in zip(result.text.split("\f"), pages_text, strict=False)]
         ocr_cers = [cer(truth, page) for truth, page in zip(truths, result.text.split("\f"), strict=False)]
