@@ -125,8 +125,8 @@ async def status_report(home: Path) -> dict[str, Any]:
         "cap_bytes": cfg.outbox.cap_bytes,
         "oldest_age_s": round(stats.oldest_age_s, 1),
         "last_receipt_at": _iso(stats.last_receipt_at),
-        "failed": [{"name": f.name, "reason": f.reason, "code": f.code, "since": str(f.since)}
-                   for f in failed],
+        "failed": [{"name": f.name, "reason": f.reason, "detail": f.detail, "code": f.code,
+                    "since": str(f.since)} for f in failed],
         "refused_dir": str(cfg.refused_dir),
         "alarms": alarms,
         "last_error": last_error,

@@ -27,7 +27,7 @@ from edge.config import EdgeConfig
 from edge.custody import Custody
 from edge.fsutil import atomic_write_bytes, disk_free
 from edge.job import Layout
-from edge.ocr import OcrEngine, TesseractEngine
+from edge.ocr import OcrEngine, build_engine
 from edge.outbox import Outbox
 from edge.process import Processor
 from edge.settle import Quiet
@@ -105,8 +105,7 @@ class EdgeService:
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         cfg.watch_dir.mkdir(parents=True, exist_ok=True)
         self._outbox = outbox = await Outbox.open(cfg.outbox_path, cap_bytes=cfg.outbox.cap_bytes)
-        engine = self._engine or TesseractEngine(cfg.ocr.languages, workers=cfg.ocr.worker_count,
-                                                 dpi=cfg.ocr.dpi)
+        engine = self._engine or build_engine(cfg.ocr)
         self._custody = custody = Custody(
             outbox, self.layout, self.alarms, keep_originals=cfg.retention.keep_originals,
             release_after=cfg.retention.release_after_seconds, on_held=self._held)

@@ -9,7 +9,10 @@ role="${1:-dev}"
 common=(python3 python3-venv python3-dev ca-certificates sqlite3)
 edge=(tesseract-ocr tesseract-ocr-vie)
 central=(mosquitto mosquitto-clients openssl)
-dev=(fonts-dejavu-core poppler-utils shellcheck)
+# fonts-liberation2: Times-compatible serif for the OCR quality test set (Decree 30 prescribes Times);
+# hunspell-vi: the syllable list bench/ocr_quality.py checks diacritic errors against; qpdf and
+# poppler-utils (pdfsig, pdftotext): independent checks of the archival PDF/A and its signature.
+dev=(fonts-dejavu-core fonts-liberation2 hunspell-vi poppler-utils qpdf shellcheck)
 
 case "${role}" in
   edge) wanted=("${common[@]}" "${edge[@]}") ;;
