@@ -61,11 +61,11 @@ window = float(sys.argv[1])
 r = json.load(sys.stdin)
 for alarm in r["alarms"]:
     print("alarm: " + alarm)
-last = r["last_receipt_at"]
-if r["queued_docs"]:
+last, queued = r["last_receipt_at"], r["queued_docs"]
+if queued:
     age = (dt.datetime.now(dt.UTC) - dt.datetime.fromisoformat(last)).total_seconds() if last else None
     if age is None or age > window:
-        print(f"outbox not draining: {r[\"queued_docs\"]} document(s) queued, last receipt {last or \"never\"}")
+        print(f"outbox not draining: {queued} document(s) queued, last receipt {last}")
 ' "${drain_window}")"
     while IFS= read -r line; do
       [ -z "${line}" ] || problems+=("${line}")

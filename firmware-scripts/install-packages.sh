@@ -2,7 +2,8 @@
 # Install the Debian packages sohoa needs on this machine (edge box, central server or a developer
 # machine). Idempotent: packages already present are not reinstalled and apt-get update runs only
 # when something is missing.
-#   usage: install-packages.sh [edge|central|dev]
+#   usage: install-packages.sh [edge|central|dev|fleet-ci]
+# fleet-ci: what the fleet test needs on the CI machine to boot Debian containers and reach them.
 set -o errexit -o nounset -o pipefail
 
 role="${1:-dev}"
@@ -10,12 +11,14 @@ common=(python3 python3-venv python3-dev ca-certificates sqlite3)
 edge=(tesseract-ocr tesseract-ocr-vie)
 central=(mosquitto mosquitto-clients openssl)
 dev=(fonts-dejavu-core poppler-utils shellcheck)
+fleet_ci=(debootstrap systemd-container smbclient openssh-client)
 
 case "${role}" in
   edge) wanted=("${common[@]}" "${edge[@]}") ;;
   central) wanted=("${common[@]}" "${central[@]}") ;;
   dev) wanted=("${common[@]}" "${edge[@]}" "${central[@]}" "${dev[@]}") ;;
-  *) echo "usage: $0 [edge|central|dev]" >&2; exit 2 ;;
+  fleet-ci) wanted=("${fleet_ci[@]}") ;;
+  *) echo "usage: $0 [edge|central|dev|fleet-ci]" >&2; exit 64 ;;
 esac
 
 missing=()
