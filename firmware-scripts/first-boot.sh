@@ -41,26 +41,31 @@ if command -v timedatectl >/dev/null 2>&1; then
 fi
 
 # 4. Report in: hostname, machine id, addresses and the SSH host key fingerprint, so the admin
-#    can check the key before the first Ansible run. Bounded retries; failing to report is not fatal.
+#    can check the key before the first Ansible run. A few quick tries (this runs before sshd
+#    starts): failing to report is not fatal, the admin can still find the box by its hostname.
 if [ -n "${report_url}" ]; then
   fingerprint="$(ssh-keygen -l -f /etc/ssh/ssh_host_ed25519_key.pub | awk '{print $2}')"
   addresses="$(hostname -I 2>/dev/null || true)"
   payload="$(python3 -c 'import json, sys; print(json.dumps(dict(zip(["hostname", "machine_id", "addresses", "ssh_ed25519"], sys.argv[1:]))))' \
     "$(hostname)" "$(cat /etc/machine-id)" "${addresses}" "${fingerprint}")"
-  for attempt in 1 2 3 4 5 6 7 8; do
+  for attempt in 1 2 3; do
     if python3 - "${report_url}" "${payload}" <<'PY'
 import sys, urllib.request
 request = urllib.request.Request(sys.argv[1], data=sys.argv[2].encode(), method="POST",
                                  headers={"Content-Type": "application/json"})
-with urllib.request.urlopen(request, timeout=20) as response:
-    sys.exit(0 if response.status < 300 else 1)
+try:
+    with urllib.request.urlopen(request, timeout=10) as response:
+        sys.exit(0 if response.status < 300 else 1)
+except OSError as exc:
+    print(f"first-boot: cannot report to {sys.argv[1]}: {exc}")
+    sys.exit(1)
 PY
     then
       log "reported in to ${report_url}"
       break
     fi
     log "report attempt ${attempt} failed; retrying"
-    sleep $(( attempt * 15 ))
+    sleep $(( attempt * 5 ))
   done
 fi
 
