@@ -161,10 +161,12 @@ def _build_wheel(version: str, into: Path, scratch: Path) -> None:
         timeout=600)
 
 
-def _sample_pages(into: Path) -> list[Path]:
+def _sample_pages(into: Path, seed: int) -> list[Path]:
+    """Sample scans (PDF, TIFF, JPEG, PNG); another seed gives other bytes, so no scan of one test
+    is a duplicate of another's (the edge would rightly drop a re-drop of a receipted scan)."""
     from edge.samples import generate_samples  # noqa: PLC0415 - only when the fleet test runs
 
-    return [sample.path for sample in generate_samples(into, pages=4)]
+    return [sample.path for sample in generate_samples(into, pages=4, seed=seed)]
 
 
 @pytest.fixture(scope="module")
@@ -176,6 +178,10 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     REPORT.write_text("")
     cache_key = hashlib.sha256(f"{SUITE} {BASE_PACKAGES}".encode()).hexdigest()[:12]
     cache = Path(os.environ.get("SOHOA_FLEET_CACHE", f"/var/tmp/sohoa-fleet-cache-{cache_key}"))
+    attach = os.environ.get("SOHOA_FLEET_ATTACH")
+    if attach:   # developers: boot the kept containers of an earlier run (SOHOA_FLEET_KEEP=1) again
+        yield from _attach(Path(attach))
+        return
     workdir = Path(f"/var/tmp/sohoa-fleet-run-{os.getpid()}")
     shutil.rmtree(workdir, ignore_errors=True)
     (workdir / "cp").mkdir(parents=True)
@@ -239,7 +245,34 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
                 print(f"stopping {machine.name}: {exc}", file=sys.stderr)
         if os.environ.get("SOHOA_FLEET_KEEP") != "1":
             shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            print(f"kept {workdir}: SOHOA_FLEET_ATTACH={workdir} boots it again", file=sys.stderr)
         report(f"fleet test total (setup, scenarios, teardown): {time.monotonic() - started:.0f} s")
+
+
+def _attach(workdir: Path) -> Iterator[Fleet]:
+    inventory = workdir / "inventory.yml"
+    children = json.loads(inventory.read_text())["all"]["children"]
+    central_vars = children["sohoa_central"]["hosts"][CENTRAL]
+    edge_vars = children["sohoa_edges"]["children"]["tuyen_quang"]["hosts"]
+    ports = {"ssh-central": central_vars["ansible_port"], "broker": central_vars["sohoa_broker_port"],
+             "device": central_vars["sohoa_broker_device_port"],
+             "http": int(central_vars["sohoa_central_http_listen"].rsplit(":", 1)[1])}
+    for name, host in edge_vars.items():
+        ports[f"ssh-{name}"], ports[f"smb-{name}"] = host["ansible_port"], host["sohoa_edge_smb_port"]
+    central = Machine(CENTRAL, workdir / CENTRAL, ports["ssh-central"], workdir / f"{CENTRAL}.log")
+    edges = {name: Machine(name, workdir / name, ports[f"ssh-{name}"], workdir / f"{name}.log")
+             for name in edge_vars}
+    machines = [central, *edges.values()]
+    try:
+        for machine in machines:
+            machine.boot()
+        version = json.loads(inventory.read_text())["all"]["vars"]["sohoa_version"]
+        yield Fleet(workdir, workdir / "wheelhouse", inventory, workdir / "id_ed25519", central, edges, ports,
+                    version)
+    finally:
+        for machine in machines:
+            machine.stop()
 
 
 def test_site_converges_then_changes_nothing(fleet: Fleet) -> None:
@@ -269,15 +302,15 @@ def test_units_active_and_their_exposure(fleet: Fleet) -> None:
 
 
 def test_scan_into_samba_share_reaches_central_and_is_searchable(fleet: Fleet) -> None:
-    page = _sample_pages(fleet.workdir / "pages")[0]
+    page = _sample_pages(fleet.workdir / "pages", seed=1)[0]
     edge = "xa-tan-trao"
     started = time.monotonic()
-    fleet.smb_put(edge, page, "Tờ trình số 1.pdf")
+    fleet.smb_put(edge, page, f"Tờ trình số 1{page.suffix}")
     found = wait(lambda: fleet.documents(edge, q="hanh phuc"), 240, "the scan searchable at central")
     report(f"smbclient put -> searchable at central (OCR + sync inside containers): "
            f"{time.monotonic() - started:.0f} s; {found[0]['filename']!r} found by its OCR text "
            "without diacritics ('hanh phuc')")
-    assert found[0]["filename"] == "Tờ trình số 1.pdf"
+    assert found[0]["filename"] == f"Tờ trình số 1{page.suffix}"
     machine = fleet.edges[edge]
     assert machine.sh("ls -A /srv/sohoa/scans").stdout.strip() == ""   # taken out of the share
 
@@ -287,9 +320,10 @@ def test_kill_9_of_the_edge_service_loses_nothing(fleet: Fleet) -> None:
     machine = fleet.edges[edge]
     before = fleet.unit(machine, "sohoa-edge.service")
     count = len(fleet.documents(edge))
-    pages = _sample_pages(fleet.workdir / "pages-kill")
-    for index, page in enumerate(pages):
-        fleet.smb_put(edge, page, f"kill-{index}.pdf")
+    pages = _sample_pages(fleet.workdir / "pages-kill", seed=2)
+    names = [f"kill-{index}{page.suffix}" for index, page in enumerate(pages)]
+    for page, name in zip(pages, names, strict=True):
+        fleet.smb_put(edge, page, name)
     # Mid-work: as soon as the service has taken the first scan out of the share.
     wait(lambda: len(machine.sh("ls -A /srv/sohoa/scans").stdout.split()) < len(pages), 60,
          "the service taking scans", interval=0.2)
@@ -304,8 +338,8 @@ def test_kill_9_of_the_edge_service_loses_nothing(fleet: Fleet) -> None:
     status = json.loads(machine.sh("runuser -u sohoa-edge -- /opt/sohoa/venv/bin/sohoa edge status "
                                    "--home /var/lib/sohoa-edge --json").stdout)
     assert status["failed"] == [] and status["queued_docs"] == 0, status
-    names = sorted(str(d["filename"]) for d in fleet.documents(edge))
-    assert [f"kill-{i}.pdf" for i in range(len(pages))] == [n for n in names if n.startswith("kill-")]
+    at_central = sorted(str(d["filename"]) for d in fleet.documents(edge))
+    assert sorted(names) == [n for n in at_central if n.startswith("kill-")]
     report(f"kill -9 of sohoa-edge: restarted by systemd in {restarted:.1f} s (NRestarts "
            f"{before['NRestarts']}->{after['NRestarts']}); {len(pages)}/{len(pages)} scans at central, "
            "none failed, none duplicated")
@@ -371,8 +405,8 @@ def test_revoke_cuts_a_box_off(fleet: Fleet) -> None:
     # Its session is cut and it cannot log in again: the running service reports it.
     journal = wait(lambda: journal_with(machine, "cannot reach the broker", since), 60,
                    "the box failing to reconnect")
-    page = _sample_pages(fleet.workdir / "pages-revoked")[0]
-    fleet.smb_put(edge, page, "sau-thu-hoi.pdf")
+    page = _sample_pages(fleet.workdir / "pages-revoked", seed=3)[0]
+    fleet.smb_put(edge, page, f"sau-thu-hoi{page.suffix}")
     time.sleep(30)
     assert len(fleet.documents(edge)) == count, "a revoked box's scan reached the catalog"
     refusal = next(line for line in journal.splitlines() if "cannot reach the broker" in line)
