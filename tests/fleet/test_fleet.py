@@ -144,9 +144,10 @@ def wait(predicate, within: float, what: str, interval: float = 2.0):  # type: i
         time.sleep(interval)
 
 
-def _build_wheel(version: str, into: Path, scratch: Path) -> None:
-    """A wheel of this checkout under another version number (what an upgrade ships)."""
-    source = scratch / f"src-{version}"
+def _build_wheel(version: str | None, into: Path, scratch: Path, *, deps: bool = False) -> None:
+    """A wheel of this checkout (under another version number: what an upgrade ships), built from
+    a copy so the checkout gets no build/ or egg-info; ``deps`` adds every dependency's wheel."""
+    source = scratch / f"src-{version or 'current'}"
     shutil.rmtree(source, ignore_errors=True)
     source.mkdir(parents=True)
     for name in ("pyproject.toml", "README.md", "protocol", "edge", "central", "sohoa"):
@@ -155,10 +156,11 @@ def _build_wheel(version: str, into: Path, scratch: Path) -> None:
             shutil.copytree(path, source / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(path, source / name)
-    pyproject = source / "pyproject.toml"
-    pyproject.write_text(re.sub(r'(?m)^version = ".*"$', f'version = "{version}"', pyproject.read_text()))
-    run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(into), str(source)],
-        timeout=600)
+    if version is not None:
+        pyproject = source / "pyproject.toml"
+        pyproject.write_text(re.sub(r'(?m)^version = ".*"$', f'version = "{version}"', pyproject.read_text()))
+    run([sys.executable, "-m", "pip", "wheel", "--quiet", *(() if deps else ("--no-deps",)),
+         "--wheel-dir", str(into), str(source)], timeout=900)
 
 
 def _sample_pages(into: Path, seed: int) -> list[Path]:
@@ -210,8 +212,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         report(f"three containers copied and booted: {time.monotonic() - t0:.0f} s")
         t0 = time.monotonic()
         wheelhouse = workdir / "wheelhouse"
-        run([sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(wheelhouse), str(ROOT)],
-            timeout=900)
+        _build_wheel(None, wheelhouse, workdir, deps=True)
         version = next(wheelhouse.glob("sohoa-*.whl")).name.split("-")[1]
         report(f"wheelhouse (sohoa {version} + dependencies, "
                f"{sum(p.stat().st_size for p in wheelhouse.iterdir()) / 1e6:.0f} MB): "
