@@ -7,7 +7,7 @@ the edge service → systemd restarts it and nothing is lost; SIGHUP reloads wit
 upgrade.yml rolls a newer wheel through both boxes with the health gate passing, and stops at a box
 whose gate fails, naming it; revoke.yml cuts a box off.
 
-Runs when CI=true or SOHOA_FLEET=1 (it boots three containers: about ten minutes on 2 cores) and
+Runs when CI=true or SOHOA_FLEET=1 (it boots three containers: about 22 minutes on 2 cores) and
 skips with the reason on a machine that cannot boot them. Figures go to FLEET_REPORT (printed at the
 end of the run by .ci/run).
 """
@@ -49,7 +49,7 @@ def _wanted() -> str | None:
     if flag == "0":
         return "SOHOA_FLEET=0"
     if flag != "1" and os.environ.get("CI", "").lower() != "true":
-        return ("boots three Debian containers (~10 min on 2 cores): runs in CI (CI=true) or with "
+        return ("boots three Debian containers (~22 min on 2 cores): runs in CI (CI=true) or with "
                 "SOHOA_FLEET=1")
     if not (ANSIBLE_BIN / "ansible-playbook").exists():
         return f"no ansible-playbook in {ANSIBLE_BIN} (make ansible-venv)"
