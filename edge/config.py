@@ -195,6 +195,16 @@ class RetentionConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LogConfig:
+    # Re-read on SIGHUP (with the uplink rate and the alarm threshold) without a restart.
+    level: str = "info"
+
+    def __post_init__(self) -> None:
+        if self.level not in ("debug", "info", "warning", "error"):
+            raise ConfigError(f"log.level = {self.level!r}: use debug, info, warning or error")
+
+
+@dataclass(frozen=True, slots=True)
 class EdgeConfig:
     home: Path
     device_id: str
@@ -206,6 +216,7 @@ class EdgeConfig:
     uplink: UplinkConfig = field(default_factory=UplinkConfig)
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def __post_init__(self) -> None:
         try:
@@ -254,6 +265,7 @@ class EdgeConfig:
 _SECTIONS: dict[str, type] = {
     "broker": BrokerConfig, "central": CentralKeys, "intake": IntakeConfig, "ocr": OcrConfig,
     "uplink": UplinkConfig, "outbox": OutboxConfig, "retention": RetentionConfig,
+    "log": LogConfig,
 }
 
 

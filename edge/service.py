@@ -142,6 +142,29 @@ class EdgeService:
                 await engine.aclose()
             await outbox.close()
 
+    def reload(self, config: EdgeConfig) -> str:
+        """Apply what can change without a restart (SIGHUP): the uplink rate cap and the alarm
+        threshold (the log level is the caller's). Returns what changed, and what needs a restart."""
+        old = self.config
+        if config.device_id != old.device_id or config.home != old.home:
+            raise ValueError(f"device_id/home changed ({old.device_id} → {config.device_id}): "
+                             "that is another box, restart the service")
+        applied = dataclasses.replace(
+            old, log=config.log,
+            uplink=dataclasses.replace(old.uplink, rate_kbit=config.uplink.rate_kbit),
+            outbox=dataclasses.replace(old.outbox, alarm_after_hours=config.outbox.alarm_after_hours))
+        self.config = applied
+        if self._uplink is not None:
+            self._uplink.set_rate(config.uplink.rate_kbit or None)
+        self.alarms.changed.set()
+        pending = [name for name in ("watch_dir", "broker", "central", "intake", "ocr", "uplink",
+                                     "outbox", "retention")
+                   if getattr(applied, name) != getattr(config, name)]
+        summary = (f"uplink.rate_kbit={config.uplink.rate_kbit:g}, "
+                   f"outbox.alarm_after_hours={config.outbox.alarm_after_hours:g}, "
+                   f"log.level={config.log.level}")
+        return summary + (f"; needs a restart to change: {', '.join(pending)}" if pending else "")
+
     async def recover(self) -> None:
         """Continue after a crash: the custody reconciler run once over everything, then every
         taken-but-unpackaged row back into the processing queue."""

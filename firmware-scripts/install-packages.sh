@@ -2,7 +2,8 @@
 # Install the Debian packages sohoa needs on this machine (edge box, central server or a developer
 # machine). Idempotent: packages already present are not reinstalled and apt-get update runs only
 # when something is missing.
-#   usage: install-packages.sh [edge|central|dev]
+#   usage: install-packages.sh [edge|central|dev|fleet-ci]
+# fleet-ci: what the fleet test needs on the CI machine to boot Debian containers and reach them.
 set -o errexit -o nounset -o pipefail
 
 role="${1:-dev}"
@@ -13,12 +14,14 @@ central=(mosquitto mosquitto-clients openssl)
 # hunspell-vi: the syllable list bench/ocr_quality.py checks diacritic errors against; qpdf and
 # poppler-utils (pdfsig, pdftotext): independent checks of the archival PDF/A and its signature.
 dev=(fonts-dejavu-core fonts-liberation2 hunspell-vi poppler-utils qpdf shellcheck)
+fleet_ci=(debootstrap systemd-container smbclient openssh-client)
 
 case "${role}" in
   edge) wanted=("${common[@]}" "${edge[@]}") ;;
   central) wanted=("${common[@]}" "${central[@]}") ;;
   dev) wanted=("${common[@]}" "${edge[@]}" "${central[@]}" "${dev[@]}") ;;
-  *) echo "usage: $0 [edge|central|dev]" >&2; exit 2 ;;
+  fleet-ci) wanted=("${fleet_ci[@]}") ;;
+  *) echo "usage: $0 [edge|central|dev|fleet-ci]" >&2; exit 64 ;;
 esac
 
 missing=()
