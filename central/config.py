@@ -71,6 +71,7 @@ class CentralConfig:
     http: HostPort
     ingest: IngestSettings
     api_token: str = field(repr=False)
+    log_level: str = "info"      # re-read on SIGHUP without a restart
 
     @property
     def paths(self) -> CentralPaths:
@@ -177,8 +178,14 @@ def parse_config(home: Path, data: dict[str, Any], api_token: str) -> CentralCon
         max_plaintext_bytes=i.integer("max_plaintext_bytes", DEFAULT_MAX_PLAINTEXT, minimum=1024),
         batch_max=i.integer("batch_max", 64, minimum=1))
     i.finish()
+    lg = root.table("log")
+    log_level = lg.text("level", "info")
+    if log_level not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"log.level = {log_level!r} is not debug, info, warning or error")
+    lg.finish()
     root.finish()
-    return CentralConfig(home=home, broker=broker, http=http, ingest=ingest, api_token=api_token)
+    return CentralConfig(home=home, broker=broker, http=http, ingest=ingest, api_token=api_token,
+                         log_level=log_level)
 
 
 def load_config(home: Path) -> CentralConfig:

@@ -282,6 +282,7 @@ async def status_report(home: Path) -> dict[str, Any]:
         # this list's length, never a separate number that could disagree with it.
         "failed": [{"name": f["name"], "reason": f["what_vi"], "reason_en": f["what_en"],
                     "todo": f["todo_vi"], "todo_en": f["todo_en"], "code": f["code"],
+                    "detail": f["detail"],
                     "since": _iso(f["since"])}
                    for f in refused],
         "refused_dir": refused_dir,

@@ -124,6 +124,10 @@ class OcrConfig:
     languages: tuple[str, ...] = ("vie",)
     workers: int = 0
     dpi: int = 300
+    engine: str = "tesseract"          # or "fake" (instant, for tests and demos without tesseract)
+    orientation: str = "doubt"         # "doubt": OSD when a first reading is doubtful; "always"; "off"
+    deskew: bool = True
+    address_space_mib: int = 2048      # RLIMIT_AS per OCR worker and its tesseract; 0: no limit
 
     def __post_init__(self) -> None:
         if not self.languages:
@@ -135,6 +139,13 @@ class OcrConfig:
             raise ConfigError(f"ocr.workers = {self.workers}: use 0 for one per core")
         if not 70 <= self.dpi <= 600:
             raise ConfigError(f"ocr.dpi = {self.dpi}: use 300 (70..600)")
+        if self.engine not in ("tesseract", "fake"):
+            raise ConfigError(f"ocr.engine = {self.engine!r}: use \"tesseract\" (or \"fake\" in tests)")
+        if self.orientation not in ("doubt", "always", "off"):
+            raise ConfigError(f"ocr.orientation = {self.orientation!r}: use \"doubt\", \"always\" or \"off\"")
+        if self.address_space_mib and self.address_space_mib < 512:
+            raise ConfigError(f"ocr.address_space_mib = {self.address_space_mib}: use 2048 "
+                              "(at least 512; 0 for no limit)")
 
     @property
     def worker_count(self) -> int:
@@ -209,6 +220,16 @@ class StatusPageConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LogConfig:
+    # Re-read on SIGHUP (with the uplink rate and the alarm threshold) without a restart.
+    level: str = "info"
+
+    def __post_init__(self) -> None:
+        if self.level not in ("debug", "info", "warning", "error"):
+            raise ConfigError(f"log.level = {self.level!r}: use debug, info, warning or error")
+
+
+@dataclass(frozen=True, slots=True)
 class EdgeConfig:
     home: Path
     device_id: str
@@ -221,6 +242,7 @@ class EdgeConfig:
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     status_page: StatusPageConfig = field(default_factory=StatusPageConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def __post_init__(self) -> None:
         try:
@@ -270,6 +292,7 @@ _SECTIONS: dict[str, type] = {
     "broker": BrokerConfig, "central": CentralKeys, "intake": IntakeConfig, "ocr": OcrConfig,
     "uplink": UplinkConfig, "outbox": OutboxConfig, "retention": RetentionConfig,
     "status_page": StatusPageConfig,
+    "log": LogConfig,
 }
 
 

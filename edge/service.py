@@ -29,7 +29,7 @@ from edge.config import EdgeConfig
 from edge.custody import Custody
 from edge.fsutil import atomic_write_bytes, disk_free
 from edge.job import Layout
-from edge.ocr import OcrEngine, TesseractEngine
+from edge.ocr import OcrEngine, build_engine
 from edge.outbox import Outbox
 from edge.process import Processor
 from edge.settle import Quiet
@@ -108,8 +108,7 @@ class EdgeService:
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         cfg.watch_dir.mkdir(parents=True, exist_ok=True)
         self._outbox = outbox = await Outbox.open(cfg.outbox_path, cap_bytes=cfg.outbox.cap_bytes)
-        engine = self._engine or TesseractEngine(cfg.ocr.languages, workers=cfg.ocr.worker_count,
-                                                 dpi=cfg.ocr.dpi)
+        engine = self._engine or build_engine(cfg.ocr)
         self._custody = custody = Custody(
             outbox, self.layout, self.alarms, keep_originals=cfg.retention.keep_originals,
             release_after=cfg.retention.release_after_seconds, on_held=self._held)
@@ -146,6 +145,29 @@ class EdgeService:
             with contextlib.suppress(Exception):
                 await engine.aclose()
             await outbox.close()
+
+    def reload(self, config: EdgeConfig) -> str:
+        """Apply what can change without a restart (SIGHUP): the uplink rate cap and the alarm
+        threshold (the log level is the caller's). Returns what changed, and what needs a restart."""
+        old = self.config
+        if config.device_id != old.device_id or config.home != old.home:
+            raise ValueError(f"device_id/home changed ({old.device_id} → {config.device_id}): "
+                             "that is another box, restart the service")
+        applied = dataclasses.replace(
+            old, log=config.log,
+            uplink=dataclasses.replace(old.uplink, rate_kbit=config.uplink.rate_kbit),
+            outbox=dataclasses.replace(old.outbox, alarm_after_hours=config.outbox.alarm_after_hours))
+        self.config = applied
+        if self._uplink is not None:
+            self._uplink.set_rate(config.uplink.rate_kbit or None)
+        self.alarms.changed.set()
+        pending = [name for name in ("watch_dir", "broker", "central", "intake", "ocr", "uplink",
+                                     "status_page", "outbox", "retention")
+                   if getattr(applied, name) != getattr(config, name)]
+        summary = (f"uplink.rate_kbit={config.uplink.rate_kbit:g}, "
+                   f"outbox.alarm_after_hours={config.outbox.alarm_after_hours:g}, "
+                   f"log.level={config.log.level}")
+        return summary + (f"; needs a restart to change: {', '.join(pending)}" if pending else "")
 
     async def recover(self) -> None:
         """Continue after a crash: the custody reconciler run once over everything, then every

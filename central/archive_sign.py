@@ -1,0 +1,65 @@
+"""The archive's signature on its archival copies (Decree 30/2020 annex I: a digitised copy is
+signed by the digitising body): PAdES baseline B-B, invisible, added as an incremental update so the
+PDF/A bytes before it are kept as they are.
+
+The signing identity (an ECDSA P-256 key and a self-signed certificate naming the archive) is
+made once, e.g. by ``central init``; an archive with a certificate from a recognised CA puts that
+key and certificate in the same two files instead.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from pyhanko.pdf_utils.incremental_writer import IncrementalPdfFileWriter
+from pyhanko.sign import fields, signers
+
+KEY_NAME = "archive-signing-key.pem"
+CERT_NAME = "archive-signing-cert.pem"
+
+
+def make_signing_identity(directory: Path, *, archive_name: str, days: int = 3650) -> tuple[Path, Path]:
+    """Create the archive's signing key (0600) and a self-signed certificate; return their paths."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COUNTRY_NAME, "VN"),
+                      x509.NameAttribute(NameOID.ORGANIZATION_NAME, archive_name[:64]),
+                      x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "Ký số bản lưu trữ"),
+                      x509.NameAttribute(NameOID.COMMON_NAME, archive_name[:64])])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
+            .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=True,
+                                         key_encipherment=False, data_encipherment=False,
+                                         key_agreement=False, key_cert_sign=True, crl_sign=False,
+                                         encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .sign(key, hashes.SHA256()))
+    directory.mkdir(parents=True, exist_ok=True)
+    key_path, cert_path = directory / KEY_NAME, directory / CERT_NAME
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return key_path, cert_path
+
+
+def sign_pdf(unsigned: Path, signed: Path, *, key: Path, cert: Path, reason: str,
+             location: str = "Việt Nam") -> None:
+    """Append a PAdES B-B signature by the archive to ``unsigned``, written to ``signed``."""
+    signer = signers.SimpleSigner.load(str(key), str(cert))  # type: ignore[no-untyped-call]
+    if signer is None:
+        raise ValueError(f"cannot load the archive's signing key {key} and certificate {cert}")
+    meta = signers.PdfSignatureMetadata(
+        field_name="ArchiveSignature", reason=reason, location=location, md_algorithm="sha256",
+        subfilter=fields.SigSeedSubFilter.PADES)
+    with unsigned.open("rb") as source, signed.open("wb") as sink:
+        writer = IncrementalPdfFileWriter(source)
+        signers.sign_pdf(writer, meta, signer=signer, output=sink)
