@@ -242,6 +242,8 @@ async def status_report(home: Path) -> dict[str, Any]:
     try:
         cfg: edge_config.EdgeConfig | None = edge_config.load(home)
     except (ConfigError, PermissionError):
+        if view is None and status is None:
+            raise   # not a box's home, or nothing in it this user may read: say so (EX_CONFIG/EX_NOPERM)
         cfg = None   # a member of the status group: edge.toml is the service's secret
     if cfg is not None and view is not None and view.get("device") != cfg.device_id:
         view = None   # written under another identity (edge init --force with another bundle)
