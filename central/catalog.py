@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from central import records_schema
 from central.errors import CatalogError
 from protocol.names import fold
 from protocol.transfer import HeldSegment
@@ -26,7 +27,11 @@ log = logging.getLogger("sohoa.central.catalog")
 
 # v2 (issue 7): content once, provenance per arrival — ``objects`` holds one row per stored original,
 # ``documents`` one row per arrival; devices carry the possible-clone flag. See ``_MIGRATIONS``.
-SCHEMA_VERSION = 2
+# v3 (issue 9): archival-copy jobs, metadata corrections, fixity events beyond ingest
+# (``central.records_schema``).
+SCHEMA_VERSION = 3
+# ``SCHEMA`` below creates this version; a new catalog then runs the later steps like an old one.
+SCHEMA_BASE_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
@@ -213,12 +218,13 @@ def _upgrade(conn: sqlite3.Connection) -> int:
     if found > SCHEMA_VERSION:
         raise CatalogError(f"the catalog has schema version {found}; this sohoa knows up to "
                            f"{SCHEMA_VERSION}", hint="run the sohoa version that wrote it, or newer")
+    start = found
     if found == 0:
         for statement in _statements(SCHEMA):
             conn.execute(statement)
-    else:
-        for version in range(found, SCHEMA_VERSION):
-            _MIGRATIONS[version](conn)
+        start = SCHEMA_BASE_VERSION
+    for version in range(start, SCHEMA_VERSION):
+        _MIGRATIONS[version](conn)
     problems = conn.execute("PRAGMA foreign_key_check").fetchall()
     if problems:
         raise CatalogError(f"migration would break {len(problems)} references, e.g. {tuple(problems[0])}")
@@ -273,7 +279,7 @@ def _v1_to_v2(conn: sqlite3.Connection) -> None:
 
 
 # user_version found → the step that brings the file to the next version.
-_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _v1_to_v2}
+_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _v1_to_v2, 2: records_schema.v2_to_v3}
 
 
 def text_sha256(text: str) -> str:
