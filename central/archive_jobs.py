@@ -40,7 +40,7 @@ from aiohttp import web
 
 from central import catalog, fixity
 from central.archive_build import BuildRequest
-from central.archive_sign import CERT_NAME, KEY_NAME, ensure_signing_identity
+from central.archive_sign import CERT_NAME, DEFAULT_ARCHIVE_NAME, KEY_NAME, ensure_signing_identity
 from central.db import Database
 from central.fsutil import make_private_dir
 from central.paths import CentralPaths
@@ -50,7 +50,6 @@ from central.storage import ObjectStore, file_sha256
 log = logging.getLogger("sohoa.central.archive")
 
 T = TypeVar("T")
-DEFAULT_ARCHIVE_NAME = "Lưu trữ số hóa sohoa"
 ACTOR = "central:archive"
 
 

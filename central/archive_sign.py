@@ -25,6 +25,7 @@ from pyhanko.sign import fields, signers
 from central.errors import CentralError
 from central.fsutil import fsync_dir, write_atomic
 
+DEFAULT_ARCHIVE_NAME = "Lưu trữ số hóa sohoa"
 KEY_NAME = "archive-signing-key.pem"
 CERT_NAME = "archive-signing-cert.pem"
 
