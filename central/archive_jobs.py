@@ -119,7 +119,7 @@ def claim(conn: sqlite3.Connection, *, owner: str, now: str, lease_s: float) -> 
     """Take the most overdue job (or one whose lease ran out) for ``owner``; None if none is due."""
     row = conn.execute(
         "SELECT sha256 FROM archive_jobs WHERE (state IN ('pending', 'failed') AND next_attempt_at <= ?)"
-        " OR (state = 'running' AND lease_until <= ?) ORDER BY next_attempt_at LIMIT 1",
+        " OR (state = 'running' AND lease_until <= ?) ORDER BY next_attempt_at, document_id LIMIT 1",
         (now, now)).fetchone()
     if row is None:
         return None

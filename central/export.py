@@ -52,8 +52,8 @@ def day_bounds(first: str | None, last: str | None) -> tuple[str | None, str | N
         at = dt.datetime.combine(day, dt.time(), tzinfo=VIETNAM).astimezone(dt.UTC)
         return at.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
-    since = start_of(parse_day(first, "from")) if first else None
-    until = start_of(parse_day(last, "to") + dt.timedelta(days=1)) if last else None
+    since = start_of(parse_day(first, "from")) if first is not None else None
+    until = start_of(parse_day(last, "to") + dt.timedelta(days=1)) if last is not None else None
     if since and until and since >= until:
         raise ValueError("from must not be after to")
     return since, until
@@ -229,7 +229,7 @@ class XlsxSheet:
 
 
 def template_or_error(template_id: str | None, default: str) -> Template:
-    chosen = template_id or default
+    chosen = default if template_id is None else template_id
     if chosen not in TEMPLATES:
         raise ValueError(f"template must be one of {', '.join(sorted(TEMPLATES))}")
     return TEMPLATES[chosen]

@@ -134,10 +134,11 @@ async def export_documents(request: web.Request) -> web.StreamResponse:
     fmt = request.query.get("format", "csv")
     if fmt not in ("csv", "xlsx"):
         raise _bad_request("format must be csv or xlsx")
-    device = _device_param("device", request.query.get("device") or None)
+    # Given but empty is a mistake (a form field left blank), not "no filter": say so.
+    device = _device_param("device", request.query.get("device"))
     try:
         template = export.template_or_error(request.query.get("template"), DEFAULT_TEMPLATE)
-        since, until = export.day_bounds(request.query.get("from") or None, request.query.get("to") or None)
+        since, until = export.day_bounds(request.query.get("from"), request.query.get("to"))
     except ValueError as exc:
         raise _bad_request(str(exc)) from exc
     selection = export.Selection(device=device, q=_text_param(request, "q"), since=since, until=until)
