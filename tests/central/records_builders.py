@@ -85,9 +85,12 @@ def scanner_pdf(path: Path, pages: int, *, seed: int = 0) -> list[bytes]:
 
 def rich_package(*, device: str, tid: str, seq: int, original: bytes, name: str, media_type: str,
                  pages: int, fields: dict[str, tuple[str, float]] | None = None,
-                 captured_at: str = CAPTURED_AT, text: str | None = None) -> bytes:
+                 captured_at: str = CAPTURED_AT, text: str | None = None, ocr_hocr: str | None = None,
+                 page_info: tuple[OcrPage, ...] | None = None) -> bytes:
+    """A package as the edge makes it; ``ocr_hocr``/``page_info``/``text`` from a real OCR run if given."""
     document = {k: DocumentField(v, c) for k, (v, c) in (FIELDS if fields is None else fields).items()}
-    page_info = tuple(OcrPage(dpi=DPI, width=PAGE_W, height=PAGE_H) for _ in range(pages))
+    if page_info is None:
+        page_info = tuple(OcrPage(dpi=DPI, width=PAGE_W, height=PAGE_H) for _ in range(pages))
     metadata = PackageMetadata(
         tid=tid, device_id=device, seq=seq, original_name=name,
         original_sha256=hashlib.sha256(original).hexdigest(), original_size=len(original),
@@ -96,7 +99,7 @@ def rich_package(*, device: str, tid: str, seq: int, original: bytes, name: str,
         document=document)
     words = ("\f".join(" ".join(w for w, _ in page_words(i)) for i in range(pages)))
     body = text if text is not None else words
-    payload = {METADATA: metadata.to_json(), TEXT: body.encode(), HOCR: hocr(pages).encode(),
+    payload = {METADATA: metadata.to_json(), TEXT: body.encode(), HOCR: (ocr_hocr or hocr(pages)).encode(),
                original_member(media_type): original}
     hashes = {n: hashlib.sha256(d).hexdigest() for n, d in payload.items()}
     tags = {"bagit.txt": BAGIT_TXT,
@@ -116,12 +119,13 @@ class Ingested:
 def ingest(config: CentralConfig, keys: CentralKeys, bundle: Bundle, *, seq: int, original: bytes,
            name: str = "Quyết định 125 – Tân Trào.pdf", media_type: str = "application/pdf", pages: int = 2,
            fields: dict[str, tuple[str, float]] | None = None, text: str | None = None,
-           captured_at: str = CAPTURED_AT) -> Ingested:
+           captured_at: str = CAPTURED_AT, ocr_hocr: str | None = None,
+           page_info: tuple[OcrPage, ...] | None = None) -> Ingested:
     """One document through the real Ingestor (verify, decrypt, store, catalogue); its arrival id."""
     doc_id = secrets.token_bytes(16)
     package = rich_package(device=bundle.device_id, tid=doc_id.hex(), seq=seq, original=original, name=name,
                            media_type=media_type, pages=pages, fields=fields, text=text,
-                           captured_at=captured_at)
+                           captured_at=captured_at, ocr_hocr=ocr_hocr, page_info=page_info)
     sealed = seal_stream(device=bundle.device_id, seq=seq, signing_key=bundle.signing_key,
                          central_key=keys.encryption.public_key, pieces=[package], size=len(package),
                          doc_id=doc_id)
