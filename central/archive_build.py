@@ -11,11 +11,14 @@ Answer: {"ok": true, "path", "sha256", "size", "pages", "seconds"} or {"ok": fal
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import datetime as dt
 import hashlib
 import json
 import os
 import resource
+import signal
 import sys
 import tarfile
 import time
@@ -28,6 +31,7 @@ from protocol.errors import BagError
 
 SIGN_REASON = "Bản số hóa lưu trữ (Nghị định 30/2020/NĐ-CP, Phụ lục I)"
 MAX_HOCR_BYTES = 256 * 1024 * 1024
+PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +45,7 @@ class BuildRequest:
     key: Path
     cert: Path
     address_space_mib: int = 2048
+    parent_pid: int = 0    # the worker's; the child ends itself if that process is gone
 
     def to_json(self) -> bytes:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -114,8 +119,19 @@ def build(request: BuildRequest) -> dict[str, Any]:
             "seconds": round(time.monotonic() - started, 3)}
 
 
+def _die_with_parent(parent: int) -> None:
+    """Linux: SIGKILL this child when central dies (kill -9 included), so no orphan build finishes into
+    the build directory after a new central has cleaned it."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if parent and os.getppid() != parent:   # the parent died before prctl took effect
+        sys.exit(4)
+
+
 def main() -> int:
     request = BuildRequest.from_json(sys.stdin.buffer.read())
+    _die_with_parent(request.parent_pid)
     limit = request.address_space_mib * 1024 * 1024
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     try:

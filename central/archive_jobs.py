@@ -353,7 +353,7 @@ class ArchiveWorker:
         request = BuildRequest(original=original, media_type=job.media_type, package=package,
                                out_dir=self.tmp, title=job.filename, created=job.received_at,
                                key=keys / KEY_NAME, cert=keys / CERT_NAME,
-                               address_space_mib=self.settings.address_space_mib)
+                               address_space_mib=self.settings.address_space_mib, parent_pid=os.getpid())
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "central.archive_build", stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
