@@ -201,8 +201,16 @@ def job_view(conn: sqlite3.Connection, sha256: str) -> dict[str, Any]:
     return view
 
 
-def counts(conn: sqlite3.Connection) -> dict[str, int]:
-    return {r[0]: int(r[1]) for r in conn.execute("SELECT state, count(*) FROM archive_jobs GROUP BY state")}
+def work_waiting(conn: sqlite3.Connection, *, now: str) -> bool:
+    """Is there a document past the cursor or a due job? (Reads only; a hint, re-checked under the lock.)"""
+    row = conn.execute("SELECT last_document_id FROM archive_cursor WHERE id = 1").fetchone()
+    top = int(conn.execute("SELECT coalesce(max(id), 0) FROM documents").fetchone()[0])
+    if top > (int(row[0]) if row else 0):
+        return True
+    due = conn.execute("SELECT 1 FROM archive_jobs WHERE (state IN ('pending', 'failed')"
+                       " AND next_attempt_at <= ?) OR (state = 'running' AND lease_until <= ?) LIMIT 1",
+                       (now, now)).fetchone()
+    return due is not None
 
 
 def in_transaction(conn: sqlite3.Connection, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -278,6 +286,9 @@ class ArchiveWorker:
             await self.process(job)
 
     def _next(self, conn: sqlite3.Connection) -> Job | None:
+        if not work_waiting(conn, now=catalog.utc_now()):
+            return None   # the idle poll only reads: it never takes the write lock from ingest
+
         def step(conn: sqlite3.Connection) -> Job | None:
             now = catalog.utc_now()
             added = enqueue_new(conn, now=now)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import shutil
 import sqlite3
 import tempfile
@@ -40,6 +41,7 @@ QUERY_PARAMETERS: dict[str, frozenset[str]] = {
     "/api/documents/{id}/events": frozenset({"limit"}),
 }
 MAX_BODY = 64 * 1024
+XLSX_TYPE = "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
 
 
 def _json_error(cls: type[web.HTTPException], error: str, **extra: Any) -> web.HTTPException:
@@ -189,11 +191,12 @@ async def _export_xlsx(request: web.Request, selection: export.Selection, templa
             if not await asyncio.to_thread(sheet.add_all, values):
                 break
         await asyncio.to_thread(sheet.close, selection=selection, generated_at=generated_at)
-        response = web.StreamResponse(headers={
-            **headers, "Content-Type": "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
-            "Content-Length": str(path.stat().st_size)})
-        await response.prepare(request)
         with path.open("rb") as handle:
+            # Unlinked before a byte leaves: no copy of the sheet outlives the response, whatever happens.
+            await asyncio.to_thread(shutil.rmtree, scratch / workdir)
+            response = web.StreamResponse(headers={
+                **headers, "Content-Type": XLSX_TYPE, "Content-Length": str(os.fstat(handle.fileno()).st_size)})
+            await response.prepare(request)
             while chunk := await asyncio.to_thread(handle.read, 256 * 1024):
                 await response.write(chunk)
         await response.write_eof()
