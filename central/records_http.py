@@ -194,8 +194,9 @@ async def _export_xlsx(request: web.Request, selection: export.Selection, templa
         with path.open("rb") as handle:
             # Unlinked before a byte leaves: no copy of the sheet outlives the response, whatever happens.
             await asyncio.to_thread(shutil.rmtree, scratch / workdir)
-            response = web.StreamResponse(headers={
-                **headers, "Content-Type": XLSX_TYPE, "Content-Length": str(os.fstat(handle.fileno()).st_size)})
+            size = os.fstat(handle.fileno()).st_size
+            response = web.StreamResponse(headers={**headers, "Content-Type": XLSX_TYPE,
+                                                   "Content-Length": str(size)})
             await response.prepare(request)
             while chunk := await asyncio.to_thread(handle.read, 256 * 1024):
                 await response.write(chunk)
