@@ -185,6 +185,29 @@ def release(conn: sqlite3.Connection, sha256: str, *, owner: str, now: str) -> b
                         " AND owner = ?", (now, now, sha256, owner)).rowcount == 1
 
 
+def release_dead_owners(conn: sqlite3.Connection, *, host: str, alive: Callable[[int], bool],
+                        now: str) -> int:
+    """Give back at once the running jobs of workers on this host whose process is gone (kill -9, a
+    crash), instead of waiting for their leases. A reused pid looks alive: then the lease decides."""
+    released = 0
+    for row in conn.execute("SELECT sha256, owner FROM archive_jobs WHERE state = 'running'").fetchall():
+        parts = str(row["owner"] or "").rsplit(":", 2)   # host:pid:nonce
+        if len(parts) != 3 or parts[0] != host or not parts[1].isdigit() or alive(int(parts[1])):
+            continue
+        released += release(conn, row["sha256"], owner=str(row["owner"]), now=now)
+    return released
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def job_view(conn: sqlite3.Connection, sha256: str) -> dict[str, Any]:
     """What ``GET /api/documents/{id}`` says about the archival copy of an original."""
     row = conn.execute("SELECT state, attempts, archival_sha256, archival_size, last_error, next_attempt_at,"
@@ -245,7 +268,7 @@ class ArchiveWorker:
         self.db = db
         self.settings = settings or WorkerSettings()
         self.archive_name = archive_name
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"   # release_dead_owners
         self.store = ObjectStore(paths.objects)
         self.tmp = archive_tmp(paths)
         self.wake = asyncio.Event()
@@ -259,6 +282,10 @@ class ArchiveWorker:
             log.warning("the archive signing key was missing: created %s and its self-signed certificate %s",
                         keys / KEY_NAME, keys / CERT_NAME)
         make_private_dir(self.tmp)
+        released = await self._write(release_dead_owners, host=socket.gethostname(), alive=pid_alive,
+                                     now=catalog.utc_now())
+        if released:
+            log.warning("%d archival job(s) of a central that died on this host are taken up again", released)
         candidates = await self.db.call(lambda conn: {r[0] for r in conn.execute(
             "SELECT candidate_sha256 FROM archive_jobs WHERE candidate_sha256 IS NOT NULL")})
         for leftover in self.tmp.iterdir():
