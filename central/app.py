@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
-from central import auth, handlers, presence
+from central import archive_jobs, auth, handlers, presence, records_http
 from central.config import CentralConfig
 from central.db import Database
 from central.keys import load_keys
@@ -47,7 +47,9 @@ ROUTES = [
     web.post("/api/devices/{id}/clear-clone", handlers.clear_clone),
     web.post("/login", auth.login),
     web.post("/logout", auth.logout),
+    *records_http.ROUTES,   # issue 9: archival copy, metadata corrections and history, events, export
 ]
+handlers.QUERY_PARAMETERS.update(records_http.QUERY_PARAMETERS)
 
 
 async def _ingest_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -97,6 +99,7 @@ def create_app(config: CentralConfig, *, ingest: bool = True,
     if ingest:
         app[INGEST] = IngestSupervisor(config, app[METRICS], start=start_ingest)
         app.cleanup_ctx.append(_ingest_ctx)   # first: the writer creates or migrates the schema
+        app.cleanup_ctx.append(archive_jobs.worker_ctx)   # builds and signs the archival copies
     # Auth writes (sessions, audit) get their own connection; browsing reads never block ingest.
     app.cleanup_ctx.append(_database_ctx(AUTH_DB, readonly=False, name="catalog-auth"))
     app.cleanup_ctx.append(_database_ctx(READER, readonly=True, name="catalog-reader"))

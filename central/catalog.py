@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from central import records_schema
 from central.errors import CatalogError
 from protocol.names import fold
 from protocol.transfer import HeldSegment
@@ -27,8 +28,11 @@ log = logging.getLogger("sohoa.central.catalog")
 
 # v2 (issue 7): content once, provenance per arrival — ``objects`` holds one row per stored original,
 # ``documents`` one row per arrival; devices carry the possible-clone flag. v3 (issue 10): hourly
-# ``device_history`` for the device page's chart. See ``_MIGRATIONS``.
-SCHEMA_VERSION = 3
+# ``device_history`` for the device page's chart. v4 (issue 9): archival-copy jobs, metadata
+# corrections, fixity events beyond ingest (``central.records_schema``). See ``_MIGRATIONS``.
+SCHEMA_VERSION = 4
+# ``SCHEMA`` below creates this version; a new catalog then runs the later steps like an old one.
+SCHEMA_BASE_VERSION = 3
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
@@ -226,12 +230,13 @@ def _upgrade(conn: sqlite3.Connection) -> int:
     if found > SCHEMA_VERSION:
         raise CatalogError(f"the catalog has schema version {found}; this sohoa knows up to "
                            f"{SCHEMA_VERSION}", hint="run the sohoa version that wrote it, or newer")
+    start = found
     if found == 0:
         for statement in _statements(SCHEMA):
             conn.execute(statement)
-    else:
-        for version in range(found, SCHEMA_VERSION):
-            _MIGRATIONS[version](conn)
+        start = SCHEMA_BASE_VERSION
+    for version in range(start, SCHEMA_VERSION):
+        _MIGRATIONS[version](conn)
     problems = conn.execute("PRAGMA foreign_key_check").fetchall()
     if problems:
         raise CatalogError(f"migration would break {len(problems)} references, e.g. {tuple(problems[0])}")
@@ -293,7 +298,9 @@ def _v2_to_v3(conn: sqlite3.Connection) -> None:
 
 
 # user_version found → the step that brings the file to the next version.
-_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _v1_to_v2, 2: _v2_to_v3}
+_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
+    1: _v1_to_v2, 2: _v2_to_v3, 3: records_schema.v3_to_v4,
+}
 
 
 def text_sha256(text: str) -> str:
@@ -939,7 +946,8 @@ def device_detail(conn: sqlite3.Connection, device_id: str, *, now: datetime | N
 def document_fixity(conn: sqlite3.Connection, doc_id: int, limit: int = 50) -> list[dict[str, Any]]:
     """The fixity events that name this arrival, oldest first (what was received, hashes, when)."""
     rows = conn.execute(
-        "SELECT at, event, device, tid, original_sha256, package_sha256, ciphertext_sha256, detail"
+        "SELECT at, event, device, tid, original_sha256, package_sha256, ciphertext_sha256, detail, actor,"
+        " object_sha256"
         " FROM fixity WHERE document_id = ? ORDER BY id LIMIT ?", (doc_id, limit))
     return [dict(r) for r in rows]
 

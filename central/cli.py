@@ -42,7 +42,7 @@ def _init(args: argparse.Namespace) -> int:
     certs = tls.OperatorCerts(args.tls_cert, args.tls_key, args.tls_ca) if all(given) else None
     commands.init(args.home, broker_url=args.broker, http=args.http, device_url=args.device_broker,
                   allow_plaintext=args.insecure_plaintext,
-                  tls_certs=certs)
+                  tls_certs=certs, archive_name=args.archive_name)
     config = load_config(args.home)
     print(f"central home ready in {args.home}\n"
           f"  broker: mosquitto -c {args.home / 'mosquitto.conf'} (central on {config.broker.url}, "
@@ -185,6 +185,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     init.add_argument("--tls-ca", type=Path, metavar="PEM", help="the CA devices must trust")
     init.add_argument("--http", default="127.0.0.1:8080", metavar="HOST:PORT",
                       help="dashboard, API and /metrics address (default: %(default)s)")
+    init.add_argument("--archive-name", metavar="NAME",
+                      help="the archive named in the certificate of its signing key, which signs the "
+                           "archival PDF/A copies (default: Lưu trữ số hóa sohoa)")
     init.add_argument("--insecure-plaintext", action="store_true",
                       help="let devices dial a non-loopback broker without TLS (a closed lab network "
                            "only; refused otherwise)")
@@ -276,7 +279,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     run.set_defaults(func=_guard(_run))
 
     verify = sub.add_parser("verify", help="re-hash every stored object against the catalog",
-                            description="Fixity check: every stored original and package must exist "
-                                        "and hash to its name. Exit 1 if any does not.")
+                            description="Fixity check: every stored original, package and archival "
+                                        "copy must exist and hash to its name. The outcome is recorded "
+                                        "as fixity events; a bad archival copy is queued to be built "
+                                        "again from its original. Exit 1 if any object does not verify.")
     verify.add_argument("--home", type=Path, required=True, help="central home directory")
     verify.set_defaults(func=_guard(_verify))

@@ -45,7 +45,6 @@ from central.errors import ConfigError, DeviceError, EnrollError, HomeError
 from central.fsutil import make_private_dir, write_atomic
 from central.keys import b64, generate_keys, load_keys
 from central.paths import CentralPaths
-from central.storage import ObjectStore, file_sha256
 from protocol.errors import DecodeError
 from protocol.names import check_device_id
 
@@ -62,8 +61,10 @@ LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 
 def init(home: Path, *, broker_url: str = "mqtt://127.0.0.1:1883", http: str = "127.0.0.1:8080",
          device_url: str | None = None, tls_certs: tls.OperatorCerts | None = None,
-         allow_plaintext: bool = False) -> None:
-    """Create a central home: keys, central.toml, broker config, password files, ACLs, API token.
+         allow_plaintext: bool = False, archive_name: str | None = None) -> None:
+    """Create a central home: keys, central.toml, broker config, password files, ACLs, API token, and
+    the archive's signing key with a self-signed certificate naming ``archive_name``
+    (``archive_sign.DEFAULT_ARCHIVE_NAME`` if None).
 
     The broker gets two listeners: ``broker_url`` is central's own (loopback, central's account
     only), ``device_url`` the devices' (``mqtts://HOST:PORT`` adds TLS with a generated CA and server
@@ -108,6 +109,11 @@ def init(home: Path, *, broker_url: str = "mqtt://127.0.0.1:1883", http: str = "
         for directory in paths.private_dirs():
             make_private_dir(directory)
         generate_keys(paths)
+        # Imported here: pyHanko and cryptography are central's archive, not every `sohoa` command's.
+        from central.archive_sign import DEFAULT_ARCHIVE_NAME, ensure_signing_identity  # noqa: PLC0415
+
+        # never replaced: the archive certificate signs every archival copy
+        ensure_signing_identity(paths.keys, archive_name=archive_name or DEFAULT_ARCHIVE_NAME)
         if devices_tls:
             if tls_certs is None:
                 tls.generate(paths, devices.host)
@@ -322,27 +328,14 @@ def token_revoke(home: Path, name: str, *, actor: str = "cli") -> None:
         catalog.add_audit(conn, actor=actor, action="token_revoke", target=name)
 
 
-def verify(home: Path) -> list[str]:
-    """Re-hash every stored original (once per object) and every arrival's package; return the problems."""
+def verify(home: Path, *, actor: str = "cli") -> list[str]:
+    """Re-hash every stored object (originals, packages, archival copies), record the outcome as fixity
+    events, and return the problems (see ``central.fixity.verify_store``)."""
+    from central.fixity import verify_store  # noqa: PLC0415 - keeps the other commands free of aiohttp
+
     paths = load_config(home).paths
-    store = ObjectStore(paths.objects)
     catalog.connect(paths.catalog).close()   # an older catalog is migrated first (a no-op when current)
-    conn = catalog.connect(paths.catalog, readonly=True)
-    try:
-        originals = [("original", r["sha256"])
-                     for r in conn.execute("SELECT sha256 FROM objects ORDER BY sha256")]
-        packages = [(f"document {r['id']}: package", r["package_sha256"])
-                    for r in conn.execute("SELECT id, package_sha256 FROM documents ORDER BY id")]
-    finally:
-        conn.close()
-    problems: list[str] = []
-    for what, digest in [*originals, *packages]:
-        path = store.path_for(digest)
-        if not path.is_file():
-            problems.append(f"{what} {digest} is missing")
-        elif file_sha256(path) != digest:
-            problems.append(f"{what} {digest} does not hash to its name")
-    return problems
+    return verify_store(paths, actor=actor).problems
 
 
 async def serve(home: Path, *, ready: asyncio.Event | None = None) -> None:

@@ -21,7 +21,7 @@ from urllib.parse import quote
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from central import catalog, commands
+from central import catalog, commands, corrections, fixity
 from central.auth import audit, require
 from central.errors import DeviceError
 from central.metrics import DEVICE_SERIES_MAX, Scrape, render
@@ -255,7 +255,7 @@ async def _document_or_404(request: web.Request) -> dict[str, Any]:
 
 async def document(request: web.Request) -> web.Response:
     doc = await _document_or_404(request)
-    doc["metadata"] = json.loads(doc["metadata"])
+    doc = await request.app[READER].call(corrections.document_view, doc)   # metadata, archival copy
     doc["fixity"] = await request.app[READER].call(catalog.document_fixity, doc["id"])
     doc["can_download"] = request[PRINCIPAL].can("operator")
     return web.json_response(doc, dumps=_dumps)
@@ -298,6 +298,7 @@ async def original(request: web.Request) -> web.StreamResponse:
     # Audited before a byte leaves: who took which original is the question a curious operator raises.
     await audit(request, "download_original", str(doc["id"]),
                 {"sha256": doc["sha256"], "filename": doc["filename"], "device": doc["device"]})
+    await fixity.record_download(request, doc, kind=fixity.ORIGINAL, sha256=doc["sha256"])
     return web.FileResponse(path, headers={"Content-Type": doc["media_type"],
                                            "Content-Disposition": content_disposition(doc["filename"]),
                                            "X-Content-SHA256": doc["sha256"]})

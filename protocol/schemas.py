@@ -29,6 +29,7 @@ class TemplateField:
 @dataclass(frozen=True, slots=True)
 class Template:
     id: str
+    version: int              # bumped whenever the field list changes; exports carry id and version
     title: str
     source: str
     verified: bool            # False: transcribed without access to the official text
@@ -57,11 +58,14 @@ _TT02_2019_FIELDS = (
     TemplateField("ghi_chu", "Ghi chú", None),
 )
 
+# TT 05/2025 governs digitised archives now: exports use it unless another template is asked for.
+DEFAULT_TEMPLATE = "tt05-2025"
+
 TEMPLATES = {
-    "tt02-2019": Template("tt02-2019", "Thông tư 02/2019/TT-BNV, Phụ lục I (văn bản)",
+    "tt02-2019": Template("tt02-2019", 1, "Thông tư 02/2019/TT-BNV, Phụ lục I (văn bản)",
                           "transcribed from memory; not checked against the published text", False,
                           _TT02_2019_FIELDS),
-    "tt05-2025": Template("tt05-2025", "Thông tư 05/2025/TT-BNV (văn bản)",
+    "tt05-2025": Template("tt05-2025", 1, "Thông tư 05/2025/TT-BNV (văn bản)",
                           "official text not available here: TT 02/2019's list, unchanged", False,
                           _TT02_2019_FIELDS),
 }

@@ -40,6 +40,15 @@ def test_every_key_the_code_uses_exists() -> None:
                 "event_duplicate", "event_repaired", "event_rejected", "event_possible_clone", "state_online",
                 "state_offline", "state_never", "state_revoked"):
         assert key in central, key
+    # Every fixity event central records, every record field and archival state the page shows.
+    sources = "".join(p.read_text(encoding="utf-8") for p in (ROOT / "central").glob("*.py"))
+    for event in set(re.findall(r'event="([a-z_]+)"', sources)) | {"ingest"}:
+        assert f"event_{event}" in central, event
+    from protocol.bag import DOCUMENT_FIELDS  # noqa: PLC0415
+    for name in DOCUMENT_FIELDS:
+        assert f"af_{name}" in central, name
+    for state in ("pending", "running", "failed", "done"):
+        assert f"archival_{state}" in central, state
     edge = json.loads((TABLES["edge"] / "vi.json").read_text(encoding="utf-8"))
     code = "".join((ROOT / "edge" / name).read_text(encoding="utf-8") for name in ("statuspage.py", "cli.py"))
     used = set(re.findall(r'\btr\(["\']([a-z_]+)["\'][,)]', code))

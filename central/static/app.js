@@ -440,8 +440,13 @@ async function renderDocumentPage(main, id) {
   if (!response.ok) throw new Error("HTTP " + response.status);
   const doc = await response.json();
   document.title = doc.filename + " — sohoa";
-  const ocr = doc.metadata && doc.metadata.ocr ? [doc.metadata.ocr.engine, (doc.metadata.ocr.languages || []).join("+"),
-                                                 doc.metadata.ocr.dpi ? doc.metadata.ocr.dpi + " dpi" : null].filter(Boolean).join(", ") : "";
+  const sent = doc.package_metadata || {};   // what the edge sent; doc.metadata: the six record fields
+  const ocr = sent.ocr ? [sent.ocr.engine, (sent.ocr.languages || []).join("+"),
+                          sent.ocr.dpi ? sent.ocr.dpi + " dpi" : null].filter(Boolean).join(", ") : "";
+  const fields = Object.entries(doc.metadata || {}).map(([name, f]) =>
+    [t("af_" + name), f.value === null || f.value === undefined ? null
+      : f.value + (f.source ? " (" + t("source_" + f.source) + ")" : "")]);
+  const archival = doc.archival ? t("archival_" + doc.archival.state) : null;
   const preview = el("img", { class: "preview", id: "preview", src: "/api/documents/" + doc.id + "/preview",
                               alt: t("preview_alt", { name: doc.filename }), width: 700, height: 990 });
   preview.onerror = () => preview.replaceWith(el("p", { class: "muted", id: "preview" }, t("no_preview")));
@@ -466,7 +471,10 @@ async function renderDocumentPage(main, id) {
                  [t("m_received"), whenAgo(doc.received_at)],
                  [t("m_sha256"), el("span", { class: "hash", id: "sha256" }, doc.sha256)],
                  [t("m_package"), el("span", { class: "hash" }, doc.package_sha256)],
-                 [t("m_tid"), el("span", { class: "hash" }, doc.tid)], [t("m_seq"), doc.seq], [t("m_ocr"), ocr]]),
+                 [t("m_tid"), el("span", { class: "hash" }, doc.tid)], [t("m_seq"), doc.seq], [t("m_ocr"), ocr],
+                 [t("archival_copy"), archival]]),
+          fields.length ? el("h3", {}, t("archival_fields")) : null,
+          fields.length ? facts(fields) : null,
           doc.same_content.length ? el("p", {}, t("same_content") + ": ",
             ...doc.same_content.flatMap((other, i) => [i ? ", " : "", el("a", { href: "/documents/" + other }, "#" + other)])) : null)),
     el("h2", {}, t("ocr_text")),

@@ -73,7 +73,7 @@ async def test_ingest_over_mqtt_then_browse_over_http(config: CentralConfig, cen
 
     detail = await (await client.get(f"/api/documents/{body.document_id}", headers=auth)).json()
     assert detail["filename"] == "Công văn số 5 – Tuyên Quang.pdf" and "Quyết định" in detail["text"]
-    assert detail["metadata"]["tid"] == sealed.tid
+    assert detail["package_metadata"]["tid"] == sealed.tid   # metadata: the six archival fields
 
     response = await client.get(f"/api/documents/{body.document_id}/original", headers=auth)
     assert response.status == 200 and await response.read() == original
