@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
-from central import auth, handlers
+from central import archive_jobs, auth, handlers, presence, records_http
 from central.config import CentralConfig
 from central.db import Database
 from central.keys import load_keys
@@ -24,15 +24,22 @@ from central.state import AUTH_DB, CONFIG, INGEST, LIMITER, METRICS, READER
 log = logging.getLogger("sohoa.central.app")
 
 ROUTES = [
-    web.get("/", handlers.dashboard),
+    web.get("/", handlers.page),
+    web.get("/devices/{id}", handlers.page),
+    web.get("/documents/{id}", handlers.page),
+    web.get("/static/{name:.+}", handlers.static),
+    web.get("/favicon.ico", handlers.favicon),
     web.get("/healthz", handlers.healthz),
+    web.get("/readyz", handlers.readyz),
     web.get("/metrics", handlers.metrics),
     web.get("/api/devices", handlers.devices),
+    web.get("/api/devices/{id}", handlers.device),
     web.get("/api/fleet", handlers.fleet),
     web.get("/api/documents", handlers.documents),
     # Any segment: the handler answers a malformed or out-of-range id with a 400 that says why.
     web.get("/api/documents/{id}", handlers.document),
     web.get("/api/documents/{id}/original", handlers.original),
+    web.get("/api/documents/{id}/preview", handlers.preview),
     web.get("/api/openapi.json", handlers.openapi),
     web.get("/api/session", auth.session),
     web.get("/api/audit", handlers.audit_log),
@@ -40,7 +47,9 @@ ROUTES = [
     web.post("/api/devices/{id}/clear-clone", handlers.clear_clone),
     web.post("/login", auth.login),
     web.post("/logout", auth.logout),
+    *records_http.ROUTES,   # issue 9: archival copy, metadata corrections and history, events, export
 ]
+handlers.QUERY_PARAMETERS.update(records_http.QUERY_PARAMETERS)
 
 
 async def _ingest_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -74,10 +83,12 @@ def _database_ctx(key: web.AppKey[Database], *, readonly: bool,
 
 
 def create_app(config: CentralConfig, *, ingest: bool = True,
-               start_ingest: IngestStarter = IngestService.start) -> web.Application:
+               start_ingest: IngestStarter = IngestService.start,
+               watch_presence: bool | None = None) -> web.Application:
     """The aiohttp app; ``ingest=False`` serves the catalog without connecting to the broker.
 
-    ``start_ingest`` builds each ingest service (tests inject failing ones).
+    ``start_ingest`` builds each ingest service (tests inject failing ones). ``watch_presence``
+    (default: with ingest) runs ``central.presence``: online/offline log lines, history samples.
     """
     load_keys(config.paths)   # refuse to start without keys, before anything listens
     # Outermost first: errors become JSON, then who is calling, then which parameters are known.
@@ -88,9 +99,12 @@ def create_app(config: CentralConfig, *, ingest: bool = True,
     if ingest:
         app[INGEST] = IngestSupervisor(config, app[METRICS], start=start_ingest)
         app.cleanup_ctx.append(_ingest_ctx)   # first: the writer creates or migrates the schema
+        app.cleanup_ctx.append(archive_jobs.worker_ctx)   # builds and signs the archival copies
     # Auth writes (sessions, audit) get their own connection; browsing reads never block ingest.
     app.cleanup_ctx.append(_database_ctx(AUTH_DB, readonly=False, name="catalog-auth"))
     app.cleanup_ctx.append(_database_ctx(READER, readonly=True, name="catalog-reader"))
+    if ingest if watch_presence is None else watch_presence:
+        app.cleanup_ctx.append(presence.presence_ctx)
     app.router.add_routes(ROUTES)
     return app
 

@@ -42,7 +42,7 @@ def _init(args: argparse.Namespace) -> int:
     certs = tls.OperatorCerts(args.tls_cert, args.tls_key, args.tls_ca) if all(given) else None
     commands.init(args.home, broker_url=args.broker, http=args.http, device_url=args.device_broker,
                   allow_plaintext=args.insecure_plaintext,
-                  tls_certs=certs)
+                  tls_certs=certs, archive_name=args.archive_name)
     config = load_config(args.home)
     print(f"central home ready in {args.home}\n"
           f"  broker: mosquitto -c {args.home / 'mosquitto.conf'} (central on {config.broker.url}, "
@@ -104,6 +104,50 @@ def _user_add(args: argparse.Namespace) -> int:
     return 0
 
 
+def _table(rows: list[dict[str, object]], columns: tuple[str, ...]) -> None:
+    def shown(row: dict[str, object], column: str) -> str:
+        value = row.get(column)
+        return "-" if value is None else str(value)
+
+    widths = [max([len(c), *(len(shown(r, c)) for r in rows)]) for c in columns]
+    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
+    for row in rows:
+        cells = [shown(row, c) for c in columns]
+        print("  ".join(v.ljust(w) for v, w in zip(cells, widths, strict=True)).rstrip())
+
+
+def _user_list(args: argparse.Namespace) -> int:
+    _table(commands.user_list(args.home), ("name", "role", "disabled", "sessions", "created_at"))
+    return 0
+
+
+def _user_remove(args: argparse.Namespace) -> int:
+    commands.user_remove(args.home, args.name)
+    print(f"operator {args.name} disabled and signed out (kept in the audit log)")
+    return 0
+
+
+def _token_list(args: argparse.Namespace) -> int:
+    _table(commands.token_list(args.home), ("name", "role", "created_at", "revoked_at"))
+    return 0
+
+
+def _device_list(args: argparse.Namespace) -> int:
+    rows = commands.device_list(args.home)
+    for row in rows:
+        row["online"] = "yes" if row["online"] else "no"
+        row["possible_clone"] = "POSSIBLE CLONE" if row["possible_clone"] else None
+    _table(rows, ("id", "status", "online", "last_seen", "backlog_docs", "last_receipt", "problem",
+                  "possible_clone"))
+    return 0
+
+
+def _device_remove(args: argparse.Namespace) -> int:
+    commands.device_remove(args.home, args.device_id)
+    print(f"{args.device_id} removed (it had never sent anything); its broker account is gone")
+    return 0
+
+
 def _token_create(args: argparse.Namespace) -> int:
     token = commands.token_create(args.home, args.name, args.role)
     print(token)   # shown once, by design: only its hash is stored
@@ -153,6 +197,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     init.add_argument("--tls-ca", type=Path, metavar="PEM", help="the CA devices must trust")
     init.add_argument("--http", default="127.0.0.1:8080", metavar="HOST:PORT",
                       help="dashboard, API and /metrics address (default: %(default)s)")
+    init.add_argument("--archive-name", metavar="NAME",
+                      help="the archive named in the certificate of its signing key, which signs the "
+                           "archival PDF/A copies (default: Lưu trữ số hóa sohoa)")
     init.add_argument("--insecure-plaintext", action="store_true",
                       help="let devices dial a non-loopback broker without TLS (a closed lab network "
                            "only; refused otherwise)")
@@ -190,6 +237,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     clear.add_argument("device_id", metavar="DEVICE_ID")
     clear.add_argument("--home", type=Path, required=True, help="central home directory")
     clear.set_defaults(func=_guard(_clear_clone))
+    device_ls = device_sub.add_parser("list", help="every enrolled device with its state",
+                                      description="Devices by id: status, online, last seen, backlog, "
+                                                  "problem.")
+    device_ls.add_argument("--home", type=Path, required=True, help="central home directory")
+    device_ls.set_defaults(func=_guard(_device_list))
+    device_rm = device_sub.add_parser(
+        "remove", help="remove a device that never sent anything (else: revoke)",
+        description="Delete an enrolled device that never sent a transfer (a typo, a box never installed) "
+                    "and its broker account. A device whose documents are archived stays: revoke it.")
+    device_rm.add_argument("device_id", metavar="DEVICE_ID")
+    device_rm.add_argument("--home", type=Path, required=True, help="central home directory")
+    device_rm.set_defaults(func=_guard(_device_remove))
 
     user = sub.add_parser("user", help="dashboard operators (argon2id passwords)",
                           description="Manage the people who sign in to the dashboard.")
@@ -202,6 +261,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                                "admin: also revoke devices and read the audit log")
     user_add.add_argument("--home", type=Path, required=True, help="central home directory")
     user_add.set_defaults(func=_guard(_user_add))
+    user_ls = user_sub.add_parser("list", help="operators, their roles and open sessions")
+    user_ls.add_argument("--home", type=Path, required=True, help="central home directory")
+    user_ls.set_defaults(func=_guard(_user_list))
+    user_rm = user_sub.add_parser("remove", help="disable an operator and end its sessions",
+                                  description="The account is disabled (kept: the audit log names it) and "
+                                              "signed out everywhere; `user add` with the name enables it "
+                                              "again.")
+    user_rm.add_argument("name", metavar="NAME")
+    user_rm.add_argument("--home", type=Path, required=True, help="central home directory")
+    user_rm.set_defaults(func=_guard(_user_remove))
 
     token = sub.add_parser("token", help="API tokens for scripts (stored hashed)",
                            description="Bearer tokens for /api; HOME/api-token stays the bootstrap admin.")
@@ -215,6 +284,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     revoke_token.add_argument("name", metavar="NAME")
     revoke_token.add_argument("--home", type=Path, required=True, help="central home directory")
     revoke_token.set_defaults(func=_guard(_token_revoke))
+    token_ls = token_sub.add_parser("list", help="tokens by name (never their values), with revocations")
+    token_ls.add_argument("--home", type=Path, required=True, help="central home directory")
+    token_ls.set_defaults(func=_guard(_token_list))
 
     run = sub.add_parser("run", help="run ingest and HTTP until SIGTERM",
                          description="Connect to the broker, ingest transfers, serve the dashboard, "
@@ -227,7 +299,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     run.set_defaults(func=_guard(_run))
 
     verify = sub.add_parser("verify", help="re-hash every stored object against the catalog",
-                            description="Fixity check: every stored original and package must exist "
-                                        "and hash to its name. Exit 1 if any does not.")
+                            description="Fixity check: every stored original, package and archival "
+                                        "copy must exist and hash to its name. The outcome is recorded "
+                                        "as fixity events; a bad archival copy is queued to be built "
+                                        "again from its original. Exit 1 if any object does not verify.")
     verify.add_argument("--home", type=Path, required=True, help="central home directory")
     verify.set_defaults(func=_guard(_verify))

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import secrets
+import shutil
 import signal
 import sqlite3
 from collections.abc import Callable, Iterator
@@ -47,7 +48,6 @@ from central.errors import ConfigError, DeviceError, EnrollError, HomeError
 from central.fsutil import make_private_dir, write_atomic
 from central.keys import b64, generate_keys, load_keys
 from central.paths import CentralPaths
-from central.storage import ObjectStore, file_sha256
 from protocol.errors import DecodeError
 from protocol.names import check_device_id
 
@@ -64,8 +64,10 @@ LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 
 def init(home: Path, *, broker_url: str = "mqtt://127.0.0.1:1883", http: str = "127.0.0.1:8080",
          device_url: str | None = None, tls_certs: tls.OperatorCerts | None = None,
-         allow_plaintext: bool = False) -> None:
-    """Create a central home: keys, central.toml, broker config, password files, ACLs, API token.
+         allow_plaintext: bool = False, archive_name: str | None = None) -> None:
+    """Create a central home: keys, central.toml, broker config, password files, ACLs, API token, and
+    the archive's signing key with a self-signed certificate naming ``archive_name``
+    (``archive_sign.DEFAULT_ARCHIVE_NAME`` if None).
 
     The broker gets two listeners: ``broker_url`` is central's own (loopback, central's account
     only), ``device_url`` the devices' (``mqtts://HOST:PORT`` adds TLS with a generated CA and server
@@ -103,19 +105,43 @@ def init(home: Path, *, broker_url: str = "mqtt://127.0.0.1:1883", http: str = "
     token = secrets.token_urlsafe(32)
     rendered = render_config(broker_url=broker_url, http=http, password=password, device_url=device_url)
     parse_config(home, rendered, token)   # never write a config we would refuse to load
-    for directory in paths.private_dirs():
-        make_private_dir(directory)
-    generate_keys(paths)
-    if devices_tls:
-        if tls_certs is None:
-            tls.generate(paths, devices.host)
+    # All or nothing: whatever fails below (openssl, a certificate that does not load, a full disk),
+    # what this run created is removed, so a retry starts from where the operator started.
+    before = set(home.iterdir()) if home.is_dir() else None
+    try:
+        for directory in paths.private_dirs():
+            make_private_dir(directory)
+        generate_keys(paths)
+        # Imported here: pyHanko and cryptography are central's archive, not every `sohoa` command's.
+        from central.archive_sign import DEFAULT_ARCHIVE_NAME, ensure_signing_identity  # noqa: PLC0415
+
+        # never replaced: the archive certificate signs every archival copy
+        ensure_signing_identity(paths.keys, archive_name=archive_name or DEFAULT_ARCHIVE_NAME)
+        if devices_tls:
+            if tls_certs is None:
+                tls.generate(paths, devices.host)
+            else:
+                tls.install(paths, tls_certs)
+        write_broker_files(paths, listen, password, devices, device_tls=devices_tls)
+        write_atomic(paths.api_token, (token + "\n").encode())
+        catalog.connect(paths.catalog).close()
+        # The config goes last: its presence is what marks the home as initialised.
+        write_atomic(paths.config, tomli_w.dumps(rendered).encode())
+    except BaseException:
+        _undo_init(home, before)
+        raise
+
+
+def _undo_init(home: Path, before: set[Path] | None) -> None:
+    """Remove what a failed init created: the whole home if it made it, else only the new entries."""
+    if before is None:
+        shutil.rmtree(home, ignore_errors=True)
+        return
+    for entry in set(home.iterdir()) - before:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
         else:
-            tls.install(paths, tls_certs)
-    write_broker_files(paths, listen, password, devices, device_tls=devices_tls)
-    write_atomic(paths.api_token, (token + "\n").encode())
-    catalog.connect(paths.catalog).close()
-    # The config goes last: its presence is what marks the home as initialised.
-    write_atomic(paths.config, tomli_w.dumps(rendered).encode())
+            entry.unlink(missing_ok=True)
 
 
 def _clash(central: HostPort, devices: HostPort) -> bool:
@@ -298,6 +324,50 @@ def user_add(home: Path, name: str, role: str, password: str, *, actor: str = "c
         catalog.add_audit(conn, actor=actor, action="user_add", target=name, detail=role)
 
 
+def user_list(home: Path) -> list[dict[str, Any]]:
+    with _audited_change(home) as conn:
+        return operators.list_operators(conn)
+
+
+def user_remove(home: Path, name: str, *, actor: str = "cli") -> None:
+    """Disable an operator and end its sessions (kept as a row: the audit log names it)."""
+    with _audited_change(home) as conn:
+        if not operators.remove_operator(conn, name):
+            raise operators.OperatorError(f"no active operator named {name!r}")
+        catalog.add_audit(conn, actor=actor, action="user_remove", target=name)
+
+
+def token_list(home: Path) -> list[dict[str, Any]]:
+    with _audited_change(home) as conn:
+        return operators.list_tokens(conn)
+
+
+def device_list(home: Path) -> list[dict[str, Any]]:
+    with _audited_change(home) as conn:
+        return catalog.list_devices(conn)
+
+
+def device_remove(home: Path, device_id: str, *, actor: str = "cli") -> None:
+    """Remove an enrolled device that never sent anything (a typo, a box never installed).
+
+    A device that sent a transfer stays (its documents' provenance names it): revoke it instead.
+    """
+    paths = load_config(home).paths
+    with _audited_change(home) as conn:
+        if catalog.get_device(conn, device_id) is None:
+            raise DeviceError(f"no enrolled device {device_id!r}")
+        sent = conn.execute("SELECT count(*) FROM transfers WHERE device = ?", (device_id,)).fetchone()[0]
+        if sent:
+            raise DeviceError(f"device {device_id!r} has sent {sent} transfer(s); its documents name it",
+                              hint=f"revoke it instead: sohoa central revoke {device_id} --home {home}")
+        for table in ("device_history", "seq_collisions"):
+            conn.execute(f"DELETE FROM {table} WHERE device = ?", (device_id,))  # noqa: S608 - fixed names
+        conn.execute("DELETE FROM devices WHERE id = ?", (device_id,))
+        catalog.add_audit(conn, actor=actor, action="device_remove", target=device_id)
+    remove_user(paths, device_id)
+    reload_broker(paths)
+
+
 def token_create(home: Path, name: str, role: str = "viewer", *, actor: str = "cli") -> str:
     """A new API token; only its sha256 is kept, so this is the one time it can be shown."""
     token = secrets.token_urlsafe(32)
@@ -314,27 +384,14 @@ def token_revoke(home: Path, name: str, *, actor: str = "cli") -> None:
         catalog.add_audit(conn, actor=actor, action="token_revoke", target=name)
 
 
-def verify(home: Path) -> list[str]:
-    """Re-hash every stored original (once per object) and every arrival's package; return the problems."""
+def verify(home: Path, *, actor: str = "cli") -> list[str]:
+    """Re-hash every stored object (originals, packages, archival copies), record the outcome as fixity
+    events, and return the problems (see ``central.fixity.verify_store``)."""
+    from central.fixity import verify_store  # noqa: PLC0415 - keeps the other commands free of aiohttp
+
     paths = load_config(home).paths
-    store = ObjectStore(paths.objects)
     catalog.connect(paths.catalog).close()   # an older catalog is migrated first (a no-op when current)
-    conn = catalog.connect(paths.catalog, readonly=True)
-    try:
-        originals = [("original", r["sha256"])
-                     for r in conn.execute("SELECT sha256 FROM objects ORDER BY sha256")]
-        packages = [(f"document {r['id']}: package", r["package_sha256"])
-                    for r in conn.execute("SELECT id, package_sha256 FROM documents ORDER BY id")]
-    finally:
-        conn.close()
-    problems: list[str] = []
-    for what, digest in [*originals, *packages]:
-        path = store.path_for(digest)
-        if not path.is_file():
-            problems.append(f"{what} {digest} is missing")
-        elif file_sha256(path) != digest:
-            problems.append(f"{what} {digest} does not hash to its name")
-    return problems
+    return verify_store(paths, actor=actor).problems
 
 
 async def serve(home: Path, *, ready: asyncio.Event | None = None, worker: str | None = None) -> None:

@@ -89,6 +89,7 @@ class CentralConfig:
     # [catalog] url = "postgresql://…": the ingest's catalog (devices, transfers, segments, jobs,
     # arrivals) on PostgreSQL, shared by several workers. Empty: the SQLite catalog.db in the home.
     catalog_url: str = field(default="", repr=False)
+    log_level: str = "info"      # re-read on SIGHUP without a restart
 
     @property
     def paths(self) -> CentralPaths:
@@ -205,6 +206,11 @@ def parse_config(home: Path, data: dict[str, Any], api_token: str) -> CentralCon
     if ingest.receive_maximum > 65535:
         raise ConfigError(f"ingest.receive_maximum = {ingest.receive_maximum} is above MQTT's 65535")
     i.finish()
+    lg = root.table("log")
+    log_level = lg.text("level", "info")
+    if log_level not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"log.level = {log_level!r} is not debug, info, warning or error")
+    lg.finish()
     c = root.table("catalog")
     catalog_url = c.text("url", "")
     if catalog_url and not catalog_url.startswith(("postgresql://", "postgres://")):
@@ -213,7 +219,7 @@ def parse_config(home: Path, data: dict[str, Any], api_token: str) -> CentralCon
     c.finish()
     root.finish()
     return CentralConfig(home=home, broker=broker, http=http, ingest=ingest, api_token=api_token,
-                         catalog_url=catalog_url)
+                         log_level=log_level, catalog_url=catalog_url)
 
 
 def load_config(home: Path) -> CentralConfig:

@@ -13,17 +13,19 @@ import json
 import logging
 import re
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta, timezone
 from importlib import resources
 from typing import Any
 from urllib.parse import quote
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
 
-from central import catalog, commands
+from central import catalog, commands, corrections, fixity
 from central.auth import audit, require
 from central.errors import DeviceError
-from central.metrics import render
+from central.metrics import DEVICE_SERIES_MAX, Scrape, render
+from central.preview import PreviewCache, PreviewError
 from central.state import CONFIG, INGEST, METRICS, PRINCIPAL, READER
 from central.storage import ObjectStore
 from protocol.errors import DecodeError
@@ -33,12 +35,22 @@ log = logging.getLogger("sohoa.central.http")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_LIMIT = 5000
+# Scripts and styles are files of our own (central/static), never inline: the policy can forbid
+# inline script outright, so a device name or OCR text that slipped into the page could not run.
 PAGE_HEADERS = {
     "Cache-Control": "no-store",
     "X-Frame-Options": "DENY",
-    "Content-Security-Policy": ("default-src 'self'; script-src 'self' 'unsafe-inline'; "
-                                "style-src 'unsafe-inline'; frame-ancestors 'none'"),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Content-Security-Policy": ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
+                                "connect-src 'self'; frame-ancestors 'none'; form-action 'self'; "
+                                "base-uri 'none'"),
 }
+# Vietnam has kept UTC+7 without daylight saving since 1975: a fixed offset needs no tz database.
+VIETNAM = timezone(timedelta(hours=7), "ICT")
+STATIC_TYPES = {".js": "text/javascript", ".css": "text/css", ".json": "application/json",
+                ".html": "text/html"}
+PREVIEWS = PreviewCache()
 
 
 def _is_api(path: str) -> bool:
@@ -68,7 +80,7 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
 # rather than silently ignored, and a parameter given twice is ambiguous.
 QUERY_PARAMETERS: dict[str, frozenset[str]] = {
     "/api/devices": frozenset({"sort", "order", "q", "limit", "offset"}),
-    "/api/documents": frozenset({"device", "q", "limit", "offset"}),
+    "/api/documents": frozenset({"device", "q", "since", "until", "limit", "offset"}),
     "/api/audit": frozenset({"limit"}),
 }
 
@@ -177,15 +189,59 @@ def _iso(at: datetime) -> str:
     return at.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+_DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+
+
+def _day_param(request: web.Request, name: str) -> date | None:
+    raw = request.query.get(name) or None
+    if raw is None:
+        return None
+    bad = _bad_request(f"{name} must be a day as YYYY-MM-DD (Vietnam time)", value=raw[:40])
+    if not _DAY.fullmatch(raw):
+        raise bad
+    try:
+        return date.fromisoformat(raw)
+    except ValueError as exc:
+        raise bad from exc
+
+
+def _vietnam_midnight(day: date) -> str:
+    """The catalog time (UTC) at which ``day`` begins in Vietnam."""
+    return _iso(datetime(day.year, day.month, day.day, tzinfo=VIETNAM).astimezone(UTC))
+
+
 async def documents(request: web.Request) -> web.Response:
-    """Arrivals, newest first: ``?device=`` what one box sent, ``?q=`` full text (folded)."""
+    """Arrivals: ``?device=`` what one box sent, ``?since=&until=`` received on those days (Vietnam
+    time), ``?q=`` full text (folded), best match first with highlighted snippets; else newest first."""
     device = _device_param("device", request.query.get("device") or None)
     q = _text_param(request, "q")
+    since, until = _day_param(request, "since"), _day_param(request, "until")
+    if since and until and until < since:
+        raise _bad_request("until is before since")
+    received_from = _vietnam_midnight(since) if since else None
+    received_before = None
+    if until:
+        try:
+            received_before = _vietnam_midnight(until + timedelta(days=1))
+        except OverflowError:   # 9999-12-31: no day after it, so no upper bound at all
+            received_before = None
     limit = _int_param(request, "limit", 100, MAX_LIMIT)
     offset = _int_param(request, "offset", 0, MAX_OFFSET)
     rows = await request.app[READER].call(
-        lambda conn: catalog.search_documents(conn, device=device, q=q, limit=limit, offset=offset))
+        lambda conn: catalog.search_ranked(conn, device=device, q=q, received_from=received_from,
+                                           received_before=received_before, limit=limit, offset=offset))
     return web.json_response(rows, dumps=_dumps)
+
+
+async def device(request: web.Request) -> web.Response:
+    """One device for its page: health, 72 h of hourly history, recent documents and errors."""
+    device_id = _device_param("device id", request.match_info["id"])
+    assert device_id is not None
+    detail = await request.app[READER].call(lambda conn: catalog.device_detail(conn, device_id))
+    if detail is None:
+        raise web.HTTPNotFound(text=json.dumps({"error": f"no device {device_id}"}),
+                               content_type="application/json")
+    return web.json_response(detail, dumps=_dumps)
 
 
 async def _document_or_404(request: web.Request) -> dict[str, Any]:
@@ -199,8 +255,34 @@ async def _document_or_404(request: web.Request) -> dict[str, Any]:
 
 async def document(request: web.Request) -> web.Response:
     doc = await _document_or_404(request)
-    doc["metadata"] = json.loads(doc["metadata"])
+    doc = await request.app[READER].call(corrections.document_view, doc)   # metadata, archival copy
+    doc["fixity"] = await request.app[READER].call(catalog.document_fixity, doc["id"])
+    doc["can_download"] = request[PRINCIPAL].can("operator")
     return web.json_response(doc, dumps=_dumps)
+
+
+def _stored_path(request: web.Request, doc: dict[str, Any]) -> Any:
+    path = ObjectStore(request.app[CONFIG].paths.objects).path_for(doc["sha256"])
+    if not path.is_file():
+        raise web.HTTPGone(text=json.dumps({"error": "the stored original is missing",
+                                            "hint": "run the storage verify command"}),
+                           content_type="application/json")
+    return path
+
+
+async def preview(request: web.Request) -> web.Response:
+    """A PNG of the first page (any role: it shows no more than the OCR text a viewer reads)."""
+    doc = await _document_or_404(request)
+    path = _stored_path(request, doc)
+    try:
+        png = await asyncio.to_thread(PREVIEWS.get_or_render, doc["sha256"], path, doc["media_type"])
+    except PreviewError as exc:
+        raise web.HTTPUnprocessableEntity(
+            text=json.dumps({"error": "no preview for this original", "hint": str(exc)[:200]}),
+            content_type="application/json") from exc
+    return web.Response(body=png, content_type="image/png",
+                        headers={"Cache-Control": "private, max-age=3600",
+                                 "X-Content-Type-Options": "nosniff"})
 
 
 def content_disposition(filename: str) -> str:
@@ -212,14 +294,11 @@ def content_disposition(filename: str) -> str:
 async def original(request: web.Request) -> web.StreamResponse:
     require(request, "operator")
     doc = await _document_or_404(request)
-    path = ObjectStore(request.app[CONFIG].paths.objects).path_for(doc["sha256"])
-    if not path.is_file():
-        raise web.HTTPGone(text=json.dumps({"error": "the stored original is missing",
-                                            "hint": "run the storage verify command"}),
-                           content_type="application/json")
+    path = _stored_path(request, doc)
     # Audited before a byte leaves: who took which original is the question a curious operator raises.
     await audit(request, "download_original", str(doc["id"]),
                 {"sha256": doc["sha256"], "filename": doc["filename"], "device": doc["device"]})
+    await fixity.record_download(request, doc, kind=fixity.ORIGINAL, sha256=doc["sha256"])
     return web.FileResponse(path, headers={"Content-Type": doc["media_type"],
                                            "Content-Disposition": content_disposition(doc["filename"]),
                                            "X-Content-SHA256": doc["sha256"]})
@@ -231,32 +310,78 @@ async def openapi(request: web.Request) -> web.Response:
     return web.Response(text=spec, content_type="application/json", charset="utf-8")
 
 
-async def healthz(request: web.Request) -> web.Response:
+def _broker_connected(request: web.Request) -> bool | None:
     supervisor = request.app.get(INGEST)
-    if supervisor is None:   # a catalog-only app: there is no ingest to be unhealthy
-        return web.json_response({"status": "ok", "mqtt_connected": None})
+    if supervisor is None:   # a catalog-only app: no broker to be connected to
+        return None
     service = supervisor.service
-    mqtt = service.client.connected.is_set() if service is not None else False
-    if not request.app[METRICS].ingest_running:
-        return web.json_response({"status": "ingest stopped", "mqtt_connected": mqtt,
+    return service.client.ready.is_set() if service is not None else False
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the process answers and its ingest supervisor is alive (it restarts a dead ingest
+    by itself, so only a dead supervisor is worth a restart of central)."""
+    supervisor = request.app.get(INGEST)
+    mqtt = _broker_connected(request)
+    if supervisor is not None and supervisor.dead:
+        return web.json_response({"status": "ingest supervisor died", "mqtt_connected": mqtt,
                                   "ingest_failures": request.app[METRICS].ingest_failures,
                                   "last_error": supervisor.last_error}, status=503)
     return web.json_response({"status": "ok", "mqtt_connected": mqtt})
 
 
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: connected to the broker (subscribed) and the ingest service running."""
+    supervisor = request.app.get(INGEST)
+    if supervisor is None:
+        return web.json_response({"status": "ready", "mqtt_connected": None, "problems": []})
+    metrics = request.app[METRICS]
+    mqtt = bool(_broker_connected(request))
+    problems = []
+    if not metrics.ingest_running:
+        problems.append(f"ingest stopped ({supervisor.last_error or 'starting'}); it is restarted by itself")
+    if not mqtt:
+        problems.append("not connected to the broker")
+    body = {"status": "ready" if not problems else "not ready", "mqtt_connected": mqtt,
+            "ingest_running": metrics.ingest_running, "ingest_failures": metrics.ingest_failures,
+            "last_error": supervisor.last_error, "problems": problems}
+    return web.json_response(body, status=503 if problems else 200)
+
+
 async def metrics(request: web.Request) -> web.Response:
-    totals = await request.app[READER].call(catalog.totals)
-    return web.Response(text=render(request.app[METRICS], totals),
-                        content_type="text/plain", charset="utf-8",
-                        headers={"X-Prometheus-Format": "0.0.4"})
+    snapshot = await request.app[READER].call(
+        lambda conn: catalog.metrics_snapshot(conn, device_series_max=DEVICE_SERIES_MAX))
+    body = render(request.app[METRICS], Scrape(snapshot, _broker_connected(request)))
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-async def dashboard(request: web.Request) -> web.Response:
+async def page(request: web.Request) -> web.Response:
+    """The dashboard's pages (fleet, a device, a document): one HTML shell, or the sign-in page."""
     signed_in = PRINCIPAL in request
-    page = "static/dashboard.html" if signed_in else "static/login.html"
-    html = resources.files("central").joinpath(page).read_text(encoding="utf-8")
-    return web.Response(text=html, content_type="text/html", charset="utf-8",
-                        status=200 if signed_in else 401, headers=PAGE_HEADERS)
+    name = "static/dashboard.html" if signed_in else "static/login.html"
+    html = resources.files("central").joinpath(name).read_text(encoding="utf-8")
+    # The sign-in page is a page like any other (200): a 401 document is a console error in browsers.
+    return web.Response(text=html, content_type="text/html", charset="utf-8", headers=PAGE_HEADERS)
+
+
+async def favicon(request: web.Request) -> web.Response:
+    return web.Response(status=204, headers={"Cache-Control": "max-age=86400"})
+
+
+_STATIC_NAME = re.compile(r"(?:i18n/)?[a-z][a-z0-9-]*\.(?:js|css|json)")
+
+
+async def static(request: web.Request) -> web.Response:
+    """Our own scripts, styles and string tables (open: the sign-in page needs them too)."""
+    name = request.match_info["name"]
+    if not _STATIC_NAME.fullmatch(name):
+        raise web.HTTPNotFound()
+    resource = resources.files("central").joinpath("static", *name.split("/"))
+    if not resource.is_file():
+        raise web.HTTPNotFound()
+    suffix = name[name.rindex("."):]
+    return web.Response(body=resource.read_bytes(), content_type=STATIC_TYPES[suffix], charset="utf-8",
+                        headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"})
 
 
 async def revoke_device(request: web.Request) -> web.Response:

@@ -86,7 +86,8 @@ def add_operator(conn: sqlite3.Connection, name: str, role: str, password: str) 
     hashed = nacl.pwhash.argon2id.str(password.encode(), opslimit=nacl.pwhash.argon2id.OPSLIMIT_INTERACTIVE,
                                       memlimit=nacl.pwhash.argon2id.MEMLIMIT_INTERACTIVE)
     conn.execute("INSERT INTO operators (name, role, pwhash, created_at) VALUES (?, ?, ?, ?)"
-                 " ON CONFLICT (name) DO UPDATE SET role = excluded.role, pwhash = excluded.pwhash",
+                 " ON CONFLICT (name) DO UPDATE SET role = excluded.role, pwhash = excluded.pwhash,"
+                 " disabled = 0",
                  (name, role, hashed, utc_now()))
 
 
@@ -142,3 +143,23 @@ def session_principal(conn: sqlite3.Connection, session_id: str) -> Principal | 
 
 def end_session(conn: sqlite3.Connection, session_id: str) -> None:
     conn.execute("DELETE FROM sessions WHERE id_hash = ?", (digest(session_id),))
+
+
+def list_operators(conn: sqlite3.Connection) -> list[dict[str, object]]:
+    rows = conn.execute("SELECT o.name, o.role, o.created_at, o.disabled,"
+                        " (SELECT count(*) FROM sessions s WHERE s.operator = o.name AND s.expires_at > ?)"
+                        " AS sessions FROM operators o ORDER BY o.name", (time.time(),))
+    return [{"name": r["name"], "role": r["role"], "created_at": r["created_at"],
+             "disabled": bool(r["disabled"]), "sessions": int(r["sessions"])} for r in rows]
+
+
+def remove_operator(conn: sqlite3.Connection, name: str) -> bool:
+    """Disable the account and end its sessions; the row stays, so the audit log keeps its actor."""
+    cur = conn.execute("UPDATE operators SET disabled = 1 WHERE name = ? AND disabled = 0", (name,))
+    conn.execute("DELETE FROM sessions WHERE operator = ?", (name,))
+    return cur.rowcount == 1
+
+
+def list_tokens(conn: sqlite3.Connection) -> list[dict[str, object]]:
+    rows = conn.execute("SELECT name, role, created_at, revoked_at FROM api_tokens ORDER BY name")
+    return [dict(r) for r in rows]

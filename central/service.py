@@ -108,6 +108,7 @@ class IngestSupervisor:
         self._backoff_max_s = backoff_max_s
         self.service: IngestService | None = None
         self.last_error: str | None = None   # an exception class name, never its text (no secrets)
+        self.dead = False                    # the supervisor itself ended: only a restart helps
         self.up = asyncio.Event()            # set while a service runs
         self.down = asyncio.Event()          # set while none does (after a failure, or never started)
         self.down.set()
@@ -148,6 +149,7 @@ class IngestSupervisor:
         """Last resort, should the supervisor itself die: say so, and stay unhealthy."""
         self._set_running(False)
         if not task.cancelled() and (exc := task.exception()) is not None:
+            self.dead = True
             self._metrics.ingest_failures += 1
             self.last_error = type(exc).__name__
             log.error("ingest supervisor died; nothing is ingested until central restarts", exc_info=exc)

@@ -9,6 +9,7 @@ import asyncio
 import errno
 import logging
 import sqlite3
+import time
 
 log = logging.getLogger("sohoa.edge")
 
@@ -18,11 +19,33 @@ IDENTITY_CLASH = ("another box is using this box's identity (a cloned memory car
                   "its documents; re-enroll one of the boxes, then run `sohoa edge retry --all`")
 
 
+# A last error is news, not a state: it is reported for a day, or until someone acknowledges it
+# (`sohoa edge ack`); alarms (conditions still true) stay until their condition clears.
+ERROR_SHOWN_FOR_S = 24 * 3600
+
+
 class Alarms:
     def __init__(self) -> None:
         self.active: set[str] = set()
         self.last_error: str | None = None
+        self.last_error_at: float | None = None
         self.changed = asyncio.Event()
+
+    def current_error(self, now: float | None = None) -> str | None:
+        """The last error if it is recent and nobody acknowledged it."""
+        if self.last_error is None or self.last_error_at is None:
+            return self.last_error
+        if (now or time.time()) - self.last_error_at > ERROR_SHOWN_FOR_S:
+            return None
+        return self.last_error
+
+    def acknowledge(self, at: float) -> None:
+        """Someone read the errors up to ``at`` (the mtime of HOME/errors-acknowledged)."""
+        if self.last_error is not None and self.last_error_at is not None and self.last_error_at <= at:
+            log.info("last error acknowledged: %s", self.last_error)
+            self.last_error = None
+            self.last_error_at = None
+            self.changed.set()
 
     def raise_(self, text: str) -> None:
         if text not in self.active:
@@ -42,6 +65,7 @@ class Alarms:
 
     def error(self, text: str) -> None:
         self.last_error = text
+        self.last_error_at = time.time()
         self.changed.set()
 
     def disk_full(self, exc: BaseException) -> None:

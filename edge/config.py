@@ -124,6 +124,10 @@ class OcrConfig:
     languages: tuple[str, ...] = ("vie",)
     workers: int = 0
     dpi: int = 300
+    engine: str = "tesseract"          # or "fake" (instant, for tests and demos without tesseract)
+    orientation: str = "doubt"         # "doubt": OSD when a first reading is doubtful; "always"; "off"
+    deskew: bool = True
+    address_space_mib: int = 2048      # RLIMIT_AS per OCR worker and its tesseract; 0: no limit
 
     def __post_init__(self) -> None:
         if not self.languages:
@@ -135,6 +139,13 @@ class OcrConfig:
             raise ConfigError(f"ocr.workers = {self.workers}: use 0 for one per core")
         if not 70 <= self.dpi <= 600:
             raise ConfigError(f"ocr.dpi = {self.dpi}: use 300 (70..600)")
+        if self.engine not in ("tesseract", "fake"):
+            raise ConfigError(f"ocr.engine = {self.engine!r}: use \"tesseract\" (or \"fake\" in tests)")
+        if self.orientation not in ("doubt", "always", "off"):
+            raise ConfigError(f"ocr.orientation = {self.orientation!r}: use \"doubt\", \"always\" or \"off\"")
+        if self.address_space_mib and self.address_space_mib < 512:
+            raise ConfigError(f"ocr.address_space_mib = {self.address_space_mib}: use 2048 "
+                              "(at least 512; 0 for no limit)")
 
     @property
     def worker_count(self) -> int:
@@ -184,6 +195,41 @@ class RetentionConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class StatusPageConfig:
+    """The clerk's read-only status page and the box's /metrics (edge.statuspage)."""
+
+    # On the office LAN by default: the clerk opens http://BOX:8090/ from the office PC. It shows
+    # file names and reasons, nothing else, and changes nothing; set a LAN address (or 127.0.0.1)
+    # to narrow it, or enabled = false to turn it off.
+    listen: str = "0.0.0.0:8090"
+    enabled: bool = True
+
+    def __post_init__(self) -> None:
+        host, sep, port = self.listen.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise ConfigError(f"status_page.listen = {self.listen!r}: expected HOST:PORT, "
+                              "e.g. \"0.0.0.0:8090\"")
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    # Re-read on SIGHUP (with the uplink rate and the alarm threshold) without a restart.
+    level: str = "info"
+
+    def __post_init__(self) -> None:
+        if self.level not in ("debug", "info", "warning", "error"):
+            raise ConfigError(f"log.level = {self.level!r}: use debug, info, warning or error")
+
+
+@dataclass(frozen=True, slots=True)
 class EdgeConfig:
     home: Path
     device_id: str
@@ -195,6 +241,8 @@ class EdgeConfig:
     uplink: UplinkConfig = field(default_factory=UplinkConfig)
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
+    status_page: StatusPageConfig = field(default_factory=StatusPageConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def __post_init__(self) -> None:
         try:
@@ -243,6 +291,8 @@ class EdgeConfig:
 _SECTIONS: dict[str, type] = {
     "broker": BrokerConfig, "central": CentralKeys, "intake": IntakeConfig, "ocr": OcrConfig,
     "uplink": UplinkConfig, "outbox": OutboxConfig, "retention": RetentionConfig,
+    "status_page": StatusPageConfig,
+    "log": LogConfig,
 }
 
 

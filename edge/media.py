@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import math
 import os
 import stat
 import warnings
@@ -26,6 +27,15 @@ from protocol.bag import MEDIA_EXTENSIONS
 # A0 at 300 dpi is ~140 Mpx; anything larger is a decompression bomb, not a commune scan.
 MAX_PIXELS = 150_000_000
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+# What one OCR page may cost, in pixels handed to tesseract. tesseract needs roughly 10-16 bytes per
+# pixel (a 4000 pt PDF page at 300 dpi, 278 Mpx, took the edge to 4.5 GiB): 40 Mpx keeps one worker
+# under ~700 MiB, two workers inside a 2 GB box. A2 at 300 dpi (35 Mpx) fits as is; larger pages are
+# rendered at a lower resolution, never below MIN_OCR_DPI.
+MAX_PAGE_PIXELS = 40_000_000
+# Body text of an administrative document is 13-14 pt (Decree 30/2020 annex I): at 150 dpi its
+# capitals are ~19 px high, the least tesseract reads well. Below that we refuse rather than archive
+# garbage. With the cap above, the largest page accepted is about A0.
+MIN_OCR_DPI = 150
 
 _PIL_FORMATS = {"image/png": "PNG", "image/jpeg": "JPEG", "image/tiff": "TIFF"}
 
@@ -90,6 +100,24 @@ def _check_stat(info: os.stat_result, max_bytes: int) -> None:
     if info.st_size > max_bytes:
         raise BadInputError(f"the file is {info.st_size / 2**20:.0f} MiB, above the limit of "
                             f"{max_bytes / 2**20:.0f} MiB")
+
+
+def plan_pdf_dpi(width_pt: float, height_pt: float, *, wanted: int, index: int = 0,
+                 max_pixels: int = MAX_PAGE_PIXELS, floor: int = MIN_OCR_DPI) -> int:
+    """The resolution to render a PDF page at: ``wanted``, lowered to fit ``max_pixels``, never below
+    ``floor`` (then the page is refused). Pure arithmetic on the page size: nothing is rendered."""
+    if not (0 < width_pt < math.inf and 0 < height_pt < math.inf):
+        raise BadInputError(f"page {index + 1} of the PDF has no size ({width_pt} × {height_pt} pt)")
+    fit = int(72 * math.sqrt(max_pixels / (width_pt * height_pt)))
+    dpi = min(wanted, fit)
+    if dpi < floor:
+        mm = (round(width_pt / 72 * 25.4), round(height_pt / 72 * 25.4))
+        raise BadInputError(
+            f"page {index + 1} of the PDF is {mm[0]} × {mm[1]} mm, larger than any paper a scanner "
+            f"takes (A0 is 841 × 1189 mm): reading it even at {floor} dpi would need "
+            f"{width_pt * height_pt * (floor / 72) ** 2 / 1e6:.0f} megapixels, above the limit of "
+            f"{max_pixels / 1e6:.0f}; scan the document at its real paper size")
+    return dpi
 
 
 def probe(path: Path, *, max_bytes: int = 512 * 1024 * 1024, max_pages: int = 1000,
@@ -163,7 +191,13 @@ def _pdf_pages(handle: BinaryIO, max_pages: int) -> int:
                 page = document[index]
             except pdfium.PdfiumError as exc:
                 raise BadInputError(f"page {index + 1} of the PDF is damaged ({exc})") from None
-            page.close()
+            try:
+                width, height = page.get_size()
+                # Caps before work: the page must be readable within the pixel cap at the lowest
+                # resolution we accept, decided from its size alone (rendering is what costs).
+                plan_pdf_dpi(width, height, wanted=MIN_OCR_DPI, index=index)
+            finally:
+                page.close()
     finally:
         document.close()
     return pages

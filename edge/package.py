@@ -106,7 +106,9 @@ def _build(original: Path, out: Path, *, media: MediaInfo, ocr: OcrResult, tid: 
             original_sha256=original_sha256, original_size=size, media_type=media.media_type,
             pages=ocr.pages, captured_at=captured_at,
             ocr=OcrInfo(engine=ocr.engine, languages=tuple(ocr.languages), dpi=ocr.dpi,
-                        seconds=ocr.seconds, mean_confidence=ocr.mean_confidence),
+                        seconds=ocr.seconds, mean_confidence=ocr.mean_confidence,
+                        dpi_estimated=ocr.dpi_estimated, page_info=tuple(ocr.page_info)),
+            document=dict(ocr.fields),
             extra={"original_encoding": ENCODING} if jxl is not None else {})
         meta = metadata.to_json()
         original_name_in_bag = original_member(media.media_type)

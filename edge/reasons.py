@@ -83,7 +83,8 @@ def classify(reason: str) -> str:
         ("password", "encrypted"), ("encrypted", "encrypted"), ("empty", "empty"),
         ("symbolic link", "not_a_file"), ("fifo", "not_a_file"), ("device, socket", "not_a_file"),
         ("not a png, jpeg", "not_a_scan"), ("above the limit", "too_large"), ("too large", "too_large"),
-        ("decompression bomb", "too_large"), ("pixels", "too_large"),
+        ("decompression bomb", "too_large"), ("pixels", "too_large"), ("more memory", "too_large"),
+        ("larger than any paper", "too_large"), ("took longer than", "too_large"),
     )
     return next((code for needle, code in rules if needle in text), "damaged")
 

@@ -22,12 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge import config as edge_config
+from edge import statuspage
 from edge.alarms import IDENTITY_CLASH, OUTBOX_FULL, Alarms, is_disk_full
+from edge.clerk import ACK_NAME
 from edge.config import EdgeConfig
 from edge.custody import Custody
 from edge.fsutil import atomic_write_bytes, disk_free
 from edge.job import Layout
-from edge.ocr import OcrEngine, TesseractEngine
+from edge.ocr import OcrEngine, build_engine
 from edge.outbox import Outbox
 from edge.process import Processor
 from edge.settle import Quiet
@@ -35,9 +37,9 @@ from edge.take import Taker
 from edge.uplink import Uplink
 from edge.watch import Intake
 from protocol.messages import Status, encode
+from protocol.version import version
 
 log = logging.getLogger("sohoa.edge")
-VERSION = "0.1.0"
 __all__ = ["OUTBOX_FULL", "EdgeService", "is_disk_full", "run"]
 
 
@@ -71,6 +73,7 @@ class EdgeService:
         self.layout = Layout(processed=config.processed_dir, envelopes=config.envelopes_dir,
                              work=config.work_dir, watch=config.watch_dir, refused=config.refused_dir)
         self.ready = asyncio.Event()
+        self.status_page_port: int | None = None   # set once the clerk's page listens
 
     @property
     def outbox(self) -> Outbox:
@@ -105,8 +108,7 @@ class EdgeService:
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         cfg.watch_dir.mkdir(parents=True, exist_ok=True)
         self._outbox = outbox = await Outbox.open(cfg.outbox_path, cap_bytes=cfg.outbox.cap_bytes)
-        engine = self._engine or TesseractEngine(cfg.ocr.languages, workers=cfg.ocr.worker_count,
-                                                 dpi=cfg.ocr.dpi)
+        engine = self._engine or build_engine(cfg.ocr)
         self._custody = custody = Custody(
             outbox, self.layout, self.alarms, keep_originals=cfg.retention.keep_originals,
             release_after=cfg.retention.release_after_seconds, on_held=self._held)
@@ -138,10 +140,34 @@ class EdgeService:
                     group.create_task(custody.run(), name="custody")
                     group.create_task(uplink.run(), name="uplink")
                     group.create_task(self._status_loop(), name="status")
+                    group.create_task(statuspage.run(self), name="status-page")
         finally:
             with contextlib.suppress(Exception):
                 await engine.aclose()
             await outbox.close()
+
+    def reload(self, config: EdgeConfig) -> str:
+        """Apply what can change without a restart (SIGHUP): the uplink rate cap and the alarm
+        threshold (the log level is the caller's). Returns what changed, and what needs a restart."""
+        old = self.config
+        if config.device_id != old.device_id or config.home != old.home:
+            raise ValueError(f"device_id/home changed ({old.device_id} → {config.device_id}): "
+                             "that is another box, restart the service")
+        applied = dataclasses.replace(
+            old, log=config.log,
+            uplink=dataclasses.replace(old.uplink, rate_kbit=config.uplink.rate_kbit),
+            outbox=dataclasses.replace(old.outbox, alarm_after_hours=config.outbox.alarm_after_hours))
+        self.config = applied
+        if self._uplink is not None:
+            self._uplink.set_rate(config.uplink.rate_kbit or None)
+        self.alarms.changed.set()
+        pending = [name for name in ("watch_dir", "broker", "central", "intake", "ocr", "uplink",
+                                     "status_page", "outbox", "retention")
+                   if getattr(applied, name) != getattr(config, name)]
+        summary = (f"uplink.rate_kbit={config.uplink.rate_kbit:g}, "
+                   f"outbox.alarm_after_hours={config.outbox.alarm_after_hours:g}, "
+                   f"log.level={config.log.level}")
+        return summary + (f"; needs a restart to change: {', '.join(pending)}" if pending else "")
 
     async def recover(self) -> None:
         """Continue after a crash: the custody reconciler run once over everything, then every
@@ -212,12 +238,16 @@ class EdgeService:
             self.alarms.raise_(IDENTITY_CLASH)
         last = (dt.datetime.fromtimestamp(stats.last_receipt_at, dt.UTC).isoformat(timespec="seconds")
                 if stats.last_receipt_at else None)
+        with contextlib.suppress(OSError):
+            self.alarms.acknowledge(self.config.home.joinpath(ACK_NAME).stat().st_mtime)
+        # The link's last error is the reason it is down: once connected again it is history.
+        link_error = uplink.last_error if uplink is not None and not uplink.connected else None
         return Status(
             device=self.config.device_id, online=bool(uplink and uplink.connected),
             queue_docs=stats.queued_docs, queue_bytes=stats.queued_bytes,
             oldest_age_s=round(stats.oldest_age_s, 1), failed_docs=stats.failed, last_receipt_at=last,
-            disk_free_bytes=disk_free(self.config.home), version=VERSION,
-            last_error=self.alarms.last_error or (uplink.last_error if uplink else None),
+            disk_free_bytes=disk_free(self.config.home), version=version(),
+            last_error=self.alarms.current_error() or link_error,
             alarms=tuple(sorted(self.alarms.active)),
             updated_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
 
@@ -230,7 +260,8 @@ def _write_status(path: Path, payload: bytes) -> None:
     cut in that instant could tear it, and the next atomic write repairs it.
     """
     try:
-        atomic_write_bytes(path, payload, 0o600)
+        # 0640: the home's group (set by the installer) may read the box's status, never the outbox.
+        atomic_write_bytes(path, payload, 0o640)
     except OSError as exc:
         if not is_disk_full(exc) or not path.exists():
             raise

@@ -142,6 +142,19 @@ class Uplink:
     def request_status(self) -> None:
         self._status_kick.set()
 
+    def set_rate(self, rate_kbit: float | None) -> None:
+        """Change the link cap in place (SIGHUP reload); 0 or None: uncapped."""
+        self._rate_bytes = rate_kbit * 1000 / 8 if rate_kbit else None
+        if self._rate_bytes is None:
+            self._bucket = None
+        elif self._bucket is not None:
+            self._bucket.rate = self._rate_bytes
+            self._bucket.burst = max(self._rate_bytes / 4, 2 * self._segment_size)
+        elif self._connected:
+            self._bucket = TokenBucket(self._rate_bytes, max(self._rate_bytes / 4, 2 * self._segment_size),
+                                       asyncio.get_running_loop().time())
+        self._kick.set()
+
     async def run(self) -> None:
         delay = self._backoff_initial
         try:

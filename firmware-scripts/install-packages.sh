@@ -2,7 +2,8 @@
 # Install the Debian packages sohoa needs on this machine (edge box, central server or a developer
 # machine). Idempotent: packages already present are not reinstalled and apt-get update runs only
 # when something is missing.
-#   usage: install-packages.sh [edge|central|dev]
+#   usage: install-packages.sh [edge|central|dev|fleet-ci]
+# fleet-ci: what the fleet test needs on the CI machine to boot Debian containers and reach them.
 set -o errexit -o nounset -o pipefail
 
 role="${1:-dev}"
@@ -10,13 +11,22 @@ common=(python3 python3-venv python3-dev ca-certificates sqlite3)
 # libjxl-tools: JPEG originals travel as lossless JPEG XL (edge.transcode), central restores them.
 edge=(tesseract-ocr tesseract-ocr-vie libjxl-tools)
 central=(mosquitto mosquitto-clients openssl libjxl-tools)
-dev=(fonts-dejavu-core poppler-utils shellcheck)
+# fonts-liberation2: Times-compatible serif for the OCR quality test set (Decree 30 prescribes Times);
+# hunspell-vi: the syllable list bench/ocr_quality.py checks diacritic errors against; qpdf and
+# poppler-utils (pdfsig, pdftotext): independent checks of the archival PDF/A and its signature;
+# chromium: the browser tests (Playwright drives Debian's build, never a downloaded one);
+# prometheus: promtool, which checks and unit-tests monitoring/sohoa-alerts.yml;
+# postgresql: the PostgreSQL catalog's contract suite and the three-worker kill test start their own cluster.
+dev=(fonts-dejavu-core fonts-liberation2 hunspell-vi poppler-utils qpdf shellcheck chromium prometheus
+     postgresql)
+fleet_ci=(debootstrap systemd-container smbclient openssh-client)
 
 case "${role}" in
   edge) wanted=("${common[@]}" "${edge[@]}") ;;
   central) wanted=("${common[@]}" "${central[@]}") ;;
   dev) wanted=("${common[@]}" "${edge[@]}" "${central[@]}" "${dev[@]}") ;;
-  *) echo "usage: $0 [edge|central|dev]" >&2; exit 2 ;;
+  fleet-ci) wanted=("${fleet_ci[@]}") ;;
+  *) echo "usage: $0 [edge|central|dev|fleet-ci]" >&2; exit 64 ;;
 esac
 
 missing=()

@@ -16,7 +16,9 @@ original's sender-supplied name lives only in ``metadata.json``.
 from __future__ import annotations
 
 import json
+import math
 import re
+import unicodedata
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -51,6 +53,37 @@ def payload_members(media_type: str) -> tuple[str, ...]:
     return (METADATA, TEXT, HOCR, original_member(media_type))
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(frozen=True, slots=True)
+class OcrPage:
+    """How one page was prepared and read. Its hOCR coordinates are those of the prepared image:
+    the original turned by ``rotation`` degrees clockwise, then by ``skew`` degrees (deskew)."""
+
+    dpi: int                      # the resolution tesseract worked at (0: unknown)
+    dpi_estimated: bool = False   # the file declared none: tesseract estimated it
+    rotation: int = 0             # 0, 90, 180 or 270
+    skew: float = 0.0
+    orientation_confidence: float | None = None   # tesseract OSD's, when it was asked
+    width: int = 0                # the prepared image, in pixels
+    height: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.dpi, int) or isinstance(self.dpi, bool) or not 0 <= self.dpi <= 10_000:
+            raise BagError(f"ocr page dpi is invalid: {self.dpi!r:.40}")
+        if not isinstance(self.dpi_estimated, bool) or self.rotation not in (0, 90, 180, 270):
+            raise BagError("ocr page dpi_estimated must be a bool and rotation 0/90/180/270")
+        if not _is_number(self.skew) or not -45 <= self.skew <= 45:
+            raise BagError(f"ocr page skew is invalid: {self.skew!r:.40}")
+        if self.orientation_confidence is not None and not _is_number(self.orientation_confidence):
+            raise BagError("ocr page orientation_confidence must be a number")
+        for side in (self.width, self.height):
+            if not isinstance(side, int) or isinstance(side, bool) or not 0 <= side <= 1_000_000:
+                raise BagError(f"ocr page size is invalid: {side!r:.40}")
+
+
 @dataclass(frozen=True, slots=True)
 class OcrInfo:
     engine: str
@@ -58,6 +91,8 @@ class OcrInfo:
     dpi: int
     seconds: float
     mean_confidence: float | None = None
+    dpi_estimated: bool = False           # any page's resolution was estimated
+    page_info: tuple[OcrPage, ...] = ()   # one per page (packages before 2026-12 have none)
 
     def __post_init__(self) -> None:
         if not isinstance(self.engine, str) or not isinstance(self.languages, tuple) or not all(
@@ -67,6 +102,32 @@ class OcrInfo:
         if not isinstance(self.dpi, int) or any(
                 isinstance(n, bool) or not isinstance(n, int | float) for n in numbers):
             raise BagError("ocr dpi, seconds and mean_confidence must be numbers")
+        if not isinstance(self.dpi_estimated, bool) or not isinstance(self.page_info, tuple) or not all(
+                isinstance(page, OcrPage) for page in self.page_info):
+            raise BagError("ocr dpi_estimated must be a bool and page_info a list of pages")
+
+
+# The fields an archivist types for a "văn bản" (TT 02/2019/TT-BNV; see edge/ocr/schemas/).
+DOCUMENT_FIELDS = ("so_ky_hieu", "ngay", "loai", "co_quan", "trich_yeu", "nguoi_ky")
+MAX_FIELD_CHARS = 2000
+_ISO_DATE = re.compile(r"\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])")
+
+
+@dataclass(frozen=True, slots=True)
+class DocumentField:
+    """One extracted metadata value and how sure the extractor is of it (0-1)."""
+
+    value: str
+    confidence: float
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.value, str) or not self.value or len(self.value) > MAX_FIELD_CHARS:
+            raise BagError("document field value must be a non-empty string of bounded length")
+        if unicodedata.normalize("NFC", self.value) != self.value or any(
+                unicodedata.category(c) in ("Cc", "Cf") for c in self.value):
+            raise BagError("document field value must be NFC text without control characters")
+        if not _is_number(self.confidence) or not 0.0 <= self.confidence <= 1.0:
+            raise BagError(f"document field confidence must be in 0..1: {self.confidence!r:.40}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +146,8 @@ class PackageMetadata:
     ocr: OcrInfo
     extra: dict[str, str] = field(default_factory=dict)
     format: str = PACKAGE_FORMAT
+    # Extracted from the layout on the edge, keyed by DOCUMENT_FIELDS (absent: not found).
+    document: dict[str, DocumentField] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         types: tuple[tuple[str, object, type | tuple[type, ...]], ...] = (
@@ -98,6 +161,11 @@ class PackageMetadata:
                 raise BagError(f"metadata field {name!r} has the wrong type: {value!r:.80}")
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.extra.items()):
             raise BagError("metadata extra must map strings to strings")
+        if not isinstance(self.document, dict) or not all(
+                k in DOCUMENT_FIELDS and isinstance(v, DocumentField) for k, v in self.document.items()):
+            raise BagError(f"metadata document fields must be among {DOCUMENT_FIELDS}")
+        if "ngay" in self.document and not _ISO_DATE.fullmatch(self.document["ngay"].value):
+            raise BagError("metadata document date (ngay) must be YYYY-MM-DD")
         try:
             check_tid(self.tid)
             check_device_id(self.device_id)
@@ -124,12 +192,26 @@ class PackageMetadata:
             obj: dict[str, Any] = json.loads(data.decode("utf-8"))
             ocr = obj.pop("ocr")
             ocr["languages"] = _languages(ocr["languages"])
-            return cls(ocr=OcrInfo(**ocr), **obj)
+            ocr["page_info"] = tuple(OcrPage(**page) for page in _list(ocr.get("page_info", [])))
+            fields = _document(obj.pop("document", {}))
+            return cls(ocr=OcrInfo(**ocr), document=fields, **obj)
         except BagError:
             raise
         except (UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError,
                 RecursionError) as exc:
             raise BagError(f"metadata.json is malformed: {exc!r}") from exc
+
+
+def _document(value: object) -> dict[str, DocumentField]:
+    if not isinstance(value, dict):
+        raise BagError("metadata document must be an object")
+    return {name: DocumentField(**fields) for name, fields in value.items()}
+
+
+def _list(value: object) -> list[Any]:
+    if not isinstance(value, list):
+        raise BagError("metadata ocr.page_info must be a list")
+    return value
 
 
 def _languages(value: object) -> tuple[str, ...]:

@@ -12,6 +12,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -55,6 +56,23 @@ def _bar(done: int, total: int, width: int = 30) -> str:
 
 async def _run(home: Path, files: list[Path], *, http_port: int, exit_when_synced: bool,
                as_json: bool, give_up_after: float, login: tuple[str, str]) -> dict[str, Any]:
+    """The services' phase: SIGTERM and Ctrl-C cancel it, which stops central and the edge in order
+    (the edge shuts its OCR workers down) instead of interrupting whatever code was running."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        return await _services(home, files, http_port=http_port, exit_when_synced=exit_when_synced,
+                               as_json=as_json, give_up_after=give_up_after, login=login)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+async def _services(home: Path, files: list[Path], *, http_port: int, exit_when_synced: bool,
+                    as_json: bool, give_up_after: float, login: tuple[str, str]) -> dict[str, Any]:
     central_home, edge_home = home / "central", home / "edge"
     ready = asyncio.Event()
     central_task = asyncio.create_task(central_commands.serve(central_home, ready=ready), name="central")
@@ -62,58 +80,63 @@ async def _run(home: Path, files: list[Path], *, http_port: int, exit_when_synce
     cfg = edge_config.load(edge_home)
     # A demo should not make people wait for a slow scanner: settle after one quiet second.
     cfg = dataclasses.replace(cfg, intake=dataclasses.replace(cfg.intake, quiet_seconds=1.0,
-                                                              check_interval=0.25))
+                                                              check_interval=0.25),
+                              # The clerk's page, on loopback: the demo is not an office box.
+                              status_page=dataclasses.replace(cfg.status_page, listen="127.0.0.1:0"))
     service = EdgeService(cfg)
     edge_task = asyncio.create_task(service.run(), name="edge")
-    await asyncio.wait_for(service.ready.wait(), 30)
-    started = time.monotonic()
-    _drop_like_a_scanner(files, cfg.watch_dir)
-    total = len(files)
-    done = failed = 0
-    interactive = sys.stdout.isatty() and not as_json
-    while time.monotonic() - started < give_up_after:
-        for task in (edge_task, central_task):
-            if task.done():   # a dead service would otherwise leave the bar waiting forever
-                raise SystemExit(f"sohoa demo: {task.get_name()} stopped: {task.exception()!r}")
-        stats = await service.outbox.stats()
-        done = stats.counts.get("delivered", 0)
-        failed = stats.counts.get("failed", 0)
+    try:
+        await asyncio.wait_for(service.ready.wait(), 30)
+        started = time.monotonic()
+        _drop_like_a_scanner(files, cfg.watch_dir)
+        total = len(files)
+        done = failed = 0
+        interactive = sys.stdout.isatty() and not as_json
+        while time.monotonic() - started < give_up_after:
+            for task in (edge_task, central_task):
+                if task.done():   # a dead service would otherwise leave the bar waiting forever
+                    raise SystemExit(f"sohoa demo: {task.get_name()} stopped: {task.exception()!r}")
+            stats = await service.outbox.stats()
+            done = stats.counts.get("delivered", 0)
+            failed = stats.counts.get("failed", 0)
+            if not as_json:
+                line = f"{_bar(done, total)} receipted, {failed} failed"
+                print(("\r" + line) if interactive else line, end="" if interactive else "\n", flush=True)
+            if done + failed >= total:
+                break
+            await asyncio.sleep(0.5 if interactive else 2.0)
+        seconds = time.monotonic() - started
+        if interactive:
+            print()
+        summary = {
+            "documents": total,
+            "receipted": done,
+            "failed": failed,
+            "pages": service.counters.pages,
+            "bytes_original": service.counters.original_bytes,
+            "bytes_compressed_encrypted": service.counters.ciphertext_bytes,
+            "bytes_on_wire": service.uplink.bytes_on_wire,
+            "ocr_seconds": round(service.counters.ocr_seconds, 2),
+            "seconds": round(seconds, 2),
+            "dashboard": f"http://127.0.0.1:{http_port}/",
+            "dashboard_user": login[0],
+            "dashboard_password_file": login[1],
+            "api_token_file": str(central_home / "api-token"),
+            "home": str(home),
+        }
+        keep_serving = not exit_when_synced and done + failed >= total
         if not as_json:
-            line = f"{_bar(done, total)} receipted, {failed} failed"
-            print(("\r" + line) if interactive else line, end="" if interactive else "\n", flush=True)
-        if done + failed >= total:
-            break
-        await asyncio.sleep(0.5 if interactive else 2.0)
-    seconds = time.monotonic() - started
-    if interactive:
-        print()
-    summary = {
-        "documents": total,
-        "receipted": done,
-        "failed": failed,
-        "pages": service.counters.pages,
-        "bytes_original": service.counters.original_bytes,
-        "bytes_compressed_encrypted": service.counters.ciphertext_bytes,
-        "bytes_on_wire": service.uplink.bytes_on_wire,
-        "ocr_seconds": round(service.counters.ocr_seconds, 2),
-        "seconds": round(seconds, 2),
-        "dashboard": f"http://127.0.0.1:{http_port}/",
-        "dashboard_user": login[0],
-        "dashboard_password_file": login[1],
-        "api_token_file": str(central_home / "api-token"),
-        "home": str(home),
-    }
-    keep_serving = not exit_when_synced and done + failed >= total
-    if not as_json:
-        _print_summary(summary, keep_serving=keep_serving)
-    if keep_serving:
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.Event().wait()
-    for task in (edge_task, central_task):
-        task.cancel()
-    for task in (edge_task, central_task):
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+            _print_summary(summary, keep_serving=keep_serving)
+        if keep_serving:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.Event().wait()
+    finally:
+        # Also when cancelled (SIGTERM, Ctrl-C): wait for both to finish their own cleanup.
+        for task in (edge_task, central_task):
+            task.cancel()
+        for task in (edge_task, central_task):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
     return summary
 
 
@@ -133,9 +156,31 @@ def _print_summary(summary: dict[str, Any], *, keep_serving: bool) -> None:
               f"--exit-when-synced keeps it up ({login})")
 
 
+def _interrupted(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(*, scans: Path | None, pages: int, home: Path | None, exit_when_synced: bool, as_json: bool,
          timeout: float) -> int:
+    """Run the demo; SIGTERM and Ctrl-C stop it cleanly: the services are cancelled (the OCR workers
+    shut down with the edge), the broker stopped, and a temporary home with its keys removed."""
+    previous = signal.signal(signal.SIGTERM, _interrupted)
+    temporary = home is None
     home = home or Path(tempfile.mkdtemp(prefix="sohoa-demo-"))
+    try:
+        return _main(scans=scans, pages=pages, home=home, exit_when_synced=exit_when_synced, as_json=as_json,
+                     timeout=timeout)
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if temporary:
+            # Keys, the device bundle's secret and the dashboard password lived here: not left in /tmp.
+            shutil.rmtree(home, ignore_errors=True)
+
+
+def _main(*, scans: Path | None, pages: int, home: Path, exit_when_synced: bool, as_json: bool,
+          timeout: float) -> int:
     home.mkdir(parents=True, exist_ok=True)
     broker_port, device_port, http_port = free_port(), free_port(), free_port()
     central_home = home / "central"
@@ -165,15 +210,17 @@ def main(*, scans: Path | None, pages: int, home: Path | None, exit_when_synced:
             print(f"sohoa demo in {home}: broker :{broker_port} (central) :{device_port} (devices), "
                   f"central http :{http_port}, "
                   f"{len(files)} document(s)")
-        try:
-            summary = asyncio.run(_run(home, files, http_port=http_port, exit_when_synced=exit_when_synced,
-                                       as_json=as_json, give_up_after=timeout,
-                                       login=("demo", str(password_file))))
-        except KeyboardInterrupt:
-            return 130
+        summary = asyncio.run(_run(home, files, http_port=http_port, exit_when_synced=exit_when_synced,
+                                   as_json=as_json, give_up_after=timeout,
+                                   login=("demo", str(password_file))))
     finally:
-        broker.terminate()
-        broker.wait(timeout=10)
+        with contextlib.suppress(ProcessLookupError):
+            broker.terminate()
+        try:
+            broker.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            broker.kill()
+            broker.wait()
     if as_json:
         print(json.dumps(summary, ensure_ascii=False, indent=2))
     # Success means every document receipted; a quarantined sample is a failure worth an exit code.

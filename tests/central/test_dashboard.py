@@ -289,3 +289,21 @@ async def test_dashboard_endpoints_are_fast_at_3000_devices(fleet: Fleet, config
     print(f"\n{FLEET} devices, {HISTORY} transfers: {report}")
     # Generous: a loaded 2-core CI box, not a benchmark. Typical figures are a few tens of ms.
     assert all(max(t) < 1.0 for t in timings.values()), report
+
+
+async def test_metrics_per_device_series_are_bounded(fleet: Fleet) -> None:
+    from central.metrics import DEVICE_SERIES_MAX  # noqa: PLC0415
+    from tests.support.prom import parse  # noqa: PLC0415
+
+    response = await fleet.client.get("/metrics")
+    assert response.status == 200
+    _, samples = parse(await response.text())
+    problems = sum(b.problem_rank > 0 for b in fleet.boxes)
+    assert problems > DEVICE_SERIES_MAX
+    up = [name for name in samples if name.startswith("sohoa_device_up{")]
+    assert len(up) == DEVICE_SERIES_MAX
+    assert samples["sohoa_device_series_dropped"] == problems - DEVICE_SERIES_MAX
+    # The worst first: every possible clone is among the exported devices.
+    clones = [b.id for b in fleet.boxes if b.clone and b.active]
+    assert all(f'sohoa_device_up{{device="{c}"}}' in samples for c in clones)
+    assert samples['sohoa_devices{state="revoked"}'] == sum(b.revoked for b in fleet.boxes)

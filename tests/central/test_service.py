@@ -24,6 +24,7 @@ from tests.central.builders import Sealed, seal_document
 from tests.central.conftest import Enroll
 from tests.central.test_broker import TIMEOUT, connected
 from tests.support.broker import Broker
+from tests.support.prom import parse
 
 
 async def send_and_wait_receipt(device: MqttClient, sealed: Sealed, segment_size: int = 16 * 1024) -> Receipt:
@@ -72,7 +73,7 @@ async def test_ingest_over_mqtt_then_browse_over_http(config: CentralConfig, cen
 
     detail = await (await client.get(f"/api/documents/{body.document_id}", headers=auth)).json()
     assert detail["filename"] == "Công văn số 5 – Tuyên Quang.pdf" and "Quyết định" in detail["text"]
-    assert detail["metadata"]["tid"] == sealed.tid
+    assert detail["package_metadata"]["tid"] == sealed.tid   # metadata: the six archival fields
 
     response = await client.get(f"/api/documents/{body.document_id}/original", headers=auth)
     assert response.status == 200 and await response.read() == original
@@ -84,12 +85,13 @@ async def test_ingest_over_mqtt_then_browse_over_http(config: CentralConfig, cen
 
     metrics = await (await client.get("/metrics")).text()
     samples = parse_prometheus(metrics)
-    assert samples["documents_total"] == 1 and samples["bytes_stored"] == len(original)
-    assert samples["segments_received_total"] == len(sealed.segments(16 * 1024))
-    assert samples["transfers_active"] == 0 and samples["devices_online"] == 1
+    assert samples["sohoa_catalog_documents"] == 1 and samples["sohoa_catalog_stored_bytes"] == len(original)
+    assert samples["sohoa_central_segments_received_total"] == len(sealed.segments(16 * 1024))
+    assert samples["sohoa_central_transfers_active"] == 0 and samples['sohoa_devices{state="online"}'] == 1
     assert (await (await client.get("/healthz")).json())["mqtt_connected"] is True
+    assert (await client.get("/readyz")).status == 200
     page = await client.get("/")   # no session: the sign-in page, never the dashboard
-    assert page.status == 401 and 'id="login"' in await page.text()
+    assert page.status == 200 and 'id="login"' in await page.text()
 
 
 async def test_bad_signature_over_mqtt_gets_rejected(config: CentralConfig, central_broker: Broker,
@@ -178,13 +180,17 @@ async def test_ingest_that_dies_makes_healthz_503_and_shows_in_metrics(
     supervisor = client.app[INGEST]
     async with asyncio.timeout(TIMEOUT):
         await supervisor.down.wait()
-    health = await client.get("/healthz")
-    assert health.status == 503
-    body = await health.json()
-    assert body["status"] == "ingest stopped" and body["last_error"] == "RuntimeError"
-    assert body["ingest_failures"] >= 1
+    # Alive (the supervisor restarts the ingest by itself), but not ready.
+    assert (await client.get("/healthz")).status == 200
+    ready = await client.get("/readyz")
+    assert ready.status == 503
+    body = await ready.json()
+    assert body["status"] == "not ready" and body["last_error"] == "RuntimeError"
+    assert body["ingest_failures"] >= 1 and body["ingest_running"] is False
+    assert any("ingest stopped" in problem for problem in body["problems"])
     samples = parse_prometheus(await (await client.get("/metrics")).text())
-    assert samples["ingest_running"] == 0 and samples["ingest_failures_total"] >= 1
+    assert samples["sohoa_central_ingest_running"] == 0
+    assert samples["sohoa_central_ingest_failures_total"] >= 1
 
 
 async def test_ingest_that_dies_is_restarted_and_ingests_again(
@@ -201,8 +207,10 @@ async def test_ingest_that_dies_is_restarted_and_ingests_again(
     await ingest_ready(client.app)
     health = await client.get("/healthz")
     assert health.status == 200 and (await health.json())["status"] == "ok"
+    assert (await client.get("/readyz")).status == 200
     samples = parse_prometheus(await (await client.get("/metrics")).text())
-    assert samples["ingest_running"] == 1 and samples["ingest_failures_total"] == 1
+    assert samples["sohoa_central_ingest_running"] == 1
+    assert samples["sohoa_central_ingest_failures_total"] == 1
     sealed = seal_document(device="xa-tan-trao", seq=1, signing_key=bundle.signing_key,
                            central_key=central_keys.encryption.public_key, original=b"%PDF-1.4 restarted")
     async with connected(central_broker.device_port, bundle.username, bundle.password,
@@ -219,14 +227,7 @@ async def ingest_ready(app: web.Application) -> None:
 
 
 def parse_prometheus(text: str) -> dict[str, float]:
-    samples: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        match = re.fullmatch(r'([a-zA-Z_:][a-zA-Z0-9_:]*(?:\{[^}]*\})?) (-?[0-9.e+]+)', line)
-        assert match, f"not Prometheus text format: {line!r}"
-        samples[match.group(1)] = float(match.group(2))
-    return samples
+    return parse(text)[1]
 
 
 async def test_one_circular_from_two_communes_over_mqtt(config: CentralConfig, central_broker: Broker,
@@ -270,4 +271,4 @@ async def test_one_circular_from_two_communes_over_mqtt(config: CentralConfig, c
     detail = await (await client.get(f"/api/documents/{second.document_id}", headers=auth)).json()
     assert detail["same_content"] == [first.document_id]
     samples = parse_prometheus(await (await client.get("/metrics")).text())
-    assert samples["documents_total"] == 2 and samples["bytes_stored"] == len(circular)
+    assert samples["sohoa_catalog_documents"] == 2 and samples["sohoa_catalog_stored_bytes"] == len(circular)

@@ -49,10 +49,19 @@ async def test_private_files_no_plaintext_left_no_secrets_in_logs(
         assert await wait_until(packaged_or_done, within=60, interval=0.05)
         report = await status_report(deployment.edge_home)
 
-    # Everything the edge keeps is private to its user.
+    # Everything the edge keeps is private to its user, except the two status files, which the
+    # home's group may read (0640; the home itself is 0700 unless `edge init --status-group`).
+    status_files = {"status.json", "status-view.json"}
+
+    def status_file(path: Path) -> bool:   # the file, or its atomic write's temporary twin
+        return path.parent == cfg.home and any(
+            path.name == name or (path.name.startswith(f".{name}.") and path.name.endswith(".tmp"))
+            for name in status_files)
+
     loose = {str(p.relative_to(cfg.home)): oct(m) for p, m in seen_modes.items()
-             if (p.is_dir() and m & 0o077) or (not p.is_dir() and m & 0o077)}
+             if m & (0o037 if status_file(p) else 0o077)}
     assert loose == {}
+    assert stat.S_IMODE(cfg.home.stat().st_mode) == 0o700
     # Receipted: no plaintext original, no envelope, no OCR/package temporaries remain.
     assert list(cfg.processed_dir.iterdir()) == []
     assert list(cfg.envelopes_dir.iterdir()) == []

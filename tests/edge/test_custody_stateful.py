@@ -280,6 +280,7 @@ TestOfficeDay.settings = settings(
 
 
 @pytest.mark.torture
+@pytest.mark.timeout(3600)
 def test_custody_rule_long_run() -> None:
     """The same machine, many more office days (``-m torture``)."""
     from hypothesis.stateful import run_state_machine_as_test  # noqa: PLC0415

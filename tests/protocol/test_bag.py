@@ -10,10 +10,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocol.bag import (
+    DOCUMENT_FIELDS,
     HOCR,
     METADATA,
     TEXT,
+    DocumentField,
     OcrInfo,
+    OcrPage,
     PackageMetadata,
     bag_info,
     check_tid_matches,
@@ -24,6 +27,7 @@ from protocol.bag import (
 )
 from protocol.errors import BagError, ProtocolError
 from protocol.names import display_name, fold, nfc
+from protocol.schemas import TEMPLATES
 
 TID = "0123456789abcdef0123456789abcdef"
 META = PackageMetadata(
@@ -129,3 +133,66 @@ def test_parse_manifest_never_crashes(data: bytes, media_type: str | None) -> No
         assert isinstance(exc, BagError)
         return
     assert parse_manifest(manifest(result), media_type) == result
+
+
+RICH = PackageMetadata(
+    tid=TID, device_id="xa-tan-trao-01", seq=6, original_name="Quyết định 125.jpg",
+    original_sha256="cd" * 32, original_size=5000, media_type="image/jpeg", pages=1,
+    captured_at="2026-11-30T07:00:00Z",
+    ocr=OcrInfo(engine="tesseract 5.3.0", languages=("vie",), dpi=253, seconds=2.5, mean_confidence=94.1,
+                dpi_estimated=True,
+                page_info=(OcrPage(dpi=253, dpi_estimated=True, rotation=180, skew=-1.2,
+                                   orientation_confidence=11.5, width=1654, height=2339),)),
+    document={"so_ky_hieu": DocumentField("125/QĐ-UBND", 0.95), "ngay": DocumentField("2025-03-14", 0.9),
+              "loai": DocumentField("Quyết định", 0.97),
+              "nguoi_ky": DocumentField("Nguyễn Văn Hùng", 0.8)})
+
+
+def test_extracted_fields_and_page_info_round_trip() -> None:
+    assert PackageMetadata.from_json(RICH.to_json()) == RICH
+    assert "125/QĐ-UBND".encode() in RICH.to_json()
+
+
+def test_metadata_written_before_the_fields_existed_still_parses() -> None:
+    old = json.loads(META.to_json())
+    del old["document"], old["ocr"]["page_info"], old["ocr"]["dpi_estimated"]
+    parsed = PackageMetadata.from_json(json.dumps(old).encode())
+    assert parsed == META and parsed.document == {} and parsed.ocr.page_info == ()
+
+
+@pytest.mark.parametrize("change", [
+    {"document": {"so_ky_hieu": {"value": "1/QĐ", "confidence": 1.5}}},
+    {"document": {"so_ky_hieu": {"value": "", "confidence": 0.5}}},
+    {"document": {"so_ky_hieu": {"value": "1/QĐ", "confidence": True}}},
+    {"document": {"so_ky_hieu": {"value": "1/QĐ", "confidence": 0.5, "by": "x"}}},
+    {"document": {"ngay": {"value": "14/3/2025", "confidence": 0.5}}},
+    {"document": {"ngay": {"value": "2025-13-01", "confidence": 0.5}}},
+    {"document": {"tac_gia": {"value": "x", "confidence": 0.5}}},
+    {"document": {"loai": {"value": unicodedata.normalize("NFD", "Quyết định"), "confidence": 0.5}}},
+    {"document": {"loai": {"value": "Quyết\u202eđịnh", "confidence": 0.5}}},
+    {"document": {"loai": {"value": "x" * 3000, "confidence": 0.5}}},
+    {"document": {"loai": "Quyết định"}}, {"document": []},
+])
+def test_bad_document_fields_are_bag_errors(change: dict[str, object]) -> None:
+    obj = {**json.loads(RICH.to_json()), **change}
+    with pytest.raises(BagError):
+        PackageMetadata.from_json(json.dumps(obj).encode())
+
+
+@pytest.mark.parametrize("page", [
+    {"dpi": -1}, {"dpi": "300"}, {"dpi": 300, "rotation": 45}, {"dpi": 300, "skew": 90},
+    {"dpi": 300, "skew": float("nan")}, {"dpi": 300, "dpi_estimated": 1}, {"dpi": 300, "width": -5},
+    {"dpi": 300, "colour": "red"}, {},
+])
+def test_bad_page_info_is_a_bag_error(page: dict[str, object]) -> None:
+    obj = json.loads(RICH.to_json())
+    obj["ocr"]["page_info"] = [page]
+    with pytest.raises(BagError):
+        PackageMetadata.from_json(json.dumps(obj).encode())
+
+
+def test_templates_map_only_onto_extracted_fields() -> None:
+    for template in TEMPLATES.values():
+        keys = [f.key for f in template.fields]
+        assert len(keys) == len(set(keys)) and not template.verified
+        assert {f.extracted for f in template.fields if f.extracted} == set(DOCUMENT_FIELDS)

@@ -46,7 +46,9 @@ class Deployment:
         periods: dict[str, Any] = {**TEST_INTAKE, **intake}
         return dataclasses.replace(
             cfg, intake=dataclasses.replace(cfg.intake, **periods),
-            retention=dataclasses.replace(cfg.retention, release_after_seconds=release_after_seconds))
+            retention=dataclasses.replace(cfg.retention, release_after_seconds=release_after_seconds),
+            # Any free loopback port: several test runs share this machine.
+            status_page=dataclasses.replace(cfg.status_page, listen="127.0.0.1:0"))
 
     async def get_json(self, path: str, **params: str) -> object:
         async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {self.token}"}) as session, \

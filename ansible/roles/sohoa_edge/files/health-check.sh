@@ -1,0 +1,1 @@
+../../../../firmware-scripts/health-check.sh

@@ -1,0 +1,44 @@
+"""`sohoa demo` stopped with SIGTERM mid-run: no orphan OCR workers or broker, no keys left in TMPDIR."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+
+@pytest.mark.timeout(180)
+def test_sigterm_cleans_up(tmp_path: Path) -> None:
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-m", "sohoa.cli", "demo", "--pages", "4", "--exit-when-synced"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    assert proc.stdout is not None
+    try:
+        deadline = time.monotonic() + 90
+        for line in proc.stdout:
+            if line.startswith("sohoa demo in "):
+                break
+            assert time.monotonic() < deadline, "the demo did not start"
+        homes = list(tmp_path.glob("sohoa-demo-*"))
+        assert len(homes) == 1 and (homes[0] / "central" / "keys").is_dir()
+        children: list[psutil.Process] = []
+        for _ in range(40):   # until the OCR workers are up
+            children = psutil.Process(proc.pid).children(recursive=True)
+            if len(children) >= 2:
+                break
+            time.sleep(0.25)
+        assert any("mosquitto" in c.name() for c in children), [c.name() for c in children]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    _, alive = psutil.wait_procs(children, timeout=15)
+    assert alive == [], [(p.pid, p.name()) for p in alive]
+    assert list(tmp_path.glob("sohoa-demo-*")) == []
