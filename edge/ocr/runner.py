@@ -29,7 +29,7 @@ import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from edge.errors import OcrEngineError
 from edge.media import MAX_PAGE_PIXELS, MediaInfo
@@ -173,9 +173,13 @@ class OcrRunner:
                         self.page_timeout, self.page_engine, self.filters, orientation,
                         self.orientation) for index in range(media.pages)]
         futures = [loop.run_in_executor(pool, process_page, job) for job in jobs]
+        gathered = asyncio.gather(*futures)
+        # Cancelled mid-document (SIGTERM): the pages' futures are cancelled below, which completes the
+        # gather with a CancelledError nobody awaits any more; read it so asyncio does not log it.
+        gathered.add_done_callback(_retrieve)
         try:
             # Orientation may read a page twice plus OSD: three engine runs at most.
-            pages = await asyncio.wait_for(asyncio.gather(*futures),
+            pages = await asyncio.wait_for(gathered,
                                            timeout=3 * self.page_timeout * media.pages + 60)
         except concurrent.futures.process.BrokenProcessPool as exc:
             self._pool = None
@@ -243,3 +247,8 @@ class TesseractEngine(OcrRunner):
         if self._version is None:
             self._version = await asyncio.to_thread(tesseract_version, self.tesseract_cmd)
         return self._version
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -27,6 +28,9 @@ def test_sigterm_cleans_up(tmp_path: Path) -> None:
             if line.startswith("sohoa demo in "):
                 break
             assert time.monotonic() < deadline, "the demo did not start"
+        # Keep reading: a full pipe would block the demo's next progress line, and a process blocked in
+        # write() cannot act on SIGTERM (the test would measure the pipe, not the demo).
+        threading.Thread(target=proc.stdout.read, daemon=True).start()
         homes = list(tmp_path.glob("sohoa-demo-*"))
         assert len(homes) == 1 and (homes[0] / "central" / "keys").is_dir()
         children: list[psutil.Process] = []
