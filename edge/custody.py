@@ -191,7 +191,7 @@ class Custody:
         target = free_name(refused, doc.name)
         await self._outbox.intend(doc.tid, str(target))
         await asyncio.to_thread(place, source, target, code=doc.reason_code, detail=doc.reason or "",
-                                tid=doc.tid)
+                                tid=doc.tid, name=doc.name)
         await self._outbox.moved(doc.tid, Place.QUARANTINED, str(target))
         log.warning("refused %s: %s (now in %s)", doc.name, doc.reason, refused.name)
 
@@ -210,7 +210,7 @@ class Custody:
             where = self._place_of(target)
             if where is Place.QUARANTINED and not note_path(target).exists():
                 await asyncio.to_thread(write_note, target, code=doc.reason_code, detail=doc.reason or "",
-                                        tid=doc.tid)
+                                        tid=doc.tid, name=doc.name)
             fresh = await self._outbox.moved(doc.tid, where, str(target))
         else:
             fresh = await self._outbox.moved(doc.tid, Place.MISSING)

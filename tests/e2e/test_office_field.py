@@ -1,0 +1,60 @@
+"""Situations a real commune office creates that the earlier suites did not: long Vietnamese names
+refused or returned, a box clock that was years off, a scan share remounted under the service.
+
+Real broker, real central, files on disk; the OCR engine is the fake one (this is about custody,
+names and folders; the real engine has its own end-to-end test).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from edge.cli import status_report
+from edge.ocr import FakeOcrEngine
+from edge.quarantine import REASON_SUFFIX
+from tests.support.deployment import Deployment, running
+from tests.support.waiting import wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _longest_name(words: str, suffix: str) -> str:
+    """The longest name this file system takes (255 bytes), in Vietnamese: what a Windows clerk
+    typing a whole trích yếu into the name gets through Samba."""
+    name = ""
+    while len(os.fsencode(name + words[len(name) % len(words)] + suffix)) <= 255:
+        name += words[len(name) % len(words)]
+    return name + suffix
+
+
+async def test_a_refused_scan_with_the_longest_name_reaches_the_clerk_with_its_reason(
+        deployment: Deployment) -> None:
+    """The note `<name>.lý-do.txt` cannot exist beside a 255-byte name (ENAMETOOLONG): the scan
+    must still land in _Lỗi with a readable reason, and the row must not stay in custody forever."""
+    cfg = deployment.edge_config()
+    name = _longest_name("Tờ trình về việc đề nghị phê duyệt kế hoạch lưu trữ ", ".pdf")
+    async with running(deployment, ocr_engine=FakeOcrEngine()) as service:
+        (cfg.watch_dir / name).write_bytes(b"%PDF-1.4\nkhong phai ban quet\n%%EOF\n")
+
+        async def settled() -> bool:
+            return ((await service.outbox.stats()).failed == 1
+                    and not await service.outbox.custody_pending())
+
+        assert await wait_until(settled, within=60), (
+            await service.outbox.stats(), service.alarms.last_error,
+            sorted(p.name for p in cfg.refused_dir.iterdir()) if cfg.refused_dir.exists() else None)
+        refused = sorted(cfg.refused_dir.iterdir())
+        assert [p for p in cfg.watch_dir.iterdir() if p != cfg.refused_dir] == []
+        # The scan itself is there, byte for byte, and one note explains it.
+        scans = [p for p in refused if not p.name.endswith(REASON_SUFFIX)]
+        notes = [p for p in refused if p.name.endswith(REASON_SUFFIX)]
+        assert len(scans) == 1 and len(notes) == 1, [p.name for p in refused]
+        assert scans[0].read_bytes().startswith(b"%PDF-1.4\nkhong")
+        note = notes[0].read_text("utf-8")
+        assert f"Tệp: {name}\n" in note and "Lý do: " in note    # the clerk's whole name, in the note
+        assert notes[0].name == scans[0].name + REASON_SUFFIX
+    report = await status_report(deployment.edge_home)
+    assert [item["code"] for item in report["failed"]] == ["incomplete"], report["failed"]
+
