@@ -126,7 +126,13 @@ class Custody:
             return None
         if doc.state is DocState.DELIVERED and doc.place is Place.HELD:
             due = (doc.delivered_at or 0.0) + self._release_after
-            if self._clock() < due:
+            now = self._clock()
+            if due > now + self._release_after:
+                # Received in the future: the clock was stepped back since (a box whose RTC was
+                # years ahead, then NTP). The wait restarts now rather than lasting years.
+                doc = await self._outbox.restart_release_wait(doc.tid, now)
+                due = now + self._release_after
+            if now < due:
                 return due
             await self._release(doc)
         elif doc.state is DocState.FAILED and doc.place is Place.HELD:

@@ -7,13 +7,17 @@ names and folders; the real engine has its own end-to-end test).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sqlite3
+from pathlib import Path
 
 import pytest
 
 from edge.cli import status_report
 from edge.ocr import FakeOcrEngine
 from edge.quarantine import REASON_SUFFIX
+from tests.faults.cluster import make_documents
 from tests.support.deployment import Deployment, running
 from tests.support.waiting import wait_until
 
@@ -58,3 +62,37 @@ async def test_a_refused_scan_with_the_longest_name_reaches_the_clerk_with_its_r
     report = await status_report(deployment.edge_home)
     assert [item["code"] for item in report["failed"]] == ["incomplete"], report["failed"]
 
+
+async def test_a_receipt_taken_while_the_clock_was_years_ahead_still_releases_after_ntp(
+        deployment: Deployment, tmp_path: Path) -> None:
+    """A box whose RTC battery died boots years off; its receipt is recorded at that time, then NTP
+    corrects the clock. The held original must still be released (re-hashed against the receipt)
+    after the release delay, not years later, when the box's disk has long filled up."""
+    sources = make_documents(tmp_path / "src", 1, seed=21)
+    name = next(iter(sources))
+    held_cfg = deployment.edge_config(release_after_seconds=3600.0)
+    async with running(deployment, ocr_engine=FakeOcrEngine(), edge_config=held_cfg) as service:
+        (held_cfg.watch_dir / name).write_bytes((tmp_path / "src" / name).read_bytes())
+
+        async def delivered() -> bool:
+            return (await service.outbox.stats()).counts["delivered"] == 1
+
+        assert await wait_until(delivered, within=60), await service.outbox.stats()
+    # What the box recorded while its clock read five years ahead (the receipt's local time).
+    years = 5 * 365 * 86400.0
+    with contextlib.closing(sqlite3.connect(held_cfg.outbox_path)) as db, db:
+        db.execute("UPDATE docs SET delivered_at = delivered_at + ?, created_at = created_at + ?,"
+                   " updated_at = updated_at + ?", (years, years, years))
+    assert [p.name for p in held_cfg.processed_dir.iterdir()]      # held, waiting for release
+
+    cfg = deployment.edge_config(release_after_seconds=1.0)     # NTP has set the clock right
+    async with running(deployment, ocr_engine=FakeOcrEngine(), edge_config=cfg) as service:
+        async def released() -> bool:
+            return not list(cfg.processed_dir.iterdir()) and not await service.outbox.custody_pending()
+
+        assert await wait_until(released, within=45), [
+            (d.state, d.place, d.delivered_at) for d in await service.outbox.recent()]
+        [doc] = await service.outbox.recent()
+        assert doc.place.value == "gone"
+        docs = await deployment.get_json("/api/documents")
+    assert isinstance(docs, list) and [d["sha256"] for d in docs] == [sources[name]]
