@@ -7,8 +7,10 @@ names and folders; the real engine has its own end-to-end test).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
+import shutil
 import sqlite3
 from pathlib import Path
 
@@ -96,3 +98,29 @@ async def test_a_receipt_taken_while_the_clock_was_years_ahead_still_releases_af
         assert doc.place.value == "gone"
         docs = await deployment.get_json("/api/documents")
     assert isinstance(docs, list) and [d["sha256"] for d in docs] == [sources[name]]
+
+
+async def test_file_events_resume_after_the_scan_share_is_removed_and_recreated(
+        deployment: Deployment, tmp_path: Path) -> None:
+    """The share is remounted (or the folder deleted and made again by an admin): inotify's watch
+    died with the old folder. Without file events a scan is judged by its mtime's age alone
+    (`unknown_quiet_seconds`, 60 s in the field) and a scanner pausing with its file open is no
+    longer seen as writing. After the folder comes back, a closed scan must again be taken after
+    the short closed-file quiet period, as before the remount."""
+    sources = make_documents(tmp_path / "src", 2, seed=31)
+    first, second = sorted(sources)
+    cfg = deployment.edge_config(unknown_quiet_seconds=60.0)    # the field's value: events matter
+    async with running(deployment, ocr_engine=FakeOcrEngine(), edge_config=cfg) as service:
+        async def delivered(n: int) -> bool:
+            return (await service.outbox.stats()).counts["delivered"] == n
+
+        (cfg.watch_dir / first).write_bytes((tmp_path / "src" / first).read_bytes())
+        assert await wait_until(lambda: delivered(1), within=30), await service.outbox.stats()
+
+        shutil.rmtree(cfg.watch_dir)
+        await asyncio.sleep(0.5)                     # the share is away for a moment
+        cfg.watch_dir.mkdir()
+        await asyncio.sleep(2 * cfg.intake.rescan_seconds + 0.5)     # and back, then a scan
+        (cfg.watch_dir / second).write_bytes((tmp_path / "src" / second).read_bytes())
+        assert await wait_until(lambda: delivered(2), within=20), (
+            await service.outbox.stats(), service.alarms.last_error)
