@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import hashlib
 import os
 import shutil
 import sqlite3
@@ -16,11 +18,13 @@ from pathlib import Path
 
 import pytest
 
+from central import commands as central_commands
+from edge import cli as edge_cli
 from edge.cli import status_report
 from edge.ocr import FakeOcrEngine
 from edge.quarantine import REASON_SUFFIX
 from tests.faults.cluster import make_documents
-from tests.support.deployment import Deployment, running
+from tests.support.deployment import DEVICE, Deployment, running
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -124,3 +128,50 @@ async def test_file_events_resume_after_the_scan_share_is_removed_and_recreated(
         (cfg.watch_dir / second).write_bytes((tmp_path / "src" / second).read_bytes())
         assert await wait_until(lambda: delivered(2), within=20), (
             await service.outbox.stats(), service.alarms.last_error)
+
+
+async def test_a_revoked_box_tells_the_clerk_and_its_unsent_scans_come_back_after_re_enrolment(
+        deployment: Deployment, tmp_path: Path) -> None:
+    """The admin revokes a box while scans are on their way (a box to be replaced, one that was
+    stolen and found). Its scans can never be sent under that identity: the box must say so, and
+    after it is enrolled again under a new id (`edge init --force --abandon-queue`) the unsent
+    scans must come back to the clerk (the refused folder, with a note) for `sohoa edge retry
+    --all`, not sit under tid names in a private folder that nobody will ever send."""
+    sources = make_documents(tmp_path / "src", 3, seed=41, side=300)
+    cfg = deployment.edge_config()
+    slow = dataclasses.replace(cfg, uplink=dataclasses.replace(cfg.uplink, rate_kbit=64))
+    async with running(deployment, ocr_engine=FakeOcrEngine(), edge_config=slow) as service:
+        for name in sorted(sources):
+            (cfg.watch_dir / name).write_bytes((tmp_path / "src" / name).read_bytes())
+
+        async def on_its_way() -> bool:
+            stats = await service.outbox.stats()
+            return stats.counts["sending"] >= 1 and stats.counts["stable"] == 0
+
+        assert await wait_until(on_its_way, within=30), await service.outbox.stats()
+        await asyncio.to_thread(central_commands.revoke, deployment.central_home, DEVICE)
+
+        async def told() -> bool:
+            status = await service.status()
+            return not status.online and any("revoked" in alarm for alarm in status.alarms)
+
+        assert await wait_until(told, within=20), await service.status()
+        unsent = {d.sha256 for d in await service.outbox.recent() if d.state.value != "delivered"}
+        assert unsent and unsent <= set(sources.values())
+    # The admin enrolls the box again under a new id and re-initialises it.
+    bundle = tmp_path / "new-bundle.toml"
+    await asyncio.to_thread(central_commands.enroll, deployment.central_home, "xa-tan-trao-2", bundle)
+    edge_cli.init(deployment.edge_home, bundle, cfg.watch_dir, force=True, abandon_queue=True)
+    back = {hashlib.sha256(p.read_bytes()).hexdigest(): p for p in cfg.refused_dir.iterdir()
+            if not p.name.endswith(REASON_SUFFIX)}
+    assert set(back) == unsent, sorted(p.name for p in cfg.refused_dir.iterdir())
+    assert {p.name for p in back.values()} <= set(sources)         # under the clerk's own names
+    assert all(p.with_name(p.name + REASON_SUFFIX).exists() for p in back.values())
+    assert edge_cli.retry(deployment.edge_home, [], every=True)
+    async with running(deployment, ocr_engine=FakeOcrEngine()) as service:
+        async def all_in() -> bool:
+            docs = await deployment.get_json("/api/documents")
+            assert isinstance(docs, list)
+            return {str(d["sha256"]) for d in docs} == set(sources.values())
+
+        assert await wait_until(all_in, within=60), await service.outbox.stats()
