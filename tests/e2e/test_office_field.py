@@ -175,3 +175,26 @@ async def test_a_revoked_box_tells_the_clerk_and_its_unsent_scans_come_back_afte
             return {str(d["sha256"]) for d in docs} == set(sources.values())
 
         assert await wait_until(all_in, within=60), await service.outbox.stats()
+
+
+async def test_a_zero_byte_placeholder_then_the_content_is_one_scan_not_a_refusal(
+        deployment: Deployment, tmp_path: Path) -> None:
+    """Some scanners (and copy tools) create the file empty, close it, and write the content a few
+    seconds later once the pages are processed. The empty file is not a finished scan: the box
+    must wait for the content, not hand the clerk an "empty file, scan again" refusal."""
+    sources = make_documents(tmp_path / "src", 1, seed=51)
+    [name] = sources
+    cfg = deployment.edge_config(incomplete_grace_seconds=20.0)
+    async with running(deployment, ocr_engine=FakeOcrEngine(), edge_config=cfg) as service:
+        (cfg.watch_dir / name).write_bytes(b"")                     # the placeholder, closed
+        await asyncio.sleep(4 * cfg.intake.quiet_seconds + 2 * cfg.intake.check_interval)  # warming up
+        (cfg.watch_dir / name).write_bytes((tmp_path / "src" / name).read_bytes())
+
+        async def delivered() -> bool:
+            return (await service.outbox.stats()).counts["delivered"] == 1
+
+        assert await wait_until(delivered, within=30), await service.outbox.stats()
+        stats = await service.outbox.stats()
+        assert stats.failed == 0 and not cfg.refused_dir.exists(), sorted(cfg.refused_dir.iterdir())
+        docs = await deployment.get_json("/api/documents")
+    assert isinstance(docs, list) and [d["sha256"] for d in docs] == [sources[name]]
