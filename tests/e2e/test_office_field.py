@@ -198,3 +198,33 @@ async def test_a_zero_byte_placeholder_then_the_content_is_one_scan_not_a_refusa
         assert stats.failed == 0 and not cfg.refused_dir.exists(), sorted(cfg.refused_dir.iterdir())
         docs = await deployment.get_json("/api/documents")
     assert isinstance(docs, list) and [d["sha256"] for d in docs] == [sources[name]]
+
+
+async def test_a_day_folder_dropped_at_once_and_a_scan_renamed_into_it(
+        deployment: Deployment, tmp_path: Path) -> None:
+    """The clerk drags a whole day's folder into the share (one rename: no file events for what is
+    inside), then renames a loose scan into that folder while the box is still waiting for it to
+    settle. Every scan arrives once, under the name it ended with."""
+    sources = make_documents(tmp_path / "day", 4, seed=61)
+    loose, *in_day = sorted(sources)
+    cfg = deployment.edge_config(quiet_seconds=1.5)
+    day = cfg.watch_dir / "2026-11-30"
+    staging = cfg.watch_dir.parent / "usb"
+    staging.mkdir()
+    for name in in_day:
+        (staging / name).write_bytes((tmp_path / "day" / name).read_bytes())
+    async with running(deployment, ocr_engine=FakeOcrEngine(), edge_config=cfg) as service:
+        (cfg.watch_dir / "scan0001.png").write_bytes((tmp_path / "day" / loose).read_bytes())
+        staging.rename(day)                                              # the folder, at once
+        (cfg.watch_dir / "scan0001.png").rename(day / "Quyết định số 12.png")   # renamed, moved in
+
+        async def delivered() -> bool:
+            return (await service.outbox.stats()).counts["delivered"] == 4
+
+        assert await wait_until(delivered, within=40), await service.outbox.stats()
+        docs = await deployment.get_json("/api/documents")
+        stats = await service.outbox.stats()
+    assert isinstance(docs, list)
+    assert sorted((str(d["filename"]), str(d["sha256"])) for d in docs) == sorted(
+        [("Quyết định số 12.png", sources[loose])] + [(name, sources[name]) for name in in_day])
+    assert stats.failed == 0
