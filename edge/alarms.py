@@ -18,6 +18,9 @@ DISK_FULL = "disk full: no space left in the edge home; scans wait and are retri
 IDENTITY_CLASH = ("another box is using this box's identity (a cloned memory card?): central refused "
                   "its documents; re-enroll one of the boxes, then run `sohoa edge retry --all`")
 
+ACCESS_REFUSED = ("central's broker refuses this box's account (revoked, or a wrong password): its "
+                  "scans stay on the box, nothing is lost; tell the administrator (once the box is "
+                  "enrolled again: `sohoa edge init --force --abandon-queue`, then `sohoa edge retry --all`)")
 
 # A last error is news, not a state: it is reported for a day, or until someone acknowledges it
 # (`sohoa edge ack`); alarms (conditions still true) stay until their condition clears.

@@ -46,8 +46,10 @@ def register(subparsers: Any) -> None:
     init.add_argument("--watch", type=Path, required=True, help="folder the scanner writes into")
     init.add_argument("--force", action="store_true", help="overwrite an existing configuration")
     init.add_argument("--abandon-queue", action="store_true",
-                      help="with --force: move the old identity's unsent queue aside "
-                           "(HOME/abandoned-TIME/) instead of refusing; nothing is deleted")
+                      help="with --force: hand the old identity's unsent scans back to the "
+                           "refused folder (send them with `edge retry --all`) and move the rest "
+                           "of its queue aside (HOME/abandoned-TIME/) instead of refusing; "
+                           "nothing is deleted")
     init.add_argument("--status-group", metavar="GROUP",
                       help="let this group read the box's status (sohoa edge status without root): the home "
                            "becomes 2710 with this group, the status files 0640; keys, outbox stay private")
@@ -119,12 +121,43 @@ def _set_aside_queue(home: Path, *, abandon: bool) -> None:
         raise ConfigError(f"{home} holds {waiting} document(s) not yet receipted by central; re-initialising "
                           "would strand them. Let them drain first (sohoa edge status), or pass "
                           "--abandon-queue to move the old queue aside (nothing is deleted)")
+    _hand_back_unsent(home, outbox)
     aside = home / f"abandoned-{dt.datetime.now(dt.UTC).strftime('%Y%m%dT%H%M%SZ')}"
     aside.mkdir(mode=0o700)
     for name in ("outbox.db", "outbox.db-wal", "outbox.db-shm", "envelopes", "processed", "work",
                  "status.json", VIEW_NAME):
         if (home / name).exists():
             (home / name).rename(aside / name)
+
+
+def _hand_back_unsent(home: Path, outbox: Path) -> None:
+    """The originals the old identity never got receipted go back to the clerk (the refused folder,
+    with a note), so `sohoa edge retry --all` sends them under the new identity; in the abandoned
+    folder they would sit under tid names, sent by nobody. Re-runnable after a crash: a row whose
+    held file is gone was handed back already. Scans still in the scan folder are simply taken
+    again by the new identity."""
+    import sqlite3
+
+    from edge.quarantine import free_name, place
+
+    try:
+        refused = edge_config.load(home).refused_dir
+    except ConfigError:
+        return   # the old config is unreadable: nothing tells where the clerk looks; all goes aside
+    conn = sqlite3.connect(f"file:{outbox}?mode=ro", uri=True)
+    try:
+        rows = conn.execute("SELECT tid, name, src_path FROM docs WHERE place = 'held'"
+                            " AND state IN ('stable', 'packaged', 'sending') ORDER BY seq").fetchall()
+    finally:
+        conn.close()
+    for tid, name, src_path in rows:
+        held = Path(src_path)
+        if not os.path.lexists(held):
+            continue
+        refused.mkdir(parents=True, exist_ok=True)
+        target = free_name(refused, name)
+        place(held, target, code="re_enrolled", tid=tid, name=name,
+              detail="the box was enrolled again before central receipted this document")
 
 
 def init(home: Path, bundle_path: Path, watch: Path, *, force: bool = False, abandon_queue: bool = False,

@@ -126,7 +126,13 @@ class Custody:
             return None
         if doc.state is DocState.DELIVERED and doc.place is Place.HELD:
             due = (doc.delivered_at or 0.0) + self._release_after
-            if self._clock() < due:
+            now = self._clock()
+            if due > now + self._release_after:
+                # Received in the future: the clock was stepped back since (a box whose RTC was
+                # years ahead, then NTP). The wait restarts now rather than lasting years.
+                doc = await self._outbox.restart_release_wait(doc.tid, now)
+                due = now + self._release_after
+            if now < due:
                 return due
             await self._release(doc)
         elif doc.state is DocState.FAILED and doc.place is Place.HELD:
@@ -191,7 +197,7 @@ class Custody:
         target = free_name(refused, doc.name)
         await self._outbox.intend(doc.tid, str(target))
         await asyncio.to_thread(place, source, target, code=doc.reason_code, detail=doc.reason or "",
-                                tid=doc.tid)
+                                tid=doc.tid, name=doc.name)
         await self._outbox.moved(doc.tid, Place.QUARANTINED, str(target))
         log.warning("refused %s: %s (now in %s)", doc.name, doc.reason, refused.name)
 
@@ -210,7 +216,7 @@ class Custody:
             where = self._place_of(target)
             if where is Place.QUARANTINED and not note_path(target).exists():
                 await asyncio.to_thread(write_note, target, code=doc.reason_code, detail=doc.reason or "",
-                                        tid=doc.tid)
+                                        tid=doc.tid, name=doc.name)
             fresh = await self._outbox.moved(doc.tid, where, str(target))
         else:
             fresh = await self._outbox.moved(doc.tid, Place.MISSING)

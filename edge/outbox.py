@@ -482,6 +482,14 @@ class Outbox:
             receipt_sha256=receipt_sha256 or (doc.sha256 if doc else None),
             reason="central already held this content" if duplicate else None)
 
+    async def restart_release_wait(self, tid: str, now: float) -> Doc:
+        """The receipt's recorded time lies in the future (the clock was stepped back since):
+        count the release delay from ``now`` instead."""
+        doc = await self._change(tid, "restart_release_wait", delivered_at=now)
+        if doc is None:
+            raise OutboxError(f"restart_release_wait: no outbox row {tid}", tid=tid)
+        return doc
+
     async def mark_failed(self, tid: str, reason: str, code: str = "failed") -> None:
         doc = await self.get(tid)
         if doc is not None and doc.state is DocState.FAILED:

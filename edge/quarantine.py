@@ -40,17 +40,35 @@ def safe_basename(raw: str) -> str:
     return "".join(ch if ch.isprintable() else "_" for ch in name)
 
 
+# A file system takes 255-byte names. Beside a refused scan go its note (``REASON_SUFFIX``) and,
+# while either is written, a temporary ``.<name>.XXXXXXXX.tmp``: a name the clerk's Windows let
+# through Samba (up to 255 bytes) is shortened so that all of them fit.
+NAME_MAX = 255
+_ROOM_BESIDE = len(os.fsencode("." + REASON_SUFFIX + ".XXXXXXXX.tmp"))
+
+
+def _fitting(stem: str, tail: str) -> str:
+    """``stem + tail``, the stem cut (whole characters, "…" marking the cut) to leave room."""
+    limit = NAME_MAX - _ROOM_BESIDE
+    if len(os.fsencode(stem + tail)) <= limit:
+        return stem + tail
+    while stem and len(os.fsencode(stem.rstrip() + "…" + tail)) > limit:
+        stem = stem[:-1]
+    return stem.rstrip() + "…" + tail
+
+
 def free_name(folder: Path, name: str) -> Path:
-    """``folder/name``, or ``name (2).ext``… if that (or its note) is taken."""
+    """``folder/name``, or ``name (2).ext``… if that (or its note) is taken; a name too long to
+    keep a note and a temporary file beside it is shortened (the note keeps the full name)."""
     name = safe_basename(name)
     stem, dot, ext = name.rpartition(".")
-    if not dot or not stem:
+    if not dot or not stem or len(os.fsencode(ext)) > 16:
         stem, ext = name, ""
     else:
         ext = "." + ext
     number = 1
     while True:
-        candidate = name if number == 1 else f"{stem} ({number}){ext}"
+        candidate = _fitting(stem, ext if number == 1 else f" ({number}){ext}")
         target = folder / candidate
         if not os.path.lexists(target) and not any(
                 os.path.lexists(folder / (candidate + suffix)) for suffix in _SUFFIXES):
@@ -62,9 +80,11 @@ def note_path(target: Path) -> Path:
     return target.with_name(target.name + REASON_SUFFIX)
 
 
-def write_note(target: Path, *, code: str | None, detail: str, tid: str | None = None) -> None:
+def write_note(target: Path, *, code: str | None, detail: str, tid: str | None = None,
+               name: str | None = None) -> None:
+    """The reason note beside ``target``; ``name`` is the clerk's own (``target`` may be shortened)."""
     when = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    text = note_text(name=target.name, code=code, detail=detail, when=when, tid=tid)
+    text = note_text(name=name or target.name, code=code, detail=detail, when=when, tid=tid)
     # Readable by the clerk over the share, like the scan itself.
     atomic_write_bytes(note_path(target), text.encode("utf-8"), 0o644)
 
@@ -78,17 +98,18 @@ def quarantine(path: Path, refused_dir: Path, reason: str, *, name: str | None =
     """
     refused_dir.mkdir(parents=True, exist_ok=True)
     target = free_name(refused_dir, path.name if name is None else name)
-    place(path, target, code=code, detail=reason, tid=tid)
+    place(path, target, code=code, detail=reason, tid=tid, name=name)
     return target
 
 
-def place(path: Path, target: Path, *, code: str | None, detail: str, tid: str | None = None) -> None:
+def place(path: Path, target: Path, *, code: str | None, detail: str, tid: str | None = None,
+          name: str | None = None) -> None:
     """The two steps of a quarantine to a chosen target: the file, then its note."""
     move_durably(path, target)
     with contextlib.suppress(OSError):
         if not target.is_symlink():
             target.chmod(0o644)   # the clerk's own scan, back on the share (best effort: owner)
-    write_note(target, code=code, detail=detail, tid=tid)
+    write_note(target, code=code, detail=detail, tid=tid, name=name)
 
 
 def _read_note(note: Path) -> tuple[str, str, str | None, dt.datetime | None]:

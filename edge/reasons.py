@@ -59,6 +59,13 @@ EXPLANATIONS: dict[str, Explanation] = {
         "Báo ngay cho cán bộ quản trị. Sau khi hộp được đăng ký lại, chạy: sohoa edge retry --all.",
         "Another box is using this box's identity (a copied memory card?). The document was not sent.",
         "Tell the administrator now. Once the box is enrolled again, run: sohoa edge retry --all."),
+    "re_enrolled": Explanation(
+        "Hộp đã được đăng ký lại (danh tính cũ bị thu hồi) trước khi tài liệu này được gửi; "
+        "kho lưu trữ trung tâm chưa nhận được nó.",
+        "Chạy: sohoa edge retry --all (hoặc chép tệp trở lại thư mục quét) để gửi lại.",
+        "The box was enrolled again (its old identity revoked) before this document was sent; "
+        "the central archive does not have it.",
+        "Run: sohoa edge retry --all (or copy the file back into the scan folder) to send it."),
     "gave_up": Explanation(
         "Hộp đã thử xử lý tài liệu này nhiều lần nhưng không thành công.",
         "Thử lại; nếu vẫn lỗi, báo cho cán bộ quản trị.",

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from edge import config as edge_config
 from edge import statuspage
-from edge.alarms import IDENTITY_CLASH, OUTBOX_FULL, Alarms, is_disk_full
+from edge.alarms import ACCESS_REFUSED, IDENTITY_CLASH, OUTBOX_FULL, Alarms, is_disk_full
 from edge.clerk import ACK_NAME
 from edge.config import EdgeConfig
 from edge.custody import Custody
@@ -236,6 +236,10 @@ class EdgeService:
         uplink = self._uplink
         if uplink is not None and uplink.identity_clash:
             self.alarms.raise_(IDENTITY_CLASH)
+        if uplink is not None and uplink.access_refused:
+            self.alarms.raise_(ACCESS_REFUSED)
+        else:
+            self.alarms.clear(ACCESS_REFUSED)
         last = (dt.datetime.fromtimestamp(stats.last_receipt_at, dt.UTC).isoformat(timespec="seconds")
                 if stats.last_receipt_at else None)
         with contextlib.suppress(OSError):

@@ -3,8 +3,8 @@
 For each path the intake hands over:
   1. a row already waiting for this very path (its move was interrupted) → custody finishes it;
   2. probe (type by content, full decode, caps) and check the file *ends* as its format must;
-     structurally incomplete → leave it: a scanner may still be writing; refuse it only once it
-     stayed incomplete and unchanged for ``incomplete_grace_seconds``;
+     structurally incomplete, or still empty (a placeholder) → leave it: a scanner may still be
+     writing; refuse it only once it stayed so and unchanged for ``incomplete_grace_seconds``;
      refused (not a scan, damaged, encrypted, too large, a symlink…) → a ``failed`` row with its
      reason code, and custody moves it to the clerk's refused folder;
   3. no room under the outbox cap → the scan waits, untouched, where the clerk put it (alarm);
@@ -68,6 +68,11 @@ class Taker:
             return
         name = display_name(path.name)
         relative = str(path.relative_to(cfg.watch_dir)) if path.is_relative_to(cfg.watch_dir) else path.name
+        if info.st_size == 0 and not self._still_incomplete(path, shape, IncompleteFileError(
+                "the file is still empty")):
+            # A placeholder: scanners and copy tools create the file, close it, and write the
+            # pages later. It is refused as empty only after the incomplete-file grace period.
+            return
         try:
             # Completeness first (the file's tail): a file still being written must wait, not be
             # refused as truncated. Then probe decodes every frame, off the event loop.

@@ -42,6 +42,8 @@ log = logging.getLogger("sohoa.edge.uplink")
 _STATUS_COALESCE = 0.5   # a burst of receipts yields one status publish, not one each
 # Central's error classes that mean "another box signs with this box's key" (central.errors).
 IDENTITY_CLASH_ERRORS = frozenset({"SequenceReusedError"})
+# CONNACK reasons that say the account itself is refused (revoked, wrong password), not the link.
+ACCESS_REFUSED_CODES = frozenset({0x86, 0x87, 0x8C})
 SESSION_TAKEN_OVER = 0x8E
 
 
@@ -128,6 +130,7 @@ class Uplink:
         # Central refused a sequence number another box with our identity already used, or the
         # broker handed our session to another client with our id: a cloned memory card.
         self.identity_clash = False
+        self.access_refused = False   # the broker refuses our account (CONNACK 0x86/0x87/0x8C)
 
     # -- public --------------------------------------------------------------------------------
     @property
@@ -164,10 +167,12 @@ class Uplink:
                     await client.connect()
                 except ConnectError as exc:
                     self.last_error = str(exc)
+                    self.access_refused = exc.reason_code in ACCESS_REFUSED_CODES
                     log.warning("cannot reach the broker at %s: %s (retry in ≤%.0f s)",
                                 self._broker_url, exc, delay)
                 else:
                     self.connects += 1
+                    self.access_refused = False
                     delay = self._backoff_initial
                     log.info("connected to %s as %s", self._broker_url, self._device)
                     try:

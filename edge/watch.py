@@ -102,6 +102,7 @@ class Intake:
         self._next_rescan = float("-inf")
         self._wake = asyncio.Event()
         self._observer: BaseObserver | None = None
+        self._watched: tuple[int, int] | None = None    # (st_dev, st_ino) the observer watches
 
     @property
     def pending(self) -> int:
@@ -124,6 +125,7 @@ class Intake:
             await asyncio.to_thread(observer.join, 10)
 
     def _start_observer(self) -> None:
+        self._watched = _identity(self.watch_dir)
         observer = InotifyObserver(generate_full_events=True) if InotifyObserver is not None else Observer()
         observer.schedule(_Handler(asyncio.get_running_loop(), self._touch), str(self.watch_dir),
                           recursive=True)
@@ -135,6 +137,25 @@ class Intake:
                         self.watch_dir, exc, self.rescan_seconds)
             return
         self._observer = observer
+
+    async def _rearm(self) -> None:
+        """Watch the scan folder again if it was removed and made again, or remounted: inotify's
+        watch dies with the old folder, and without events every scan would be judged by its
+        mtime's age alone (a scanner pausing with its file open would look finished)."""
+        if not self._use_events:
+            return
+        identity = await asyncio.to_thread(_identity, self.watch_dir)
+        observer = self._observer
+        alive = observer is not None and all(emitter.is_alive() for emitter in observer.emitters)
+        if identity is None or (identity == self._watched and (alive or observer is None)):
+            return   # away (nothing to watch yet), or unchanged (or events never worked here)
+        log.warning("the scan folder %s was removed, remade or remounted; watching it again",
+                    self.watch_dir)
+        self._observer = None
+        if observer is not None:
+            observer.stop()
+            await asyncio.to_thread(observer.join, 10)
+        self._start_observer()
 
     def _touch(self, path: Path, event: FileEvent | None, is_directory: bool) -> None:
         if is_directory:
@@ -159,6 +180,7 @@ class Intake:
             now = self._clock()
             if now >= self._next_rescan:
                 self._next_rescan = now + self.rescan_seconds
+                await self._rearm()
                 self._dirty.update(await asyncio.to_thread(self._scan, self.watch_dir))
             if self._dirty_dirs:
                 dirs, self._dirty_dirs = self._dirty_dirs, set()
@@ -216,6 +238,14 @@ def _walk(top: Path, ignore_dirs: frozenset[str] = frozenset()) -> Iterator[Path
                 yield Path(entry.path)
         except OSError:
             continue
+
+
+def _identity(folder: Path) -> tuple[int, int] | None:
+    try:
+        info = folder.stat()
+    except OSError:
+        return None
+    return (info.st_dev, info.st_ino) if stat.S_ISDIR(info.st_mode) else None
 
 
 def _lstat(path: Path) -> os.stat_result | None:
