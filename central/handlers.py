@@ -15,7 +15,7 @@ import re
 from collections.abc import Awaitable, Callable
 from datetime import UTC, date, datetime, timedelta, timezone
 from importlib import resources
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 from aiohttp import web
@@ -384,28 +384,29 @@ async def static(request: web.Request) -> web.Response:
                         headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"})
 
 
-async def revoke_device(request: web.Request) -> web.Response:
+_T = TypeVar("_T")
+
+
+async def _device_command(request: web.Request, command: Callable[..., _T]) -> tuple[str, _T]:
+    """Run an admin's ``commands.revoke``-like call on the device named in the path (404 if unknown)."""
     principal = require(request, "admin")
     device_id = _device_param("device id", request.match_info["id"])
     assert device_id is not None
     try:
-        result = await asyncio.to_thread(commands.revoke, request.app[CONFIG].home, device_id,
-                                         actor=principal.actor)
+        result = await asyncio.to_thread(command, request.app[CONFIG].home, device_id, actor=principal.actor)
     except DeviceError as exc:
         raise web.HTTPNotFound(text=json.dumps({"error": str(exc)}), content_type="application/json") from exc
+    return device_id, result
+
+
+async def revoke_device(request: web.Request) -> web.Response:
+    device_id, result = await _device_command(request, commands.revoke)
     return web.json_response({"device": device_id, "status": "revoked", "was_active": result.was_active,
                               "broker_reloaded": result.broker_pid is not None})
 
 
 async def clear_clone(request: web.Request) -> web.Response:
-    principal = require(request, "admin")
-    device_id = _device_param("device id", request.match_info["id"])
-    assert device_id is not None
-    try:
-        result = await asyncio.to_thread(commands.clear_clone, request.app[CONFIG].home, device_id,
-                                         actor=principal.actor)
-    except DeviceError as exc:
-        raise web.HTTPNotFound(text=json.dumps({"error": str(exc)}), content_type="application/json") from exc
+    device_id, result = await _device_command(request, commands.clear_clone)
     return web.json_response({"device": device_id, "was_flagged": result.was_flagged,
                               "possible_clone": None}, dumps=_dumps)
 
