@@ -152,8 +152,10 @@ def _print_summary(summary: dict[str, Any], *, keep_serving: bool) -> None:
     if keep_serving:
         print(f"dashboard: {summary['dashboard']} ({login}); Ctrl-C to stop")
     else:
-        print(f"dashboard: {summary['dashboard']} stopped with the demo; `sohoa demo` without "
-              f"--exit-when-synced keeps it up ({login})")
+        # A temporary home (and the password file in it) is removed on exit: point at it only as kept.
+        print(f"dashboard: stopped with the demo; `sohoa demo` without --exit-when-synced keeps it up "
+              f"(sign in as {summary['dashboard_user']}; with --home DIR the password stays in "
+              f"DIR/{Path(summary['dashboard_password_file']).name})")
 
 
 def _interrupted(signum: int, _frame: object) -> None:
