@@ -1,9 +1,11 @@
 """How long after "OCR done" is a small scan searchable at central while big scans are queued ahead of it
-on a 256 kbit/s commune link? Today there is no progressive sync: text and metadata travel inside the
-one encrypted package, behind nothing but the uplink's scheduling (``uplink.max_active`` transfers at
-once, by priority then sequence number).
+on a 256 kbit/s commune link? With progressive sync the small scan's notice (its sealed text and
+metadata, protocol/notice.py) goes ahead of every segment whatever ``uplink.max_active``, and central
+catalogues it at once ("original on its way"); ``--no-notices`` measures the old path (the whole
+package, behind the uplink's scheduling).
 
     python -m bench.searchable_behind_big [--big-mb 20] [--ahead 1] [--max-active 2] [--cap 180]
+                                          [--rate-kbit 0] [--no-notices]
 
 A real deployment on loopback (Mosquitto with the generated config, central, one edge), the edge's
 link through the fault proxy (tests/faults/proxy.py) at 256 kbit/s with 100 ms one way; the OCR engine
@@ -26,6 +28,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from edge import process
 from edge.ocr import FakeOcrEngine
 from tests.faults.proxy import FaultProxy
 from tests.support.deployment import Deployment, _deployment, running
@@ -62,7 +65,9 @@ async def measure(deployment: Deployment, args: argparse.Namespace, work: Path) 
         cfg = deployment.edge_config()
         cfg = dataclasses.replace(
             cfg, broker=dataclasses.replace(cfg.broker, url=f"mqtt://127.0.0.1:{proxy.port}"),
-            uplink=dataclasses.replace(cfg.uplink, max_active=args.max_active))
+            uplink=dataclasses.replace(cfg.uplink, max_active=args.max_active, rate_kbit=args.rate_kbit))
+        if args.no_notices:
+            process.build_notice = lambda **_: None   # type: ignore[assignment]  # the old path
         async with running(deployment, ocr_engine=FakeOcrEngine(), edge_config=cfg) as service:
             for n, data in enumerate(bigs):
                 place(data, cfg.watch_dir, f"Hồ sơ địa chính lớn {n + 1}.jpg")
@@ -112,6 +117,7 @@ async def measure(deployment: Deployment, args: argparse.Namespace, work: Path) 
         "searchable_after_ocr_done_s": None if searchable is None or ocr_done is None
         else round(searchable - ocr_done, 2),
         "cap_s": args.cap, "bytes_up_during_wait": sent - sent_at_drop,
+        "rate_kbit": args.rate_kbit, "notices": not args.no_notices,
         "states_at_end": {k: v[0] for k, v in final.items()},
         "estimate_if_not_overtaking_s": None if args.ahead < args.max_active
         else round(left_each * active / rate, 0),
@@ -127,6 +133,9 @@ def main() -> None:
     parser.add_argument("--max-active", type=int, default=2,
                         help="uplink.max_active (default: the edge's 2)")
     parser.add_argument("--cap", type=float, default=180, help="give up waiting after this many seconds")
+    parser.add_argument("--rate-kbit", type=float, default=0.0,
+                        help="uplink.rate_kbit, the edge's own cap (default 0: uncapped)")
+    parser.add_argument("--no-notices", action="store_true", help="send no notices (the old path)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

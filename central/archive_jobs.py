@@ -97,6 +97,9 @@ def enqueue_new(conn: sqlite3.Connection, *, now: str) -> int:
     added = conn.execute(
         "INSERT INTO archive_jobs (sha256, document_id, state, next_attempt_at, created_at, updated_at)"
         " SELECT sha256, min(id), 'pending', ?, ?, ? FROM documents WHERE id > ? AND id <= ?"
+        # One awaiting its original has no object yet: central.catalog.complete_document makes its
+        # job once it has one, if this cursor has passed it by then.
+        " AND state = 'stored'"
         " GROUP BY sha256 ON CONFLICT (sha256) DO NOTHING", (now, now, now, last, top)).rowcount
     conn.execute("INSERT INTO archive_cursor (id, last_document_id) VALUES (1, ?)"
                  " ON CONFLICT (id) DO UPDATE SET last_document_id = excluded.last_document_id", (top,))

@@ -33,8 +33,11 @@ log = logging.getLogger("sohoa.central.catalog")
 # hourly ``device_history`` for the device page's chart; transfer state lives in the catalog (signed
 # size, held ranges) so several workers can share it, segments point into the shared segment journal,
 # ``jobs`` holds assemblies to run. v4 (issue 9): archival-copy jobs, metadata corrections, fixity
-# events beyond ingest (``central.records_schema``). See ``_MIGRATIONS``.
-SCHEMA_VERSION = 4
+# events beyond ingest (``central.records_schema``). v5 (issue 9, progressive sync): a document may be
+# catalogued from its notice before its original is stored (``state`` 'awaiting_original', no object
+# yet, so ``documents.sha256`` no longer references ``objects``), and ``notices`` records each notice
+# taken. See ``_MIGRATIONS``.
+SCHEMA_VERSION = 5
 # ``SCHEMA`` below creates this version; a new catalog then runs the later steps like an old one.
 SCHEMA_BASE_VERSION = 3
 
@@ -347,9 +350,63 @@ def _v2_to_v3(conn: sqlite3.Connection) -> None:
                      (size, ranges_json(held), held.total(), tid))
 
 
+DOCUMENTS_V5 = """
+CREATE TABLE documents_v5 (
+    -- AUTOINCREMENT: an arrival dropped with its notice (central.ingest.archive) never lends its id to
+    -- the next one (a bookmarked id, and the archive-job cursor, rely on ids never coming back).
+    id             INTEGER PRIMARY KEY AUTOINCREMENT,
+    device         TEXT NOT NULL REFERENCES devices (id),
+    tid            TEXT NOT NULL UNIQUE,   -- the transfer (or its notice) that first brought this arrival
+    seq            INTEGER NOT NULL,
+    filename       TEXT NOT NULL,
+    sha256         TEXT NOT NULL,          -- the original's; in objects once state is 'stored'
+    captured_at    TEXT NOT NULL,
+    text_sha256    TEXT NOT NULL,
+    pages          INTEGER NOT NULL,
+    received_at    TEXT NOT NULL,
+    text           TEXT NOT NULL,
+    metadata       TEXT NOT NULL,
+    package_sha256 TEXT NOT NULL,          -- '' while the original is on its way
+    state          TEXT NOT NULL DEFAULT 'stored' CHECK (state IN ('stored', 'awaiting_original')),
+    UNIQUE (device, sha256, filename, captured_at, text_sha256)
+)
+"""
+
+NOTICES = """
+CREATE TABLE notices (
+    tid            TEXT PRIMARY KEY,       -- the document's transfer id (its envelope's, too)
+    device         TEXT NOT NULL REFERENCES devices (id),
+    seq            INTEGER NOT NULL,
+    payload_sha256 TEXT NOT NULL,          -- a repeat is the same bytes; anything else is a replay
+    document_id    INTEGER REFERENCES documents (id),
+    received_at    TEXT NOT NULL,
+    UNIQUE (device, seq)
+)
+"""
+
+
+def _v4_to_v5(conn: sqlite3.Connection) -> None:
+    """v5: documents may await their original (the table is rebuilt without the reference to
+    ``objects``, ids kept, so every table and FTS row pointing at a document still does) and
+    ``notices`` is new. Every existing document is 'stored'."""
+    conn.execute(DOCUMENTS_V5)
+    conn.execute(
+        "INSERT INTO documents_v5 (id, device, tid, seq, filename, sha256, captured_at, text_sha256, pages,"
+        " received_at, text, metadata, package_sha256, state) SELECT id, device, tid, seq, filename, sha256,"
+        " captured_at, text_sha256, pages, received_at, text, metadata, package_sha256, 'stored'"
+        " FROM documents")
+    conn.execute("DROP TABLE documents")
+    conn.execute("ALTER TABLE documents_v5 RENAME TO documents")
+    for statement in _statements(SCHEMA):
+        if statement.startswith("CREATE INDEX IF NOT EXISTS documents_"):
+            conn.execute(statement)
+    conn.execute("CREATE INDEX documents_awaiting ON documents (device) WHERE state = 'awaiting_original'")
+    conn.execute(NOTICES)
+
+
 # user_version found → the step that brings the file to the next version.
 _MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
-    1: _v1_to_v2, 2: _v2_to_v3, 3: records_schema.v3_to_v4,
+    1: _v1_to_v2, 2: _v2_to_v3, 3: records_schema.v3_to_v4, 4: _v4_to_v5,
 }
 
 
@@ -528,10 +585,11 @@ def fleet_summary(conn: sqlite3.Connection, *, today_since: str,
     oldest = conn.execute(
         f"SELECT d.id, {_OLDEST_AGE} AS age FROM devices d"  # noqa: S608
         " WHERE d.status = 'active' AND d.backlog_docs > 0 ORDER BY age DESC, d.id LIMIT 1").fetchone()
-    docs_total = conn.execute("SELECT count(*) FROM documents").fetchone()[0]
+    docs_total = conn.execute(f"SELECT count(*) FROM documents WHERE {_STORED}").fetchone()[0]  # noqa: S608
+    awaiting = conn.execute("SELECT count(*) FROM documents WHERE state = 'awaiting_original'").fetchone()[0]
     objects_total, bytes_stored = conn.execute(
         "SELECT count(*), coalesce(sum(size), 0) FROM objects").fetchone()
-    docs_today = conn.execute("SELECT count(*) FROM documents WHERE received_at >= ?",
+    docs_today = conn.execute(f"SELECT count(*) FROM documents WHERE {_STORED} AND received_at >= ?",  # noqa: S608
                               (today_since,)).fetchone()[0]
     return {
         "devices": {k: int(d[k]) for k in ("total", "online", "offline", "revoked", "with_error",
@@ -541,7 +599,9 @@ def fleet_summary(conn: sqlite3.Connection, *, today_since: str,
                     "oldest_device": oldest["id"] if oldest else None},
         # total: arrivals (one per commune that sent a scan); objects/bytes: what is stored, once.
         "documents": {"total": int(docs_total), "objects": int(objects_total), "bytes": int(bytes_stored),
-                      "today": int(docs_today), "today_since": today_since},
+                      "today": int(docs_today), "today_since": today_since,
+                      # Catalogued from their notices, searchable, not archived: originals on their way.
+                      "awaiting_original": int(awaiting)},
     }
 
 
@@ -833,20 +893,109 @@ def documents_with_content(conn: sqlite3.Connection, sha256: str) -> list[int]:
     return [int(r[0]) for r in rows]
 
 
-def insert_document(conn: sqlite3.Connection, doc: NewDocument) -> int:
-    """Catalogue a new arrival (and its object, the first time that content is stored)."""
-    conn.execute("INSERT INTO objects (sha256, size, media_type, stored_at) VALUES (?, ?, ?, ?)"
-                 " ON CONFLICT (sha256) DO NOTHING", (doc.sha256, doc.size, doc.media_type, doc.received_at))
+AWAITING = "awaiting_original"
+
+
+def insert_document(conn: sqlite3.Connection, doc: NewDocument, *, awaiting: bool = False) -> int:
+    """Catalogue a new arrival (and its object, the first time that content is stored). ``awaiting``:
+    from its notice, before the original is stored (no object yet; searchable all the same)."""
+    if not awaiting:
+        conn.execute("INSERT INTO objects (sha256, size, media_type, stored_at) VALUES (?, ?, ?, ?)"
+                     " ON CONFLICT (sha256) DO NOTHING",
+                     (doc.sha256, doc.size, doc.media_type, doc.received_at))
     key = doc.key
     cur = conn.execute(
         "INSERT INTO documents (device, tid, seq, filename, sha256, captured_at, text_sha256, pages,"
-        " received_at, text, metadata, package_sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " received_at, text, metadata, package_sha256, state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (doc.device, doc.tid, doc.seq, doc.filename, doc.sha256, doc.captured_at, key.text_sha256, doc.pages,
-         doc.received_at, doc.text, doc.metadata, doc.package_sha256))
+         doc.received_at, doc.text, doc.metadata, doc.package_sha256, AWAITING if awaiting else "stored"))
     doc_id = int(cur.lastrowid or 0)
     conn.execute("INSERT INTO documents_fts (rowid, filename, text) VALUES (?, ?, ?)",
                  (doc_id, fold(doc.filename), fold(doc.text)))
     return doc_id
+
+
+def complete_document(conn: sqlite3.Connection, doc_id: int, doc: NewDocument) -> None:
+    """The original of an arrival catalogued from its notice is stored: the same row (same id, so
+    whatever a clerk found or bookmarked stays valid) takes the package's name, text and metadata,
+    which are authoritative, and its object; an archival-copy job is made at once if the job
+    reconciler's cursor has already passed this id (``central.archive_jobs.enqueue_new``)."""
+    conn.execute("INSERT INTO objects (sha256, size, media_type, stored_at) VALUES (?, ?, ?, ?)"
+                 " ON CONFLICT (sha256) DO NOTHING", (doc.sha256, doc.size, doc.media_type, doc.received_at))
+    conn.execute(
+        "UPDATE documents SET filename = ?, sha256 = ?, captured_at = ?, text_sha256 = ?, pages = ?,"
+        " received_at = ?, text = ?, metadata = ?, package_sha256 = ?, state = 'stored' WHERE id = ?",
+        (doc.filename, doc.sha256, doc.captured_at, doc.key.text_sha256, doc.pages, doc.received_at, doc.text,
+         doc.metadata, doc.package_sha256, doc_id))
+    conn.execute("DELETE FROM documents_fts WHERE rowid = ?", (doc_id,))
+    conn.execute("INSERT INTO documents_fts (rowid, filename, text) VALUES (?, ?, ?)",
+                 (doc_id, fold(doc.filename), fold(doc.text)))
+    conn.execute(
+        "INSERT INTO archive_jobs (sha256, document_id, state, next_attempt_at, created_at, updated_at)"
+        " SELECT ?, ?, 'pending', ?, ?, ?"
+        " WHERE ? <= (SELECT last_document_id FROM archive_cursor WHERE id = 1)"
+        " ON CONFLICT (sha256) DO NOTHING",
+        (doc.sha256, doc_id, doc.received_at, doc.received_at, doc.received_at, doc_id))
+
+
+def drop_awaiting_document(conn: sqlite3.Connection, doc_id: int) -> None:
+    """Remove an arrival catalogued from a notice whose original turned out to be another (or to be an
+    arrival already catalogued): the original's transfer is catalogued on its own terms instead."""
+    conn.execute("UPDATE notices SET document_id = NULL WHERE document_id = ?", (doc_id,))
+    conn.execute("DELETE FROM documents_fts WHERE rowid = ?", (doc_id,))
+    conn.execute("DELETE FROM documents WHERE id = ? AND state = 'awaiting_original'", (doc_id,))
+
+
+@dataclass(frozen=True, slots=True)
+class AwaitingDocument:
+    id: int
+    sha256: str   # the original the notice announced
+
+
+def awaiting_document(conn: sqlite3.Connection, *, device: str | None = None, tid: str | None = None,
+                      doc_id: int | None = None) -> AwaitingDocument | None:
+    """The arrival awaiting its original, by the device and transfer its notice named, or by id."""
+    if doc_id is not None:
+        row = conn.execute("SELECT id, sha256 FROM documents WHERE id = ? AND state = 'awaiting_original'",
+                           (doc_id,)).fetchone()
+    else:
+        row = conn.execute("SELECT id, sha256 FROM documents WHERE tid = ? AND device = ?"
+                           " AND state = 'awaiting_original'", (tid, device)).fetchone()
+    return AwaitingDocument(int(row[0]), str(row[1])) if row else None
+
+
+@dataclass(frozen=True, slots=True)
+class NoticeRecord:
+    tid: str
+    device: str
+    seq: int
+    payload_sha256: str
+    document_id: int | None
+
+
+def get_notice(conn: sqlite3.Connection, tid: str) -> NoticeRecord | None:
+    row = conn.execute("SELECT tid, device, seq, payload_sha256, document_id FROM notices WHERE tid = ?",
+                       (tid,)).fetchone()
+    return NoticeRecord(*tuple(row)) if row else None
+
+
+def notice_by_seq(conn: sqlite3.Connection, device: str, seq: int) -> NoticeRecord | None:
+    row = conn.execute("SELECT tid, device, seq, payload_sha256, document_id FROM notices"
+                       " WHERE device = ? AND seq = ?", (device, seq)).fetchone()
+    return NoticeRecord(*tuple(row)) if row else None
+
+
+def insert_notice(conn: sqlite3.Connection, *, tid: str, device: str, seq: int, payload_sha256: str,
+                  document_id: int | None, at: str) -> None:
+    conn.execute("INSERT INTO notices (tid, device, seq, payload_sha256, document_id, received_at)"
+                 " VALUES (?, ?, ?, ?, ?, ?)", (tid, device, seq, payload_sha256, document_id, at))
+
+
+def awaiting_load(conn: sqlite3.Connection, device: str) -> tuple[int, int]:
+    """How many of a device's arrivals await their original, and their text's bytes (its quota)."""
+    row = conn.execute("SELECT count(*), coalesce(sum(length(CAST(text AS BLOB))), 0) FROM documents"
+                       " WHERE device = ? AND state = 'awaiting_original'", (device,)).fetchone()
+    return int(row[0]), int(row[1])
 
 
 def add_fixity(conn: sqlite3.Connection, *, event: str, device: str, tid: str, at: str,
@@ -871,15 +1020,20 @@ def fts_query(q: str) -> str | None:
     return " ".join(f'"{w}"' for w in words) if words else None
 
 
-_SUMMARY = ("d.id, d.device, d.filename, d.sha256, o.size, d.pages, o.media_type, d.captured_at,"
-            " d.received_at")
-_WITH_OBJECT = "JOIN objects o ON o.sha256 = d.sha256"
+# An arrival awaiting its original has no object yet: its size and type are what its notice announced.
+_SUMMARY = ("d.id, d.device, d.filename, d.sha256,"
+            " coalesce(o.size, json_extract(d.metadata, '$.original_size')) AS size, d.pages,"
+            " coalesce(o.media_type, json_extract(d.metadata, '$.media_type')) AS media_type, d.captured_at,"
+            " d.received_at, d.state")
+_WITH_OBJECT = "LEFT JOIN objects o ON o.sha256 = d.sha256 AND d.state = 'stored'"
+# Archived arrivals: what counts and totals count (one awaiting its original is not archived yet).
+_STORED = "state = 'stored'"
 
 
 def _summary(row: sqlite3.Row) -> dict[str, Any]:
     return {"id": row["id"], "device": row["device"], "filename": row["filename"], "sha256": row["sha256"],
             "size": row["size"], "pages": row["pages"], "media_type": row["media_type"],
-            "captured_at": row["captured_at"], "received_at": row["received_at"]}
+            "captured_at": row["captured_at"], "received_at": row["received_at"], "state": row["state"]}
 
 
 def search_documents(conn: sqlite3.Connection, *, device: str | None = None, q: str | None = None,
@@ -930,7 +1084,7 @@ class CatalogTotals:
 
 
 def totals(conn: sqlite3.Connection, *, now: datetime | None = None) -> CatalogTotals:
-    docs = conn.execute("SELECT count(*) FROM documents").fetchone()[0]
+    docs = conn.execute(f"SELECT count(*) FROM documents WHERE {_STORED}").fetchone()[0]  # noqa: S608
     size = conn.execute("SELECT coalesce(sum(size), 0) FROM objects").fetchone()[0]
     online = conn.execute(f"SELECT count(*) FROM devices d WHERE {_ONLINE}",  # noqa: S608
                           {"fresh_since": fresh_since(now)}).fetchone()[0]
@@ -999,7 +1153,9 @@ def metrics_snapshot(conn: sqlite3.Connection, *, now: datetime | None = None,
     objects, stored = conn.execute("SELECT count(*), coalesce(sum(size), 0) FROM objects").fetchone()
     return {
         "transfers_active": count_active_transfers(conn),
-        "documents": int(conn.execute("SELECT count(*) FROM documents").fetchone()[0]),
+        "documents": int(conn.execute(f"SELECT count(*) FROM documents WHERE {_STORED}").fetchone()[0]),  # noqa: S608
+        "documents_awaiting_original": int(conn.execute(
+            "SELECT count(*) FROM documents WHERE state = 'awaiting_original'").fetchone()[0]),
         "objects": int(objects), "stored_bytes": int(stored),
         "backlog_docs": int(d["backlog_docs"]), "backlog_bytes": int(d["backlog_bytes"]),
         "oldest_age_s": float(d["oldest_age_s"]),
@@ -1082,8 +1238,9 @@ def device_detail(conn: sqlite3.Connection, device_id: str, *, now: datetime | N
         " WHERE device = ? AND state = 'rejected' ORDER BY updated_at DESC LIMIT ?", (device_id, recent))]
     last_receipt = conn.execute("SELECT max(stored_at) FROM transfers WHERE device = ? AND state = 'stored'",
                                 (device_id,)).fetchone()[0]
-    documents_total = conn.execute("SELECT count(*) FROM documents WHERE device = ?",
+    documents_total = conn.execute(f"SELECT count(*) FROM documents WHERE device = ? AND {_STORED}",  # noqa: S608
                                    (device_id,)).fetchone()[0]
+    documents_awaiting = awaiting_load(conn, device_id)[0]
     return {
         "id": row["id"], "status": row["status"], "enrolled_at": row["enrolled_at"],
         "online": bool(row["online"]), "last_seen": row["last_seen"], "backlog_docs": row["backlog_docs"],
@@ -1093,6 +1250,7 @@ def device_detail(conn: sqlite3.Connection, device_id: str, *, now: datetime | N
         "possible_clone": (possible_clone(conn, device_id, since=row["possible_clone_since"])
                            if row["possible_clone_since"] else None),
         "health": _health(row["status_json"]), "documents_total": int(documents_total),
+        "documents_awaiting_original": documents_awaiting,
         "history": history, "recent_documents": documents, "recent_errors": errors,
     }
 

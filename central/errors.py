@@ -100,3 +100,16 @@ class AbortedError(ProtocolError):
     """The device aborted the transfer."""
 
     hint = "the device gave up on this transfer; it will re-package if the document still exists"
+
+
+class NoticeQuotaError(ProtocolError):
+    """A device has too many documents catalogued from notices whose originals never came."""
+
+    hint = ("the box's notices are refused until its originals arrive; its documents are still taken "
+            "whole, with their original, as before")
+
+
+class LateNoticeError(ProtocolError):
+    """A notice for a transfer central already refused: nothing to catalogue."""
+
+    hint = "the document's own transfer was refused; see that transfer's error"

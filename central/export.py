@@ -100,7 +100,7 @@ def fetch_page(conn: sqlite3.Connection, selection: Selection, *, after_id: int,
                limit: int = PAGE_ROWS) -> list[dict[str, Any]]:
     """The next page of selected documents (ascending id), each with its current metadata and the
     sha256 of its archival copy (if built)."""
-    clauses = ["d.id > ?"]
+    clauses = ["d.id > ?", "d.state = 'stored'"]   # archived arrivals (not those awaiting their original)
     params: list[Any] = [after_id]
     source = "documents d"
     if selection.q:

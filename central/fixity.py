@@ -89,7 +89,8 @@ def stored_objects(conn: sqlite3.Connection) -> Iterator[StoredObject]:
     """Every object the catalog says is stored, once each (an object may serve several arrivals)."""
     for row in conn.execute("SELECT sha256 FROM objects ORDER BY sha256"):
         yield StoredObject(ORIGINAL, row[0], None)
-    for row in conn.execute("SELECT package_sha256, min(id) FROM documents GROUP BY package_sha256"
+    for row in conn.execute("SELECT package_sha256, min(id) FROM documents WHERE state = 'stored'"
+                            " GROUP BY package_sha256"
                             " ORDER BY package_sha256"):
         yield StoredObject(PACKAGE, row[0], int(row[1]))
     for row in conn.execute("SELECT archival_sha256, document_id FROM archive_jobs"

@@ -262,6 +262,11 @@ async def document(request: web.Request) -> web.Response:
 
 
 def _stored_path(request: web.Request, doc: dict[str, Any]) -> Any:
+    if doc.get("state") == catalog.AWAITING:
+        # Catalogued from its notice: searchable, but its original is still on the box's link.
+        raise web.HTTPConflict(text=json.dumps({"error": "the original is on its way",
+                                                "hint": "try again once the device's transfer arrives"}),
+                               content_type="application/json")
     path = ObjectStore(request.app[CONFIG].paths.objects).path_for(doc["sha256"])
     if not path.is_file():
         raise web.HTTPGone(text=json.dumps({"error": "the stored original is missing",

@@ -27,6 +27,12 @@ Rules (everything that decides what a row may become lives in this module):
      collide, which is how central notices them.
   6. ``sendable`` pages with a keyset on ``(priority DESC, seq)`` over a partial index: thousands of
      queued rows never delay the first upload.
+  7. A row's **notice** (its text and metadata, sealed, sent ahead of the original: protocol.notice) is
+     a third coordinate, ``notice_state``, moving only along :data:`NOTICE_MOVES`. It is recorded with
+     the envelope in ``mark_packaged``'s one durable commit, so a box that dies between OCR and that
+     commit packages (and notices) the document again, and one that dies after it sends the notice
+     after the restart. Central's answer to a notice is never a receipt: nothing here lets custody act
+     on it, only ``mark_delivered`` does.
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ from typing import Any
 
 import aiosqlite
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 class DocState(StrEnum):
@@ -65,6 +71,23 @@ class Place(StrEnum):
     QUARANTINED = "quarantined"    # in the clerk's refused-scans folder, with a reason beside it
     RETRIED = "retried"            # taken back out of the refused folder (edge retry / the clerk)
     MISSING = "missing"            # vanished (deleted by someone else); nothing left to act on
+
+
+class NoticeState(StrEnum):
+    PENDING = "pending"      # sealed with the envelope, not published yet
+    SENT = "sent"            # published (again after every reconnect) until central answers
+    NOTED = "noted"          # central catalogued it: searchable there, original on its way
+    REFUSED = "refused"      # central would not catalogue it (quota, too late): the document travels whole
+
+
+# Rule 7: notice moves. A row without a notice (too large, or packaged before v3) has state NULL.
+NOTICE_MOVES: Mapping[NoticeState, frozenset[NoticeState]] = MappingProxyType({
+    NoticeState.PENDING: frozenset({NoticeState.SENT, NoticeState.NOTED, NoticeState.REFUSED}),
+    NoticeState.SENT: frozenset({NoticeState.NOTED, NoticeState.REFUSED}),
+    NoticeState.NOTED: frozenset(),
+    NoticeState.REFUSED: frozenset(),
+})
+NOTICE_OPEN = (NoticeState.PENDING, NoticeState.SENT)
 
 
 # Rule 1: the only state moves there are. SENDING → SENDING is a resumed transfer.
@@ -137,6 +160,7 @@ class Doc:
     central_document_id: int | None
     receipt_sha256: str | None
     pending_path: str | None  # where custody is moving the original right now (an intent)
+    notice_state: NoticeState | None = None   # rule 7; the sealed notice itself: Outbox.notice_payload
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +219,17 @@ _COLUMNS = ("tid, seq, state, place, name, rel_path, src_path, size, sha256, med
             "captured_at, envelope_path, signed_header, ciphertext_size, segment_size, attempts, reason, "
             "reason_code, created_at, updated_at, delivered_at, central_document_id, receipt_sha256, "
             "pending_path")
+# What a Doc is read from: the v2 columns plus the notice's state (never the notice's bytes).
+_SELECT = _COLUMNS + ", notice_state"
+
+# v3: the notice (rule 7). Its bytes stay out of every Doc read; the partial index keeps "notices to
+# send" cheap however long the history is.
+_V3 = (
+    "ALTER TABLE docs ADD COLUMN notice BLOB",
+    "ALTER TABLE docs ADD COLUMN notice_state TEXT"
+    " CHECK (notice_state IN ('pending', 'sent', 'noted', 'refused'))",
+    "CREATE INDEX docs_notices ON docs (priority DESC, seq) WHERE notice_state IN ('pending', 'sent')",
+)
 
 
 async def _migrate(db: aiosqlite.Connection, *, seq_base: int) -> None:
@@ -212,9 +247,13 @@ async def _migrate(db: aiosqlite.Connection, *, seq_base: int) -> None:
             await db.execute(_DOCS_V2)
             await db.execute("CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) STRICT")
             await db.execute("INSERT INTO counters (name, value) VALUES ('seq', ?)", (seq_base,))
-        else:
+        elif version == 1:
             await _migrate_v1(db)
-        for statement in _INDEXES_V2:
+        if version < 2:
+            for statement in _INDEXES_V2:
+                await db.execute(statement)
+        # v2 → v3: rows packaged before have no notice (NULL): they travel whole, as they always did.
+        for statement in _V3:
             await db.execute(statement)
         await db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         await db.execute("COMMIT")
@@ -266,7 +305,7 @@ def _doc(row: aiosqlite.Row | tuple[Any, ...]) -> Doc:
     (tid, seq, state, place, name, rel_path, src_path, size, sha256, media_type, pages, priority,
      captured_at, envelope_path, signed_header, ciphertext_size, segment_size, attempts, reason,
      reason_code, created_at, updated_at, delivered_at, central_document_id, receipt_sha256,
-     pending_path) = tuple(row)
+     pending_path, notice_state) = tuple(row)
     return Doc(tid=tid, seq=seq, state=DocState(state), place=Place(place), name=name, rel_path=rel_path,
                src_path=src_path, size=size, sha256=sha256, media_type=media_type, pages=pages,
                priority=priority, captured_at=captured_at, envelope_path=envelope_path,
@@ -274,7 +313,8 @@ def _doc(row: aiosqlite.Row | tuple[Any, ...]) -> Doc:
                ciphertext_size=ciphertext_size, segment_size=segment_size, attempts=attempts,
                reason=reason, reason_code=reason_code, created_at=created_at, updated_at=updated_at,
                delivered_at=delivered_at, central_document_id=central_document_id,
-               receipt_sha256=receipt_sha256, pending_path=pending_path)
+               receipt_sha256=receipt_sha256, pending_path=pending_path,
+               notice_state=NoticeState(notice_state) if notice_state is not None else None)
 
 
 # -- SQL, one plain function per statement ------------------------------------------------------
@@ -297,13 +337,13 @@ async def _insert(db: aiosqlite.Connection, doc: Doc) -> None:
 
 
 async def _select_one(db: aiosqlite.Connection, where: str, params: tuple[Any, ...]) -> Doc | None:
-    async with db.execute(f"SELECT {_COLUMNS} FROM docs WHERE {where} LIMIT 1", params) as cur:  # noqa: S608
+    async with db.execute(f"SELECT {_SELECT} FROM docs WHERE {where} LIMIT 1", params) as cur:  # noqa: S608
         row = await cur.fetchone()
     return _doc(row) if row is not None else None
 
 
 async def _select_many(db: aiosqlite.Connection, where: str, params: tuple[Any, ...]) -> list[Doc]:
-    async with db.execute(f"SELECT {_COLUMNS} FROM docs WHERE {where}", params) as cur:  # noqa: S608
+    async with db.execute(f"SELECT {_SELECT} FROM docs WHERE {where}", params) as cur:  # noqa: S608
         return [_doc(row) for row in await cur.fetchall()]
 
 
@@ -460,9 +500,14 @@ class Outbox:
 
     async def mark_packaged(self, tid: str, *, envelope_path: str, signed_header: bytes,
                             ciphertext_size: int, segment_size: int, pages: int | None = None,
-                            sha256: str | None = None, size: int | None = None) -> None:
+                            sha256: str | None = None, size: int | None = None,
+                            notice: bytes | None = None) -> None:
+        """The envelope is on disk and sendable; ``notice`` (the encoded Notice message's payload) goes
+        out ahead of it, in the same durable commit (rule 7)."""
         values: dict[str, Any] = {"envelope_path": envelope_path, "signed_header": signed_header,
                                   "ciphertext_size": ciphertext_size, "segment_size": segment_size}
+        if notice is not None:
+            values |= {"notice": notice, "notice_state": NoticeState.PENDING.value}
         values |= {k: v for k, v in (("pages", pages), ("sha256", sha256), ("size", size)) if v is not None}
         await self._change(tid, "mark_packaged", state=DocState.PACKAGED, durable=True, **values)
 
@@ -478,7 +523,7 @@ class Outbox:
         now = self._clock()
         await self._change(
             tid, "mark_delivered", state=DocState.DELIVERED, durable=True, delivered_at=now,
-            central_document_id=central_document_id,
+            central_document_id=central_document_id, notice=None,
             receipt_sha256=receipt_sha256 or (doc.sha256 if doc else None),
             reason="central already held this content" if duplicate else None)
 
@@ -495,7 +540,7 @@ class Outbox:
         if doc is not None and doc.state is DocState.FAILED:
             return
         await self._change(tid, "mark_failed", state=DocState.FAILED, durable=True, reason=reason,
-                           reason_code=code)
+                           reason_code=code, notice=None)
 
     async def bump_attempts(self, tid: str, reason: str) -> int:
         async with self._write() as db:
@@ -506,6 +551,34 @@ class Outbox:
             if row is None:
                 raise OutboxError(f"bump_attempts: no outbox row {tid}", tid=tid)
             return int(row[0])
+
+    async def notice_sent(self, tid: str) -> None:
+        """Published at least once (the row keeps being re-sent until central answers)."""
+        await self._notice_move(tid, NoticeState.SENT, durable=False)
+
+    async def notice_answered(self, tid: str, *, catalogued: bool) -> None:
+        """Central answered the notice: stop sending it. Custody is not told: only a receipt counts."""
+        await self._notice_move(tid, NoticeState.NOTED if catalogued else NoticeState.REFUSED, durable=True)
+
+    async def _notice_move(self, tid: str, to: NoticeState, *, durable: bool) -> None:
+        async with self._write(durable=durable) as db:
+            doc = await _select_one(db, "tid = ?", (tid,))
+            if doc is None or doc.notice_state is None or to not in NOTICE_MOVES[doc.notice_state]:
+                return   # a late or repeated answer, or a row without a notice: nothing to record
+            # The sealed bytes are only needed while the notice may still be sent.
+            drop = ", notice = NULL" if to in (NoticeState.NOTED, NoticeState.REFUSED) else ""
+            await _update(db, tid, f"notice_state = ?, updated_at = ?{drop}", (to.value, self._clock()))
+
+    async def notices_to_send(self, limit: int = 64) -> list[Doc]:
+        """Rows whose notice is not answered yet, by priority then seq, while their original is queued."""
+        return await _select_many(
+            self._db, "notice_state IN ('pending', 'sent') AND state IN ('packaged', 'sending')"
+            " ORDER BY priority DESC, seq LIMIT ?", (limit,))
+
+    async def notice_payload(self, tid: str) -> bytes | None:
+        async with self._db.execute("SELECT notice FROM docs WHERE tid = ?", (tid,)) as cur:
+            row = await cur.fetchone()
+        return bytes(row[0]) if row is not None and row[0] is not None else None
 
     async def clear_envelope(self, tid: str) -> None:
         await self._change(tid, "clear_envelope", envelope_path=None)

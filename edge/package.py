@@ -38,7 +38,10 @@ from protocol.bag import (
     payload_members,
 )
 from protocol.envelope import EnvelopeSealer, SignedHeader
+from protocol.errors import SizeLimitError
+from protocol.messages import Notice, encode
 from protocol.names import display_name
+from protocol.notice import NoticeContent, seal_notice
 
 # Fixed tar header fields: reproducible output, and nothing about the edge box leaks into it.
 TAR_MTIME = 0
@@ -95,21 +98,47 @@ def build_package(original: Path, out: Path, *, media: MediaInfo, ocr: OcrResult
             jxl.path.unlink(missing_ok=True)
 
 
+def _metadata(*, media: MediaInfo, ocr: OcrResult, tid: str, device_id: str, seq: int, original_name: str,
+              original_sha256: str, size: int, captured_at: str, jxl: Transcoded | None) -> PackageMetadata:
+    """The package's metadata.json; the notice carries the same (without the wire encoding)."""
+    return PackageMetadata(
+        tid=tid, device_id=device_id, seq=seq, original_name=display_name(original_name),
+        original_sha256=original_sha256, original_size=size, media_type=media.media_type,
+        pages=ocr.pages, captured_at=captured_at,
+        ocr=OcrInfo(engine=ocr.engine, languages=tuple(ocr.languages), dpi=ocr.dpi,
+                    seconds=ocr.seconds, mean_confidence=ocr.mean_confidence,
+                    dpi_estimated=ocr.dpi_estimated, page_info=tuple(ocr.page_info)),
+        document=dict(ocr.fields),
+        extra={"original_encoding": ENCODING} if jxl is not None else {})
+
+
+def build_notice(*, media: MediaInfo, ocr: OcrResult, tid: str, device_id: str, seq: int,
+                 original_name: str, original_sha256: str, size: int, captured_at: str,
+                 signing_key: nacl.signing.SigningKey, central_public_key: nacl.public.PublicKey,
+                 created_at: int) -> bytes | None:
+    """The payload of the document's Notice message (protocol.notice), or None when its text is too
+    large for one: such a document is found at central once its original arrives, as before."""
+    metadata = _metadata(media=media, ocr=ocr, tid=tid, device_id=device_id, seq=seq,
+                         original_name=original_name, original_sha256=original_sha256, size=size,
+                         captured_at=captured_at, jxl=None)
+    content = NoticeContent(metadata, unicodedata.normalize("NFC", ocr.text))
+    try:
+        signed, ciphertext = seal_notice(content, signing_key=signing_key,
+                                         central_public_key=central_public_key, created_at=created_at)
+    except SizeLimitError:
+        return None
+    return encode(Notice(device_id, tid, signed, ciphertext))[1]
+
+
 def _build(original: Path, out: Path, *, media: MediaInfo, ocr: OcrResult, tid: str, device_id: str,
            seq: int, original_name: str, original_sha256: str, captured_at: str, bagging_date: str | None,
            jxl: Transcoded | None) -> int:
     text = unicodedata.normalize("NFC", ocr.text).encode("utf-8")
     hocr = ocr.hocr.encode("utf-8")
     with open_regular(original, max_bytes=1 << 62) as (source, size):
-        metadata = PackageMetadata(
-            tid=tid, device_id=device_id, seq=seq, original_name=display_name(original_name),
-            original_sha256=original_sha256, original_size=size, media_type=media.media_type,
-            pages=ocr.pages, captured_at=captured_at,
-            ocr=OcrInfo(engine=ocr.engine, languages=tuple(ocr.languages), dpi=ocr.dpi,
-                        seconds=ocr.seconds, mean_confidence=ocr.mean_confidence,
-                        dpi_estimated=ocr.dpi_estimated, page_info=tuple(ocr.page_info)),
-            document=dict(ocr.fields),
-            extra={"original_encoding": ENCODING} if jxl is not None else {})
+        metadata = _metadata(media=media, ocr=ocr, tid=tid, device_id=device_id, seq=seq,
+                             original_name=original_name, original_sha256=original_sha256, size=size,
+                             captured_at=captured_at, jxl=jxl)
         meta = metadata.to_json()
         original_name_in_bag = original_member(media.media_type)
         member_sha256 = jxl.sha256 if jxl is not None else original_sha256

@@ -34,7 +34,7 @@ from edge.job import Layout
 from edge.media import probe
 from edge.ocr import OcrEngine
 from edge.outbox import Doc, DocState, Outbox, OutboxError, Place
-from edge.package import build_package, seal_package
+from edge.package import build_notice, build_package, seal_package
 from edge.reasons import classify
 from edge.transcode import JxlTranscoder
 
@@ -152,12 +152,19 @@ class Processor:
                 seal_package, job.package, job.envelope, device_id=cfg.device_id, tid=doc.tid, seq=doc.seq,
                 signing_key=self._key, central_public_key=cfg.central.encryption_key,
                 created_at=int(time.time()))
+            # After build_package: the original's bytes were just hashed against doc.sha256, so the
+            # notice never names content the envelope does not carry.
+            notice = await asyncio.to_thread(
+                build_notice, media=media, ocr=result, tid=doc.tid, device_id=cfg.device_id, seq=doc.seq,
+                original_name=doc.name, original_sha256=doc.sha256, size=doc.size, captured_at=captured,
+                signing_key=self._key, central_public_key=cfg.central.encryption_key,
+                created_at=int(time.time()))
         finally:
             job.package.unlink(missing_ok=True)
         await self._outbox.mark_packaged(
             doc.tid, envelope_path=str(job.envelope), signed_header=signed.encode(),
             ciphertext_size=signed.header.ciphertext_size, segment_size=cfg.uplink.segment_size,
-            pages=result.pages)
+            pages=result.pages, notice=notice)
         self.counters.pages += result.pages
         self.counters.ciphertext_bytes += signed.header.ciphertext_size
         log.info("packaged %s: %d page(s), %d → %d bytes", doc.name, result.pages, doc.size,

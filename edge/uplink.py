@@ -6,7 +6,10 @@ every active transfer from central's ack → pull more documents from the outbox
 
 What to send and when is decided by :class:`protocol.transfer.TransferSender`; this module only
 reads segments from the envelope file by offset, publishes, feeds acks back in and sleeps until the
-earliest deadline — never a busy loop, offline or idle. The uplink only records facts: a
+earliest deadline — never a busy loop, offline or idle. Notices (a document's sealed text and
+metadata, ``protocol.notice``) go first on every pass, whatever ``max_active`` and whichever big
+transfers hold the slots, and are re-sent until central answers; that answer (``Noted``) is recorded
+and never lets custody act. The uplink only records facts: a
 receipt that verifies against central's key and names exactly the packaged content is recorded
 durably (``mark_delivered`` with synchronous=FULL, with the receipted sha256), a refusal is recorded
 as ``failed`` with its reason; ``on_settled`` then wakes custody, which alone touches the files.
@@ -33,8 +36,20 @@ from edge.mqtt import ConnectError, ConnectionLost, Message, MqttClient, MqttErr
 from edge.outbox import SENDABLE_STATES, Doc, DocState, Outbox, OutboxError
 from protocol.envelope import SignedHeader
 from protocol.errors import ProtocolError, ReceiptError
-from protocol.messages import Ack, AckState, Fin, Init, Receipt, Segment, Status, decode, encode
-from protocol.topics import device_down_filter
+from protocol.messages import (
+    Ack,
+    AckState,
+    Fin,
+    Init,
+    Noted,
+    NoticeState,
+    Receipt,
+    Segment,
+    Status,
+    decode,
+    encode,
+)
+from protocol.topics import Kind, Topic, device_down_filter
 from protocol.transfer import SenderState, SendFin, SendInit, SendSegment, TransferSender
 
 log = logging.getLogger("sohoa.edge.uplink")
@@ -45,6 +60,9 @@ IDENTITY_CLASH_ERRORS = frozenset({"SequenceReusedError"})
 # CONNACK reasons that say the account itself is refused (revoked, wrong password), not the link.
 ACCESS_REFUSED_CODES = frozenset({0x86, 0x87, 0x8C})
 SESSION_TAKEN_OVER = 0x8E
+# Notices out at once (sent, not answered): enough to keep central busy, few enough that a backlog
+# of thousands is never read into memory or handed to paho in one go.
+NOTICES_OUT = 16
 
 
 class TokenBucket:
@@ -113,6 +131,8 @@ class Uplink:
         self._backoff_initial = backoff_initial
         self._backoff_max = backoff_max
         self._active: dict[str, _Transfer] = {}
+        self._notices: dict[str, float | None] = {}   # tid → when sent on this connection (None: not yet)
+        self._notice_fill = True
         self._kick = asyncio.Event()
         self._status_kick = asyncio.Event()
         self._fill_needed = True
@@ -123,6 +143,8 @@ class Uplink:
         self.bytes_on_wire = 0          # payload bytes published (init, segments, fin, status)
         self.segment_bytes = 0          # of which ciphertext segments (re-sends included)
         self.resent_bytes = 0           # of which segments sent before (same transfer, same offset)
+        self.notice_bytes = 0           # of which notices (bytes_on_wire counts them too)
+        self.noticed = 0                # notices central answered "catalogued"
         self.delivered = 0
         self.rejected = 0
         self.connects = 0
@@ -140,6 +162,7 @@ class Uplink:
     def wake(self) -> None:
         """A new document was packaged: look at the outbox again."""
         self._fill_needed = True
+        self._notice_fill = True
         self._kick.set()
 
     def request_status(self) -> None:
@@ -225,6 +248,9 @@ class Uplink:
         for transfer in self._active.values():
             transfer.sender.connected()
         self._fill_needed = True
+        # Whatever was published before the cut may be lost: every unanswered notice goes again.
+        self._notices.clear()
+        self._notice_fill = True
         async with asyncio.TaskGroup() as group:
             group.create_task(self._watch(client), name="uplink-watch")
             group.create_task(self._receive(client), name="uplink-receive")
@@ -279,6 +305,7 @@ class Uplink:
             if self._fill_needed:
                 await self._fill()
             now = loop.time()
+            await self._send_notices(client, now)
             await self._send_due(client, now)
             timeout = self._sleep_for(loop.time())
             # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
@@ -297,6 +324,29 @@ class Uplink:
                 break
             if doc.tid not in self._active:
                 await self._activate(doc)
+
+    async def _send_notices(self, client: MqttClient, now: float) -> None:
+        """Publish notices due now, ahead of any segment (they pay into the token bucket, so the
+        segments behind them wait instead)."""
+        if not self._connected:
+            return
+        if self._notice_fill:
+            self._notice_fill = False
+            listed = [doc.tid for doc in await self._outbox.notices_to_send(limit=NOTICES_OUT)]
+            self._notices = {tid: self._notices.get(tid) for tid in listed}
+        for tid, sent_at in list(self._notices.items()):
+            if sent_at is not None and now < sent_at + self._resend_after:
+                continue
+            payload = await self._outbox.notice_payload(tid)
+            if payload is None:   # answered or delivered meanwhile
+                self._notices.pop(tid, None)
+                continue
+            self._notices[tid] = now
+            self.notice_bytes += len(payload)
+            self._publish(client, str(Topic(Kind.NOTICE, self._device, tid)), payload)
+            if sent_at is None:
+                await self._outbox.notice_sent(tid)
+                log.info("notice for %s sent (%d bytes)", tid, len(payload))
 
     def _open_envelope(self, doc: Doc) -> tuple[Init, int]:
         """The init message and an open fd for a row; raises if the row or file is unusable."""
@@ -401,6 +451,9 @@ class Uplink:
 
     def _sleep_for(self, now: float) -> float | None:
         deadlines = [d for t in self._active.values() if (d := t.sender.next_deadline()) is not None]
+        deadlines += [sent + self._resend_after for sent in self._notices.values() if sent is not None]
+        if self._notice_fill or any(sent is None for sent in self._notices.values()):
+            return 0
         if self._bucket is not None and self._bucket.tokens <= 0 and any(
                 t.sender.state is SenderState.SENDING for t in self._active.values()):
             deadlines.append(self._bucket.ready_at(now))
@@ -419,6 +472,22 @@ class Uplink:
             await self._on_ack(decoded)
         elif isinstance(decoded, Receipt) and decoded.device == self._device:
             await self._on_receipt(decoded)
+        elif isinstance(decoded, Noted) and decoded.device == self._device:
+            await self._on_noted(decoded)
+
+    async def _on_noted(self, noted: Noted) -> None:
+        """Central's answer to a notice: stop sending it. Custody waits for the receipt regardless."""
+        catalogued = noted.state is NoticeState.CATALOGUED
+        await self._outbox.notice_answered(noted.tid, catalogued=catalogued)
+        self._notices.pop(noted.tid, None)
+        self._notice_fill = True   # room for the next ones
+        self._kick.set()
+        if catalogued:
+            self.noticed += 1
+            log.info("notice for %s catalogued at central (document %s)", noted.tid, noted.document_id)
+        else:
+            log.info("notice for %s refused by central (%s: %s); the document travels whole",
+                     noted.tid, noted.error_class, noted.error)
 
     async def _on_ack(self, ack: Ack) -> None:
         transfer = self._active.get(ack.tid)

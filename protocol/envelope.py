@@ -173,10 +173,14 @@ class SignedHeader:
             raise HeaderError(f"signed header is {len(data)} bytes, expected {2 + length + SIGNATURE_BYTES}")
         return cls(EnvelopeHeader.decode(data[2: 2 + length]), data[2 + length:])
 
-    def verify(self, device_key: nacl.signing.VerifyKey) -> EnvelopeHeader:
-        """Check the device's signature; raise :class:`SignatureError` if it does not verify."""
+    def verify(self, device_key: nacl.signing.VerifyKey, *, context: bytes = b"") -> EnvelopeHeader:
+        """Check the device's signature; raise :class:`SignatureError` if it does not verify.
+
+        ``context`` separates what a signature is for: an envelope's is over the header alone, a
+        notice's (``protocol.notice``) over a prefix plus the header, so neither passes for the other.
+        """
         try:
-            device_key.verify(self.header.encode(), self.signature)
+            device_key.verify(context + self.header.encode(), self.signature)
         except nacl.exceptions.BadSignatureError as exc:
             raise SignatureError("device signature does not verify", device=self.header.device_id,
                                  tid=self.header.tid) from exc
@@ -191,9 +195,9 @@ class VerifiedHeader:
 
 
 def verify_ciphertext(signed: SignedHeader, device_key: nacl.signing.VerifyKey, *, size: int,
-                      sha256: bytes) -> VerifiedHeader:
+                      sha256: bytes, context: bytes = b"") -> VerifiedHeader:
     """Verify signature, then the ciphertext size and hash against the signed header."""
-    header = signed.verify(device_key)
+    header = signed.verify(device_key, context=context)
     if size != header.ciphertext_size or sha256 != header.ciphertext_sha256:
         raise CiphertextHashError(
             f"ciphertext is {size} bytes sha256 {sha256.hex()[:16]}…, header says "
@@ -211,7 +215,7 @@ class EnvelopeSealer:
     def __init__(self, *, device_id: str, doc_id: bytes, seq: int,
                  signing_key: nacl.signing.SigningKey, central_public_key: nacl.public.PublicKey,
                  plaintext_size: int, created_at: int, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                 level: int = 10) -> None:
+                 level: int = 10, context: bytes = b"") -> None:
         # Fail before compressing and encrypting a whole package, not at finish().
         if not DEVICE_ID_RE.fullmatch(device_id):
             raise HeaderError(f"invalid device id {device_id!r}")
@@ -227,6 +231,7 @@ class EnvelopeSealer:
         self._plaintext_size = plaintext_size
         self._created_at = created_at
         self._chunk_size = chunk_size
+        self._context = context
         stream_key = sodium.crypto_secretstream_xchacha20poly1305_keygen()
         self._central_key_id = key_id(bytes(central_public_key))
         self._sealed_key = nacl.public.SealedBox(central_public_key).encrypt(stream_key)
@@ -265,7 +270,7 @@ class EnvelopeSealer:
             stream_header=self._stream_header, chunk_size=self._chunk_size,
             plaintext_size=self._plaintext_size, ciphertext_size=self._ciphertext_size,
             ciphertext_sha256=self._hash.digest(), created_at=self._created_at)
-        signature = self._signing_key.sign(header.encode()).signature
+        signature = self._signing_key.sign(self._context + header.encode()).signature
         return tail, SignedHeader(header, signature)
 
     def _drain(self, *, final: bool) -> bytes:

@@ -1,6 +1,7 @@
 """Typed sohoa/v1 messages and their (topic, payload) encoding.
 
-Up (edge → central): Init, Segment, Fin, Abort, Status. Down (central → edge): Ack, Receipt.
+Up (edge → central): Init, Segment, Fin, Abort, Status, Notice. Down (central → edge): Ack, Receipt,
+Noted (the answer to a notice: it never lets the edge forget anything, only a Receipt does).
 ``encode(msg)`` gives ``(topic, payload)``; ``decode(topic, payload)`` gives the message back or
 raises :class:`DecodeError`. Binary payloads for the bulk path, canonical JSON for the small ones.
 """
@@ -18,9 +19,10 @@ from typing import Any
 import nacl.exceptions
 import nacl.signing
 
-from protocol.envelope import SignedHeader
+from protocol.envelope import SIGNATURE_BYTES, SignedHeader
 from protocol.errors import DecodeError, ProtocolError, ReceiptError
 from protocol.names import check_device_id, check_tid
+from protocol.notice import MAX_NOTICE_BYTES
 from protocol.topics import MAX_OFFSET, Kind, Topic, parse_topic
 
 MAX_SEGMENT = 1024 * 1024
@@ -126,6 +128,56 @@ class Status:
             raise DecodeError("status oldest_age_s must be a finite number", device=self.device)
 
 
+class NoticeState(StrEnum):
+    """Central's answer to a notice."""
+
+    CATALOGUED = "catalogued"   # searchable at central (its original on its way, or already stored)
+    REFUSED = "refused"         # not catalogued from the notice: the document travels whole, as before
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """A document's sealed text and metadata (``protocol.notice``), ahead of its original's transfer."""
+
+    device: str
+    tid: str
+    signed_header: SignedHeader
+    ciphertext: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        header = self.signed_header.header
+        if header.device_id != self.device or header.tid != self.tid:
+            raise DecodeError("notice header does not match its topic", device=self.device, tid=self.tid)
+        if len(self.ciphertext) != header.ciphertext_size:
+            raise DecodeError(f"notice carries {len(self.ciphertext)} bytes of ciphertext, its header says "
+                              f"{header.ciphertext_size}", device=self.device, tid=self.tid)
+        if len(self.signed_header.encode()) + len(self.ciphertext) > MAX_NOTICE_BYTES:
+            raise DecodeError(f"notice is larger than {MAX_NOTICE_BYTES} bytes", device=self.device,
+                              tid=self.tid)
+
+
+@dataclass(frozen=True, slots=True)
+class Noted:
+    """Central's answer to a notice. Only stops the edge re-sending it: custody waits for a Receipt."""
+
+    device: str
+    tid: str
+    state: NoticeState
+    document_id: int | None = None
+    error: str | None = None
+    error_class: str | None = None
+
+    def __post_init__(self) -> None:
+        check_device_id(self.device)
+        check_tid(self.tid)
+        if not isinstance(self.state, NoticeState):
+            raise DecodeError(f"noted state {self.state!r} is not a NoticeState", device=self.device,
+                              tid=self.tid)
+        if self.document_id is not None and (not _is_int(self.document_id) or self.document_id < 0):
+            raise DecodeError("noted document_id must be a non-negative integer", device=self.device,
+                              tid=self.tid)
+
+
 @dataclass(frozen=True, slots=True)
 class Ack:
     device: str
@@ -210,7 +262,7 @@ class Receipt:
         return self.body
 
 
-Message = Init | Segment | Fin | Abort | Status | Ack | Receipt
+Message = Init | Segment | Fin | Abort | Status | Ack | Receipt | Notice | Noted
 
 
 def _is_int(value: object) -> bool:
@@ -296,6 +348,12 @@ def encode(msg: Message) -> tuple[str, bytes]:
         return str(Topic(Kind.ACK, msg.device)), _canonical(body)
     if isinstance(msg, Receipt):
         return str(Topic(Kind.RECEIPT, msg.device)), msg.signature + msg.body.canonical()
+    if isinstance(msg, Notice):
+        return str(Topic(Kind.NOTICE, msg.device, msg.tid)), msg.signed_header.encode() + msg.ciphertext
+    if isinstance(msg, Noted):
+        body = {"tid": msg.tid, "state": msg.state.value, "document_id": msg.document_id,
+                "error": msg.error, "error_class": msg.error_class}
+        return str(Topic(Kind.NOTED, msg.device)), _canonical(body)
     raise TypeError(f"not a sohoa message: {msg!r}")
 
 
@@ -379,4 +437,23 @@ def _decode(parsed: Topic, device: str, tid: str | None, payload: bytes) -> Mess
         if body.device != device or body.canonical() != payload[64:]:
             raise ReceiptError("receipt body is not canonical or names another device")
         return Receipt(body, payload[:64])
+    if kind is Kind.NOTICE:
+        assert tid is not None
+        if len(payload) > MAX_NOTICE_BYTES:
+            raise DecodeError(f"notice payload is {len(payload)} bytes, at most {MAX_NOTICE_BYTES}")
+        if len(payload) < 2:
+            raise DecodeError(f"notice payload truncated at {len(payload)} bytes")
+        (length,) = struct.unpack(">H", payload[:2])
+        split = 2 + length + SIGNATURE_BYTES
+        if len(payload) <= split:
+            raise DecodeError(f"notice payload truncated at {len(payload)} bytes")
+        return Notice(device, tid, SignedHeader.decode(payload[:split]), payload[split:])
+    if kind is Kind.NOTED:
+        obj = _json(payload, "noted")
+        try:
+            noted_state = NoticeState(_str(obj, "state"))
+        except ValueError as exc:
+            raise DecodeError(f"unknown noted state {obj.get('state')!r:.80}") from exc
+        return Noted(device, _str(obj, "tid"), noted_state, _opt_int(obj, "document_id"),
+                     _opt_str(obj, "error"), _opt_str(obj, "error_class"))
     raise DecodeError(f"unexpected topic kind {kind}")

@@ -30,10 +30,13 @@ class Kind(StrEnum):
     STATUS = "status"
     ACK = "ack"
     RECEIPT = "receipt"
+    NOTICE = "notice"     # up: a document's text and metadata, ahead of its original (protocol.notice)
+    NOTED = "noted"       # down: central's answer to a notice (never a receipt)
 
 
-UP_KINDS = frozenset({Kind.INIT, Kind.SEG, Kind.FIN, Kind.ABORT, Kind.STATUS})
-DOWN_KINDS = frozenset({Kind.ACK, Kind.RECEIPT})
+UP_KINDS = frozenset({Kind.INIT, Kind.SEG, Kind.FIN, Kind.ABORT, Kind.STATUS, Kind.NOTICE})
+DOWN_KINDS = frozenset({Kind.ACK, Kind.RECEIPT, Kind.NOTED})
+_TX_KINDS = (Kind.INIT, Kind.SEG, Kind.FIN, Kind.ABORT, Kind.NOTICE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +48,7 @@ class Topic:
 
     def __post_init__(self) -> None:
         check_device_id(self.device)
-        needs_tid = self.kind in (Kind.INIT, Kind.SEG, Kind.FIN, Kind.ABORT)
+        needs_tid = self.kind in _TX_KINDS
         if needs_tid != (self.tid is not None):
             raise TopicError(f"{self.kind.value} topic {'needs' if needs_tid else 'takes no'} tid")
         if self.tid is not None:
@@ -83,7 +86,7 @@ def _parse_topic(topic: str) -> Topic:
     if parts[:2] != ["sohoa", "v1"] or len(parts) < 5:
         raise TopicError(f"not a sohoa/v1 topic: {topic[:200]!r}")
     direction, device = parts[2], parts[3]
-    if direction == "down" and len(parts) == 5 and parts[4] in ("ack", "receipt"):
+    if direction == "down" and len(parts) == 5 and parts[4] in ("ack", "receipt", "noted"):
         return Topic(Kind(parts[4]), device)
     if direction != "up":
         raise _unknown(topic)
@@ -95,7 +98,7 @@ def _parse_topic(topic: str) -> Topic:
             if not _OFFSET_RE.fullmatch(parts[7]):
                 raise TopicError(f"bad segment offset in {topic[:200]!r}")
             return Topic(Kind.SEG, device, tid, int(parts[7]))
-        if kind in ("init", "fin", "abort") and len(parts) == 7:
+        if kind in ("init", "fin", "abort", "notice") and len(parts) == 7:
             return Topic(Kind(kind), device, tid)
     raise _unknown(topic)
 

@@ -36,7 +36,7 @@ def test_every_key_the_code_uses_exists() -> None:
     # Keys built from data: a device's problem, state, role, a fixity event.
     for key in ("problem_possible clone", "problem_offline with backlog", "problem_error",
                 "problem_stale backlog", "problem_offline", "role_viewer", "role_operator", "role_admin",
-                "event_ingest",
+                "event_ingest", "event_notice", "event_notice_mismatch",
                 "event_duplicate", "event_repaired", "event_rejected", "event_possible_clone", "state_online",
                 "state_offline", "state_never", "state_revoked"):
         assert key in central, key

@@ -12,6 +12,9 @@ Rules (DESIGN §1 "assemble", §6; EMQX's assembler per transfer):
   - ``record`` (writer, in its transaction, never commits): catalog the arrival, the fixity event and
     the signed receipt. Only after the writer's commit are the STORED ack and the receipt sent.
   - Every step is idempotent: a job interrupted anywhere (crash, lost lease) is simply run again.
+  - An arrival catalogued from its notice (``batch``) is completed by its transfer, not doubled: the
+    same row takes the package's text and metadata and its object. If the notice announced another
+    original than the one that came, the notice's row goes and the transfer is catalogued on its own.
 """
 
 from __future__ import annotations
@@ -187,8 +190,29 @@ class Archiver:
             size=result.original_size, pages=result.pages, media_type=result.media_type,
             received_at=stored_at, text=result.text, metadata=result.metadata_json,
             package_sha256=result.package_sha256, captured_at=result.captured_at)
+        awaiting = db.awaiting_document(device=device, tid=tid)
+        if awaiting is not None and awaiting.sha256 != sha:
+            # The notice announced other bytes than those that came: what came is the truth.
+            log.warning("notice of %s announced original %s…, the transfer carried %s…", tid,
+                        awaiting.sha256[:12], sha[:12])
+            db.drop_awaiting_document(awaiting.id)
+            db.add_fixity(event="notice_mismatch", device=device, tid=tid, at=stored_at,
+                          original_sha256=sha, detail=json.dumps({"announced_sha256": awaiting.sha256,
+                                                                  "document_id": awaiting.id}))
+            awaiting = None
         existing = db.arrival_by_key(document.key)
-        if existing is None:
+        if awaiting is None and existing is not None:
+            # The same arrival announced by another transfer's notice (the scan sent again).
+            awaiting = db.awaiting_document(doc_id=existing)
+        if awaiting is not None and existing is not None and existing != awaiting.id:
+            db.drop_awaiting_document(awaiting.id)   # the notice's arrival is one already stored
+            awaiting = None
+        completed = awaiting is not None
+        if awaiting is not None:
+            document_id = awaiting.id
+            db.complete_document(document_id, document)
+            existing = None
+        elif existing is None:
             document_id = db.insert_document(document)
         else:
             document_id = existing
@@ -210,10 +234,12 @@ class Archiver:
                            at=stored_at, document_id=document_id, original_sha256=sha,
                            package_sha256=result.package_sha256, ciphertext_sha256=result.ciphertext_sha256,
                            detail=json.dumps({"seq": job.signed.header.seq, "filename": result.original_name,
-                                              "new_arrival": existing is None}, ensure_ascii=False))
-        log.info("stored %s from %s as document %d%s%s", tid, device, document_id,
+                                              "new_arrival": existing is None,
+                                              "from_notice": completed}, ensure_ascii=False))
+        log.info("stored %s from %s as document %d%s%s%s", tid, device, document_id,
                  " (content already stored)" if duplicate else "",
-                 "" if existing is None else " (arrival already catalogued)")
+                 "" if existing is None else " (arrival already catalogued)",
+                 " (catalogued from its notice before)" if completed else "")
         return [Ack(device, tid, AckState.STORED), receipt]
 
 

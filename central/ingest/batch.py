@@ -15,25 +15,46 @@ Rules (DESIGN §1, §3):
     another worker holds the job, the device gets an ack covering everything meanwhile. No other
     transfer's ack waits behind an assembly.
   - One answer per touched transfer per batch (acks are coalesced).
+  - A notice (a document's sealed text and metadata, ahead of its original: protocol.notice) is
+    verified like an init — enrolled and active device, its signature (notice context), central's
+    key, the sequence number its transfer uses and no other — then opened with caps and catalogued
+    as an arrival awaiting its original, answered ``Noted``. It is never acked as a transfer and
+    never receipted: only the original's transfer is (custody is unchanged). A repeat is answered
+    the same; a notice after its transfer was stored names that document; a device whose awaiting
+    arrivals exceed ``MAX_AWAITING_DOCS``/``MAX_AWAITING_TEXT_BYTES`` has its notices refused (its
+    documents still come whole).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import nacl.public
+import nacl.signing
+
 from central import catalog
-from central.errors import AbortedError, RevokedDeviceError, SequenceReusedError
+from central.errors import (
+    AbortedError,
+    LateNoticeError,
+    NoticeQuotaError,
+    ReplayError,
+    RevokedDeviceError,
+    SequenceReusedError,
+    UnknownDeviceError,
+)
 from central.ingest.admission import Admit, Clone, Known, Refuse, admit
 from central.ingest.staging import SegmentJournal, SegmentReader
 from central.ingest.store import IngestStore
 from central.metrics import Metrics
 from central.paths import CentralPaths
-from protocol.errors import ProtocolError, TransferError
+from protocol.errors import ProtocolError, TransferError, UnknownKeyError
 from protocol.messages import (
     Abort,
     Ack,
@@ -41,18 +62,27 @@ from protocol.messages import (
     Fin,
     Init,
     Message,
+    Noted,
+    Notice,
+    NoticeState,
     Receipt,
     Segment,
     Status,
     decode,
     encode,
 )
+from protocol.notice import open_notice
 from protocol.ranges import RangeSet
 from protocol.topics import Kind, Topic
 
 log = logging.getLogger("sohoa.central.ingest")
 
-Reply = Ack | Receipt
+Reply = Ack | Receipt | Noted
+# Per device, arrivals catalogued from notices whose originals have not come: a box with a big backlog
+# after days offline stays well inside (its notices go first, then its originals drain); a hostile
+# enrolled box can make central keep at most this much of its text (then its notices are refused).
+MAX_AWAITING_DOCS = 2000
+MAX_AWAITING_TEXT_BYTES = 64 * 1024 * 1024
 _REPEAT = TransferError("a repeat of a held segment")   # a sentinel, never raised nor sent
 
 
@@ -91,6 +121,7 @@ class _Batch:
     touched: set[str] = field(default_factory=set)       # tids to answer from their state at the end
     devices: set[str] = field(default_factory=set)
     trusted: dict[str, bool] = field(default_factory=dict)
+    noted: set[str] = field(default_factory=set)         # notices answered in this batch
 
     def reply(self, tid: str, *replies: Reply) -> None:
         self.answered.add(tid)
@@ -102,8 +133,10 @@ class BatchStage:
     """Applies batches for one worker: admission, staging into the journal, the segment log."""
 
     def __init__(self, paths: CentralPaths, journal: SegmentJournal, *, key_id: bytes, max_plaintext: int,
-                 worker: str, metrics: Metrics, lease_s: float) -> None:
+                 worker: str, metrics: Metrics, lease_s: float,
+                 notice_key: nacl.public.PrivateKey | None = None) -> None:
         self._paths = paths
+        self._notice_key = notice_key   # central's encryption key: notices are opened in the batch
         self._journal = journal
         self._reader = SegmentReader(paths.staging)
         self._key_id = key_id
@@ -143,6 +176,8 @@ class BatchStage:
                     self._on_abort(db, msg, batch, known)
                 elif isinstance(msg, Status):
                     self._on_status(db, msg)
+                elif isinstance(msg, Notice):
+                    self._on_notice(db, msg, batch)
                 # Acks and receipts travel down only; central never acts on one it sees.
             except ProtocolError as exc:
                 self._refused(exc, f"{type(msg).__name__} from {msg.device}")
@@ -185,8 +220,6 @@ class BatchStage:
     def _possible_clone(self, db: IngestStore, batch: _Batch, msg: Init,
                         holder: catalog.TransferRecord) -> None:
         """A signed init reusing another transfer's seq: two boxes with one identity. Refuse, flag."""
-        import json  # noqa: PLC0415 - rare path
-
         seq = msg.signed_header.header.seq
         at = catalog.utc_now()
         new = db.record_seq_collision(device=msg.device, seq=seq, tid=msg.tid,
@@ -322,6 +355,82 @@ class BatchStage:
             status.device, online=status.online, backlog_docs=status.queue_docs,
             backlog_bytes=status.queue_bytes, last_error=status.last_error,
             status_json=payload.decode("utf-8"), at=catalog.utc_now())
+
+    # -- notices ----------------------------------------------------------------------------------
+    def _on_notice(self, db: IngestStore, notice: Notice, batch: _Batch) -> None:
+        if notice.tid in batch.noted:
+            return   # one answer per notice per batch
+        batch.noted.add(notice.tid)
+        try:
+            answer = self._take_notice(db, notice)
+        except ProtocolError as exc:
+            self._refused(exc, f"notice {notice.tid} from {notice.device}")
+            answer = Noted(notice.device, notice.tid, NoticeState.REFUSED, error=str(exc)[:500],
+                           error_class=type(exc).__name__)
+        batch.outcome.replies.append(answer)
+
+    def _take_notice(self, db: IngestStore, notice: Notice) -> Noted:
+        """Verify and catalogue one notice; raise the ProtocolError it is refused for."""
+        device_id, tid = notice.device, notice.tid
+        header = notice.signed_header.header
+        device = db.get_device(device_id)
+        if device is None:
+            raise UnknownDeviceError(f"device {device_id!r} is not enrolled", device=device_id, tid=tid)
+        if device.status != "active":
+            raise RevokedDeviceError(f"device {device_id!r} is {device.status}", device=device_id, tid=tid)
+        # The signature first (open_notice checks it before anything else), then what it says.
+        if self._notice_key is None or header.central_key_id != self._key_id:
+            raise UnknownKeyError("sealed to a key this central does not hold", device=device_id, tid=tid)
+        content = open_notice(notice.signed_header, notice.ciphertext,
+                              nacl.signing.VerifyKey(device.verify_key), self._notice_key)
+        payload_sha256 = hashlib.sha256(encode(notice)[1]).hexdigest()
+        previous = db.get_notice(tid)
+        if previous is not None:
+            if (previous.device, previous.seq, previous.payload_sha256) != (device_id, header.seq,
+                                                                          payload_sha256):
+                raise ReplayError("transfer id reused with a different notice", device=device_id, tid=tid)
+            return Noted(device_id, tid, NoticeState.CATALOGUED, previous.document_id)
+        transfer = db.get_transfer(tid)
+        if transfer is not None and (transfer.device != device_id or transfer.seq != header.seq):
+            raise ReplayError("notice names a transfer id another transfer uses", device=device_id, tid=tid)
+        if transfer is None:
+            holder = db.transfer_by_seq(device_id, header.seq) or db.notice_by_seq(device_id, header.seq)
+            if holder is not None:
+                raise SequenceReusedError(f"sequence number {header.seq} is already used by transfer "
+                                          f"{holder.tid}", device=device_id, tid=tid)
+        elif transfer.state == "rejected":
+            raise LateNoticeError("the document's transfer was refused", device=device_id, tid=tid)
+        at = catalog.utc_now()
+        meta = content.metadata
+        document_id: int | None
+        if transfer is not None and transfer.state == "stored" and transfer.receipt is not None:
+            # Late (the original overtook it): the stored arrival already has the package's text.
+            receipt = decode(str(Topic(Kind.RECEIPT, device_id)), transfer.receipt)
+            assert isinstance(receipt, Receipt)
+            document_id = receipt.body.document_id
+        else:
+            document = catalog.NewDocument(
+                device=device_id, tid=tid, seq=header.seq, filename=meta.original_name,
+                sha256=meta.original_sha256, size=meta.original_size, pages=meta.pages,
+                media_type=meta.media_type, received_at=at, text=content.text,
+                metadata=meta.to_json().decode("utf-8"), package_sha256="", captured_at=meta.captured_at)
+            document_id = db.arrival_by_key(document.key)   # the same arrival, catalogued already
+            if document_id is None:
+                count, text_bytes = db.awaiting_load(device_id)
+                if count >= MAX_AWAITING_DOCS or text_bytes + len(content.text.encode()) > \
+                        MAX_AWAITING_TEXT_BYTES:
+                    raise NoticeQuotaError(f"{count} documents ({text_bytes} bytes of text) from this device "
+                                           "already await their originals", device=device_id, tid=tid)
+                document_id = db.insert_document(document, awaiting=True)
+        db.insert_notice(tid=tid, device=device_id, seq=header.seq, payload_sha256=payload_sha256,
+                         document_id=document_id, at=at)
+        db.add_fixity(event="notice", device=device_id, tid=tid, at=at, document_id=document_id,
+                      original_sha256=meta.original_sha256,
+                      detail=json.dumps({"seq": header.seq, "filename": meta.original_name,
+                                         "bytes": len(notice.ciphertext)}, ensure_ascii=False))
+        log.info("catalogued notice %s from %s as document %s (original on its way)", tid, device_id,
+                 document_id)
+        return Noted(device_id, tid, NoticeState.CATALOGUED, document_id)
 
     # -- the end of the batch ---------------------------------------------------------------------
     def _record(self, db: IngestStore, batch: _Batch) -> None:

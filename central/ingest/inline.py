@@ -51,7 +51,7 @@ class Ingestor:
         self.durability = Durability(durability, self.journal, [paths.staging, paths.objects])
         self.batch = BatchStage(paths, self.journal, key_id=key_id(bytes(keys.encryption.public_key)),
                                 max_plaintext=max_plaintext, worker=worker, metrics=self.metrics,
-                                lease_s=LEASE_S)
+                                lease_s=LEASE_S, notice_key=keys.encryption)
         self.archive = Archiver(paths, keys, max_plaintext=max_plaintext, metrics=self.metrics,
                                 durability=self.durability)
         remove_stale_staging(self._db, paths)

@@ -25,8 +25,10 @@ import psycopg
 
 from central.catalog import (
     ArrivalKey,
+    AwaitingDocument,
     DeviceRecord,
     NewDocument,
+    NoticeRecord,
     StoredSegment,
     TransferRecord,
     ranges_json,
@@ -37,7 +39,7 @@ from protocol.names import fold
 from protocol.ranges import RangeSet
 from protocol.transfer import HeldSegment
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _V1 = """
 CREATE EXTENSION IF NOT EXISTS unaccent;
@@ -83,8 +85,19 @@ CREATE TABLE fixity (id bigserial PRIMARY KEY, at text NOT NULL, event text NOT 
     ciphertext_sha256 text, detail text);
 """
 
+# v2 (progressive sync): arrivals catalogued from their notice before the original is stored.
+_V2 = """
+ALTER TABLE documents DROP CONSTRAINT IF EXISTS documents_sha256_fkey;
+ALTER TABLE documents ADD COLUMN state text NOT NULL DEFAULT 'stored'
+    CHECK (state IN ('stored', 'awaiting_original'));
+CREATE INDEX documents_awaiting ON documents (device) WHERE state = 'awaiting_original';
+CREATE TABLE notices (tid text PRIMARY KEY, device text NOT NULL REFERENCES devices (id), seq bigint NOT NULL,
+    payload_sha256 text NOT NULL, document_id bigint REFERENCES documents (id), received_at text NOT NULL,
+    UNIQUE (device, seq));
+"""
+
 # schema version found → the SQL that brings it to the next one.
-_MIGRATIONS: dict[int, str] = {0: _V1}
+_MIGRATIONS: dict[int, str] = {0: _V1, 1: _V2}
 
 
 def connect(url: str, *, ensure_schema: bool = False) -> psycopg.Connection[Any]:
@@ -278,20 +291,70 @@ class PostgresIngestStore:
                         (key.device, key.sha256, key.filename, key.captured_at, key.text_sha256))
         return int(row[0]) if row else None
 
-    def insert_document(self, doc: NewDocument) -> int:
-        self._run("INSERT INTO objects (sha256, size, media_type, stored_at) VALUES (%s, %s, %s, %s)"
-                  " ON CONFLICT (sha256) DO NOTHING", (doc.sha256, doc.size, doc.media_type, doc.received_at))
+    def insert_document(self, doc: NewDocument, *, awaiting: bool = False) -> int:
+        if not awaiting:
+            self._run("INSERT INTO objects (sha256, size, media_type, stored_at) VALUES (%s, %s, %s, %s)"
+                      " ON CONFLICT (sha256) DO NOTHING",
+                      (doc.sha256, doc.size, doc.media_type, doc.received_at))
         key = doc.key
         folded_name = fold(doc.filename)
         row = self._one(
             "INSERT INTO documents (device, tid, seq, filename, sha256, captured_at, text_sha256, pages,"
-            " received_at, text, metadata, package_sha256, folded_filename, search) VALUES (%s, %s, %s, %s,"
-            " %s, %s, %s, %s, %s, %s, %s, %s, %s, to_tsvector('simple', %s)) RETURNING id",
+            " received_at, text, metadata, package_sha256, folded_filename, search, state) VALUES (%s, %s,"
+            " %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, to_tsvector('simple', %s), %s) RETURNING id",
             (doc.device, doc.tid, doc.seq, doc.filename, doc.sha256, doc.captured_at, key.text_sha256,
              doc.pages, doc.received_at, doc.text, doc.metadata, doc.package_sha256, folded_name,
-             f"{folded_name} {fold(doc.text)}"))
+             f"{folded_name} {fold(doc.text)}", "awaiting_original" if awaiting else "stored"))
         assert row is not None
         return int(row[0])
+
+    # -- notices ----------------------------------------------------------------------------------
+    def get_notice(self, tid: str) -> NoticeRecord | None:
+        row = self._one("SELECT tid, device, seq, payload_sha256, document_id FROM notices WHERE tid = %s",
+                        (tid,))
+        return NoticeRecord(*tuple(row)) if row else None
+
+    def notice_by_seq(self, device: str, seq: int) -> NoticeRecord | None:
+        row = self._one("SELECT tid, device, seq, payload_sha256, document_id FROM notices"
+                        " WHERE device = %s AND seq = %s", (device, seq))
+        return NoticeRecord(*tuple(row)) if row else None
+
+    def insert_notice(self, *, tid: str, device: str, seq: int, payload_sha256: str,
+                      document_id: int | None, at: str) -> None:
+        self._run("INSERT INTO notices (tid, device, seq, payload_sha256, document_id, received_at)"
+                  " VALUES (%s, %s, %s, %s, %s, %s)", (tid, device, seq, payload_sha256, document_id, at))
+
+    def awaiting_load(self, device: str) -> tuple[int, int]:
+        row = self._one("SELECT count(*), coalesce(sum(octet_length(text)), 0) FROM documents"
+                        " WHERE device = %s AND state = 'awaiting_original'", (device,))
+        assert row is not None
+        return int(row[0]), int(row[1])
+
+    def awaiting_document(self, *, device: str | None = None, tid: str | None = None,
+                          doc_id: int | None = None) -> AwaitingDocument | None:
+        if doc_id is not None:
+            row = self._one("SELECT id, sha256 FROM documents WHERE id = %s AND state = 'awaiting_original'"
+                            " FOR UPDATE", (doc_id,))
+        else:
+            row = self._one("SELECT id, sha256 FROM documents WHERE tid = %s AND device = %s"
+                            " AND state = 'awaiting_original' FOR UPDATE", (tid, device))
+        return AwaitingDocument(int(row[0]), str(row[1])) if row else None
+
+    def complete_document(self, doc_id: int, doc: NewDocument) -> None:
+        self._run("INSERT INTO objects (sha256, size, media_type, stored_at) VALUES (%s, %s, %s, %s)"
+                  " ON CONFLICT (sha256) DO NOTHING", (doc.sha256, doc.size, doc.media_type, doc.received_at))
+        folded_name = fold(doc.filename)
+        self._run(
+            "UPDATE documents SET filename = %s, sha256 = %s, captured_at = %s, text_sha256 = %s, pages = %s,"
+            " received_at = %s, text = %s, metadata = %s, package_sha256 = %s, folded_filename = %s,"
+            " search = to_tsvector('simple', %s), state = 'stored' WHERE id = %s",
+            (doc.filename, doc.sha256, doc.captured_at, doc.key.text_sha256, doc.pages, doc.received_at,
+             doc.text, doc.metadata, doc.package_sha256, folded_name, f"{folded_name} {fold(doc.text)}",
+             doc_id))
+
+    def drop_awaiting_document(self, doc_id: int) -> None:
+        self._run("UPDATE notices SET document_id = NULL WHERE document_id = %s", (doc_id,))
+        self._run("DELETE FROM documents WHERE id = %s AND state = 'awaiting_original'", (doc_id,))
 
     def add_fixity(self, *, event: str, device: str, tid: str, at: str, document_id: int | None = None,
                    original_sha256: str | None = None, package_sha256: str | None = None,

@@ -100,7 +100,7 @@ class IngestCore:
         durability = Durability(settings.durability, journal, [paths.staging, paths.objects])
         batch = BatchStage(paths, journal, key_id=key_id(bytes(keys.encryption.public_key)),
                            max_plaintext=max_plaintext, worker=settings.worker, metrics=metrics,
-                           lease_s=settings.lease_s)
+                           lease_s=settings.lease_s, notice_key=keys.encryption)
         archive = Archiver(paths, keys, max_plaintext=max_plaintext, metrics=metrics, durability=durability)
         return cls(paths, settings, journal, durability, batch, archive, metrics)
 

@@ -15,7 +15,15 @@ from collections.abc import Iterable
 from typing import Protocol
 
 from central import catalog
-from central.catalog import ArrivalKey, DeviceRecord, NewDocument, StoredSegment, TransferRecord
+from central.catalog import (
+    ArrivalKey,
+    AwaitingDocument,
+    DeviceRecord,
+    NewDocument,
+    NoticeRecord,
+    StoredSegment,
+    TransferRecord,
+)
 from protocol.ranges import RangeSet
 from protocol.transfer import HeldSegment
 
@@ -65,10 +73,21 @@ class IngestStore(Protocol):
     # objects, arrivals, fixity
     def object_exists(self, sha256: str) -> bool: ...
     def arrival_by_key(self, key: ArrivalKey) -> int | None: ...
-    def insert_document(self, doc: NewDocument) -> int: ...
+    def insert_document(self, doc: NewDocument, *, awaiting: bool = False) -> int: ...
     def add_fixity(self, *, event: str, device: str, tid: str, at: str, document_id: int | None = None,
                    original_sha256: str | None = None, package_sha256: str | None = None,
                    ciphertext_sha256: str | None = None, detail: str | None = None) -> None: ...
+
+    # notices: arrivals catalogued before their original is stored
+    def get_notice(self, tid: str) -> NoticeRecord | None: ...
+    def notice_by_seq(self, device: str, seq: int) -> NoticeRecord | None: ...
+    def insert_notice(self, *, tid: str, device: str, seq: int, payload_sha256: str,
+                      document_id: int | None, at: str) -> None: ...
+    def awaiting_load(self, device: str) -> tuple[int, int]: ...
+    def awaiting_document(self, *, device: str | None = None, tid: str | None = None,
+                          doc_id: int | None = None) -> AwaitingDocument | None: ...
+    def complete_document(self, doc_id: int, doc: NewDocument) -> None: ...
+    def drop_awaiting_document(self, doc_id: int) -> None: ...
 
 
 class AdminStore(IngestStore, Protocol):
@@ -160,8 +179,32 @@ class SqliteIngestStore:
     def arrival_by_key(self, key: ArrivalKey) -> int | None:
         return catalog.arrival_by_key(self.conn, key)
 
-    def insert_document(self, doc: NewDocument) -> int:
-        return catalog.insert_document(self.conn, doc)
+    def insert_document(self, doc: NewDocument, *, awaiting: bool = False) -> int:
+        return catalog.insert_document(self.conn, doc, awaiting=awaiting)
+
+    def get_notice(self, tid: str) -> NoticeRecord | None:
+        return catalog.get_notice(self.conn, tid)
+
+    def notice_by_seq(self, device: str, seq: int) -> NoticeRecord | None:
+        return catalog.notice_by_seq(self.conn, device, seq)
+
+    def insert_notice(self, *, tid: str, device: str, seq: int, payload_sha256: str,
+                      document_id: int | None, at: str) -> None:
+        catalog.insert_notice(self.conn, tid=tid, device=device, seq=seq, payload_sha256=payload_sha256,
+                              document_id=document_id, at=at)
+
+    def awaiting_load(self, device: str) -> tuple[int, int]:
+        return catalog.awaiting_load(self.conn, device)
+
+    def awaiting_document(self, *, device: str | None = None, tid: str | None = None,
+                          doc_id: int | None = None) -> AwaitingDocument | None:
+        return catalog.awaiting_document(self.conn, device=device, tid=tid, doc_id=doc_id)
+
+    def complete_document(self, doc_id: int, doc: NewDocument) -> None:
+        catalog.complete_document(self.conn, doc_id, doc)
+
+    def drop_awaiting_document(self, doc_id: int) -> None:
+        catalog.drop_awaiting_document(self.conn, doc_id)
 
     def add_device(self, device_id: str, verify_key: bytes) -> None:
         catalog.add_device(self.conn, device_id, verify_key)

@@ -264,7 +264,9 @@ async function loadDocuments() {
     list.append(el("li", { "data-id": doc.id },
       el("a", { class: "title", href: "/documents/" + doc.id }, ...title),
       el("div", { class: "meta" }, t("doc_from", { device: doc.device }), " · ", t("doc_pages", { pages: doc.pages }),
-         " · ", bytes(doc.size), " · ", t("doc_received", { time: whenAgo(doc.received_at) })),
+         " · ", bytes(doc.size), " · ", t("doc_received", { time: whenAgo(doc.received_at) }),
+         doc.state === "awaiting_original" ? " · " : null,
+         doc.state === "awaiting_original" ? el("span", { class: "badge awaiting" }, t("awaiting_original")) : null),
       doc.snippet ? el("p", { class: "snippet" }, ...segments(doc.snippet)) : null));
   }
   if (!rows.length) list.append(el("li", {}, t("no_documents")));
@@ -447,11 +449,20 @@ async function renderDocumentPage(main, id) {
     [t("af_" + name), f.value === null || f.value === undefined ? null
       : f.value + (f.source ? " (" + t("source_" + f.source) + ")" : "")]);
   const archival = doc.archival ? t("archival_" + doc.archival.state) : null;
-  const preview = el("img", { class: "preview", id: "preview", src: "/api/documents/" + doc.id + "/preview",
+  // Catalogued from the text the box sent ahead: searchable, but no original (no preview, no download) yet.
+  const awaiting = doc.state === "awaiting_original";
+  let preview = el("p", { class: "muted", id: "preview" }, t("awaiting_original"));
+  if (!awaiting) {
+    const image = el("img", { class: "preview", id: "preview", src: "/api/documents/" + doc.id + "/preview",
                               alt: t("preview_alt", { name: doc.filename }), width: 700, height: 990 });
-  preview.onerror = () => preview.replaceWith(el("p", { class: "muted", id: "preview" }, t("no_preview")));
-  preview.onload = () => { preview.removeAttribute("width"); preview.removeAttribute("height"); };
-  const download = doc.can_download
+    image.onerror = () => image.replaceWith(el("p", { class: "muted", id: "preview" }, t("no_preview")));
+    image.onload = () => { image.removeAttribute("width"); image.removeAttribute("height"); };
+    preview = image;
+  }
+  const download = awaiting
+    ? el("p", { id: "awaiting", class: "notice" }, el("span", { class: "badge awaiting" }, t("awaiting_original")), " ",
+         t("awaiting_original_note"))
+    : doc.can_download
     ? el("p", {}, el("a", { class: "button", id: "download", href: "/api/documents/" + doc.id + "/original", download: doc.filename },
                      t("download")), " ", el("small", { class: "muted" }, t("download_note")))
     : el("p", { class: "muted", id: "no-download" }, t("download_forbidden"));

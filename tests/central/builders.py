@@ -25,7 +25,8 @@ from protocol.bag import (
     original_member,
 )
 from protocol.envelope import EnvelopeSealer, SignedHeader
-from protocol.messages import Fin, Init, Message, Segment, encode
+from protocol.messages import Fin, Init, Message, Notice, Segment, encode
+from protocol.notice import NoticeContent, seal_notice
 
 CAPTURED_AT = "2024-05-01T08:00:00Z"
 
@@ -124,3 +125,20 @@ def seal_stream(*, device: str, seq: int, signing_key: nacl.signing.SigningKey,
 
 def wire(messages: list[Message]) -> list[tuple[str, bytes]]:
     return [encode(m) for m in messages]
+
+
+def seal_notice_for(sealed: Sealed, *, signing_key: nacl.signing.SigningKey,
+                    central_key: nacl.public.PublicKey, original: bytes,
+                    name: str = "Công văn số 5 – Tuyên Quang.pdf",
+                    text: str = "Quyết định về việc số hoá hồ sơ lưu trữ xã Tân Trào",
+                    media_type: str = "application/pdf", captured_at: str = CAPTURED_AT,
+                    seq: int | None = None) -> Notice:
+    """The notice an edge sends ahead of ``sealed``: the same metadata and text as its package."""
+    metadata = PackageMetadata(
+        tid=sealed.tid, device_id=sealed.device, seq=sealed.seq if seq is None else seq, original_name=name,
+        original_sha256=hashlib.sha256(original).hexdigest(), original_size=len(original),
+        media_type=media_type, pages=1, captured_at=captured_at,
+        ocr=OcrInfo(engine="tesseract 5.3", languages=("vie",), dpi=300, seconds=0.6))
+    signed, ciphertext = seal_notice(NoticeContent(metadata, text), signing_key=signing_key,
+                                     central_public_key=central_key, created_at=int(time.time()))
+    return Notice(sealed.device, sealed.tid, signed, ciphertext)

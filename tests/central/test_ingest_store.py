@@ -216,3 +216,33 @@ def test_the_ingest_stages_run_on_postgres(config: CentralConfig, central_keys: 
     assert record is not None and record.state == "stored" and store.stored_segments(sealed.tid) == []
     assert not list(config.paths.staging.iterdir())   # the journal file went with the last segment row
     conn.close()
+
+
+def test_arrivals_awaiting_their_original(transaction: Transaction) -> None:
+    """A notice's arrival: searchable, no object, counted apart; completed in place by its original."""
+    with transaction() as db:
+        db.add_device("xa-tan-trao", b"k" * 32)
+        doc = _document("xa-tan-trao", "a" * 32, 1, b"original", "Tờ trình đường.pdf", "Tờ trình sửa đường")
+        doc_id = db.insert_document(doc, awaiting=True)
+        db.insert_notice(tid="a" * 32, device="xa-tan-trao", seq=1, payload_sha256="p" * 64,
+                         document_id=doc_id, at="2026-12-01T08:00:00.000Z")
+    with transaction() as db:
+        assert not db.object_exists(doc.sha256)
+        assert db.search("to trinh duong") == [doc_id]
+        assert db.awaiting_load("xa-tan-trao") == (1, len(doc.text.encode()))
+        awaiting = db.awaiting_document(device="xa-tan-trao", tid="a" * 32)
+        assert awaiting is not None and (awaiting.id, awaiting.sha256) == (doc_id, doc.sha256)
+        assert db.awaiting_document(doc_id=doc_id) == awaiting
+        notice = db.get_notice("a" * 32)
+        assert notice is not None and (notice.seq, notice.document_id) == (1, doc_id)
+        assert db.notice_by_seq("xa-tan-trao", 1) == notice and db.notice_by_seq("xa-tan-trao", 2) is None
+    with transaction() as db:
+        db.complete_document(doc_id, doc)
+    with transaction() as db:
+        assert db.object_exists(doc.sha256) and db.arrival_by_key(doc.key) == doc_id
+        assert db.awaiting_document(doc_id=doc_id) is None and db.awaiting_load("xa-tan-trao") == (0, 0)
+        assert db.search("sua duong") == [doc_id]
+        other = _document("xa-tan-trao", "b" * 32, 2, b"other", "Khác.pdf", "khác hẳn")
+        other_id = db.insert_document(other, awaiting=True)
+        db.drop_awaiting_document(other_id)
+        assert db.search("khac") == [] and db.awaiting_load("xa-tan-trao") == (0, 0)

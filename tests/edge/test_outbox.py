@@ -14,7 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from edge.outbox import SCHEMA_VERSION, TRANSITIONS, DocState, Outbox, OutboxError, Place
+from edge.outbox import (
+    NOTICE_MOVES,
+    SCHEMA_VERSION,
+    TRANSITIONS,
+    DocState,
+    NoticeState,
+    Outbox,
+    OutboxError,
+    Place,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 NAME = "Công văn số 5 – Tuyên Quang.pdf"
@@ -336,3 +345,87 @@ async def test_kill_9_mid_writes_loses_no_committed_row(tmp_path: Path) -> None:
         assert new.seq > max(seq for _, seq in committed)
     finally:
         await outbox.close()
+
+
+# -- notices (rule 7) ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("state", list(NoticeState))
+def test_every_notice_state_has_a_row_in_its_table(state: NoticeState) -> None:
+    assert state in NOTICE_MOVES
+
+
+async def test_notice_lifecycle_is_durable_and_never_delivers(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    outbox = await Outbox.open(path)
+    try:
+        with_notice, without = await add(outbox, 1), await add(outbox, 2)
+        await outbox.mark_packaged(with_notice, envelope_path="/o/1.env", signed_header=b"h",
+                                   ciphertext_size=10, segment_size=32768, notice=b"sealed notice")
+        await package(outbox, without)   # too large for a notice, or packaged by an older version
+        assert [d.tid for d in await outbox.notices_to_send()] == [with_notice]
+        assert await outbox.notice_payload(with_notice) == b"sealed notice"
+        await outbox.notice_sent(with_notice)
+    finally:
+        await outbox.close()
+    # A restart (or a power cut) after it was sent: still to send until central answers.
+    outbox = await Outbox.open(path)
+    try:
+        doc = await outbox.get(with_notice)
+        assert doc is not None and doc.notice_state is NoticeState.SENT and doc.state is DocState.PACKAGED
+        assert [d.tid for d in await outbox.notices_to_send()] == [with_notice]
+        await outbox.notice_answered(with_notice, catalogued=True)
+        await outbox.notice_answered(with_notice, catalogued=False)   # a late, contradicting repeat
+        doc = await outbox.get(with_notice)
+        # Noted: nothing more to send, the sealed bytes are dropped, and custody has nothing to act on.
+        assert doc is not None and doc.notice_state is NoticeState.NOTED
+        assert doc.state is DocState.PACKAGED and doc.receipt_sha256 is None
+        assert await outbox.notices_to_send() == [] and await outbox.notice_payload(with_notice) is None
+        await outbox.notice_answered(without, catalogued=True)   # no notice: nothing recorded
+        other = await outbox.get(without)
+        assert other is not None and other.notice_state is None
+    finally:
+        await outbox.close()
+
+
+async def test_a_delivered_or_refused_row_sends_no_notice(tmp_path: Path) -> None:
+    outbox = await Outbox.open(tmp_path / "outbox.db")
+    try:
+        tids = [await add(outbox, n) for n in range(3)]
+        for tid in tids:
+            await outbox.mark_packaged(tid, envelope_path=f"/o/{tid}.env", signed_header=b"h",
+                                       ciphertext_size=10, segment_size=32768, notice=b"n")
+        await outbox.mark_delivered(tids[0], central_document_id=1, duplicate=False)
+        await outbox.mark_failed(tids[1], "central refused it", "central_refused")
+        await outbox.notice_answered(tids[2], catalogued=False)
+        assert await outbox.notices_to_send() == []
+        assert all([await outbox.notice_payload(t) is None for t in tids])
+        doc = await outbox.get(tids[2])
+        assert doc is not None and doc.notice_state is NoticeState.REFUSED and doc.state is DocState.PACKAGED
+    finally:
+        await outbox.close()
+
+
+async def test_a_version_2_outbox_gains_notices_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    outbox = await Outbox.open(path)
+    tid = await add(outbox, 1)
+    await package(outbox, tid)
+    await outbox.close()
+    with sqlite3.connect(path) as db:   # back to what a v2 box has on its card
+        db.execute("DROP INDEX docs_notices")
+        db.execute("ALTER TABLE docs DROP COLUMN notice_state")
+        db.execute("ALTER TABLE docs DROP COLUMN notice")
+        db.execute("PRAGMA user_version = 2")
+    outbox = await Outbox.open(path)
+    try:
+        doc = await outbox.get(tid)
+        assert doc is not None and doc.state is DocState.PACKAGED and doc.notice_state is None
+        assert [d.tid for d in await outbox.sendable()] == [tid] and await outbox.notices_to_send() == []
+        new = await add(outbox, 2)
+        await outbox.mark_packaged(new, envelope_path="/o/n.env", signed_header=b"h", ciphertext_size=1,
+                                   segment_size=32768, notice=b"n")
+        assert [d.tid for d in await outbox.notices_to_send()] == [new]
+    finally:
+        await outbox.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3

@@ -17,6 +17,8 @@ from protocol.messages import (
     Fin,
     Init,
     Message,
+    Noted,
+    NoticeState,
     Receipt,
     ReceiptBody,
     Segment,
@@ -34,6 +36,7 @@ from protocol.topics import (
     parse_topic,
 )
 from tests.protocol.factories import DEVICE, make_keys, seal, vietnamese_bytes
+from tests.protocol.test_notice import sealed_notice
 
 KEYS = make_keys(3)
 SEALED = seal(vietnamese_bytes(4000), KEYS)
@@ -56,6 +59,9 @@ MESSAGES: list[Message] = [
     Ack(DEVICE, TID, AckState.UNKNOWN),
     RECEIPT,
     Receipt.sign(ReceiptBody(DEVICE, TID, "cd" * 32, "2024-11-25T07:00:00Z", 7, duplicate=True), KEYS.device),
+    sealed_notice(KEYS)[0],
+    Noted(DEVICE, TID, NoticeState.CATALOGUED, document_id=12),
+    Noted(DEVICE, TID, NoticeState.REFUSED, error="quá nhiều thông báo", error_class="NoticeQuotaError"),
 ]
 
 
