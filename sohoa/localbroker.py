@@ -29,10 +29,23 @@ def mosquitto_binary() -> str:
                            "or apt-get install mosquitto")
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback port nobody listens on, never one this process was already given.
+
+    The kernel may hand the same ephemeral port to two binds in a row once the first socket is
+    closed, so ``init(broker=free_port(), devices=free_port())`` could get one port twice.
+    """
+    for _ in range(1000):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
+    raise OSError("no unused loopback port left")
 
 
 def listener_ports(config: Path) -> list[int]:
