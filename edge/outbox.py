@@ -47,9 +47,10 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aiosqlite
+if TYPE_CHECKING:   # imported where the outbox is opened: `sohoa central` installs lack the edge extra
+    import aiosqlite
 
 SCHEMA_VERSION = 3
 
@@ -391,6 +392,8 @@ class Outbox:
         _create_private(path)
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, so the synchronous level can be
         # switched between transactions (SQLite refuses it inside one).
+        import aiosqlite  # noqa: PLC0415 - see the import block: only a box opens an outbox
+
         db = await aiosqlite.connect(path, isolation_level=None)
         try:
             await _configure(db, path)
