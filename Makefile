@@ -42,7 +42,7 @@ fleet-lint: $(ANSIBLE_STAMP)
 # What the controller ships to the boxes (they may not reach a package index): sohoa's wheel and
 # a wheel of every dependency, for Debian 12's Python 3.11.
 wheelhouse: $(STAMP)
-	$(BIN)/python -m pip wheel -q --wheel-dir dist/wheelhouse .
+	$(BIN)/python -m pip wheel -q --wheel-dir dist/wheelhouse ".[edge,central]"
 
 demo: $(STAMP)
 	$(BIN)/sohoa demo --exit-when-synced

@@ -159,8 +159,9 @@ def _build_wheel(version: str | None, into: Path, scratch: Path, *, deps: bool =
     if version is not None:
         pyproject = source / "pyproject.toml"
         pyproject.write_text(re.sub(r'(?m)^version = ".*"$', f'version = "{version}"', pyproject.read_text()))
+    # With deps: both sides' extras, since the roles install sohoa[central] and sohoa[edge].
     run([sys.executable, "-m", "pip", "wheel", "--quiet", *(() if deps else ("--no-deps",)),
-         "--wheel-dir", str(into), str(source)], timeout=900)
+         "--wheel-dir", str(into), f"{source}[edge,central]" if deps else str(source)], timeout=900)
 
 
 def _sample_pages(into: Path, seed: int) -> list[Path]:
