@@ -468,8 +468,8 @@ _PROBLEM = f"""CASE
     WHEN d.backlog_docs > 0 AND {{age}} >= {STALE_BACKLOG_S} THEN 2
     WHEN NOT {_ONLINE} THEN 1
     ELSE 0 END"""
-_PROBLEM_NAMES = {6: "possible clone", 5: "rejected transfers", 4: "offline with backlog", 3: "error", 2: "stale backlog",
-                  1: "offline"}
+_PROBLEM_NAMES = {6: "possible clone", 5: "rejected transfers", 4: "offline with backlog", 3: "error",
+                  2: "stale backlog", 1: "offline"}
 # The age the box reported with its last status; only meaningful while it holds a backlog.
 _OLDEST_AGE = ("CASE WHEN d.backlog_docs > 0 THEN"
                " coalesce(json_extract(d.status_json, '$.oldest_age_s'), 0) ELSE 0 END")
@@ -806,8 +806,8 @@ def set_strikes(conn: sqlite3.Connection, device: str, level: float, at: float, 
                 flag_at: str | None) -> bool:
     """Record the rejected-transfer bucket; ``flag_at``: the device is over its budget (kept if already
     flagged). True when the flag is newly raised."""
-    raised = flag_at is not None and conn.execute(
-        "SELECT misbehaving_since IS NULL FROM devices WHERE id = ?", (device,)).fetchone() == (1,)
+    row = conn.execute("SELECT misbehaving_since IS NULL FROM devices WHERE id = ?", (device,)).fetchone()
+    raised = flag_at is not None and row is not None and bool(row[0])
     conn.execute("UPDATE devices SET strikes = ?, strikes_at = ?,"
                  " misbehaving_since = coalesce(misbehaving_since, ?) WHERE id = ?",
                  (level, at, flag_at, device))
