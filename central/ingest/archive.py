@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,7 +165,7 @@ class Archiver:
             db.add_fixity(event="rejected", device=device, tid=tid, at=catalog.utc_now(),
                                detail=json.dumps({"error_class": type(exc).__name__, "error": str(exc)},
                                                  ensure_ascii=False))
-            count_rejection(db, device, tid, type(exc).__name__, self._quotas)
+            count_rejection(db, device, tid, type(exc).__name__, quotas=self._quotas, now=time.time())
             return [Ack(device, tid, AckState.REJECTED, error=str(exc)[:500],
                         error_class=type(exc).__name__)]
         status = db.get_device(device)

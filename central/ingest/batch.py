@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,7 +109,8 @@ class BatchStage:
     """Applies batches for one worker: admission, staging into the journal, the segment log."""
 
     def __init__(self, paths: CentralPaths, journal: SegmentJournal, *, key_id: bytes, max_plaintext: int,
-                 worker: str, metrics: Metrics, lease_s: float, quotas: quota.Quotas | None = None) -> None:
+                 worker: str, metrics: Metrics, lease_s: float, quotas: quota.Quotas | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         self._paths = paths
         self._journal = journal
         self._reader = SegmentReader(paths.staging)
@@ -119,6 +120,7 @@ class BatchStage:
         self._metrics = metrics
         self._lease_s = lease_s
         self.quotas = quotas or quota.Quotas()
+        self.clock = clock   # wall-clock seconds for the quota buckets (a fake in tests)
         self._deferred: dict[str, tuple[float, int]] = {}   # device → (last logged, deferred since)
         self.expired = 0   # transfers this worker expired (central.ingest.pipeline.sweep)
 
@@ -174,7 +176,7 @@ class BatchStage:
         new = (existing is None and holder is None) or (existing is not None and existing.state == "expired")
         if new and device is not None and device.status == "active":
             load = db.device_load(msg.device)   # only a new transfer is weighed: once per document
-        now = time.time()
+        now = self.clock()
         verdict = admit(msg, device=device, existing=existing, seq_holder=holder, key_id=self._key_id,
                         max_plaintext=self._max_plaintext, quotas=self.quotas, load=load, now=now)
         if isinstance(verdict, Admit | Revive | Refuse) and verdict.tokens is not None:
@@ -192,7 +194,8 @@ class BatchStage:
                                         header=msg.signed_header.encode(), size=header.ciphertext_size)
                 db.reject_transfer(msg.tid, str(verdict.error), type(verdict.error).__name__)
             if device is not None and device.status == "active":
-                count_rejection(db, msg.device, msg.tid, type(verdict.error).__name__, self.quotas)
+                count_rejection(db, msg.device, msg.tid, type(verdict.error).__name__, quotas=self.quotas,
+                                now=now)
             self._reject(batch, msg.device, msg.tid, verdict.error)
         elif isinstance(verdict, Clone):
             self._possible_clone(db, batch, msg, verdict.holder)
@@ -439,12 +442,12 @@ class BatchStage:
                              error_class=type(exc).__name__))
 
 
-def count_rejection(db: IngestStore, device: str, tid: str, error_class: str, quotas: quota.Quotas) -> None:
+def count_rejection(db: IngestStore, device: str, tid: str, error_class: str, *, quotas: quota.Quotas,
+                    now: float) -> None:
     """A rejection an honest box never causes counts against the device's budget; over it, the device
     is flagged (fleet view, fixity event, one warning) and slowed at admission. Never revoked."""
     if error_class not in quota.COUNTED_REJECTIONS:
         return
-    now = time.time()
     level, over = quota.strike(db.device_load(device), now, quotas)
     at = catalog.utc_now()
     if db.set_strikes(device, level, now, flag_at=at if over else None):

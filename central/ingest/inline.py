@@ -39,7 +39,7 @@ class Ingestor:
     def __init__(self, conn: sqlite3.Connection | Any, paths: CentralPaths, keys: CentralKeys, *,
                  max_plaintext: int, metrics: Metrics | None = None, worker: str = "central",
                  durability: str = "syncfs", quotas: Quotas | None = None,
-                 expire_after_s: float = EXPIRE_AFTER_S) -> None:
+                 expire_after_s: float = EXPIRE_AFTER_S, clock: Callable[[], float] = time.time) -> None:
         """``conn``: the SQLite catalog, or a PostgreSQL connection (``central.ingest.pgstore``)."""
         self._conn = conn
         self._sqlite = isinstance(conn, sqlite3.Connection)
@@ -55,7 +55,7 @@ class Ingestor:
         self.durability = Durability(durability, self.journal, [paths.staging, paths.objects])
         self.batch = BatchStage(paths, self.journal, key_id=key_id(bytes(keys.encryption.public_key)),
                                 max_plaintext=max_plaintext, worker=worker, metrics=self.metrics,
-                                lease_s=LEASE_S, quotas=quotas)
+                                lease_s=LEASE_S, quotas=quotas, clock=clock)
         self.archive = Archiver(paths, keys, max_plaintext=max_plaintext, metrics=self.metrics,
                                 durability=self.durability, quotas=quotas)
         self.expire_after_s = expire_after_s
@@ -103,7 +103,7 @@ class Ingestor:
 
     def sweep(self, now: float | None = None) -> list[str]:
         """Expire stalled transfers (as the service's reconciler does), commit, then free their journal."""
-        at = time.time() if now is None else now
+        at = self.batch.clock() if now is None else now
         expired = self.transaction(
             lambda db: sweep(db, self.batch, now=at, expire_after_s=self.expire_after_s))
         self.collect()
