@@ -36,8 +36,9 @@ log = logging.getLogger("sohoa.central.catalog")
 # events beyond ingest (``central.records_schema``). v5 (issue 9, progressive sync): a document may be
 # catalogued from its notice before its original is stored (``state`` 'awaiting_original', no object
 # yet, so ``documents.sha256`` no longer references ``objects``), and ``notices`` records each notice
-# taken. See ``_MIGRATIONS``.
-SCHEMA_VERSION = 5
+# taken. v6 (issue 7, hostile devices): per-device admission state on ``devices`` (init token
+# bucket, rejected-transfer budget) and the ``expired`` transfer state. See ``_MIGRATIONS``.
+SCHEMA_VERSION = 6
 # ``SCHEMA`` below creates this version; a new catalog then runs the later steps like an old one.
 SCHEMA_BASE_VERSION = 3
 
@@ -55,7 +56,15 @@ CREATE TABLE IF NOT EXISTS devices (
     status_json   TEXT,
     -- Set when a validly signed init reused a sequence number of another transfer (two boxes, one
     -- identity); cleared by an admin (``sohoa central device clear-clone``). NULL: no suspicion.
-    possible_clone_since TEXT
+    possible_clone_since TEXT,
+    -- Admission (central.ingest.quota): the init token bucket and the rejected-transfer bucket, each a
+    -- level and when it was computed (epoch seconds), and since when the device is over its budget of
+    -- rejected transfers (NULL: within it; cleared by the reconciler after a clean window).
+    init_tokens       REAL,
+    init_tokens_at    REAL,
+    strikes           REAL NOT NULL DEFAULT 0,
+    strikes_at        REAL,
+    misbehaving_since TEXT
 );
 -- One row per stored original (content-addressed: the file is objects/<sha256>).
 CREATE TABLE IF NOT EXISTS objects (
@@ -96,7 +105,9 @@ CREATE TABLE IF NOT EXISTS transfers (
     device      TEXT NOT NULL REFERENCES devices (id),
     seq         INTEGER NOT NULL,
     header      BLOB NOT NULL,
-    state       TEXT NOT NULL CHECK (state IN ('receiving', 'stored', 'rejected')),
+    -- expired: no progress for ``ingest.expire_after_hours``; its bytes are freed, a late segment or
+    -- fin is answered UNKNOWN and its init starts it again from zero (as a new admission).
+    state       TEXT NOT NULL CHECK (state IN ('receiving', 'stored', 'rejected', 'expired')),
     created_at  TEXT NOT NULL,
     updated_at  TEXT NOT NULL,
     error       TEXT,
@@ -404,9 +415,32 @@ def _v4_to_v5(conn: sqlite3.Connection) -> None:
     conn.execute(NOTICES)
 
 
+def _v5_to_v6(conn: sqlite3.Connection) -> None:
+    """v6: the admission columns on ``devices`` and the ``expired`` transfer state (a CHECK constraint:
+    SQLite's table-rebuild recipe, ids and every column kept). A new catalog already has both from
+    ``SCHEMA``, so each part runs only where it is missing."""
+    columns = {r[1] for r in conn.execute("PRAGMA table_info(devices)")}
+    for column in ("init_tokens REAL", "init_tokens_at REAL", "strikes REAL NOT NULL DEFAULT 0",
+                   "strikes_at REAL", "misbehaving_since TEXT"):
+        if column.split()[0] not in columns:
+            conn.execute(f"ALTER TABLE devices ADD COLUMN {column}")
+    (table_sql,) = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'transfers'").fetchone()
+    if "'expired'" in table_sql:
+        return
+    transfers = next(s for s in _statements(SCHEMA) if s.startswith("CREATE TABLE IF NOT EXISTS transfers"))
+    conn.execute(transfers.replace("IF NOT EXISTS transfers", "transfers_v6", 1))
+    names = ", ".join(r[1] for r in conn.execute("PRAGMA table_info(transfers)"))
+    conn.execute(f"INSERT INTO transfers_v6 ({names}) SELECT {names} FROM transfers")  # noqa: S608 - our columns
+    conn.execute("DROP TABLE transfers")
+    conn.execute("ALTER TABLE transfers_v6 RENAME TO transfers")
+    for statement in _statements(SCHEMA):
+        if statement.startswith("CREATE INDEX IF NOT EXISTS transfers_"):
+            conn.execute(statement)
+
+
 # user_version found → the step that brings the file to the next version.
 _MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
-    1: _v1_to_v2, 2: _v2_to_v3, 3: records_schema.v3_to_v4, 4: _v4_to_v5,
+    1: _v1_to_v2, 2: _v2_to_v3, 3: records_schema.v3_to_v4, 4: _v4_to_v5, 5: _v5_to_v6,
 }
 
 
@@ -478,19 +512,21 @@ STALE_BACKLOG_S = 6 * 3600
 
 # Online at query time: the last word from the box was not its will, and it is recent.
 _ONLINE = "(d.online = 1 AND d.last_seen >= :fresh_since)"
-# Problem rank, worst first: two boxes sharing one identity (their scans are being refused), then
-# offline with documents stuck on the box, then a reported error, then a backlog that is not
-# draining, then merely offline; revoked boxes are nobody's problem any more.
+# Problem rank, worst first: two boxes sharing one identity (their scans are being refused), then a
+# box over its budget of rejected transfers (bombs, bad signatures: a stolen key or a broken box;
+# slowed at admission, never revoked), then offline with documents stuck on the box, then a reported
+# error, then a backlog that is not draining, then merely offline; revoked boxes are nobody's problem.
 _PROBLEM = f"""CASE
     WHEN d.status != 'active' THEN -1
-    WHEN d.possible_clone_since IS NOT NULL THEN 5
+    WHEN d.possible_clone_since IS NOT NULL THEN 6
+    WHEN d.misbehaving_since IS NOT NULL THEN 5
     WHEN NOT {_ONLINE} AND d.backlog_docs > 0 THEN 4
     WHEN coalesce(d.last_error, '') != '' THEN 3
     WHEN d.backlog_docs > 0 AND {{age}} >= {STALE_BACKLOG_S} THEN 2
     WHEN NOT {_ONLINE} THEN 1
     ELSE 0 END"""
-_PROBLEM_NAMES = {5: "possible clone", 4: "offline with backlog", 3: "error", 2: "stale backlog",
-                  1: "offline"}
+_PROBLEM_NAMES = {6: "possible clone", 5: "rejected transfers", 4: "offline with backlog", 3: "error",
+                  2: "stale backlog", 1: "offline"}
 # The age the box reported with its last status; only meaningful while it holds a backlog.
 _OLDEST_AGE = ("CASE WHEN d.backlog_docs > 0 THEN"
                " coalesce(json_extract(d.status_json, '$.oldest_age_s'), 0) ELSE 0 END")
@@ -791,6 +827,81 @@ def stored_segments(conn: sqlite3.Connection, tid: str) -> list[StoredSegment]:
 
 def journal_in_use(conn: sqlite3.Connection, log: str) -> bool:
     return conn.execute("SELECT 1 FROM segments WHERE log = ? LIMIT 1", (log,)).fetchone() is not None
+
+
+# -- admission state and expiry (central.ingest.quota) -------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class DeviceLoad:
+    """What admission weighs before a device's new transfer: its receiving transfers (count and signed
+    bytes: what it announced and central has not stored) and its two buckets."""
+
+    open_transfers: int = 0
+    open_bytes: int = 0
+    init_tokens: float | None = None     # None: a full bucket (never spent)
+    init_tokens_at: float | None = None
+    strikes: float = 0.0
+    strikes_at: float | None = None
+    misbehaving_since: str | None = None
+
+
+def device_load(conn: sqlite3.Connection, device: str) -> DeviceLoad:
+    # A range of transfers_by_device (device, 'receiving'): at most the open-transfer cap of rows.
+    row = conn.execute(
+        "SELECT d.init_tokens, d.init_tokens_at, d.strikes, d.strikes_at, d.misbehaving_since,"
+        " (SELECT count(*) FROM transfers t WHERE t.device = d.id AND t.state = 'receiving') AS n,"
+        " (SELECT coalesce(sum(t.size), 0) FROM transfers t WHERE t.device = d.id AND t.state = 'receiving')"
+        " AS b FROM devices d WHERE d.id = ?", (device,)).fetchone()
+    if row is None:
+        return DeviceLoad()
+    return DeviceLoad(int(row["n"]), int(row["b"]), row["init_tokens"], row["init_tokens_at"],
+                      float(row["strikes"]), row["strikes_at"], row["misbehaving_since"])
+
+
+def set_init_tokens(conn: sqlite3.Connection, device: str, level: float, at: float) -> None:
+    conn.execute("UPDATE devices SET init_tokens = ?, init_tokens_at = ? WHERE id = ?", (level, at, device))
+
+
+def set_strikes(conn: sqlite3.Connection, device: str, level: float, at: float, *,
+                flag_at: str | None) -> bool:
+    """Record the rejected-transfer bucket; ``flag_at``: the device is over its budget (kept if already
+    flagged). True when the flag is newly raised."""
+    row = conn.execute("SELECT misbehaving_since IS NULL FROM devices WHERE id = ?", (device,)).fetchone()
+    raised = flag_at is not None and row is not None and bool(row[0])
+    conn.execute("UPDATE devices SET strikes = ?, strikes_at = ?,"
+                 " misbehaving_since = coalesce(misbehaving_since, ?) WHERE id = ?",
+                 (level, at, flag_at, device))
+    return raised
+
+
+def clear_misbehaving(conn: sqlite3.Connection, *, quiet_since: float) -> list[str]:
+    """Lower the flag of devices with no counted rejection since ``quiet_since`` (epoch seconds)."""
+    rows = conn.execute("UPDATE devices SET misbehaving_since = NULL, strikes = 0"
+                        " WHERE misbehaving_since IS NOT NULL AND coalesce(strikes_at, 0) < ? RETURNING id",
+                        (quiet_since,)).fetchall()
+    return sorted(str(r[0]) for r in rows)
+
+
+def expire_stalled(conn: sqlite3.Connection, *, before: str, limit: int = 500) -> list[tuple[str, str]]:
+    """Receiving transfers without progress since ``before`` (and no assembly job) become ``expired``:
+    their segment rows go (the journal files they pinned can then be deleted), the row stays so a late
+    segment is answered UNKNOWN and a new init starts the transfer again. Returns (tid, device)."""
+    rows = conn.execute("SELECT t.tid, t.device FROM transfers t LEFT JOIN jobs j ON j.tid = t.tid"
+                        " WHERE t.state = 'receiving' AND t.updated_at < ? AND j.tid IS NULL"
+                        " ORDER BY t.updated_at LIMIT ?", (before, limit)).fetchall()
+    now = utc_now()
+    for tid, _ in rows:
+        conn.execute("UPDATE transfers SET state = 'expired', held = '[]', held_bytes = 0, error = ?,"
+                     " error_class = 'TransferExpired', updated_at = ? WHERE tid = ?",
+                     (f"no progress since {before} or earlier: its bytes were dropped", now, tid))
+        conn.execute("DELETE FROM segments WHERE tid = ?", (tid,))
+    return [(str(t), str(d)) for t, d in rows]
+
+
+def revive_transfer(conn: sqlite3.Connection, tid: str) -> None:
+    """An expired transfer's init came again (and was admitted): receiving, from zero."""
+    conn.execute("UPDATE transfers SET state = 'receiving', held = '[]', held_bytes = 0, error = NULL,"
+                 " error_class = NULL, updated_at = ? WHERE tid = ? AND state = 'expired'", (utc_now(), tid))
 
 
 # -- jobs ----------------------------------------------------------------------------------------

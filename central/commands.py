@@ -35,6 +35,7 @@ from central.broker_config import (
 )
 from central.config import (
     CENTRAL_CLIENT_ID,
+    INGEST_DEFAULTS_COMMENT,
     CentralConfig,
     HostPort,
     load_config,
@@ -126,7 +127,7 @@ def init(home: Path, *, broker_url: str = "mqtt://127.0.0.1:1883", http: str = "
         write_atomic(paths.api_token, (token + "\n").encode())
         catalog.connect(paths.catalog).close()
         # The config goes last: its presence is what marks the home as initialised.
-        write_atomic(paths.config, tomli_w.dumps(rendered).encode())
+        write_atomic(paths.config, (tomli_w.dumps(rendered) + INGEST_DEFAULTS_COMMENT).encode())
     except BaseException:
         _undo_init(home, before)
         raise

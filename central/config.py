@@ -77,6 +77,34 @@ class IngestSettings:
     # How stored bytes are made durable before an ack or receipt: "syncfs" (one barrier per group
     # commit, Linux; give central's home its own filesystem) or "fsync" (every file and directory).
     durability: str = "syncfs"
+    # Per-device quotas at admission (central.ingest.quota; the numbers are argued in DECISIONS.md): a
+    # box runs 2 transfers at once (uplink.max_active) and, at 256 kbit/s, starts at most about one a
+    # second even with tiny scans. Over a quota a new transfer is deferred, never refused.
+    max_open_transfers_per_device: int = 8
+    max_open_bytes_per_device: int = 1024 * 1024 * 1024
+    new_transfers_per_hour: int = 1800
+    new_transfers_burst: int = 120
+    # Rejections an honest box never causes (bad signatures, bombs, bag errors): over this many in the
+    # window the device is flagged in the fleet view and slowed (1 open transfer, this many an hour).
+    rejected_transfers_budget: int = 10
+    rejected_transfers_window_hours: int = 24
+    flagged_new_transfers_per_hour: int = 6
+    # A receiving transfer without progress this long has its bytes dropped; the box starts it again.
+    expire_after_hours: int = 72
+
+
+# Appended to the [ingest] table `central init` writes (the last table), so an operator sees the knobs.
+INGEST_DEFAULTS_COMMENT = """\
+# Per-device quotas (docs/DECISIONS.md, "A hostile enrolled device"); the defaults:
+# max_open_transfers_per_device = 8              # receiving at once; a box runs uplink.max_active = 2
+# max_open_bytes_per_device = 1073741824         # announced, not yet stored (one transfer always fits)
+# new_transfers_per_hour = 1800                  # token bucket: 0.5 a second sustained ...
+# new_transfers_burst = 120                      # ... after a burst of 120 (a backlog after an outage)
+# rejected_transfers_budget = 10                 # bombs, bad signatures, bag errors in the window ...
+# rejected_transfers_window_hours = 24           # ... before the box is flagged and slowed to
+# flagged_new_transfers_per_hour = 6             # this many new transfers an hour, one open at a time
+# expire_after_hours = 72                        # no progress this long: bytes dropped, resent from zero
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,7 +227,15 @@ def parse_config(home: Path, data: dict[str, Any], api_token: str) -> CentralCon
         receive_maximum=i.integer("receive_maximum", 2048, minimum=1),
         assemblers=i.integer("assemblers", 16, minimum=1),
         assembler_processes=i.integer("assembler_processes", 0, minimum=0),
-        durability=i.text("durability", "syncfs"))
+        durability=i.text("durability", "syncfs"),
+        max_open_transfers_per_device=i.integer("max_open_transfers_per_device", 8, minimum=1),
+        max_open_bytes_per_device=i.integer("max_open_bytes_per_device", 1024 ** 3, minimum=1024 * 1024),
+        new_transfers_per_hour=i.integer("new_transfers_per_hour", 1800, minimum=1),
+        new_transfers_burst=i.integer("new_transfers_burst", 120, minimum=1),
+        rejected_transfers_budget=i.integer("rejected_transfers_budget", 10, minimum=1),
+        rejected_transfers_window_hours=i.integer("rejected_transfers_window_hours", 24, minimum=1),
+        flagged_new_transfers_per_hour=i.integer("flagged_new_transfers_per_hour", 6, minimum=1),
+        expire_after_hours=i.integer("expire_after_hours", 72, minimum=1))
     if ingest.durability not in ("syncfs", "fsync"):
         raise ConfigError(f"ingest.durability = {ingest.durability!r} is not 'syncfs' or 'fsync'",
                           hint="syncfs: one barrier per group commit (Linux); fsync: every file")

@@ -113,3 +113,14 @@ class LateNoticeError(ProtocolError):
     """A notice for a transfer central already refused: nothing to catalogue."""
 
     hint = "the document's own transfer was refused; see that transfer's error"
+
+
+class QuotaExceededError(ProtocolError):
+    """The device is over a per-device quota (open transfers, bytes announced, new transfers per hour).
+
+    Answered as a DEFERRED ack with ``retry_after``: the transfer is not refused, only not started yet;
+    the edge keeps the document and announces it again later.
+    """
+
+    hint = ("the box opens more transfers, or faster, than [ingest] in central.toml allows; an honest "
+            "box never should (see docs/DECISIONS.md): check it in the fleet view")

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from central.config import CentralConfig
 from central.ingest.pipeline import IngestCore, IngestPipeline, PipelineSettings
+from central.ingest.quota import Quotas
 from central.ingest.writer import GroupWriter
 from central.keys import load_keys
 from central.metrics import Metrics
@@ -50,7 +51,19 @@ def pipeline_settings(config: CentralConfig) -> PipelineSettings:
     return PipelineSettings(worker=config.broker.client_id, batch_max=ingest.batch_max,
                             batches_in_flight=ingest.batches_in_flight, assemblers=ingest.assemblers,
                             assembler_processes=ingest.assembler_processes,
-                            durability=ingest.durability)
+                            durability=ingest.durability, quotas=quotas(config),
+                            expire_after_s=ingest.expire_after_hours * 3600.0)
+
+
+def quotas(config: CentralConfig) -> Quotas:
+    ingest = config.ingest
+    return Quotas(max_open_transfers=ingest.max_open_transfers_per_device,
+                  max_open_bytes=ingest.max_open_bytes_per_device,
+                  new_transfers_per_hour=ingest.new_transfers_per_hour,
+                  new_transfers_burst=ingest.new_transfers_burst,
+                  rejected_budget=ingest.rejected_transfers_budget,
+                  rejected_window_s=ingest.rejected_transfers_window_hours * 3600.0,
+                  flagged_new_transfers_per_hour=ingest.flagged_new_transfers_per_hour)
 
 
 @dataclass(slots=True)

@@ -504,6 +504,12 @@ class Uplink:
                     await self._reject(doc, reason, code)
             return
         transfer.sender.on_ack(ack)
+        if ack.state is AckState.DEFERRED:
+            # Central's per-device quota: not a failure, the document stays queued; the sender
+            # announces it again after retry_after. An honest box should never see this often.
+            log.info("central deferred %s (%s: %s); announcing it again in %s s", ack.tid, ack.error_class,
+                     ack.error, ack.retry_after if ack.retry_after is not None else "a while")
+            return
         if transfer.sender.state is SenderState.REJECTED:
             self._drop(ack.tid)
             await self._reject(transfer.doc, reason, code)

@@ -29,6 +29,7 @@ MAX_SEGMENT = 1024 * 1024
 MAX_ACK_RANGES = 4096       # an ack with more ranges is hostile: a sane receiver coalesces them
 MAX_TEXT = 4000             # error strings, abort reasons, status texts: enough for a hint, no more
 MAX_JSON_BYTES = 64 * 1024  # acks, status and receipts are small; refuse to parse anything bigger
+MAX_RETRY_AFTER = 24 * 3600  # a longer deferral is a misconfigured central
 _FIN = struct.Struct(">4sQ32s")
 _FIN_MAGIC = b"SFIN"
 
@@ -40,6 +41,10 @@ class AckState(StrEnum):
     STORED = "stored"         # assembled, verified and stored: a receipt follows (or was sent)
     REJECTED = "rejected"     # permanently refused: error says why; do not resend
     UNKNOWN = "unknown"       # central has no init for this tid: send init again
+    # Not now: the device is over a quota (open transfers, bytes, init rate). Nothing is held and
+    # nothing is lost: send init again after ``retry_after`` seconds. Edges that predate this state
+    # cannot decode it and so ignore the ack; they resend the init after their resend interval.
+    DEFERRED = "deferred"
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +191,7 @@ class Ack:
     ranges: tuple[tuple[int, int], ...] = ()
     error: str | None = None
     error_class: str | None = None
+    retry_after: int | None = None   # seconds; only with DEFERRED
 
     def __post_init__(self) -> None:
         check_device_id(self.device)
@@ -193,6 +199,11 @@ class Ack:
         if not isinstance(self.state, AckState):
             raise DecodeError(f"ack state {self.state!r} is not an AckState", device=self.device,
                               tid=self.tid)
+        if self.retry_after is not None and (
+                self.state is not AckState.DEFERRED or not _is_int(self.retry_after)
+                or not 0 <= self.retry_after <= MAX_RETRY_AFTER):
+            raise DecodeError(f"ack retry_after {self.retry_after!r:.40} needs a deferred ack and 0..."
+                              f"{MAX_RETRY_AFTER} seconds", device=self.device, tid=self.tid)
         if len(self.ranges) > MAX_ACK_RANGES:
             raise DecodeError(f"ack carries {len(self.ranges)} ranges, at most {MAX_ACK_RANGES}",
                               device=self.device, tid=self.tid)
@@ -345,6 +356,8 @@ def encode(msg: Message) -> tuple[str, bytes]:
     if isinstance(msg, Ack):
         body = {"tid": msg.tid, "state": msg.state.value, "ranges": [list(r) for r in msg.ranges],
                 "error": msg.error, "error_class": msg.error_class}
+        if msg.retry_after is not None:   # absent otherwise: the bytes of every other ack unchanged
+            body["retry_after"] = msg.retry_after
         return str(Topic(Kind.ACK, msg.device)), _canonical(body)
     if isinstance(msg, Receipt):
         return str(Topic(Kind.RECEIPT, msg.device)), msg.signature + msg.body.canonical()
@@ -426,7 +439,7 @@ def _decode(parsed: Topic, device: str, tid: str | None, payload: bytes) -> Mess
         except ValueError as exc:
             raise DecodeError(f"unknown ack state {obj.get('state')!r:.80}") from exc
         return Ack(device, _str(obj, "tid"), state, tuple((r[0], r[1]) for r in raw_ranges),
-                   _opt_str(obj, "error"), _opt_str(obj, "error_class"))
+                   _opt_str(obj, "error"), _opt_str(obj, "error_class"), _opt_int(obj, "retry_after"))
     if kind is Kind.RECEIPT:
         if len(payload) < 65:
             raise ReceiptError(f"receipt payload truncated at {len(payload)} bytes")

@@ -19,6 +19,9 @@ Sender (edge), one per transfer id:
   - When acks cover ``[0, size)`` it sends ``fin`` (repeated every ``resend_after`` until
     central answers STORED). A STORED ack means "receipt follows"; the receipt ends the transfer.
   - A REJECTED ack ends the transfer as failed; UNKNOWN means central lost it: announce again.
+  - A DEFERRED ack (central is not taking this transfer now: a per-device quota) is not a failure:
+    nothing is in flight any more and init is sent again only after ``retry_after`` (at least
+    ``resend_after``). UNKNOWN acks for segments sent before the deferral do not cut that wait short.
 
 Receiver (central), one per transfer id, rebuilt from the durable segment log after a restart:
   - A segment is accepted only after ``init`` was verified; it must lie within the signed
@@ -91,6 +94,9 @@ class TransferSender:
         self._in_flight: dict[int, float] = {}
         self._init_sent_at: float | None = None
         self._fin_sent_at: float | None = None
+        self._deferred_for: float | None = None    # a DEFERRED ack's wait, started at the next poll
+        self._not_before: float | None = None      # no init before this time (a deferral)
+        self.deferrals = 0
 
     # -- inputs ---------------------------------------------------------------------------------
     def connected(self) -> None:
@@ -100,6 +106,9 @@ class TransferSender:
         self._in_flight.clear()
         self._init_sent_at = None
         self._fin_sent_at = None
+        if self._not_before is not None or self._deferred_for is not None:
+            # A reconnect does not end a deferral: announce only once the wait is over.
+            self.state = SenderState.ANNOUNCING
 
     def disconnected(self) -> None:
         if self.state not in (SenderState.DONE, SenderState.REJECTED):
@@ -112,6 +121,8 @@ class TransferSender:
             return
         self._fresh = False
         idle = self.state is SenderState.IDLE
+        if ack.state in (AckState.RECEIVING, AckState.STORED):
+            self._not_before = self._deferred_for = None   # central took it after all
         if ack.state is AckState.REJECTED:
             self.state = SenderState.REJECTED
             self.error, self.error_class = ack.error or "rejected by central", ack.error_class
@@ -124,10 +135,19 @@ class TransferSender:
                 self.state = SenderState.AWAITING_RECEIPT
                 self._fin_sent_at = None   # poll() starts the wait for the receipt
             return
+        if ack.state is AckState.DEFERRED:
+            self.deferrals += 1
+            self.error, self.error_class = ack.error, ack.error_class
+            self._in_flight.clear()
+            self._deferred_for = max(float(ack.retry_after or 0), self.resend_after)
+            if not idle:
+                self.state = SenderState.ANNOUNCING
+            return
         if ack.state is AckState.UNKNOWN:
             self.held = RangeSet()
             self._in_flight.clear()
-            self._init_sent_at = None
+            if self._not_before is None and self._deferred_for is None:
+                self._init_sent_at = None
             if not idle:
                 self.state = SenderState.ANNOUNCING
             return
@@ -155,6 +175,15 @@ class TransferSender:
         actions: list[Action] = []
         if self.state in (SenderState.IDLE, SenderState.DONE, SenderState.REJECTED):
             return actions
+        if self._deferred_for is not None:
+            self._not_before = now + self._deferred_for
+            self._deferred_for = None
+            self._init_sent_at = now   # counts as just announced: the next init waits for the deferral
+        if self._not_before is not None:
+            if now < self._not_before:
+                return actions
+            self._not_before = None
+            self._init_sent_at = None
         if self._init_sent_at is None or (
                 self.state is SenderState.ANNOUNCING and self._due(self._init_sent_at, now)):
             self._init_sent_at = now
@@ -185,6 +214,8 @@ class TransferSender:
 
     def next_deadline(self) -> float | None:
         """Earliest time at which ``poll`` may have something new without any input."""
+        if self._not_before is not None:
+            return self._not_before
         times = [t + self.resend_after for t in self._in_flight.values()]
         if self.state is SenderState.ANNOUNCING and self._init_sent_at is not None:
             times.append(self._init_sent_at + self.resend_after)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +33,9 @@ from central import catalog
 from central.assemble import assemble
 from central.errors import RevokedDeviceError
 from central.fsutil import fsync_dir, write_atomic
-from central.ingest.batch import Reply
+from central.ingest.batch import Reply, count_rejection
 from central.ingest.durability import Durability
+from central.ingest.quota import Quotas
 from central.ingest.staging import SegmentReader
 from central.ingest.store import IngestStore
 from central.keys import CentralKeys
@@ -96,8 +98,9 @@ Assembly = Archived | Quarantined | Deferred
 
 class Archiver:
     def __init__(self, paths: CentralPaths, keys: CentralKeys, *, max_plaintext: int,
-                 metrics: Metrics, durability: Durability) -> None:
+                 metrics: Metrics, durability: Durability, quotas: Quotas | None = None) -> None:
         self._paths = paths
+        self._quotas = quotas or Quotas()
         self._durability = durability
         self._keys = keys
         self._max_plaintext = max_plaintext
@@ -165,6 +168,7 @@ class Archiver:
             db.add_fixity(event="rejected", device=device, tid=tid, at=catalog.utc_now(),
                                detail=json.dumps({"error_class": type(exc).__name__, "error": str(exc)},
                                                  ensure_ascii=False))
+            count_rejection(db, device, tid, type(exc).__name__, quotas=self._quotas, now=time.time())
             return [Ack(device, tid, AckState.REJECTED, error=str(exc)[:500],
                         error_class=type(exc).__name__)]
         status = db.get_device(device)

@@ -23,6 +23,10 @@ Rules (DESIGN §1, §3):
     the same; a notice after its transfer was stored names that document; a device whose awaiting
     arrivals exceed ``MAX_AWAITING_DOCS``/``MAX_AWAITING_TEXT_BYTES`` has its notices refused (its
     documents still come whole).
+  - A new transfer is weighed against the device's quotas (``central.ingest.quota``) at its init only;
+    over a quota it is deferred (DEFERRED + retry_after, logged once per device per interval), and
+    rejections an honest box never causes count against the device's rejected-transfer budget.
+    A late segment or fin of an expired transfer is answered UNKNOWN; its init starts it again.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ import contextlib
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,12 +49,14 @@ from central.errors import (
     AbortedError,
     LateNoticeError,
     NoticeQuotaError,
+    QuotaExceededError,
     ReplayError,
     RevokedDeviceError,
     SequenceReusedError,
     UnknownDeviceError,
 )
-from central.ingest.admission import Admit, Clone, Known, Refuse, admit
+from central.ingest import quota
+from central.ingest.admission import Admit, Clone, Defer, Known, Refuse, Revive, admit
 from central.ingest.staging import SegmentJournal, SegmentReader
 from central.ingest.store import IngestStore
 from central.metrics import Metrics
@@ -83,6 +90,7 @@ Reply = Ack | Receipt | Noted
 # enrolled box can make central keep at most this much of its text (then its notices are refused).
 MAX_AWAITING_DOCS = 2000
 MAX_AWAITING_TEXT_BYTES = 64 * 1024 * 1024
+QUOTA_LOG_INTERVAL_S = 300.0   # one INFO line per deferred device per interval, with the count
 _REPEAT = TransferError("a repeat of a held segment")   # a sentinel, never raised nor sent
 
 
@@ -134,7 +142,8 @@ class BatchStage:
 
     def __init__(self, paths: CentralPaths, journal: SegmentJournal, *, key_id: bytes, max_plaintext: int,
                  worker: str, metrics: Metrics, lease_s: float,
-                 notice_key: nacl.public.PrivateKey | None = None) -> None:
+                 notice_key: nacl.public.PrivateKey | None = None, quotas: quota.Quotas | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         self._paths = paths
         self._notice_key = notice_key   # central's encryption key: notices are opened in the batch
         self._journal = journal
@@ -144,6 +153,10 @@ class BatchStage:
         self._worker = worker
         self._metrics = metrics
         self._lease_s = lease_s
+        self.quotas = quotas or quota.Quotas()
+        self.clock = clock   # wall-clock seconds for the quota buckets (a fake in tests)
+        self._deferred: dict[str, tuple[float, int]] = {}   # device → (last logged, deferred since)
+        self.expired = 0   # transfers this worker expired (central.ingest.pipeline.sweep)
 
     def apply(self, db: IngestStore, items: list[tuple[str, bytes]],
               park: Sequence[bool] | None = None) -> BatchOutcome:
@@ -195,13 +208,30 @@ class BatchStage:
         holder = None
         if existing is None and device is not None:
             holder = db.transfer_by_seq(msg.device, header.seq)
+        load = None
+        new = (existing is None and holder is None) or (existing is not None and existing.state == "expired")
+        if new and device is not None and device.status == "active":
+            load = db.device_load(msg.device)   # only a new transfer is weighed: once per document
+        now = self.clock()
         verdict = admit(msg, device=device, existing=existing, seq_holder=holder, key_id=self._key_id,
-                        max_plaintext=self._max_plaintext)
-        if isinstance(verdict, Refuse):
+                        max_plaintext=self._max_plaintext, quotas=self.quotas, load=load, now=now)
+        if isinstance(verdict, Admit | Revive | Refuse) and verdict.tokens is not None:
+            db.set_init_tokens(msg.device, verdict.tokens, now)
+        if isinstance(verdict, Defer):
+            self._defer(batch, msg, verdict)
+        elif isinstance(verdict, Revive):
+            db.revive_transfer(msg.tid)
+            # UNKNOWN: the device forgets what it thought central held and sends from zero.
+            batch.reply(msg.tid, Ack(msg.device, msg.tid, AckState.UNKNOWN))
+            log.info("transfer %s of %s expired earlier and starts again from zero", msg.tid, msg.device)
+        elif isinstance(verdict, Refuse):
             if verdict.record:
                 db.insert_transfer(tid=msg.tid, device=msg.device, seq=header.seq,
                                         header=msg.signed_header.encode(), size=header.ciphertext_size)
                 db.reject_transfer(msg.tid, str(verdict.error), type(verdict.error).__name__)
+            if device is not None and device.status == "active":
+                count_rejection(db, msg.device, msg.tid, type(verdict.error).__name__, quotas=self.quotas,
+                                now=now)
             self._reject(batch, msg.device, msg.tid, verdict.error)
         elif isinstance(verdict, Clone):
             self._possible_clone(db, batch, msg, verdict.holder)
@@ -245,6 +275,9 @@ class BatchStage:
         elif record.state == "rejected":
             batch.reply(record.tid, Ack(record.device, record.tid, AckState.REJECTED,
                                         error=record.error, error_class=record.error_class))
+        elif record.state == "expired":
+            # Its bytes were dropped: the device announces it again and sends it from zero.
+            batch.reply(record.tid, Ack(record.device, record.tid, AckState.UNKNOWN))
         else:
             batch.open.setdefault(record.tid, _Open(record, RangeSet.of(record.held)))
             batch.touched.add(record.tid)
@@ -338,7 +371,7 @@ class BatchStage:
         batch.open.pop(abort.tid, None)
         batch.touched.discard(abort.tid)
         batch.answered.add(abort.tid)   # nothing to say to a device that gave up
-        self._remove_legacy_part(abort.tid)
+        self.remove_legacy_part(abort.tid)
 
     def _on_status(self, db: IngestStore, status: Status) -> None:
         device = db.get_device(status.device)
@@ -459,6 +492,23 @@ class BatchStage:
             batch.outcome.replies.append(ack)
 
     # -- refusals ---------------------------------------------------------------------------------
+    def _defer(self, batch: _Batch, msg: Init, verdict: Defer) -> None:
+        over = verdict.over
+        self._metrics.error(QuotaExceededError.__name__)
+        batch.reply(msg.tid, Ack(msg.device, msg.tid, AckState.DEFERRED, error=over.reason[:500],
+                                 error_class=QuotaExceededError.__name__, retry_after=over.retry_after))
+        now = time.monotonic()
+        logged, since = self._deferred.get(msg.device, (float("-inf"), 0))
+        if now - logged < QUOTA_LOG_INTERVAL_S:
+            self._deferred[msg.device] = (logged, since + 1)
+            return
+        if len(self._deferred) > 10_000:   # a bound on what the log limiter remembers
+            self._deferred = {d: v for d, v in self._deferred.items() if now - v[0] < QUOTA_LOG_INTERVAL_S}
+        self._deferred[msg.device] = (now, 0)
+        log.info("deferred a new transfer of %s (quota %s): %s; asked to retry in %d s%s", msg.device,
+                 over.quota, over.reason, over.retry_after,
+                 f" ({since} more deferred in the last {QUOTA_LOG_INTERVAL_S:.0f} s)" if since else "")
+
     def _still_trusted(self, db: IngestStore, device: str, tid: str, batch: _Batch) -> bool:
         trusted = batch.trusted.get(device)
         if trusted is None:
@@ -485,9 +535,9 @@ class BatchStage:
             except OSError as error:
                 log.error("cannot keep the bytes of revoked transfer %s: %s", tid, error)  # noqa: TRY400
         db.reject_transfer(tid, str(exc), type(exc).__name__)
-        self._remove_legacy_part(tid)
+        self.remove_legacy_part(tid)
 
-    def _remove_legacy_part(self, tid: str) -> None:
+    def remove_legacy_part(self, tid: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             (self._paths.staging / f"{tid}.part").unlink()
 
@@ -500,6 +550,25 @@ class BatchStage:
         batch.open.pop(tid, None)
         batch.reply(tid, Ack(device, tid, AckState.REJECTED, error=str(exc)[:500],
                              error_class=type(exc).__name__))
+
+
+def count_rejection(db: IngestStore, device: str, tid: str, error_class: str, *, quotas: quota.Quotas,
+                    now: float) -> None:
+    """A rejection an honest box never causes counts against the device's budget; over it, the device
+    is flagged (fleet view, fixity event, one warning) and slowed at admission. Never revoked."""
+    if error_class not in quota.COUNTED_REJECTIONS:
+        return
+    level, over = quota.strike(db.device_load(device), now, quotas)
+    at = catalog.utc_now()
+    if db.set_strikes(device, level, now, flag_at=at if over else None):
+        import json  # noqa: PLC0415 - rare path
+
+        log.warning("device %s is over its budget of %d rejected transfers in %.0f h (last: %s, %s): its "
+                    "new transfers are slowed until it has been clean for that long", device,
+                    quotas.rejected_budget, quotas.rejected_window_s / 3600, tid, error_class)
+        db.add_fixity(event="over_rejection_budget", device=device, tid=tid, at=at,
+                      detail=json.dumps({"error_class": error_class, "budget": quotas.rejected_budget,
+                                         "window_s": quotas.rejected_window_s}))
 
 
 def staging_part(paths: CentralPaths, tid: str) -> Path:

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from central.ingest.archive import Archiver, tmp_leftovers
 from central.ingest.batch import BatchStage, Reply
 from central.ingest.durability import Durability
+from central.ingest.expire import EXPIRE_AFTER_S, sweep
+from central.ingest.quota import Quotas
 from central.ingest.staging import SegmentJournal
 from central.ingest.store import OUR_TROUBLE, IngestStore, SqliteIngestStore
 from central.keys import CentralKeys
@@ -35,7 +38,8 @@ class Ingestor:
 
     def __init__(self, conn: sqlite3.Connection | Any, paths: CentralPaths, keys: CentralKeys, *,
                  max_plaintext: int, metrics: Metrics | None = None, worker: str = "central",
-                 durability: str = "syncfs") -> None:
+                 durability: str = "syncfs", quotas: Quotas | None = None,
+                 expire_after_s: float = EXPIRE_AFTER_S, clock: Callable[[], float] = time.time) -> None:
         """``conn``: the SQLite catalog, or a PostgreSQL connection (``central.ingest.pgstore``)."""
         self._conn = conn
         self._sqlite = isinstance(conn, sqlite3.Connection)
@@ -51,9 +55,11 @@ class Ingestor:
         self.durability = Durability(durability, self.journal, [paths.staging, paths.objects])
         self.batch = BatchStage(paths, self.journal, key_id=key_id(bytes(keys.encryption.public_key)),
                                 max_plaintext=max_plaintext, worker=worker, metrics=self.metrics,
-                                lease_s=LEASE_S, notice_key=keys.encryption)
+                               lease_s=LEASE_S, notice_key=keys.encryption, quotas=quotas,
+                               clock=clock)
         self.archive = Archiver(paths, keys, max_plaintext=max_plaintext, metrics=self.metrics,
-                                durability=self.durability)
+                                durability=self.durability, quotas=quotas)
+        self.expire_after_s = expire_after_s
         remove_stale_staging(self._db, paths)
         tmp_leftovers(paths.tmp)
 
@@ -95,6 +101,14 @@ class Ingestor:
         replies = self.transaction(lambda conn: self.archive.record(conn, result, revoke))
         self.metrics.documents_ingested += sum(isinstance(r, Receipt) for r in replies)
         return replies
+
+    def sweep(self, now: float | None = None) -> list[str]:
+        """Expire stalled transfers (as the service's reconciler does), commit, then free their journal."""
+        at = self.batch.clock() if now is None else now
+        expired = self.transaction(
+            lambda db: sweep(db, self.batch, now=at, expire_after_s=self.expire_after_s))
+        self.collect()
+        return expired
 
     def collect(self) -> None:
         """Delete journal files nothing points into any more."""

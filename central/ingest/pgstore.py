@@ -10,6 +10,9 @@ Same rows and rules as the SQLite catalog (``central.catalog``), with what Postg
     folded words with the ``simple`` configuration, ``unaccent`` guards the query side, and
     ``pg_trgm`` serves substring search on file names.
   - Migrations are numbered in ``sohoa_schema``; each step runs in one transaction.
+  - A device's load (admission quotas) is read without a lock: two workers admitting inits of one
+    device at the same instant may each let one through, so a quota can be exceeded by at most one
+    transfer per extra worker (locking the device row would deadlock against ``touch_devices``).
 
 Timestamps stay ISO-8601 text (the catalog's format), so both backends order and compare alike.
 """
@@ -26,6 +29,7 @@ import psycopg
 from central.catalog import (
     ArrivalKey,
     AwaitingDocument,
+    DeviceLoad,
     DeviceRecord,
     NewDocument,
     NoticeRecord,
@@ -39,7 +43,7 @@ from protocol.names import fold
 from protocol.ranges import RangeSet
 from protocol.transfer import HeldSegment
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _V1 = """
 CREATE EXTENSION IF NOT EXISTS unaccent;
@@ -96,8 +100,19 @@ CREATE TABLE notices (tid text PRIMARY KEY, device text NOT NULL REFERENCES devi
     UNIQUE (device, seq));
 """
 
+# v3: admission state per device (central.ingest.quota) and the 'expired' transfer state.
+_V3 = """
+ALTER TABLE devices ADD COLUMN init_tokens double precision, ADD COLUMN init_tokens_at double precision,
+    ADD COLUMN strikes double precision NOT NULL DEFAULT 0, ADD COLUMN strikes_at double precision,
+    ADD COLUMN misbehaving_since text;
+ALTER TABLE transfers DROP CONSTRAINT transfers_state_check;
+ALTER TABLE transfers ADD CONSTRAINT transfers_state_check
+    CHECK (state IN ('receiving', 'stored', 'rejected', 'expired'));
+CREATE INDEX transfers_by_device ON transfers (device, state);
+"""
+
 # schema version found → the SQL that brings it to the next one.
-_MIGRATIONS: dict[int, str] = {0: _V1, 1: _V2}
+_MIGRATIONS: dict[int, str] = {0: _V1, 1: _V2, 2: _V3}
 
 
 def connect(url: str, *, ensure_schema: bool = False) -> psycopg.Connection[Any]:
@@ -193,6 +208,54 @@ class PostgresIngestStore:
         self._run("UPDATE devices SET possible_clone_since = coalesce(possible_clone_since, %s)"
                   " WHERE id = %s", (at, device))
         return new
+
+    # -- admission state ----------------------------------------------------------------------------
+    def device_load(self, device: str) -> DeviceLoad:
+        row = self._one(
+            "SELECT d.init_tokens, d.init_tokens_at, d.strikes, d.strikes_at, d.misbehaving_since,"
+            " (SELECT count(*) FROM transfers t WHERE t.device = d.id AND t.state = 'receiving'),"
+            " (SELECT coalesce(sum(t.size), 0) FROM transfers t"
+            "  WHERE t.device = d.id AND t.state = 'receiving')"
+            " FROM devices d WHERE d.id = %s", (device,))
+        if row is None:
+            return DeviceLoad()
+        tokens, tokens_at, strikes, strikes_at, since, count, size = row
+        return DeviceLoad(int(count), int(size), tokens, tokens_at, float(strikes), strikes_at, since)
+
+    def set_init_tokens(self, device: str, level: float, at: float) -> None:
+        self._run("UPDATE devices SET init_tokens = %s, init_tokens_at = %s WHERE id = %s",
+                  (level, at, device))
+
+    def set_strikes(self, device: str, level: float, at: float, *, flag_at: str | None) -> bool:
+        row = self._one("SELECT misbehaving_since IS NULL FROM devices WHERE id = %s FOR UPDATE", (device,))
+        self._run("UPDATE devices SET strikes = %s, strikes_at = %s,"
+                  " misbehaving_since = coalesce(misbehaving_since, %s) WHERE id = %s",
+                  (level, at, flag_at, device))
+        return flag_at is not None and row is not None and bool(row[0])
+
+    def clear_misbehaving(self, *, quiet_since: float) -> list[str]:
+        rows = self.conn.execute("UPDATE devices SET misbehaving_since = NULL, strikes = 0"
+                                 " WHERE misbehaving_since IS NOT NULL AND coalesce(strikes_at, 0) < %s"
+                                 " RETURNING id", (quiet_since,)).fetchall()
+        return sorted(str(r[0]) for r in rows)
+
+    def expire_stalled(self, *, before: str, limit: int = 500) -> list[tuple[str, str]]:
+        rows = self.conn.execute(
+            "SELECT t.tid, t.device FROM transfers t WHERE t.state = 'receiving' AND t.updated_at < %s"
+            " AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.tid = t.tid)"
+            " ORDER BY t.updated_at LIMIT %s FOR UPDATE SKIP LOCKED", (before, limit)).fetchall()
+        now = utc_now()
+        for tid, _ in rows:
+            self._run("UPDATE transfers SET state = 'expired', held = '[]', held_bytes = 0, error = %s,"
+                      " error_class = 'TransferExpired', updated_at = %s WHERE tid = %s",
+                      (f"no progress since {before} or earlier: its bytes were dropped", now, tid))
+            self._run("DELETE FROM segments WHERE tid = %s", (tid,))
+        return [(str(t), str(d)) for t, d in rows]
+
+    def revive_transfer(self, tid: str) -> None:
+        self._run("UPDATE transfers SET state = 'receiving', held = '[]', held_bytes = 0, error = NULL,"
+                  " error_class = NULL, updated_at = %s WHERE tid = %s AND state = 'expired'",
+                  (utc_now(), tid))
 
     # -- transfers and the segment log (rows locked: workers write them concurrently) --------------
     def get_transfer(self, tid: str) -> TransferRecord | None:

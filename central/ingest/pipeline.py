@@ -14,7 +14,10 @@ Stages and what may wait for what:
     holds up the acks of anybody's segments.
   - ``reconcile`` is level-triggered: once at start and every few seconds it gives complete transfers
     without a job one, takes over jobs whose lease ran out (a worker died), and deletes journal files
-    nothing points into. Start-up recovery is the same loop run once.
+    nothing points into; every ``sweep_every_s`` it also expires transfers without progress for
+    ``expire_after_s`` (their journal files go at the next pass, after that commit) and lowers the
+    flag of devices back within their rejected-transfer budget. Start-up recovery is the same loop
+    run once.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import logging
 import multiprocessing
 import os
 import threading
+import time
 from collections.abc import Iterable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -43,7 +47,9 @@ from central.ingest.archive import (
 )
 from central.ingest.batch import BatchOutcome, BatchStage, Reply
 from central.ingest.durability import Durability
+from central.ingest.expire import EXPIRE_AFTER_S, sweep
 from central.ingest.inline import remove_stale_staging
+from central.ingest.quota import Quotas
 from central.ingest.staging import SegmentJournal
 from central.ingest.store import OUR_TROUBLE, IngestStore
 from central.ingest.writer import GroupWriter
@@ -66,6 +72,7 @@ PUBLISH_TIMEOUT_S = 30.0
 PARK_S = 5.0
 PARK_RETRY_S = 0.05
 PARK_MAX_BYTES = 64 * 1024 * 1024   # beyond this, segments of unknown transfers are answered at once
+SWEEP_EVERY_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +85,9 @@ class PipelineSettings:
     reconcile_every_s: float = RECONCILE_EVERY_S
     lease_s: float = LEASE_S
     durability: str = "syncfs"
+    quotas: Quotas = field(default_factory=Quotas)
+    expire_after_s: float = EXPIRE_AFTER_S
+    sweep_every_s: float = SWEEP_EVERY_S
 
 
 @dataclass(slots=True)
@@ -92,6 +102,7 @@ class IngestCore:
     archive: Archiver
     metrics: Metrics
     assembling: set[str] = field(default_factory=set)
+    next_sweep: float = 0.0
 
     @classmethod
     def create(cls, paths: CentralPaths, keys: CentralKeys, settings: PipelineSettings, *,
@@ -100,8 +111,9 @@ class IngestCore:
         durability = Durability(settings.durability, journal, [paths.staging, paths.objects])
         batch = BatchStage(paths, journal, key_id=key_id(bytes(keys.encryption.public_key)),
                            max_plaintext=max_plaintext, worker=settings.worker, metrics=metrics,
-                           lease_s=settings.lease_s, notice_key=keys.encryption)
-        archive = Archiver(paths, keys, max_plaintext=max_plaintext, metrics=metrics, durability=durability)
+                           lease_s=settings.lease_s, notice_key=keys.encryption, quotas=settings.quotas)
+        archive = Archiver(paths, keys, max_plaintext=max_plaintext, metrics=metrics, durability=durability,
+                           quotas=settings.quotas)
         return cls(paths, settings, journal, durability, batch, archive, metrics)
 
     def start_up(self, db: IngestStore) -> None:
@@ -115,7 +127,12 @@ class IngestCore:
         worker, lease = self.settings.worker, self.settings.lease_s
         taken = [tid for tid in db.claimable_jobs(worker=worker)
                  if tid not in self.assembling and db.claim_job(tid, worker=worker, lease_s=lease)]
+        # Before the sweep: only committed deletions may free a file (this transaction may yet fail).
         self.journal.collect(db.journal_in_use)
+        now = time.time()
+        if now >= self.next_sweep:
+            self.next_sweep = now + self.settings.sweep_every_s
+            sweep(db, self.batch, now=now, expire_after_s=self.settings.expire_after_s)
         return taken
 
 

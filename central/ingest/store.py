@@ -18,6 +18,7 @@ from central import catalog
 from central.catalog import (
     ArrivalKey,
     AwaitingDocument,
+    DeviceLoad,
     DeviceRecord,
     NewDocument,
     NoticeRecord,
@@ -47,6 +48,14 @@ class IngestStore(Protocol):
                              last_error: str | None, status_json: str, at: str) -> None: ...
     def mark_offline(self, device_id: str, *, at: str) -> None: ...
     def record_seq_collision(self, *, device: str, seq: int, tid: str, other_tid: str, at: str) -> bool: ...
+
+    # admission state (central.ingest.quota); device_load locks the device's row where workers race
+    def device_load(self, device: str) -> DeviceLoad: ...
+    def set_init_tokens(self, device: str, level: float, at: float) -> None: ...
+    def set_strikes(self, device: str, level: float, at: float, *, flag_at: str | None) -> bool: ...
+    def clear_misbehaving(self, *, quiet_since: float) -> list[str]: ...
+    def expire_stalled(self, *, before: str, limit: int = 500) -> list[tuple[str, str]]: ...
+    def revive_transfer(self, tid: str) -> None: ...
 
     # transfers and the segment log
     def get_transfer(self, tid: str) -> TransferRecord | None: ...
@@ -122,6 +131,24 @@ class SqliteIngestStore:
     def record_seq_collision(self, *, device: str, seq: int, tid: str, other_tid: str, at: str) -> bool:
         return catalog.record_seq_collision(self.conn, device=device, seq=seq, tid=tid, other_tid=other_tid,
                                             at=at)
+
+    def device_load(self, device: str) -> DeviceLoad:
+        return catalog.device_load(self.conn, device)
+
+    def set_init_tokens(self, device: str, level: float, at: float) -> None:
+        catalog.set_init_tokens(self.conn, device, level, at)
+
+    def set_strikes(self, device: str, level: float, at: float, *, flag_at: str | None) -> bool:
+        return catalog.set_strikes(self.conn, device, level, at, flag_at=flag_at)
+
+    def clear_misbehaving(self, *, quiet_since: float) -> list[str]:
+        return catalog.clear_misbehaving(self.conn, quiet_since=quiet_since)
+
+    def expire_stalled(self, *, before: str, limit: int = 500) -> list[tuple[str, str]]:
+        return catalog.expire_stalled(self.conn, before=before, limit=limit)
+
+    def revive_transfer(self, tid: str) -> None:
+        catalog.revive_transfer(self.conn, tid)
 
     def get_transfer(self, tid: str) -> TransferRecord | None:
         return catalog.get_transfer(self.conn, tid)

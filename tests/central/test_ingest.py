@@ -246,7 +246,7 @@ def test_a_v1_catalog_migrates_in_place(tmp_path: Path) -> None:
     v1.close()
 
     conn = catalog.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == catalog.SCHEMA_VERSION == 5
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == catalog.SCHEMA_VERSION == 6
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
     doc = catalog.get_document(conn, 2)

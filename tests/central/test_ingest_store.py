@@ -171,6 +171,53 @@ def test_seq_collisions_and_device_status(transaction: Transaction) -> None:
         assert device is not None and device.status == "revoked" and db.get_device("xa-2") is None
 
 
+def test_device_load_quota_state_and_expiry(transaction: Transaction) -> None:
+    with transaction() as db:
+        db.add_device("xa-tan-trao", b"k" * 32)
+        db.add_device("xa-khac", b"k" * 32)
+        assert db.device_load("xa-tan-trao") == catalog.DeviceLoad()
+        db.insert_transfer(tid="a" * 32, device="xa-tan-trao", seq=1, header=b"h1", size=100)
+        db.insert_transfer(tid="b" * 32, device="xa-tan-trao", seq=2, header=b"h2", size=50)
+        db.insert_transfer(tid="c" * 32, device="xa-tan-trao", seq=3, header=b"h3", size=70)
+        db.reject_transfer("c" * 32, "bad", "BagError")
+        db.insert_transfer(tid="d" * 32, device="xa-khac", seq=1, header=b"h4", size=999)
+        db.add_segments("a" * 32, [StoredSegment(0, 10, 1, "journal-central-00000000-00000001.log", 0)])
+        db.set_held("a" * 32, RangeSet.of([(0, 10)]))
+        db.set_init_tokens("xa-tan-trao", 7.5, 1000.0)
+        assert db.set_strikes("xa-tan-trao", 3.0, 1001.0, flag_at=None) is False
+    with transaction() as db:
+        load = db.device_load("xa-tan-trao")
+        assert (load.open_transfers, load.open_bytes) == (2, 150)   # receiving only, signed sizes
+        assert (load.init_tokens, load.init_tokens_at) == (7.5, 1000.0)
+        assert (load.strikes, load.strikes_at) == (3.0, 1001.0)
+        assert load.misbehaving_since is None
+        assert db.set_strikes("xa-tan-trao", 11.0, 1002.0, flag_at="2026-12-01T08:00:00.000Z") is True
+        assert db.set_strikes("xa-tan-trao", 12.0, 1003.0, flag_at="2026-12-02T08:00:00.000Z") is False
+    with transaction() as db:
+        assert db.device_load("xa-tan-trao").misbehaving_since == "2026-12-01T08:00:00.000Z"   # kept
+        assert db.clear_misbehaving(quiet_since=1003.0) == []
+        assert db.clear_misbehaving(quiet_since=1003.5) == ["xa-tan-trao"]
+        assert db.device_load("xa-tan-trao").misbehaving_since is None
+    with transaction() as db:
+        db.add_job("b" * 32)   # complete and waiting for an assembler: never expired
+        assert db.expire_stalled(before="2000-01-01T00:00:00.000Z") == []
+        expired = db.expire_stalled(before="2999-01-01T00:00:00.000Z")
+        assert sorted(expired) == [("a" * 32, "xa-tan-trao"), ("d" * 32, "xa-khac")]
+    with transaction() as db:
+        record = db.get_transfer("a" * 32)
+        assert record is not None and (record.state, record.held, record.error_class) == (
+            "expired", (), "TransferExpired")
+        assert db.stored_segments("a" * 32) == []
+        assert not db.journal_in_use("journal-central-00000000-00000001.log")
+        assert db.device_load("xa-tan-trao").open_transfers == 1
+        db.revive_transfer("a" * 32)
+        db.revive_transfer("c" * 32)   # a rejected transfer is never revived
+    with transaction() as db:
+        revived, rejected = db.get_transfer("a" * 32), db.get_transfer("c" * 32)
+        assert revived is not None and (revived.state, revived.held, revived.error) == ("receiving", (), None)
+        assert rejected is not None and rejected.state == "rejected"
+
+
 def test_a_failed_transaction_leaves_nothing(transaction: Transaction) -> None:
     with pytest.raises(RuntimeError), transaction() as db:
         db.add_device("xa-1", b"k" * 32)

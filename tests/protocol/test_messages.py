@@ -57,6 +57,8 @@ MESSAGES: list[Message] = [
     Ack(DEVICE, TID, AckState.STORED),
     Ack(DEVICE, TID, AckState.REJECTED, error="chữ ký sai", error_class="SignatureError"),
     Ack(DEVICE, TID, AckState.UNKNOWN),
+    Ack(DEVICE, TID, AckState.DEFERRED, error="quá nhiều lượt gửi", error_class="QuotaExceededError",
+        retry_after=60),
     RECEIPT,
     Receipt.sign(ReceiptBody(DEVICE, TID, "cd" * 32, "2024-11-25T07:00:00Z", 7, duplicate=True), KEYS.device),
     sealed_notice(KEYS)[0],
@@ -313,3 +315,22 @@ def _acks(draw: st.DrawFn) -> Ack:
                            st.binary(min_size=1, max_size=300))))
 def test_generated_messages_round_trip(msg: Message) -> None:
     assert decode(*encode(msg)) == msg
+
+
+def test_retry_after_only_on_a_deferred_ack_and_absent_from_other_acks_bytes() -> None:
+    with pytest.raises(DecodeError):
+        Ack(DEVICE, TID, AckState.REJECTED, retry_after=5)
+    for bad in (-1, 24 * 3600 + 1, 1.5, True):
+        with pytest.raises(DecodeError):
+            Ack(DEVICE, TID, AckState.DEFERRED, retry_after=bad)  # type: ignore[arg-type]
+    # Acks central sent before DEFERRED existed keep their exact bytes (no retry_after key).
+    assert b"retry_after" not in encode(Ack(DEVICE, TID, AckState.UNKNOWN))[1]
+
+
+def test_an_edge_that_predates_deferred_cannot_decode_it() -> None:
+    """What an older edge does with a deferral: its decoder refuses the state, so its uplink logs and
+    ignores the ack and announces the transfer again after its resend interval (never a failure)."""
+    topic, payload = encode(Ack(DEVICE, TID, AckState.DEFERRED, error="quota", retry_after=60))
+    old = payload.replace(b'"deferred"', b'"later"')
+    with pytest.raises(DecodeError, match="unknown ack state"):
+        decode(topic, old)

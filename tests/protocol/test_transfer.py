@@ -289,3 +289,40 @@ def test_rangeset() -> None:
     assert ranges.total() == 35 and len(ranges) == 2
     with pytest.raises(ValueError):
         ranges.add(5, 4)
+
+
+def deferred(retry_after: int) -> Ack:
+    return Ack(DEVICE, TID, AckState.DEFERRED, error="over quota", error_class="QuotaExceededError",
+               retry_after=retry_after)
+
+
+def test_a_deferral_waits_retry_after_then_announces_again_and_is_never_a_failure() -> None:
+    s = sender()
+    assert offsets(s.poll(0.0)) == [0, 1000, 2000, 3000]   # a fresh transfer starts at once
+    s.on_ack(deferred(60))
+    assert s.state is SenderState.ANNOUNCING and s.in_flight == 0 and s.deferrals == 1
+    assert s.poll(1.0) == []
+    # Central answers UNKNOWN to the segments sent before it deferred: that must not cut the wait short.
+    s.on_ack(ack(state=AckState.UNKNOWN))
+    assert s.poll(2.0) == []
+    assert s.next_deadline() == 61.0
+    assert s.poll(60.9) == []
+    assert s.poll(61.0) == [SendInit()]
+    assert s.poll(65.0) == []                 # then the usual init repeat
+    s.on_ack(ack())                           # admitted: central holds nothing yet
+    assert offsets(s.poll(66.0)) == [0, 1000, 2000, 3000]
+    assert s.state is SenderState.SENDING
+
+
+def test_a_deferral_waits_at_least_resend_after_and_survives_a_reconnect() -> None:
+    s = sender(fresh=False)
+    assert s.poll(0.0) == [SendInit()]
+    s.on_ack(deferred(0))                     # a central asking for no wait still gets resend_after
+    assert s.poll(0.5) == []
+    s.disconnected()
+    s.connected()
+    assert s.poll(5.0) == []                  # a reconnect does not end the deferral
+    assert s.poll(10.5) == [SendInit()]
+    s.on_ack(deferred(30))
+    s.on_ack(ack(state=AckState.STORED))      # a stale outcome: central had it after all
+    assert s.state is SenderState.AWAITING_RECEIPT
