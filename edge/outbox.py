@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import sqlite3
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -421,7 +422,7 @@ class Outbox:
                 # A COMMIT that fails with SQLITE_FULL may leave the transaction open; without the
                 # rollback every later BEGIN would fail ("within a transaction") after space is back.
                 if self._db.in_transaction:
-                    with contextlib.suppress(aiosqlite.Error):
+                    with contextlib.suppress(sqlite3.Error):   # aiosqlite.Error is sqlite3.Error
                         await self._db.execute("ROLLBACK")
                 raise
 
