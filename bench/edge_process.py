@@ -20,8 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import sqlite3
+import sys
 import tempfile
 import threading
 import time
