@@ -74,7 +74,8 @@ def central_ingest_ratio(quick: bool) -> dict[str, Any]:
     from bench import central_ingest  # noqa: PLC0415
 
     args = argparse.Namespace(devices=200 if quick else 1000, docs=1, size=110_000, before=None,
-                              strace=False, big_mib=0, profile=None, keep=None, ingest=[], workers=1)
+                              strace=False, big_mib=0, profile=None, gil=False, keep=None, ingest=[],
+                              workers=1)
     figures = central_ingest.measure(args)
     return {"value": figures["central_ingest_ratio"], "baseline": "raw Mosquitto: the same devices and "
             "messages to a counting subscriber", "details": figures}

@@ -195,7 +195,7 @@ def raw_baseline(root: Path, home: Home, broker: Broker, messages: dict[str, lis
 
 @contextlib.contextmanager
 def running_central(home: Home, log: Path, *, strace: Path | None = None, profile: Path | None = None,
-                    worker: str | None = None) -> Iterator[subprocess.Popen[bytes]]:
+                    worker: str | None = None, gil: bool = False) -> Iterator[subprocess.Popen[bytes]]:
     argv = [sys.executable, "-m", "sohoa.cli", "central", "run", "--home", str(home.path)]
     if worker is not None:
         argv += ["--worker", worker]
@@ -203,7 +203,7 @@ def running_central(home: Home, log: Path, *, strace: Path | None = None, profil
         # Collapsed stacks (one line per stack, with its sample count): greppable, and
         # flamegraph.pl or speedscope draw them.
         argv = [str(Path(sys.executable).with_name("py-spy")), "record", "--format", "raw",
-                "--threads", "-r", "200", "-o", str(profile), "--", *argv]
+                "--threads", "-r", "200", *(["--gil"] if gil else []), "-o", str(profile), "--", *argv]
     if strace is not None:
         argv = ["strace", "-f", "-c", "-e", "trace=fsync,fdatasync,sync_file_range,syncfs", "-o", str(strace),
                 *argv]
@@ -257,7 +257,7 @@ def _central_pid(proc: subprocess.Popen[bytes], strace: bool) -> psutil.Process:
 
 def central_run(root: Path, home: Home, messages: dict[str, list[tuple[str, bytes]]], password: str,
                 docs: int, *, strace: bool = False, profile: Path | None = None,
-                workers: int = 1) -> dict[str, Any]:
+                workers: int = 1, gil: bool = False) -> dict[str, Any]:
     """Run ``workers`` central processes on ``home`` (one: the plain ``central run``) until every
     device has its receipts."""
     total = sum(len(payload) for ms in messages.values() for _, payload in ms)
@@ -266,7 +266,7 @@ def central_run(root: Path, home: Home, messages: dict[str, list[tuple[str, byte
     with contextlib.ExitStack() as stack:
         procs = [stack.enter_context(running_central(
             home, root / f"central-{home.path.name}{'' if name is None else '-' + name}.log",
-            strace=trace if n == 0 else None, profile=profile if n == 0 else None, worker=name))
+            strace=trace if n == 0 else None, profile=profile if n == 0 else None, worker=name, gil=gil))
             for n, name in enumerate(names)]
         centrals = [_central_pid(proc, strace or profile is not None) for proc in procs]
         start = _start_line(root)
@@ -399,7 +399,8 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
                             root / "broker-after.log") as broker:
             figures["raw"] = raw_baseline(root, after, broker, messages, password)
             figures["central"] = central_run(root, after, messages, password, args.docs, strace=args.strace,
-                                             profile=Path(args.profile) if args.profile else None)
+                                             profile=Path(args.profile) if args.profile else None,
+                                             gil=args.gil)
         if args.before:
             before = make_home(root, Path(args.before).resolve(), "before")
             share_keys(after, before)
@@ -442,6 +443,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strace", action="store_true", help="count fsync/fdatasync per document")
     parser.add_argument("--big-mib", type=int, default=0, help="also time one transfer of this many MiB")
     parser.add_argument("--profile", help="py-spy record central (after) into this file (collapsed stacks)")
+    parser.add_argument("--gil", action="store_true",
+                        help="with --profile: sample only the thread holding the GIL (central's Python "
+                             "work is one core's worth: this is what limits it)")
     parser.add_argument("--ingest", action="append", default=[], metavar="KEY=VALUE",
                         help="an [ingest] setting of central.toml for the code under test")
     parser.add_argument("--keep", help="work in this directory and keep it (logs, homes)")

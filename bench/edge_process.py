@@ -8,6 +8,11 @@ CPU seconds ÷ wall seconds over ``--idle-seconds``. Then a PDF of ``--scan-mb``
 A4 page, plus an unreferenced stream of incompressible bytes: what a scanner's big register costs the
 packaging, encryption and upload path, without hours of OCR); the figure is the edge process's
 peak RSS (VmHWM) from start to the receipt, beside the scan's size.
+
+Where the memory goes: the process's RSS (anonymous and file-backed) is sampled every 50 ms beside
+the document's outbox state, and the figure's details give the peak per state. ``--before DIR``
+runs the same measurement with the code in DIR (e.g. a ``git archive`` of the previous commit)
+in the same run, so the two peaks can be compared under the same load.
 """
 
 from __future__ import annotations
@@ -15,14 +20,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sqlite3
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import psutil
 
-from tests.faults.cluster import Process, cluster
+from tests.faults.cluster import ROOT, Process, cluster
+from tests.faults.scenario import query
 
 MB = 1_000_000
 
@@ -62,13 +70,63 @@ def _hwm_kb(pid: int) -> int:
     return 0
 
 
-def measure(*, scan_mb: int = 500, idle_seconds: float = 30.0) -> tuple[dict[str, object], dict[str, object]]:
+def _rss_kb(pid: int) -> tuple[int, int, int]:
+    """(RSS, anonymous, file-backed) in KiB, from /proc/PID/status."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(("VmRSS:", "RssAnon:", "RssFile:")):
+            fields[line.split(":")[0]] = int(line.split()[1])
+    return fields.get("VmRSS", 0), fields.get("RssAnon", 0), fields.get("RssFile", 0)
+
+
+class StageSampler(threading.Thread):
+    """RSS every 50 ms, tagged with the document's outbox state (read every 250 ms)."""
+
+    def __init__(self, pid: int, outbox: Path) -> None:
+        super().__init__(daemon=True)
+        self._pid = pid
+        self._outbox = outbox
+        self._stop_event = threading.Event()
+        self.state = "idle"
+        self.peaks: dict[str, list[int]] = {}   # state -> [rss, anon, file] peaks (KiB)
+
+    def run(self) -> None:
+        next_state = 0.0
+        while not self._stop_event.wait(0.05):
+            now = time.monotonic()
+            if now >= next_state:
+                next_state = now + 0.25
+                try:
+                    rows = query(self._outbox, "SELECT state, place FROM docs")
+                except sqlite3.Error:
+                    rows = []
+                if rows:
+                    self.state = f"{rows[0][0]}/{rows[0][1]}"
+            try:
+                sample = _rss_kb(self._pid)
+            except OSError:
+                return
+            peak = self.peaks.setdefault(self.state, [0, 0, 0])
+            for index, value in enumerate(sample):
+                peak[index] = max(peak[index], value)
+
+    def stop(self) -> dict[str, dict[str, float]]:
+        self._stop_event.set()
+        self.join(timeout=5)
+        return {state: {"rss_mb": round(rss / 1024, 1), "anon_mb": round(anon / 1024, 1),
+                        "file_mb": round(file / 1024, 1)}
+                for state, (rss, anon, file) in self.peaks.items()}
+
+
+def measure(*, scan_mb: int = 500, idle_seconds: float = 30.0,
+            code: Path = ROOT) -> tuple[dict[str, object], dict[str, object]]:
     with tempfile.TemporaryDirectory(prefix="sohoa-edge-bench-") as tmp:
         root = Path(tmp)
         with cluster(root) as deployment:
             edge = Process([sys.executable, "-m", "sohoa.cli", "edge", "run", "--home",
-                            str(deployment.edge_home)], root / "edge-real.log")
+                            str(deployment.edge_home)], root / "edge-real.log", code=code)
             edge.start()
+            sampler: StageSampler | None = None
             try:
                 assert edge.proc is not None
                 process = psutil.Process(edge.proc.pid)
@@ -84,6 +142,8 @@ def measure(*, scan_mb: int = 500, idle_seconds: float = 30.0) -> tuple[dict[str
                         "details": {"cpu_s": round(cpu1 - cpu0, 3), "wall_s": round(wall1 - wall0, 1)}}
                 rss_idle_kb = int(process.memory_info().rss / 1024)
                 hwm_idle_kb = _hwm_kb(edge.proc.pid)
+                sampler = StageSampler(edge.proc.pid, deployment.edge_home / "outbox.db")
+                sampler.start()
                 scans = root / "big"
                 scans.mkdir()
                 size = scan_mb * MB
@@ -101,6 +161,7 @@ def measure(*, scan_mb: int = 500, idle_seconds: float = 30.0) -> tuple[dict[str
                         break
                     time.sleep(1.0)
                 peak_kb = _hwm_kb(edge.proc.pid)
+                stages = sampler.stop()
                 peak = {"value": round(peak_kb / 1024, 1), "baseline": f"the scan's {scan_mb} MB",
                         "ratio_to_scan": round(peak_kb * 1024 / size, 4),
                         "details": {"delivered": delivered, "seconds": round(time.monotonic() - started, 1),
@@ -108,8 +169,11 @@ def measure(*, scan_mb: int = 500, idle_seconds: float = 30.0) -> tuple[dict[str
                                     # What start-up alone costs (imports, the first status), to tell
                                     # the scan's share of the peak from the process's own.
                                     "rss_idle_mb": round(rss_idle_kb / 1024, 1),
-                                    "peak_before_scan_mb": round(hwm_idle_kb / 1024, 1)}}
+                                    "peak_before_scan_mb": round(hwm_idle_kb / 1024, 1),
+                                    "peak_per_stage": stages}}
             finally:
+                if sampler is not None and sampler.is_alive():
+                    sampler.stop()
                 edge.stop()
     return idle, peak
 
@@ -118,9 +182,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scan-mb", type=int, default=500)
     parser.add_argument("--idle-seconds", type=float, default=30.0)
+    parser.add_argument("--before", help="a source tree of the code to compare against (same run)")
+    parser.add_argument("--runs", type=int, default=1, help="alternate after/before this many times")
     args = parser.parse_args(argv)
-    idle, peak = measure(scan_mb=args.scan_mb, idle_seconds=args.idle_seconds)
-    print(json.dumps({"edge_idle_cpu": idle, "edge_peak_rss_mb": peak}, indent=1))
+    out: dict[str, object] = {}
+    for run in range(args.runs):
+        idle, peak = measure(scan_mb=args.scan_mb, idle_seconds=args.idle_seconds)
+        out[f"after_{run}"] = {"edge_idle_cpu": idle, "edge_peak_rss_mb": peak}
+        print(json.dumps(out[f"after_{run}"], indent=1), flush=True)
+        if args.before:
+            idle, peak = measure(scan_mb=args.scan_mb, idle_seconds=args.idle_seconds,
+                                 code=Path(args.before).resolve())
+            out[f"before_{run}"] = {"edge_idle_cpu": idle, "edge_peak_rss_mb": peak}
+            print(json.dumps(out[f"before_{run}"], indent=1), flush=True)
+    if args.before:
+        afters = [v["edge_peak_rss_mb"]["value"] for k, v in out.items() if k.startswith("after")]
+        befores = [v["edge_peak_rss_mb"]["value"] for k, v in out.items() if k.startswith("before")]
+        print(json.dumps({"peak_rss_mb_after": afters, "peak_rss_mb_before": befores}))
     return 0
 
 

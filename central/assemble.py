@@ -42,6 +42,10 @@ BLOCK = 1024 * 1024
 MAX_TAG_FILE = 1024 * 1024          # bagit.txt, bag-info.txt, manifest: tiny by construction
 MAX_METADATA = 1024 * 1024
 MAX_TEXT = 256 * 1024 * 1024        # OCR text of a very long register still fits comfortably
+# A ciphertext up to this size is read from the journal once: the hash pass keeps the chunks and the
+# decrypt pass reuses them (the same bytes that were verified are the ones decrypted). Larger ones
+# are read twice rather than held (16 assemblers × 4 MiB at most).
+KEEP_CIPHERTEXT = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,9 +103,14 @@ def decrypt_to_file(ciphertext: Ciphertext | Path, signed: SignedHeader, device_
     read = file_ciphertext(ciphertext) if isinstance(ciphertext, Path) else ciphertext
     digest = hashlib.sha256()
     size = 0
+    kept: list[bytes] | None = [] if signed.header.ciphertext_size <= KEEP_CIPHERTEXT else None
     for chunk in read():
         digest.update(chunk)
         size += len(chunk)
+        if kept is not None:
+            kept.append(chunk)
+            if size > KEEP_CIPHERTEXT:
+                kept = None   # longer than signed: verify_ciphertext refuses it below
     ciphertext_digest = digest.digest()
     verified = verify_ciphertext(signed, device_key, size=size, sha256=ciphertext_digest)
     package_digest = hashlib.sha256()
@@ -112,7 +121,7 @@ def decrypt_to_file(ciphertext: Ciphertext | Path, signed: SignedHeader, device_
             sink.write(data)
 
         opener = EnvelopeOpener(verified, central_key, max_plaintext=max_plaintext, sink=write)
-        for chunk in read():
+        for chunk in kept if kept is not None else read():
             opener.update(chunk)
         opener.finish()
     finally:

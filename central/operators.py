@@ -19,8 +19,8 @@ import nacl.pwhash
 
 from central.catalog import utc_now
 from central.errors import CentralError
+from central.roles import ROLES  # one list, also read by the CLI without importing this module
 
-ROLES = ("viewer", "operator", "admin")          # each role can do everything the ones before can
 SESSION_TTL_S = 8 * 3600
 MIN_PASSWORD = 12
 _NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")

@@ -11,6 +11,11 @@ JSON. Nothing here changes anything on the box.
 The same task writes the view to ``HOME/status-view.json`` (0640) for `sohoa edge status`.
 A page that cannot bind its port (taken, no such address) is logged and skipped: the box's real
 work never stops for its status page.
+
+The server is a few lines over ``asyncio.start_server``, not aiohttp: three read-only GET pages do
+not need a web framework, and importing aiohttp's server and client kept ~11.6 MB resident in the
+box's one long-lived process (a sixth of it). One request per connection, its head bounded in size
+(8 KiB) and in time (10 s), at most 16 connections at once.
 """
 
 from __future__ import annotations
@@ -18,13 +23,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import html
+import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from http import HTTPStatus
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlsplit
 
-from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -261,65 +269,143 @@ th, td { text-align: left; padding: .35rem .5rem; border-bottom: 1px solid #ddd;
   td { border: 0; padding: .1rem 0; } td::before { content: attr(data-label) ": "; color: #555; }
 }
 """
-_SERVICE: web.AppKey[Any] = web.AppKey("service")
 PAGE_HEADERS = {"Cache-Control": "no-store", "X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff",
                 "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; "
                                            "frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
                 "Referrer-Policy": "no-referrer"}
+MAX_REQUEST_HEAD = 8192
+REQUEST_TIMEOUT_S = 10.0
+MAX_CONNECTIONS = 16
 
 
-async def _page(request: web.Request) -> web.Response:
-    lang = request.query.get("lang", "vi")
+@dataclass(frozen=True, slots=True)
+class Response:
+    """What one route answers (Content-Length and Connection are added when it is sent)."""
+
+    body: bytes
+    content_type: str
+    status: HTTPStatus = HTTPStatus.OK
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+def _plain(status: HTTPStatus, headers: Mapping[str, str] | None = None) -> Response:
+    return Response(f"{status.value}: {status.phrase}".encode(), "text/plain; charset=utf-8", status,
+                    headers or {})
+
+
+async def _page(service: EdgeService, query: dict[str, list[str]]) -> Response:
+    lang = query.get("lang", ["vi"])[-1]
     if lang not in LANGS:
         lang = "vi"
-    view = await current_view(request.app[_SERVICE])
-    return web.Response(text=render_page(view, lang), content_type="text/html", charset="utf-8",
-                        headers=PAGE_HEADERS)
+    view = await current_view(service)
+    return Response(render_page(view, lang).encode("utf-8"), "text/html; charset=utf-8", headers=PAGE_HEADERS)
 
 
-async def _metrics(request: web.Request) -> web.Response:
-    service = request.app[_SERVICE]
+async def _metrics(service: EdgeService, query: dict[str, list[str]]) -> Response:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Collector(service, await current_view(service)))
-    return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    return Response(generate_latest(registry), CONTENT_TYPE_LATEST)
 
 
-async def _view(request: web.Request) -> web.Response:
-    return web.json_response(await current_view(request.app[_SERVICE]))
+async def _view(service: EdgeService, query: dict[str, list[str]]) -> Response:
+    body = json.dumps(await current_view(service), ensure_ascii=False).encode("utf-8")
+    return Response(body, "application/json; charset=utf-8")
 
 
-def create_app(service: EdgeService) -> web.Application:
-    app = web.Application()
-    app[_SERVICE] = service
-    app.router.add_get("/", _page)
-    app.router.add_get("/metrics", _metrics)
-    app.router.add_get("/status.json", _view)
-    return app
+Route = Callable[["EdgeService", dict[str, list[str]]], Awaitable[Response]]
+ROUTES: dict[str, Route] = {"/": _page, "/metrics": _metrics, "/status.json": _view}
+
+
+def parse_request_line(head: bytes) -> tuple[str, str, dict[str, list[str]]] | HTTPStatus:
+    """``GET /path?query HTTP/1.1`` → (method, path, query), or the status that refuses it."""
+    line = head.split(b"\r\n", 1)[0]
+    parts = line.split(b" ")
+    if len(parts) != 3 or not parts[2].startswith(b"HTTP/1.") or not parts[1].startswith(b"/"):
+        return HTTPStatus.BAD_REQUEST
+    try:
+        method, target = parts[0].decode("ascii"), parts[1].decode("ascii")
+    except UnicodeDecodeError:
+        return HTTPStatus.BAD_REQUEST
+    url = urlsplit(target)
+    return method, url.path, parse_qs(url.query)
+
+
+async def answer(service: EdgeService, head: bytes) -> tuple[Response, bool]:
+    """The response to one request head, and whether to send its body (not for HEAD)."""
+    parsed = parse_request_line(head)
+    if isinstance(parsed, HTTPStatus):
+        return _plain(parsed), True
+    method, path, query = parsed
+    route = ROUTES.get(path)
+    if route is None:
+        return _plain(HTTPStatus.NOT_FOUND), method != "HEAD"
+    if method not in ("GET", "HEAD"):
+        return _plain(HTTPStatus.METHOD_NOT_ALLOWED, {"Allow": "GET, HEAD"}), True
+    return await route(service, query), method == "GET"
+
+
+def _encode(response: Response, *, with_body: bool) -> bytes:
+    lines = [f"HTTP/1.1 {response.status.value} {response.status.phrase}",
+             f"Content-Type: {response.content_type}", f"Content-Length: {len(response.body)}",
+             "Connection: close", *(f"{name}: {value}" for name, value in response.headers.items())]
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return head + response.body if with_body else head
+
+
+class StatusServer:
+    """The page's listener: one request per connection, answered from the service's live view."""
+
+    def __init__(self, service: EdgeService) -> None:
+        self._service = service
+        self._open = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._open += 1
+        try:
+            if self._open > MAX_CONNECTIONS:
+                return
+            try:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT_S)
+            except asyncio.LimitOverrunError:
+                writer.write(_encode(_plain(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE), with_body=True))
+                return
+            except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
+                return
+            try:
+                response, with_body = await answer(self._service, head)
+            except Exception:
+                log.exception("status page: cannot answer %r", head.split(b"\r\n", 1)[0][:200])
+                response, with_body = _plain(HTTPStatus.INTERNAL_SERVER_ERROR), True
+            writer.write(_encode(response, with_body=with_body))
+            with contextlib.suppress(ConnectionError):
+                await asyncio.wait_for(writer.drain(), REQUEST_TIMEOUT_S)
+        except (TimeoutError, ConnectionError):
+            pass
+        finally:
+            self._open -= 1
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
 
 
 def write_view(path: Path, view: dict[str, Any]) -> None:
-    import json  # noqa: PLC0415
-
     atomic_write_bytes(path, json.dumps(view, ensure_ascii=False).encode("utf-8"), VIEW_MODE)
 
 
 async def run(service: EdgeService) -> None:
     """Serve the page (if configured) and keep ``status-view.json`` current, until cancelled."""
     cfg = service.config.status_page
-    runner: web.AppRunner | None = None
+    server: asyncio.Server | None = None
     if cfg.enabled:
-        runner = web.AppRunner(create_app(service), access_log=None)
-        await runner.setup()
         try:
-            site = web.TCPSite(runner, cfg.host, cfg.port)
-            await site.start()
-            addresses = runner.addresses
-            service.status_page_port = int(addresses[0][1]) if addresses else cfg.port
+            server = await asyncio.start_server(StatusServer(service).handle, cfg.host, cfg.port,
+                                                limit=MAX_REQUEST_HEAD)
+            sockets = server.sockets
+            service.status_page_port = int(sockets[0].getsockname()[1]) if sockets else cfg.port
             log.info("clerk's status page on http://%s:%d/", cfg.host, service.status_page_port)
         except OSError as exc:
             log.warning("status page not served on %s:%d: %s", cfg.host, cfg.port, exc)
-            await runner.cleanup()
-            runner = None
+            server = None
     path = service.config.home / VIEW_NAME
     written: tuple[dict[str, Any], float] | None = None
     last: dict[str, Any] = {}
@@ -343,7 +429,8 @@ async def run(service: EdgeService) -> None:
         if written is not None:
             with contextlib.suppress(OSError):
                 write_view(path, {**last, "stopped_at": time.time()})
-        if runner is not None:
+        if server is not None:
+            server.close()
             with contextlib.suppress(Exception):
-                await runner.cleanup()
+                await asyncio.wait_for(server.wait_closed(), 5)
 

@@ -12,9 +12,10 @@ Rules of the format:
    sha256 of the ciphertext. The device's Ed25519 signature covers the whole header.
 4. Central verifies the signature and then the ciphertext's size and sha256 *before* decrypting
    anything (:func:`verify_ciphertext` returns the token the opener requires).
-5. The opener decompresses with a running cap equal to the signed plaintext size, feeding zstd
-   small input slices so one call never produces more than a few MiB, checks the frame's declared
-   content size first, and rejects bytes after the frame.
+5. The opener decompresses with a running cap equal to the signed plaintext size, checks the
+   frame's declared content size first, and rejects bytes after the frame. It walks the frame's
+   block headers and hands zstd at most one block's end per call, refusing blocks above zstd's
+   128 KiB maximum, so one call never produces more than 128 KiB, however hostile the frame.
 """
 
 from __future__ import annotations
@@ -58,10 +59,18 @@ SEALED_KEY_BYTES = KEYBYTES + sodium.crypto_box_SEALBYTES
 SIGNATURE_BYTES = 64
 KEY_ID_BYTES = 8
 DOC_ID_BYTES = 16
-# zstd blocks carry at most 128 KiB of output and need at least 4 input bytes, so a 256-byte input
-# slice can never expand past 8 MiB in one call, however hostile the frame.
-_ZSTD_SLICE = 256
+# A zstd block regenerates at most 128 KiB (Block_Maximum_Size; RFC 8878 §3.1.1.2.3). Its 3-byte
+# header says how many input bytes follow it: 1 for an RLE block, Block_Size for raw or compressed.
+_ZSTD_BLOCK_MAX = 128 * 1024
+_ZSTD_BLOCK_HEADER = 3
+_ZSTD_RLE, _ZSTD_RESERVED = 1, 3
 _ZSTD_FRAME_HEADER_MAX = 18   # ZSTD_FRAMEHEADERSIZE_MAX: magic + descriptor + window + dict id + size
+# The sealer's match-finder tables: level 10's own for a large package are a 4M-entry hash table
+# and a 2M-entry chain (~25 MB resident on the edge while it seals a 500 MB scan, a third of the
+# process). Capped at 256K entries each they cost ~2 MB; the 4 MiB window stays, and on scans
+# (already-compressed images, or raw TIFF pages) and hOCR the output is the same size to 0.1 %.
+_ZSTD_MAX_WINDOW_LOG = 22
+_ZSTD_MAX_TABLE_LOG = 18
 
 # magic, version, device-id length, device id (variable), then the fixed tail below.
 _FIXED = struct.Struct(f">{DOC_ID_BYTES}sQ{KEY_ID_BYTES}s{SEALED_KEY_BYTES}s{HEADERBYTES}sIQQ32sQ")
@@ -206,6 +215,15 @@ def verify_ciphertext(signed: SignedHeader, device_key: nacl.signing.VerifyKey, 
     return VerifiedHeader(header)
 
 
+def compression_params(level: int, size: int) -> zstandard.ZstdCompressionParameters:
+    """zstd's parameters for ``level`` and a ``size``-byte input, its tables capped (see above)."""
+    base = zstandard.ZstdCompressionParameters.from_level(level, source_size=size)
+    return zstandard.ZstdCompressionParameters.from_level(
+        level, source_size=size, window_log=min(base.window_log, _ZSTD_MAX_WINDOW_LOG),
+        hash_log=min(base.hash_log, _ZSTD_MAX_TABLE_LOG), chain_log=min(base.chain_log, _ZSTD_MAX_TABLE_LOG),
+        write_checksum=1, write_content_size=1)
+
+
 class EnvelopeSealer:
     """Streaming sealer: feed the package bytes, append the returned ciphertext, then finish().
 
@@ -239,7 +257,7 @@ class EnvelopeSealer:
         self._stream_header = sodium.crypto_secretstream_xchacha20poly1305_init_push(
             self._state, stream_key)
         self._compressor = zstandard.ZstdCompressor(
-            level=level, write_checksum=True, write_content_size=True
+            compression_params=compression_params(level, plaintext_size)
         ).compressobj(size=plaintext_size)
         self._pending = bytearray()
         self._fed = 0
@@ -338,6 +356,12 @@ class EnvelopeOpener:
         self._frame_checked = False
         self._frame_prefix = bytearray()
         self._produced = 0
+        # Where the block walk stands: header bytes of the next block gathered so far, input bytes
+        # of the current block still to come, and whether the last block has been reached.
+        self._block_header = bytearray()
+        self._block_left = 0
+        self._last_block = False
+        self._blocks_done = False
 
     @property
     def produced(self) -> int:
@@ -426,30 +450,76 @@ class EnvelopeOpener:
                 return
             data = bytes(self._frame_prefix)
             self._frame_prefix.clear()
-            self._check_frame_header(data)
-        for start in range(0, len(data), _ZSTD_SLICE):
-            piece = data[start: start + _ZSTD_SLICE]
-            if self._decompressor.eof:
-                raise self._error(TrailingDataError, "bytes after the end of the zstd frame")
-            try:
-                out = self._decompressor.decompress(piece)
-            except zstandard.ZstdError as exc:
-                raise self._error(DecompressError, f"corrupt zstd data: {exc}") from exc
-            if self._decompressor.eof and self._decompressor.unused_data:
-                raise self._error(TrailingDataError, "bytes after the end of the zstd frame")
-            self._produced += len(out)
-            if self._produced > self._header.plaintext_size:
-                raise self._error(SizeLimitError, f"decompressed past the declared "
-                                  f"{self._header.plaintext_size} bytes (bomb or forged size)")
-            if out:
-                self._sink(out)
+            header_size = self._check_frame_header(data)
+            self._inflate(data[:header_size])
+            data = data[header_size:]
+        # One call per block end: the bytes up to the end of the current block (its header
+        # included), so each call completes at most one block and produces at most 128 KiB.
+        view = memoryview(data)
+        start = position = 0
+        while position < len(view) and not self._blocks_done:
+            if self._block_left == 0:
+                take = min(_ZSTD_BLOCK_HEADER - len(self._block_header), len(view) - position)
+                self._block_header += view[position: position + take]
+                position += take
+                if len(self._block_header) < _ZSTD_BLOCK_HEADER:
+                    break
+                self._start_block(int.from_bytes(self._block_header, "little"))
+                self._block_header.clear()
+                if self._block_left > 0:
+                    continue
+            else:
+                take = min(self._block_left, len(view) - position)
+                position += take
+                self._block_left -= take
+                if self._block_left > 0:
+                    break
+            # The current block is complete within [start, position).
+            self._inflate(view[start:position])
+            start = position
+            self._blocks_done = self._last_block
+        if start < len(view):
+            # A block's beginning (no block ends in it), or what follows the last block (checksum,
+            # or trailing bytes that _inflate refuses).
+            self._inflate(view[start:])
 
-    def _check_frame_header(self, data: bytes) -> None:
+    def _start_block(self, header: int) -> None:
+        kind, size = (header >> 1) & 3, header >> 3
+        if kind == _ZSTD_RESERVED:
+            raise self._error(DecompressError, "corrupt zstd data: reserved block type")
+        if size > _ZSTD_BLOCK_MAX:
+            raise self._error(DecompressError, f"corrupt zstd data: a block of {size} bytes "
+                              f"(zstd blocks hold at most {_ZSTD_BLOCK_MAX})")
+        self._block_left = 1 if kind == _ZSTD_RLE else size
+        self._last_block = bool(header & 1)
+
+    def _inflate(self, piece: bytes | memoryview) -> None:
+        if not piece:
+            return
+        if self._decompressor.eof:
+            raise self._error(TrailingDataError, "bytes after the end of the zstd frame")
+        try:
+            out = self._decompressor.decompress(piece)
+        except zstandard.ZstdError as exc:
+            raise self._error(DecompressError, f"corrupt zstd data: {exc}") from exc
+        if self._decompressor.eof and self._decompressor.unused_data:
+            raise self._error(TrailingDataError, "bytes after the end of the zstd frame")
+        self._produced += len(out)
+        if self._produced > self._header.plaintext_size:
+            raise self._error(SizeLimitError, f"decompressed past the declared "
+                              f"{self._header.plaintext_size} bytes (bomb or forged size)")
+        if out:
+            self._sink(out)
+
+    def _check_frame_header(self, data: bytes) -> int:
+        """Check the declared content size; return the frame header's length."""
         self._frame_checked = True
         try:
             params = zstandard.get_frame_parameters(data)
+            header_size: int = zstandard.frame_header_size(data)
         except zstandard.ZstdError as exc:
             raise self._error(DecompressError, f"not a zstd frame: {exc}") from exc
         if params.content_size != self._header.plaintext_size:
             raise self._error(SizeLimitError, f"zstd frame declares {params.content_size} bytes, "
                               f"signed header {self._header.plaintext_size}")
+        return header_size

@@ -119,7 +119,7 @@ def _service(args: argparse.Namespace) -> int | None:
     if args.command == "edge" and args.edge_command == "run":
         return daemon.run_edge(args.home, verbose=args.verbose)
     if args.command == "central" and args.central_command == "run":
-        return daemon.run_central(args.home, verbose=args.verbose)
+        return daemon.run_central(args.home, verbose=args.verbose, worker=args.worker)
     return None
 
 

@@ -244,13 +244,13 @@ def run_edge(home: Path, *, verbose: bool) -> int:
     return 0
 
 
-def run_central(home: Path, *, verbose: bool) -> int:
-    """``sohoa central run``: ingest + HTTP under ``supervise``."""
+def run_central(home: Path, *, verbose: bool, worker: str | None = None) -> int:
+    """``sohoa central run [--worker NAME]``: ingest + HTTP under ``supervise``."""
     from central import commands  # noqa: PLC0415 - keeps `sohoa --help` fast
     from central.config import load_config  # noqa: PLC0415 - keeps `sohoa --help` fast
     from central.errors import CentralError  # noqa: PLC0415 - keeps `sohoa --help` fast
 
-    config = load_config(home)
+    config = commands.as_worker(load_config(home), worker)   # a bad name fails before any loop starts
     _apply_level(config.log_level, verbose)
 
     async def main() -> None:
@@ -264,8 +264,8 @@ def run_central(home: Path, *, verbose: bool) -> int:
             _apply_level(fresh.log_level, verbose)
             return f"log level {fresh.log_level}; other central.toml changes need a restart"
 
-        await supervise(commands.serve(home, ready=ready), ready=ready, reload=reload,
-                        name="sohoa-central")
+        await supervise(commands.serve(home, ready=ready, worker=worker), ready=ready, reload=reload,
+                        name=config.broker.client_id)
 
     asyncio.run(main())
     return 0

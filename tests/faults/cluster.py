@@ -61,11 +61,13 @@ class Process:
     log: Path
     proc: subprocess.Popen[bytes] | None = None
     kills: int = 0
+    code: Path = ROOT   # the source tree it runs (a bench compares against another tree)
 
     def start(self) -> None:
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        env = dict(os.environ, PYTHONPATH=str(self.code))
         with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+            self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                         cwd=self.code)
 
     def kill(self) -> None:
         if self.proc and self.proc.poll() is None:

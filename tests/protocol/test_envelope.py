@@ -503,3 +503,34 @@ def test_signing_keys_are_independent_of_the_signature_check() -> None:
 
 def test_open_verified_helper_matches_open_all(sealed: Sealed) -> None:
     assert open_verified(verified(sealed), sealed.ciphertext, KEYS) == sealed.plaintext
+
+
+def test_each_decompress_call_regenerates_at_most_one_block() -> None:
+    # The bomb's blocks are 128 KiB RLE blocks of 4 input bytes: thousands of them in one 4 KiB
+    # chunk. The opener hands zstd one block end at a time, so no sink piece exceeds 128 KiB.
+    declared = 8 << 20
+    bomb = seal_body(rle_bomb(declared, declared), declared, KEYS, chunk_size=4096)
+    pieces: list[bytes] = []
+    assert len(open_all(bomb.signed, bomb.ciphertext, KEYS, sink=pieces)) == declared
+    assert max(len(piece) for piece in pieces) <= 128 * 1024
+
+
+def test_a_block_above_the_zstd_maximum_is_refused() -> None:
+    # RFC 8878: a block regenerates at most 128 KiB. A 2 MiB RLE block is valid to the bit layout
+    # (21-bit size) but not to the format; refused before zstd expands it.
+    frame = bytearray(rle_bomb(1 << 21, 0))
+    frame += ((1 << 21) - 1 << 3 | 1 << 1 | 1).to_bytes(3, "little") + b"A"
+    forged = seal_body(bytes(frame), 1 << 21, KEYS)
+    with pytest.raises(DecompressError, match="at most"):
+        open_all(forged.signed, forged.ciphertext, KEYS)
+
+
+@given(data=st.binary(min_size=0, max_size=300_000), level=st.sampled_from([1, 3, 10]),
+       chunk=st.sampled_from([1024, 4096, 65536]), slice_size=st.integers(min_value=1, max_value=70_000))
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_block_walk_round_trips_any_slicing(data: bytes, level: int, chunk: int, slice_size: int) -> None:
+    # Multi-block frames (raw, RLE and compressed blocks) cut at every kind of boundary.
+    body = zstandard.ZstdCompressor(level=level, write_content_size=True).compress(data * 2 + bytes(200_000))
+    sealed = seal_body(body, len(data) * 2 + 200_000, KEYS, chunk_size=chunk)
+    slices = [slice_size] * (len(sealed.ciphertext) // slice_size + 1)
+    assert open_all(sealed.signed, sealed.ciphertext, KEYS, slices=slices) == data * 2 + bytes(200_000)
