@@ -149,6 +149,7 @@ class MqttProtocol(asyncio.Protocol):
             self.closed.set_result(None)
         if not self.connack.done():
             self.connack.set_exception(ConnectionError("closed before CONNACK"))
+            self.connack.exception()   # a waiter that timed out is gone: not "never retrieved"
 
     def data_received(self, data: bytes) -> None:
         buf = self._buffer
