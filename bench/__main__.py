@@ -15,7 +15,7 @@ after) and prints a Markdown table (the README's "Performance" section shows one
   edge_peak_rss_mb_500mb  the edge process's peak RSS while it takes, packages and sends a 500 MB scan
                           (ratio: ÷ the scan's size)
   edge_idle_cpu           the edge process's CPU seconds per wall second while idle and connected
-  broker_10k              (optional, ~6 min: ``--only broker_10k``) received msg/s with 10,000 devices
+  broker_10k              (optional, ~5 min: ``--only broker_10k``) received msg/s with 10,000 devices
                           connected to the generated Mosquitto config ÷ the same load from 100 devices;
                           details: connect rate, broker RSS per device, idle CPU, restart
                           (bench.broker_devices)
