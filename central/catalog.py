@@ -898,6 +898,30 @@ def expire_stalled(conn: sqlite3.Connection, *, before: str, limit: int = 500) -
     return [(str(t), str(d)) for t, d in rows]
 
 
+def journals_of_receiving(conn: sqlite3.Connection) -> list[str]:
+    """The journal files that receiving transfers' segments point into (start-up checks they exist)."""
+    rows = conn.execute("SELECT DISTINCT s.log FROM segments s JOIN transfers t ON t.tid = s.tid"
+                        " WHERE t.state = 'receiving' AND s.log IS NOT NULL")
+    return [str(r[0]) for r in rows]
+
+
+def transfers_in_journal(conn: sqlite3.Connection, log: str) -> list[tuple[str, str]]:
+    rows = conn.execute("SELECT DISTINCT t.tid, t.device FROM segments s JOIN transfers t ON t.tid = s.tid"
+                        " WHERE s.log = ? AND t.state = 'receiving' ORDER BY t.tid", (log,))
+    return [(str(r[0]), str(r[1])) for r in rows]
+
+
+def forget_held(conn: sqlite3.Connection, tid: str, reason: str) -> None:
+    """The bytes a receiving transfer's rows point at are gone (its journal file was lost: a central
+    restored from a backup without ``staging/``): it becomes ``expired`` like a stalled one, so its next
+    segment or fin is answered UNKNOWN and the box sends it again from zero under the same tid."""
+    conn.execute("UPDATE transfers SET state = 'expired', held = '[]', held_bytes = 0, error = ?,"
+                 " error_class = 'StagingLost', updated_at = ? WHERE tid = ? AND state = 'receiving'",
+                 (reason[:2000], utc_now(), tid))
+    conn.execute("DELETE FROM segments WHERE tid = ?", (tid,))
+    conn.execute("DELETE FROM jobs WHERE tid = ?", (tid,))
+
+
 def revive_transfer(conn: sqlite3.Connection, tid: str) -> None:
     """An expired transfer's init came again (and was admitted): receiving, from zero."""
     conn.execute("UPDATE transfers SET state = 'receiving', held = '[]', held_bytes = 0, error = NULL,"

@@ -36,7 +36,7 @@ from central.fsutil import fsync_dir, write_atomic
 from central.ingest.batch import Reply, count_rejection
 from central.ingest.durability import Durability
 from central.ingest.quota import Quotas
-from central.ingest.staging import SegmentReader
+from central.ingest.staging import JournalLostError, SegmentReader
 from central.ingest.store import IngestStore
 from central.keys import CentralKeys
 from central.metrics import Metrics
@@ -155,6 +155,13 @@ class Archiver:
         record = db.get_transfer(tid)
         if record is None or record.state != "receiving":
             return []   # another worker finished it meanwhile; it answered
+        if isinstance(result, Deferred) and isinstance(result.error, JournalLostError):
+            # Retrying cannot bring the bytes back: the box must send them again (it still holds the
+            # original: nothing was receipted). UNKNOWN makes it announce the transfer again at once.
+            self._metrics.error(type(result.error).__name__)
+            forget_lost(db, [(tid, device)], str(result.error))
+            return [Ack(device, tid, AckState.UNKNOWN, error=str(result.error)[:500],
+                        error_class=type(result.error).__name__)]
         if isinstance(result, Deferred):
             self._metrics.error(type(result.error).__name__)
             log.error("cannot assemble %s: %s", tid, result.error)
@@ -245,6 +252,31 @@ class Archiver:
                  "" if existing is None else " (arrival already catalogued)",
                  " (catalogued from its notice before)" if completed else "")
         return [Ack(device, tid, AckState.STORED), receipt]
+
+
+def forget_lost(db: IngestStore, transfers: list[tuple[str, str]], reason: str) -> None:
+    """Receiving transfers whose journal bytes are gone start again from zero (``forget_held``),
+    each with a fixity event and a warning: where the bytes are now is the box, which re-sends."""
+    at = catalog.utc_now()
+    for tid, device in transfers:
+        db.forget_held(tid, reason)
+        db.add_fixity(event="staging_lost", device=device, tid=tid, at=at,
+                      detail=json.dumps({"reason": reason}, ensure_ascii=False))
+        log.warning("transfer %s from %s: %s; its held bytes are forgotten and the box will send it again "
+                    "from zero (it keeps the original until a receipt)", tid, device, reason)
+
+
+def check_journals(db: IngestStore, staging: Path) -> int:
+    """At start-up: receiving transfers whose segments point into a journal file that is not there
+    (central restored without ``staging/``) are forgotten at once, so their boxes re-send from zero
+    instead of sending the rest of a transfer central can never assemble. Returns how many."""
+    lost = 0
+    for name in db.journals_of_receiving():
+        if not (staging / name).exists():
+            transfers = db.transfers_in_journal(name)
+            forget_lost(db, transfers, f"journal {name} is missing")
+            lost += len(transfers)
+    return lost
 
 
 def tmp_leftovers(tmp: Path) -> None:

@@ -257,6 +257,24 @@ class PostgresIngestStore:
                   " error_class = NULL, updated_at = %s WHERE tid = %s AND state = 'expired'",
                   (utc_now(), tid))
 
+    def journals_of_receiving(self) -> list[str]:
+        rows = self.conn.execute("SELECT DISTINCT s.log FROM segments s JOIN transfers t ON t.tid = s.tid"
+                                 " WHERE t.state = 'receiving' AND s.log IS NOT NULL").fetchall()
+        return [str(r[0]) for r in rows]
+
+    def transfers_in_journal(self, log: str) -> list[tuple[str, str]]:
+        rows = self.conn.execute(
+            "SELECT DISTINCT t.tid, t.device FROM segments s JOIN transfers t ON t.tid = s.tid"
+            " WHERE s.log = %s AND t.state = 'receiving' ORDER BY t.tid", (log,)).fetchall()
+        return [(str(t), str(d)) for t, d in rows]
+
+    def forget_held(self, tid: str, reason: str) -> None:
+        self._run("UPDATE transfers SET state = 'expired', held = '[]', held_bytes = 0, error = %s,"
+                  " error_class = 'StagingLost', updated_at = %s WHERE tid = %s AND state = 'receiving'",
+                  (reason[:2000], utc_now(), tid))
+        self._run("DELETE FROM segments WHERE tid = %s", (tid,))
+        self._run("DELETE FROM jobs WHERE tid = %s", (tid,))
+
     # -- transfers and the segment log (rows locked: workers write them concurrently) --------------
     def get_transfer(self, tid: str) -> TransferRecord | None:
         return _transfer(self._one(f"SELECT {_TRANSFER} FROM transfers WHERE tid = %s"  # noqa: S608 - constant

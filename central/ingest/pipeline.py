@@ -36,12 +36,14 @@ from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from central.fsutil import make_private_dir
 from central.ingest.archive import (
     Archiver,
     Assembly,
     AssemblyJob,
     RevokeFn,
     assemble_in_process,
+    check_journals,
     init_process,
     tmp_leftovers,
 )
@@ -107,6 +109,12 @@ class IngestCore:
     @classmethod
     def create(cls, paths: CentralPaths, keys: CentralKeys, settings: PipelineSettings, *,
                max_plaintext: int, metrics: Metrics) -> IngestCore:
+        for transient in (paths.staging, paths.tmp, paths.quarantine):
+            if not transient.is_dir():
+                # Restored from a backup that did not carry it: what it held is re-sent by the boxes
+                # (start_up forgets transfers whose journal is gone); refusing to start helps nobody.
+                log.warning("%s was missing; created empty", transient)
+                make_private_dir(transient)
         journal = SegmentJournal(paths.staging, settings.worker)
         durability = Durability(settings.durability, journal, [paths.staging, paths.objects])
         batch = BatchStage(paths, journal, key_id=key_id(bytes(keys.encryption.public_key)),
@@ -118,6 +126,7 @@ class IngestCore:
 
     def start_up(self, db: IngestStore) -> None:
         remove_stale_staging(db, self.paths)
+        check_journals(db, self.paths.staging)
         tmp_leftovers(self.paths.tmp)
 
     def reconcile(self, db: IngestStore) -> list[str]:

@@ -43,6 +43,12 @@ def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
         view, offset = view[written:], offset + written
 
 
+class JournalLostError(OSError):
+    """Bytes a committed segment row points at are not there: its journal file is missing or shorter
+    than the row says (a central restored from a backup that did not carry ``staging/``). Unlike a
+    disk error, trying again cannot help: the transfer's held bytes must be received again."""
+
+
 class SegmentJournal:
     """This worker's append-only journal files under ``directory`` (written by the writer thread)."""
 
@@ -134,7 +140,8 @@ class SegmentReader:
         self._staging = staging
 
     def chunks(self, tid: str, segments: Iterable[StoredSegment]) -> Iterator[tuple[StoredSegment, bytes]]:
-        """Each segment with its bytes; a missing or short file is an OSError (our trouble)."""
+        """Each segment with its bytes; a missing or short file is a ``JournalLostError``, any other
+        failure to read an OSError (our trouble, tried again)."""
         handles: dict[str, IO[bytes]] = {}
         try:
             for seg in segments:
@@ -143,12 +150,15 @@ class SegmentReader:
                     raise OSError(f"segment of {tid} points at an unexpected file {name[:80]!r}")
                 handle = handles.get(name)
                 if handle is None:
-                    handle = handles[name] = (self._staging / name).open("rb")
+                    try:
+                        handle = handles[name] = (self._staging / name).open("rb")
+                    except FileNotFoundError as exc:
+                        raise JournalLostError(f"journal {name} of {tid} is missing") from exc
                 position = seg.pos if seg.log is not None else seg.offset
                 assert position is not None
                 data = os.pread(handle.fileno(), seg.length, position)
                 if len(data) != seg.length:
-                    raise OSError(f"journal {name} ends before segment {tid}@{seg.offset}")
+                    raise JournalLostError(f"journal {name} ends before segment {tid}@{seg.offset}")
                 yield seg, data
         finally:
             for handle in handles.values():

@@ -56,6 +56,9 @@ class IngestStore(Protocol):
     def clear_misbehaving(self, *, quiet_since: float) -> list[str]: ...
     def expire_stalled(self, *, before: str, limit: int = 500) -> list[tuple[str, str]]: ...
     def revive_transfer(self, tid: str) -> None: ...
+    def journals_of_receiving(self) -> list[str]: ...
+    def transfers_in_journal(self, log: str) -> list[tuple[str, str]]: ...
+    def forget_held(self, tid: str, reason: str) -> None: ...
 
     # transfers and the segment log
     def get_transfer(self, tid: str) -> TransferRecord | None: ...
@@ -149,6 +152,15 @@ class SqliteIngestStore:
 
     def revive_transfer(self, tid: str) -> None:
         catalog.revive_transfer(self.conn, tid)
+
+    def journals_of_receiving(self) -> list[str]:
+        return catalog.journals_of_receiving(self.conn)
+
+    def transfers_in_journal(self, log: str) -> list[tuple[str, str]]:
+        return catalog.transfers_in_journal(self.conn, log)
+
+    def forget_held(self, tid: str, reason: str) -> None:
+        catalog.forget_held(self.conn, tid, reason)
 
     def get_transfer(self, tid: str) -> TransferRecord | None:
         return catalog.get_transfer(self.conn, tid)

@@ -293,3 +293,29 @@ def test_arrivals_awaiting_their_original(transaction: Transaction) -> None:
         other_id = db.insert_document(other, awaiting=True)
         db.drop_awaiting_document(other_id)
         assert db.search("khac") == [] and db.awaiting_load("xa-tan-trao") == (0, 0)
+
+
+def test_transfers_whose_journal_is_lost_start_again_from_zero(transaction: Transaction) -> None:
+    lost, kept = "journal-central-00000000-00000001.log", "journal-central-00000000-00000002.log"
+    with transaction() as db:
+        db.add_device("xa-tan-trao", b"k" * 32)
+        db.insert_transfer(tid="a" * 32, device="xa-tan-trao", seq=1, header=b"h1", size=100)
+        db.insert_transfer(tid="b" * 32, device="xa-tan-trao", seq=2, header=b"h2", size=100)
+        db.add_segments("a" * 32, [StoredSegment(0, 10, 1, lost, 0), StoredSegment(10, 10, 1, kept, 0)])
+        db.add_segments("b" * 32, [StoredSegment(0, 10, 1, kept, 10)])
+        db.set_held("a" * 32, RangeSet.of([(0, 20)]))
+        db.add_job("a" * 32)
+    with transaction() as db:
+        assert sorted(db.journals_of_receiving()) == [lost, kept]
+        assert db.transfers_in_journal(lost) == [("a" * 32, "xa-tan-trao")]
+        db.forget_held("a" * 32, f"journal {lost} is missing")
+    with transaction() as db:
+        record = db.get_transfer("a" * 32)
+        assert record is not None and (record.state, record.held, record.error_class) == (
+            "expired", (), "StagingLost")
+        assert db.stored_segments("a" * 32) == [] and db.claimable_jobs(worker="w") == []
+        assert db.journals_of_receiving() == [kept]
+        db.revive_transfer("a" * 32)   # its init comes again: from zero, same tid
+    with transaction() as db:
+        revived = db.get_transfer("a" * 32)
+        assert revived is not None and (revived.state, revived.held) == ("receiving", ())
