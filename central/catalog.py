@@ -1073,10 +1073,13 @@ def complete_document(conn: sqlite3.Connection, doc_id: int, doc: NewDocument) -
         (doc.sha256, doc_id, doc.received_at, doc.received_at, doc.received_at, doc_id))
 
 
-def drop_awaiting_document(conn: sqlite3.Connection, doc_id: int) -> None:
+def drop_awaiting_document(conn: sqlite3.Connection, doc_id: int, *, successor: int) -> None:
     """Remove an arrival catalogued from a notice whose original turned out to be another (or to be an
-    arrival already catalogued): the original's transfer is catalogued on its own terms instead."""
-    conn.execute("UPDATE notices SET document_id = NULL WHERE document_id = ?", (doc_id,))
+    arrival already catalogued): the original's transfer is catalogued on its own terms instead, as
+    ``successor``. The drop's notice names the successor, and operators' corrections of the awaiting
+    row move to it (they are about this drop; deleting them failed on their foreign key)."""
+    conn.execute("UPDATE notices SET document_id = ? WHERE document_id = ?", (successor, doc_id))
+    conn.execute("UPDATE metadata_corrections SET document_id = ? WHERE document_id = ?", (successor, doc_id))
     conn.execute("DELETE FROM documents_fts WHERE rowid = ?", (doc_id,))
     conn.execute("DELETE FROM documents WHERE id = ? AND state = 'awaiting_original'", (doc_id,))
 

@@ -203,20 +203,21 @@ class Archiver:
             package_sha256=result.package_sha256, captured_at=result.captured_at)
         awaiting = db.awaiting_document(device=device, tid=tid)
         if awaiting is not None and awaiting.sha256 != sha:
-            # The notice announced other bytes than those that came: what came is the truth.
+            # The notice announced other bytes than those that came: what came is the truth. It still
+            # completes the notice's row (same device and transfer: the drop a clerk may have found,
+            # bookmarked or an operator corrected), taking the package's name, text and metadata.
             log.warning("notice of %s announced original %s…, the transfer carried %s…", tid,
                         awaiting.sha256[:12], sha[:12])
-            db.drop_awaiting_document(awaiting.id)
             db.add_fixity(event="notice_mismatch", device=device, tid=tid, at=stored_at,
                           original_sha256=sha, detail=json.dumps({"announced_sha256": awaiting.sha256,
                                                                   "document_id": awaiting.id}))
-            awaiting = None
         existing = db.arrival_by_key(document.key)
         if awaiting is None and existing is not None:
             # The same arrival announced by another transfer's notice (the scan sent again).
             awaiting = db.awaiting_document(doc_id=existing)
         if awaiting is not None and existing is not None and existing != awaiting.id:
-            db.drop_awaiting_document(awaiting.id)   # the notice's arrival is one already stored
+            # The notice's arrival is one already stored: it gives way to it, with its corrections.
+            db.drop_awaiting_document(awaiting.id, successor=existing)
             awaiting = None
         completed = awaiting is not None
         if awaiting is not None:

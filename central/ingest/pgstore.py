@@ -433,8 +433,9 @@ class PostgresIngestStore:
              doc.text, doc.metadata, doc.package_sha256, folded_name, f"{folded_name} {fold(doc.text)}",
              doc_id))
 
-    def drop_awaiting_document(self, doc_id: int) -> None:
-        self._run("UPDATE notices SET document_id = NULL WHERE document_id = %s", (doc_id,))
+    def drop_awaiting_document(self, doc_id: int, *, successor: int) -> None:
+        # Corrections are not in PostgreSQL yet (the HTTP side reads SQLite): only the notice moves.
+        self._run("UPDATE notices SET document_id = %s WHERE document_id = %s", (successor, doc_id))
         self._run("DELETE FROM documents WHERE id = %s AND state = 'awaiting_original'", (doc_id,))
 
     def add_fixity(self, *, event: str, device: str, tid: str, at: str, document_id: int | None = None,

@@ -99,7 +99,7 @@ class IngestStore(Protocol):
     def awaiting_document(self, *, device: str | None = None, tid: str | None = None,
                           doc_id: int | None = None) -> AwaitingDocument | None: ...
     def complete_document(self, doc_id: int, doc: NewDocument) -> None: ...
-    def drop_awaiting_document(self, doc_id: int) -> None: ...
+    def drop_awaiting_document(self, doc_id: int, *, successor: int) -> None: ...
 
 
 class AdminStore(IngestStore, Protocol):
@@ -242,8 +242,8 @@ class SqliteIngestStore:
     def complete_document(self, doc_id: int, doc: NewDocument) -> None:
         catalog.complete_document(self.conn, doc_id, doc)
 
-    def drop_awaiting_document(self, doc_id: int) -> None:
-        catalog.drop_awaiting_document(self.conn, doc_id)
+    def drop_awaiting_document(self, doc_id: int, *, successor: int) -> None:
+        catalog.drop_awaiting_document(self.conn, doc_id, successor=successor)
 
     def add_device(self, device_id: str, verify_key: bytes) -> None:
         catalog.add_device(self.conn, device_id, verify_key)

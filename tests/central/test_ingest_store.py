@@ -291,7 +291,7 @@ def test_arrivals_awaiting_their_original(transaction: Transaction) -> None:
         assert db.search("sua duong") == [doc_id]
         other = _document("xa-tan-trao", "b" * 32, 2, b"other", "Khác.pdf", "khác hẳn")
         other_id = db.insert_document(other, awaiting=True)
-        db.drop_awaiting_document(other_id)
+        db.drop_awaiting_document(other_id, successor=doc_id)
         assert db.search("khac") == [] and db.awaiting_load("xa-tan-trao") == (0, 0)
 
 

@@ -162,7 +162,8 @@ def test_a_notice_announcing_other_bytes_gives_way_to_the_original(setup: tuple[
                            central_key=central_keys.encryption.public_key, original=b"other bytes")
     (answer,) = noted(ingestor.handle_batch([encode(liar)]))
     receipt = receipt_of(ingestor.handle_batch(drop.transfer())).body
-    assert receipt.sha256 == drop.sha256 and receipt.document_id != answer.document_id
+    # The notice's row is completed by what came (same device and transfer), with the original's bytes.
+    assert receipt.sha256 == drop.sha256 and receipt.document_id == answer.document_id
     (doc,) = documents(ingestor)
     assert doc["state"] == "stored" and doc["sha256"] == drop.sha256
     conn = ingestor._conn
@@ -231,3 +232,31 @@ def test_a_notice_for_a_refused_transfer_is_refused(setup: tuple[Ingestor, Bundl
     (answer,) = noted(ingestor.handle_batch([encode(drop.notice)]))
     assert answer.state is NoticeState.REFUSED and answer.error_class == "LateNoticeError"
     assert documents(ingestor) == []
+
+
+def test_a_correction_of_a_notice_only_document_survives_whatever_original_comes(
+        setup: tuple[Ingestor, Bundle], central_keys: CentralKeys) -> None:
+    """An operator corrects a document known only from its notice; then its transfer comes, carrying
+    other bytes than the notice announced. The correction is the operator's word about this drop (same
+    device and transfer): it stays on the document the drop became, with its history, instead of
+    blocking the original's catalogue entry (it used to: the notice's row was deleted, FOREIGN KEY
+    failed on the correction, and the transfer was never catalogued)."""
+    from central import corrections  # noqa: PLC0415
+
+    ingestor, device = setup
+    drop = Drop(device, central_keys, 1)
+    liar = seal_notice_for(drop.sealed, signing_key=device.signing_key,
+                           central_key=central_keys.encryption.public_key, original=b"other bytes")
+    (answer,) = noted(ingestor.handle_batch([encode(liar)]))
+    conn = ingestor._conn
+    assert answer.document_id is not None
+    meta = conn.execute("SELECT metadata FROM documents WHERE id = ?", (answer.document_id,)).fetchone()[0]
+    with conn:
+        corrections.correct(conn, document_id=answer.document_id, metadata_json=meta,
+                            changes={"so_ky_hieu": "12/QĐ-UBND"}, actor="op:lan")
+    receipt = receipt_of(ingestor.handle_batch(drop.transfer())).body
+    assert receipt.sha256 == drop.sha256
+    (doc,) = documents(ingestor)
+    assert doc["state"] == "stored" and doc["id"] == receipt.document_id
+    fixed = corrections.latest_corrections(conn, [receipt.document_id])[receipt.document_id]
+    assert fixed["so_ky_hieu"].value == "12/QĐ-UBND" and fixed["so_ky_hieu"].actor == "op:lan"
