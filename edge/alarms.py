@@ -22,6 +22,9 @@ ACCESS_REFUSED = ("central's broker refuses this box's account (revoked, or a wr
                   "scans stay on the box, nothing is lost; tell the administrator (once the box is "
                   "enrolled again: `sohoa edge init --force --abandon-queue`, then `sohoa edge retry --all`)")
 
+QUOTA_DEFERRED = ("central is pacing this box (its quota of new documents): scans wait on the box and "
+                  "go out by themselves when central allows; nothing is lost or failed, nothing to do")
+
 # A last error is news, not a state: it is reported for a day, or until someone acknowledges it
 # (`sohoa edge ack`); alarms (conditions still true) stay until their condition clears.
 ERROR_SHOWN_FOR_S = 24 * 3600

@@ -16,6 +16,7 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
+from edge.alarms import QUOTA_DEFERRED
 from edge.outbox import Doc, DocState, OutboxStats, Place
 from edge.quarantine import FailedItem
 from edge.reasons import explain
@@ -55,6 +56,16 @@ def t(lang: str, key: str, **params: Any) -> str:
     for name, value in params.items():
         text = text.replace("{" + name + "}", str(value))
     return text
+
+
+# Alarms are English sentences in status.json, logs and MQTT (what an admin greps); the clerk reads
+# the ones that concern the office in their language.
+_ALARM_KEYS = {QUOTA_DEFERRED: "alarm_quota_deferred"}
+
+
+def alarm_text(lang: str, alarm: str) -> str:
+    key = _ALARM_KEYS.get(alarm)
+    return t(lang, key) if key is not None else alarm
 
 
 def vn_time(at: float | str | None) -> str | None:

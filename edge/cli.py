@@ -19,6 +19,7 @@ from edge.clerk import (
     RECENT,
     VIEW_NAME,
     age,
+    alarm_text,
     lang_from_env,
     refused_json,
     scan_of,
@@ -374,7 +375,7 @@ def render_status(report: dict[str, Any], lang: str) -> str:
     shown.append(f"{tr('state_failed')} {len(report['failed'])}")
     lines.append(f"{tr('counts')}: " + " · ".join(shown))
     for alarm in report["alarms"]:
-        lines.append(f"{tr('alarms').upper()}: {alarm}")
+        lines.append(f"{tr('alarms').upper()}: {alarm_text(lang, alarm)}")
     if report["last_error"]:
         lines.append(f"{tr('last_error')}: {report['last_error']}")
     failed = report["failed"]

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from edge import config as edge_config
 from edge import statuspage
-from edge.alarms import ACCESS_REFUSED, IDENTITY_CLASH, OUTBOX_FULL, Alarms, is_disk_full
+from edge.alarms import ACCESS_REFUSED, IDENTITY_CLASH, OUTBOX_FULL, QUOTA_DEFERRED, Alarms, is_disk_full
 from edge.clerk import ACK_NAME
 from edge.config import EdgeConfig
 from edge.custody import Custody
@@ -240,6 +240,10 @@ class EdgeService:
             self.alarms.raise_(ACCESS_REFUSED)
         else:
             self.alarms.clear(ACCESS_REFUSED)
+        if uplink is not None and uplink.deferred:
+            self.alarms.raise_(QUOTA_DEFERRED)
+        else:
+            self.alarms.clear(QUOTA_DEFERRED)
         last = (dt.datetime.fromtimestamp(stats.last_receipt_at, dt.UTC).isoformat(timespec="seconds")
                 if stats.last_receipt_at else None)
         with contextlib.suppress(OSError):

@@ -44,6 +44,7 @@ from edge.clerk import (
     VIEW_NAME,
     WRITE_EVERY_S,
     age,
+    alarm_text,
     build_view,
     size,
     t,
@@ -187,7 +188,7 @@ def render_page(view: dict[str, Any], lang: str) -> str:
     alarms = ""
     if view["alarms"]:
         alarms = (f'<h2>{tr("alarms")}</h2><ul class="alarms">'
-                  + "".join(f"<li>{_e(a)}</li>" for a in view["alarms"]) + "</ul>")
+                  + "".join(f"<li>{_e(alarm_text(lang, a))}</li>" for a in view["alarms"]) + "</ul>")
     refused_items = []
     for item in view["refused"]:
         what, todo = ((item["what_vi"], item["todo_vi"]) if lang == "vi"

@@ -153,6 +153,9 @@ class Uplink:
         # broker handed our session to another client with our id: a cloned memory card.
         self.identity_clash = False
         self.access_refused = False   # the broker refuses our account (CONNACK 0x86/0x87/0x8C)
+        # Central defers our new transfers (per-device quota) until about this loop time; cleared as
+        # soon as central takes a transfer's bytes again. What the clerk is told (edge.alarms).
+        self._deferred_until: float | None = None
 
     # -- public --------------------------------------------------------------------------------
     @property
@@ -489,7 +492,15 @@ class Uplink:
             log.info("notice for %s refused by central (%s: %s); the document travels whole",
                      noted.tid, noted.error_class, noted.error)
 
+    @property
+    def deferred(self) -> bool:
+        """Central is pacing this box (quota): its scans wait here, nothing is wrong with them."""
+        until = self._deferred_until
+        return until is not None and asyncio.get_running_loop().time() < until
+
     async def _on_ack(self, ack: Ack) -> None:
+        if ack.state in (AckState.RECEIVING, AckState.STORED):
+            self._deferred_until = None   # central takes our bytes again
         transfer = self._active.get(ack.tid)
         reason = "central refused it: " + (f"{ack.error_class}: {ack.error}" if ack.error_class
                                             else ack.error or "no reason given")
@@ -505,6 +516,9 @@ class Uplink:
             return
         transfer.sender.on_ack(ack)
         if ack.state is AckState.DEFERRED:
+            # Until a little after the sender announces again: a further deferral extends it.
+            wait = max(float(ack.retry_after or 0), self._resend_after)
+            self._deferred_until = asyncio.get_running_loop().time() + wait + self._resend_after
             # Central's per-device quota: not a failure, the document stays queued; the sender
             # announces it again after retry_after. An honest box should never see this often.
             log.info("central deferred %s (%s: %s); announcing it again in %s s", ack.tid, ack.error_class,
