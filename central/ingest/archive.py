@@ -180,14 +180,11 @@ class Archiver:
                         error_class=type(exc).__name__)]
         status = db.get_device(device)
         if status is None or status.status != "active":
-            # Revoked while it was being assembled: never catalogued, never receipted. A new object
-            # nobody points at is removed again (a shared one is another arrival's).
+            # Revoked while it was being assembled: never catalogued, never receipted. The stored files
+            # stay: another commune's identical bytes (or this arrival sent again) may have been
+            # written to the same content address and not be committed yet, and deleting them would
+            # break a receipt another box deletes its original on. An orphan object costs only disk.
             revoke(db, device, tid)
-            if not db.object_exists(result.original_sha256):
-                with contextlib.suppress(FileNotFoundError):
-                    self._store.path_for(result.original_sha256).unlink()
-            with contextlib.suppress(FileNotFoundError):
-                self._store.path_for(result.package_sha256).unlink()
             exc2 = RevokedDeviceError(f"device {device!r} was revoked", device=device, tid=tid)
             return [Ack(device, tid, AckState.REJECTED, error=str(exc2)[:500],
                         error_class=type(exc2).__name__)]
