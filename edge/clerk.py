@@ -16,7 +16,7 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-from edge.alarms import QUOTA_DEFERRED
+from edge.alarms import ACCESS_REFUSED, DISK_FULL, IDENTITY_CLASH, OUTBOX_FULL, QUOTA_DEFERRED
 from edge.outbox import Doc, DocState, OutboxStats, Place
 from edge.quarantine import FailedItem
 from edge.reasons import explain
@@ -60,11 +60,17 @@ def t(lang: str, key: str, **params: Any) -> str:
 
 # Alarms are English sentences in status.json, logs and MQTT (what an admin greps); the clerk reads
 # the ones that concern the office in their language.
-_ALARM_KEYS = {QUOTA_DEFERRED: "alarm_quota_deferred"}
+_ALARM_KEYS = {QUOTA_DEFERRED: "alarm_quota_deferred", OUTBOX_FULL: "alarm_outbox_full",
+               DISK_FULL: "alarm_disk_full", IDENTITY_CLASH: "alarm_identity_clash",
+               ACCESS_REFUSED: "alarm_access_refused"}
+# Alarms that carry a figure or an OS error: matched by how they start (edge.service words them).
+_ALARM_PREFIXES = (("oldest document waiting", "alarm_oldest_waiting"),
+                   ("cannot take scans", "alarm_cannot_take"))
 
 
 def alarm_text(lang: str, alarm: str) -> str:
-    key = _ALARM_KEYS.get(alarm)
+    key = _ALARM_KEYS.get(alarm) or next(
+        (k for prefix, k in _ALARM_PREFIXES if alarm.startswith(prefix)), None)
     return t(lang, key) if key is not None else alarm
 
 

@@ -58,3 +58,18 @@ def test_every_key_the_code_uses_exists() -> None:
     for key in ("step_received", "step_ocr", "step_sent", "step_archived", "state_stable", "state_packaged",
                 "state_sending", "state_delivered", "state_failed"):
         assert key in edge, key
+
+
+def test_every_alarm_reads_in_the_clerks_language() -> None:
+    """A clerk's page in Vietnamese shows no English alarm: each fixed alarm has its text, and the
+    worded ones (a figure, an OS error) are matched by how edge.service starts them."""
+    from edge import alarms  # noqa: PLC0415
+    from edge.clerk import alarm_text  # noqa: PLC0415
+
+    fixed = [v for k, v in vars(alarms).items() if k.isupper() and isinstance(v, str)]
+    worded = ["oldest document waiting 80 h (alarm after 72 h)", "cannot take scans: Permission denied"]
+    for alarm in [*fixed, *worded]:
+        for lang in ("vi", "en"):
+            assert alarm_text(lang, alarm) != alarm, (lang, alarm)
+    service = (ROOT / "edge" / "service.py").read_text(encoding="utf-8")
+    assert 'raise_(f"oldest document waiting' in service and 'raise_(f"cannot take scans:' in service
