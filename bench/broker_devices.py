@@ -56,6 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.mqttload import mqtt_string, puback_packet, publish_packet, subscribe_packet, varint
 from central.config import load_config
 from central.paths import CentralPaths
 from edge.config import UplinkConfig
@@ -77,23 +78,9 @@ RECEIVE_MAXIMUM = 64          # central/mqtt.py's MqttSettings.receive_maximum
 CONNECT, CONNACK, PUBLISH, PUBACK, SUBSCRIBE, SUBACK, PINGREQ, DISCONNECT = 1, 2, 3, 4, 8, 9, 12, 14
 
 
-# -- MQTT v5 packets (only what a device and a counting subscriber need) ------------------------------
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        digit, n = n % 128, n // 128
-        out.append(digit | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _str(value: str | bytes) -> bytes:
-    data = value.encode() if isinstance(value, str) else value
-    return len(data).to_bytes(2, "big") + data
-
-
+# -- MQTT v5 packets (only what a device and a counting subscriber need; the rest is bench.mqttload's) --
 def _props(body: bytes) -> bytes:
-    return _varint(len(body)) + body
+    return varint(len(body)) + body
 
 
 def connect_packet(client_id: str, username: str, password: str, *, clean_start: bool, keepalive: int,
@@ -103,27 +90,13 @@ def connect_packet(client_id: str, username: str, password: str, *, clean_start:
     props = b"\x11" + session_expiry.to_bytes(4, "big")                 # Session Expiry Interval
     if receive_maximum is not None:
         props += b"\x21" + receive_maximum.to_bytes(2, "big")           # Receive Maximum
-    payload = _str(client_id)
+    payload = mqtt_string(client_id)
     if will is not None:
         flags |= 0x04 | 0x08                                            # will, QoS 1, not retained
-        payload += _props(b"") + _str(will[0]) + _str(will[1])
-    payload += _str(username) + _str(password)
-    body = _str("MQTT") + bytes([5, flags]) + keepalive.to_bytes(2, "big") + _props(props) + payload
-    return bytes([CONNECT << 4]) + _varint(len(body)) + body
-
-
-def publish_packet(topic: str, payload: bytes, packet_id: int) -> bytes:
-    head = _str(topic) + packet_id.to_bytes(2, "big") + b"\x00"
-    return bytes([(PUBLISH << 4) | 0x02]) + _varint(len(head) + len(payload)) + head + payload
-
-
-def subscribe_packet(topic_filter: str, packet_id: int) -> bytes:
-    body = packet_id.to_bytes(2, "big") + b"\x00" + _str(topic_filter) + bytes([1])
-    return bytes([(SUBSCRIBE << 4) | 0x02]) + _varint(len(body)) + body
-
-
-def puback_packet(packet_id: int) -> bytes:
-    return bytes([PUBACK << 4, 2]) + packet_id.to_bytes(2, "big")
+        payload += _props(b"") + mqtt_string(will[0]) + mqtt_string(will[1])
+    payload += mqtt_string(username) + mqtt_string(password)
+    body = mqtt_string("MQTT") + bytes([5, flags]) + keepalive.to_bytes(2, "big") + _props(props) + payload
+    return bytes([CONNECT << 4]) + varint(len(body)) + body
 
 
 PINGREQ_PACKET = bytes([PINGREQ << 4, 0])

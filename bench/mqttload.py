@@ -52,7 +52,7 @@ class Result:
     errors: list[str] = field(default_factory=list)
 
 
-def _varint(n: int) -> bytes:
+def varint(n: int) -> bytes:
     out = bytearray()
     while True:
         digit, n = n % 128, n // 128
@@ -61,27 +61,27 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
-def _str(value: str | bytes) -> bytes:
+def mqtt_string(value: str | bytes) -> bytes:
     data = value.encode() if isinstance(value, str) else value
     return len(data).to_bytes(2, "big") + data
 
 
 def connect_packet(client_id: str, username: str, password: str) -> bytes:
     flags = 0x02 | 0x80 | 0x40   # clean start, username, password
-    variable = _str("MQTT") + bytes([5, flags]) + (60).to_bytes(2, "big") + b"\x00"
-    payload = _str(client_id) + _str(username) + _str(password)
+    variable = mqtt_string("MQTT") + bytes([5, flags]) + (60).to_bytes(2, "big") + b"\x00"
+    payload = mqtt_string(client_id) + mqtt_string(username) + mqtt_string(password)
     body = variable + payload
-    return bytes([CONNECT << 4]) + _varint(len(body)) + body
+    return bytes([CONNECT << 4]) + varint(len(body)) + body
 
 
 def publish_packet(topic: str, payload: bytes, packet_id: int) -> bytes:
-    head = _str(topic) + packet_id.to_bytes(2, "big") + b"\x00"
-    return bytes([(PUBLISH << 4) | 0x02]) + _varint(len(head) + len(payload)) + head + payload
+    head = mqtt_string(topic) + packet_id.to_bytes(2, "big") + b"\x00"
+    return bytes([(PUBLISH << 4) | 0x02]) + varint(len(head) + len(payload)) + head + payload
 
 
 def subscribe_packet(topic: str, packet_id: int) -> bytes:
-    body = packet_id.to_bytes(2, "big") + b"\x00" + _str(topic) + bytes([1])
-    return bytes([(SUBSCRIBE << 4) | 0x02]) + _varint(len(body)) + body
+    body = packet_id.to_bytes(2, "big") + b"\x00" + mqtt_string(topic) + bytes([1])
+    return bytes([(SUBSCRIBE << 4) | 0x02]) + varint(len(body)) + body
 
 
 def puback_packet(packet_id: int) -> bytes:
