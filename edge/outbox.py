@@ -384,7 +384,7 @@ class Outbox:
         self._db = db
         self.cap_bytes = cap_bytes
         self._clock = clock
-        self._durable = False
+        self._durable: bool | None = False   # the PRAGMA synchronous in force (None: not known)
         self._write_lock = asyncio.Lock()
 
     @classmethod
@@ -411,19 +411,22 @@ class Outbox:
     async def _write(self, *, durable: bool = False) -> AsyncIterator[aiosqlite.Connection]:
         # Several tasks share the one connection; a transaction spans awaits, so serialise them.
         async with self._write_lock:
-            if durable != self._durable:
-                await self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
-                self._durable = durable
-            await self._db.execute("BEGIN IMMEDIATE")
             try:
+                if durable != self._durable:
+                    await self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+                    self._durable = durable
+                await self._db.execute("BEGIN IMMEDIATE")
                 yield self._db
                 await self._db.execute("COMMIT")
             except BaseException:
-                # A COMMIT that fails with SQLITE_FULL may leave the transaction open; without the
-                # rollback every later BEGIN would fail ("within a transaction") after space is back.
-                if self._db.in_transaction:
-                    with contextlib.suppress(sqlite3.Error):   # aiosqlite.Error is sqlite3.Error
-                        await self._db.execute("ROLLBACK")
+                # Always roll back, whatever in_transaction says now: a task cancelled while awaiting
+                # BEGIN (the uplink's session ending) leaves the statement queued on aiosqlite's
+                # thread, where it still runs; a ROLLBACK queued behind it ends that transaction.
+                # A COMMIT that failed with SQLITE_FULL may also leave one open. With none open, the
+                # ROLLBACK's "no transaction is active" is expected.
+                self._durable = None   # unknown if the PRAGMA's await was the one cancelled
+                with contextlib.suppress(sqlite3.Error):   # aiosqlite.Error is sqlite3.Error
+                    await self._db.execute("ROLLBACK")
                 raise
 
     async def _change(self, tid: str, what: str, *, state: DocState | None = None, place: Place | None = None,

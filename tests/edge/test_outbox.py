@@ -429,3 +429,30 @@ async def test_a_version_2_outbox_gains_notices_in_place(tmp_path: Path) -> None
         await outbox.close()
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+
+
+async def test_a_write_cancelled_at_any_await_leaves_no_transaction_open(tmp_path: Path) -> None:
+    """The uplink's session ends with its task group: a task cancelled while its BEGIN (or COMMIT) is
+    still queued on aiosqlite's thread must not leave that transaction to the next writer, whose
+    ``PRAGMA synchronous`` then failed ("may not be changed inside a transaction") and took the
+    whole edge service down (seen in the broker/central kill test)."""
+    outbox = await Outbox.open(tmp_path / "outbox.db")
+    try:
+        cut_at = set()
+        for yields in range(12):   # cancel after 0, 1, 2… passes of the loop: each await in turn
+            task = asyncio.create_task(add(outbox, 100 + yields))
+            for _ in range(yields):
+                await asyncio.sleep(0)
+            task.cancel()
+            try:
+                await task
+                cut_at.add("finished")
+            except asyncio.CancelledError:
+                cut_at.add(yields)
+            tid = await add(outbox, yields)   # the next writer: durable, so it sets the PRAGMA again
+            await outbox.mark_packaged(tid, envelope_path=f"/outbox/{tid}.env", signed_header=b"\x00hdr",
+                                       ciphertext_size=500, segment_size=32768, pages=1)   # not durable
+            assert (await outbox.get(tid)) is not None
+        assert len(cut_at - {"finished"}) >= 3, cut_at   # the cancellations did land mid-write
+    finally:
+        await outbox.close()
