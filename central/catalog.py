@@ -317,18 +317,30 @@ def _v1_to_v2(conn: sqlite3.Connection) -> None:
             conn.execute(statement)
     conn.execute("INSERT INTO objects (sha256, size, media_type, stored_at)"
                  " SELECT sha256, size, media_type, received_at FROM documents")
-    documents = next(s for s in _statements(SCHEMA) if s.startswith("CREATE TABLE IF NOT EXISTS documents"))
-    conn.execute(documents.replace("IF NOT EXISTS documents", "documents_v2", 1))
-    conn.execute(
+    create = _schema_table("documents", "documents_v2")
+    _rebuild_table(conn, "documents", "documents_v2", create=create, copy=(
         "INSERT INTO documents_v2 (id, device, tid, seq, filename, sha256, captured_at, text_sha256, pages,"
         " received_at, text, metadata, package_sha256)"
         " SELECT id, device, tid, seq, filename, sha256,"
         " coalesce(json_extract(metadata, '$.captured_at'), received_at), sohoa_sha256(text), pages,"
-        " received_at, text, metadata, package_sha256 FROM documents")
-    conn.execute("DROP TABLE documents")
-    conn.execute("ALTER TABLE documents_v2 RENAME TO documents")
+        " received_at, text, metadata, package_sha256 FROM documents"))
+
+
+def _schema_table(table: str, renamed: str) -> str:
+    """``SCHEMA``'s CREATE TABLE for ``table``, creating it under another name."""
+    create = next(s for s in _statements(SCHEMA) if s.startswith(f"CREATE TABLE IF NOT EXISTS {table} "))
+    return create.replace(f"IF NOT EXISTS {table}", renamed, 1)
+
+
+def _rebuild_table(conn: sqlite3.Connection, table: str, temporary: str, *, create: str, copy: str) -> None:
+    """SQLite's table-rebuild recipe (ids kept): ``create`` makes ``temporary``, ``copy`` fills it from
+    ``table``; the old table goes, the new one takes its name and gets ``SCHEMA``'s indexes again."""
+    conn.execute(create)
+    conn.execute(copy)
+    conn.execute(f"DROP TABLE {table}")
+    conn.execute(f"ALTER TABLE {temporary} RENAME TO {table}")
     for statement in _statements(SCHEMA):
-        if statement.startswith("CREATE INDEX IF NOT EXISTS documents_"):
+        if statement.startswith(f"CREATE INDEX IF NOT EXISTS {table}_"):
             conn.execute(statement)
 
 
@@ -400,17 +412,11 @@ def _v4_to_v5(conn: sqlite3.Connection) -> None:
     """v5: documents may await their original (the table is rebuilt without the reference to
     ``objects``, ids kept, so every table and FTS row pointing at a document still does) and
     ``notices`` is new. Every existing document is 'stored'."""
-    conn.execute(DOCUMENTS_V5)
-    conn.execute(
+    _rebuild_table(conn, "documents", "documents_v5", create=DOCUMENTS_V5, copy=(
         "INSERT INTO documents_v5 (id, device, tid, seq, filename, sha256, captured_at, text_sha256, pages,"
         " received_at, text, metadata, package_sha256, state) SELECT id, device, tid, seq, filename, sha256,"
         " captured_at, text_sha256, pages, received_at, text, metadata, package_sha256, 'stored'"
-        " FROM documents")
-    conn.execute("DROP TABLE documents")
-    conn.execute("ALTER TABLE documents_v5 RENAME TO documents")
-    for statement in _statements(SCHEMA):
-        if statement.startswith("CREATE INDEX IF NOT EXISTS documents_"):
-            conn.execute(statement)
+        " FROM documents"))
     conn.execute("CREATE INDEX documents_awaiting ON documents (device) WHERE state = 'awaiting_original'")
     conn.execute(NOTICES)
 
@@ -427,15 +433,9 @@ def _v5_to_v6(conn: sqlite3.Connection) -> None:
     (table_sql,) = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'transfers'").fetchone()
     if "'expired'" in table_sql:
         return
-    transfers = next(s for s in _statements(SCHEMA) if s.startswith("CREATE TABLE IF NOT EXISTS transfers"))
-    conn.execute(transfers.replace("IF NOT EXISTS transfers", "transfers_v6", 1))
     names = ", ".join(r[1] for r in conn.execute("PRAGMA table_info(transfers)"))
-    conn.execute(f"INSERT INTO transfers_v6 ({names}) SELECT {names} FROM transfers")  # noqa: S608 - our columns
-    conn.execute("DROP TABLE transfers")
-    conn.execute("ALTER TABLE transfers_v6 RENAME TO transfers")
-    for statement in _statements(SCHEMA):
-        if statement.startswith("CREATE INDEX IF NOT EXISTS transfers_"):
-            conn.execute(statement)
+    _rebuild_table(conn, "transfers", "transfers_v6", create=_schema_table("transfers", "transfers_v6"),
+                   copy=f"INSERT INTO transfers_v6 ({names}) SELECT {names} FROM transfers")  # noqa: S608
 
 
 # user_version found → the step that brings the file to the next version.
