@@ -37,8 +37,11 @@ log = logging.getLogger("sohoa.central.catalog")
 # catalogued from its notice before its original is stored (``state`` 'awaiting_original', no object
 # yet, so ``documents.sha256`` no longer references ``objects``), and ``notices`` records each notice
 # taken. v6 (issue 7, hostile devices): per-device admission state on ``devices`` (init token
-# bucket, rejected-transfer budget) and the ``expired`` transfer state. See ``_MIGRATIONS``.
-SCHEMA_VERSION = 6
+# bucket, rejected-transfer budget) and the ``expired`` transfer state. v7 (a box replaced): a
+# device may name the revoked device it replaces (``devices.replaces``), so the originals the old box
+# announced in notices and never sent complete those arrivals when the new box sends them. See
+# ``_MIGRATIONS``.
+SCHEMA_VERSION = 7
 # ``SCHEMA`` below creates this version; a new catalog then runs the later steps like an old one.
 SCHEMA_BASE_VERSION = 3
 
@@ -60,6 +63,9 @@ CREATE TABLE IF NOT EXISTS devices (
     -- Admission (central.ingest.quota): the init token bucket and the rejected-transfer bucket, each a
     -- level and when it was computed (epoch seconds), and since when the device is over its budget of
     -- rejected transfers (NULL: within it; cleared by the reconciler after a clean window).
+    -- The revoked device this one replaces (``sohoa central enroll NEW --replaces OLD``): its
+    -- arrivals still awaiting their originals are completed by the same bytes sent by this one.
+    replaces          TEXT REFERENCES devices (id),
     init_tokens       REAL,
     init_tokens_at    REAL,
     strikes           REAL NOT NULL DEFAULT 0,
@@ -438,9 +444,18 @@ def _v5_to_v6(conn: sqlite3.Connection) -> None:
                    copy=f"INSERT INTO transfers_v6 ({names}) SELECT {names} FROM transfers")  # noqa: S608
 
 
+def _v6_to_v7(conn: sqlite3.Connection) -> None:
+    """v7: ``devices.replaces`` (a new catalog has it from ``SCHEMA``)."""
+    if "replaces" not in {r[1] for r in conn.execute("PRAGMA table_info(devices)")}:
+        conn.execute("ALTER TABLE devices ADD COLUMN replaces TEXT REFERENCES devices (id)")
+    # One successor per box: a replacement that fails is replaced in its turn (a chain, followed back).
+    conn.execute("CREATE UNIQUE INDEX IF NOT EXISTS devices_by_replaces ON devices (replaces)"
+                 " WHERE replaces IS NOT NULL")
+
+
 # user_version found → the step that brings the file to the next version.
 _MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
-    1: _v1_to_v2, 2: _v2_to_v3, 3: records_schema.v3_to_v4, 4: _v4_to_v5, 5: _v5_to_v6,
+    1: _v1_to_v2, 2: _v2_to_v3, 3: records_schema.v3_to_v4, 4: _v4_to_v5, 5: _v5_to_v6, 6: _v6_to_v7,
 }
 
 
@@ -457,9 +472,29 @@ class DeviceRecord:
     status: str
 
 
-def add_device(conn: sqlite3.Connection, device_id: str, verify_key: bytes) -> None:
-    conn.execute("INSERT INTO devices (id, verify_key, enrolled_at, status) VALUES (?, ?, ?, 'active')",
-                 (device_id, verify_key, utc_now()))
+def add_device(conn: sqlite3.Connection, device_id: str, verify_key: bytes, *,
+               replaces: str | None = None) -> None:
+    conn.execute("INSERT INTO devices (id, verify_key, enrolled_at, status, replaces)"
+                 " VALUES (?, ?, ?, 'active', ?)", (device_id, verify_key, utc_now(), replaces))
+
+
+# A replacement of a replacement: the chain is followed this far back (a loop cannot be made, since a
+# device names its predecessor when it is enrolled, but a bound keeps a hand-edited catalog harmless).
+MAX_REPLACED = 16
+
+
+def replaced_awaiting(conn: sqlite3.Connection, device: str, sha256: str) -> list[int]:
+    """Arrivals of the devices ``device`` replaces (directly or through earlier replacements) that
+    still await an original with these bytes: the new box has just sent it, so they are complete."""
+    rows = conn.execute(
+        "WITH RECURSIVE chain (id, depth) AS ("
+        " SELECT replaces, 1 FROM devices WHERE id = ? AND replaces IS NOT NULL"
+        " UNION SELECT d.replaces, c.depth + 1 FROM devices d JOIN chain c ON d.id = c.id"
+        "  WHERE d.replaces IS NOT NULL AND c.depth < ?)"
+        " SELECT doc.id FROM documents doc JOIN chain ON doc.device = chain.id"
+        " WHERE doc.sha256 = ? AND doc.state = 'awaiting_original' ORDER BY doc.id",
+        (device, MAX_REPLACED, sha256))
+    return [int(r[0]) for r in rows]
 
 
 def get_device(conn: sqlite3.Connection, device_id: str) -> DeviceRecord | None:
@@ -623,6 +658,11 @@ def fleet_summary(conn: sqlite3.Connection, *, today_since: str,
         " WHERE d.status = 'active' AND d.backlog_docs > 0 ORDER BY age DESC, d.id LIMIT 1").fetchone()
     docs_total = conn.execute(f"SELECT count(*) FROM documents WHERE {_STORED}").fetchone()[0]  # noqa: S608
     awaiting = conn.execute("SELECT count(*) FROM documents WHERE state = 'awaiting_original'").fetchone()[0]
+    # Of those, the ones whose box is revoked and replaced by none: nobody will send them.
+    stranded = conn.execute(
+        "SELECT count(*) FROM documents doc JOIN devices dv ON dv.id = doc.device"
+        " WHERE doc.state = 'awaiting_original' AND dv.status != 'active'"
+        " AND NOT EXISTS (SELECT 1 FROM devices r WHERE r.replaces = doc.device)").fetchone()[0]
     objects_total, bytes_stored = conn.execute(
         "SELECT count(*), coalesce(sum(size), 0) FROM objects").fetchone()
     docs_today = conn.execute(f"SELECT count(*) FROM documents WHERE {_STORED} AND received_at >= ?",  # noqa: S608
@@ -637,7 +677,9 @@ def fleet_summary(conn: sqlite3.Connection, *, today_since: str,
         "documents": {"total": int(docs_total), "objects": int(objects_total), "bytes": int(bytes_stored),
                       "today": int(docs_today), "today_since": today_since,
                       # Catalogued from their notices, searchable, not archived: originals on their way.
-                      "awaiting_original": int(awaiting)},
+                      "awaiting_original": int(awaiting),
+                      # ... of which their box was revoked and not replaced: the operator must act.
+                      "awaiting_from_revoked": int(stranded)},
     }
 
 
@@ -1162,8 +1204,14 @@ def fts_query(q: str) -> str | None:
 _SUMMARY = ("d.id, d.device, d.filename, d.sha256,"
             " coalesce(o.size, json_extract(d.metadata, '$.original_size')) AS size, d.pages,"
             " coalesce(o.media_type, json_extract(d.metadata, '$.media_type')) AS media_type, d.captured_at,"
-            " d.received_at, d.state")
-_WITH_OBJECT = "LEFT JOIN objects o ON o.sha256 = d.sha256 AND d.state = 'stored'"
+            " d.received_at, d.state,"
+            # Why an original has not come: on its way, or its box revoked (replaced by a box that
+            # will send it when its held scans are retried, or not replaced: the operator must act).
+            " CASE WHEN d.state != 'awaiting_original' THEN NULL WHEN dv.status = 'active' THEN 'on_its_way'"
+            "  WHEN EXISTS (SELECT 1 FROM devices r WHERE r.replaces = d.device) THEN 'box_replaced'"
+            "  ELSE 'box_revoked' END AS awaiting_reason")
+_WITH_OBJECT = ("LEFT JOIN objects o ON o.sha256 = d.sha256 AND d.state = 'stored'"
+                " LEFT JOIN devices dv ON dv.id = d.device AND d.state = 'awaiting_original'")
 # Archived arrivals: what counts and totals count (one awaiting its original is not archived yet).
 _STORED = "state = 'stored'"
 
@@ -1171,7 +1219,8 @@ _STORED = "state = 'stored'"
 def _summary(row: sqlite3.Row) -> dict[str, Any]:
     return {"id": row["id"], "device": row["device"], "filename": row["filename"], "sha256": row["sha256"],
             "size": row["size"], "pages": row["pages"], "media_type": row["media_type"],
-            "captured_at": row["captured_at"], "received_at": row["received_at"], "state": row["state"]}
+            "captured_at": row["captured_at"], "received_at": row["received_at"], "state": row["state"],
+            "awaiting_reason": row["awaiting_reason"]}
 
 
 def search_documents(conn: sqlite3.Connection, *, device: str | None = None, q: str | None = None,
@@ -1379,6 +1428,8 @@ def device_detail(conn: sqlite3.Connection, device_id: str, *, now: datetime | N
     documents_total = conn.execute(f"SELECT count(*) FROM documents WHERE device = ? AND {_STORED}",  # noqa: S608
                                    (device_id,)).fetchone()[0]
     documents_awaiting = awaiting_load(conn, device_id)[0]
+    replaced_by = conn.execute("SELECT id FROM devices WHERE replaces = ?", (device_id,)).fetchone()
+    replaces = conn.execute("SELECT replaces FROM devices WHERE id = ?", (device_id,)).fetchone()[0]
     return {
         "id": row["id"], "status": row["status"], "enrolled_at": row["enrolled_at"],
         "online": bool(row["online"]), "last_seen": row["last_seen"], "backlog_docs": row["backlog_docs"],
@@ -1389,6 +1440,7 @@ def device_detail(conn: sqlite3.Connection, device_id: str, *, now: datetime | N
                            if row["possible_clone_since"] else None),
         "health": _health(row["status_json"]), "documents_total": int(documents_total),
         "documents_awaiting_original": documents_awaiting,
+        "replaces": replaces, "replaced_by": replaced_by[0] if replaced_by else None,
         "history": history, "recent_documents": documents, "recent_errors": errors,
     }
 

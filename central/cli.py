@@ -59,8 +59,9 @@ def _init(args: argparse.Namespace) -> int:
 def _enroll(args: argparse.Namespace) -> int:
     from central import commands
     if args.from_csv is not None:
-        if args.device_id is not None or args.out is not None or args.out_dir is None:
-            raise CentralError("--from takes --out-dir DIR, and no DEVICE_ID or --out",
+        if args.device_id is not None or args.out is not None or args.out_dir is None or args.replaces:
+            raise CentralError("--from takes --out-dir DIR, and no DEVICE_ID, --out or --replaces (a "
+                               "replaces column in the CSV instead)",
                                hint="sohoa central enroll --from devices.csv --out-dir bundles/ --home DIR")
         args.out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         devices = commands.read_enrollment_csv(args.from_csv, args.out_dir)
@@ -70,8 +71,9 @@ def _enroll(args: argparse.Namespace) -> int:
     if args.device_id is None or args.out is None:
         raise CentralError("give DEVICE_ID and --out FILE, or --from devices.csv --out-dir DIR",
                            hint="sohoa central enroll xa-tan-trao --out xa-tan-trao.toml --home DIR")
-    commands.enroll(args.home, args.device_id, args.out)
-    print(f"enrolled {args.device_id}; bundle (secret, 0600) written to {args.out}")
+    commands.enroll(args.home, args.device_id, args.out, replaces=args.replaces)
+    print(f"enrolled {args.device_id}{f' (replaces {args.replaces})' if args.replaces else ''}; "
+          f"bundle (secret, 0600) written to {args.out}")
     return 0
 
 
@@ -82,6 +84,12 @@ def _revoke(args: argparse.Namespace) -> int:
     broker = (f"broker (pid {result.broker_pid}) reloaded: live session cut" if result.broker_pid
               else "no running broker found: SIGHUP your broker so the live session is cut")
     print(f"{args.device_id} {state}; {broker}")
+    if result.awaiting_originals:
+        # The box announced these and never sent them: only it (re-enrolled as its own replacement)
+        # or a new scan of the paper can bring them.
+        print(f"{result.awaiting_originals} document(s) it announced still lack their original; enroll the "
+              f"box again with `sohoa central enroll NEW --replaces {args.device_id}` and run "
+              "`sohoa edge retry --all` on it, or have the commune scan them again")
     return 0
 
 
@@ -235,6 +243,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                         help="enroll every device of a CSV file (a device_id column, or ids in the first "
                              "column): all or none, one broker reload")
     enroll.add_argument("--out-dir", type=Path, metavar="DIR", help="with --from: DIR/<device_id>.toml each")
+    enroll.add_argument("--replaces", metavar="OLD_ID",
+                        help="this box replaces the revoked device OLD_ID: the originals OLD_ID announced "
+                             "and never sent complete its documents when this box sends them (in a CSV: "
+                             "a replaces column)")
     enroll.set_defaults(func=_guard(_enroll))
 
     revoke = sub.add_parser("revoke", help="revoke a device: refuse its envelopes and cut its broker session",

@@ -163,14 +163,22 @@ def default_device_url(central: HostPort) -> str:
     return f"mqtt://{host}:{central.port + 1}"
 
 
-def enroll(home: Path, device_id: str, out: Path) -> None:
+@dataclass(frozen=True, slots=True)
+class Enrollment:
+    device_id: str
+    out: Path                     # where its secret bundle is written (0600)
+    replaces: str | None = None   # the revoked device this box replaces (its held scans come from it)
+
+
+def enroll(home: Path, device_id: str, out: Path, *, replaces: str | None = None) -> None:
     """Enroll a device: signing key, catalog row, broker account (live), and its 0600 bundle."""
-    enroll_many(home, [(device_id, out)])
+    enroll_many(home, [Enrollment(device_id, out, replaces)])
 
 
-def read_enrollment_csv(path: Path, out_dir: Path) -> list[tuple[str, Path]]:
-    """``devices.csv`` → (device id, bundle path) pairs: a ``device_id`` column (other columns, such as
-    a commune's name for the inventory, are ignored), or ids in the first column without a header."""
+def read_enrollment_csv(path: Path, out_dir: Path) -> list[Enrollment]:
+    """``devices.csv`` → enrolments: a ``device_id`` column (and optionally ``replaces``, the revoked
+    device a box replaces; other columns, such as a commune's name for the inventory, are ignored), or
+    ids in the first column without a header."""
     with path.open(newline="", encoding="utf-8-sig") as handle:
         rows = [row for row in csv.reader(handle) if row and any(cell.strip() for cell in row)]
     if not rows:
@@ -178,17 +186,46 @@ def read_enrollment_csv(path: Path, out_dir: Path) -> list[tuple[str, Path]]:
     header = [cell.strip().lower() for cell in rows[0]]
     column = header.index("device_id") if "device_id" in header else 0
     body = rows[1:] if "device_id" in header else rows
-    ids = [row[column].strip() if column < len(row) else "" for row in body]
-    return [(device_id, out_dir / f"{device_id}.toml") for device_id in ids]
+    old = header.index("replaces") if "device_id" in header and "replaces" in header else None
+
+    def cell(row: list[str], at: int | None) -> str:
+        return row[at].strip() if at is not None and at < len(row) else ""
+
+    return [Enrollment(cell(row, column), out_dir / f"{cell(row, column)}.toml", cell(row, old) or None)
+            for row in body]
 
 
-def enroll_many(home: Path, devices: list[tuple[str, Path]]) -> None:
+def _check_replacements(conn: sqlite3.Connection, devices: list[Enrollment]) -> None:
+    """A box replaces a device that exists, is revoked (its identity must never send again: the
+    replacement sends what it held) and is not already replaced; one replacement per device."""
+    claimed: set[str] = set()
+    for item in devices:
+        old = item.replaces
+        if old is None:
+            continue
+        if old == item.device_id or old in claimed:
+            raise EnrollError(f"device {old!r} cannot be replaced twice (or by itself)")
+        claimed.add(old)
+        record = catalog.get_device(conn, old)
+        if record is None:
+            raise EnrollError(f"{item.device_id!r} replaces {old!r}, which is not an enrolled device")
+        if record.status == "active":
+            raise EnrollError(f"{item.device_id!r} replaces {old!r}, which is still active",
+                              hint=f"revoke it first: sohoa central revoke {old} --home DIR")
+        successor = conn.execute("SELECT id FROM devices WHERE replaces = ?", (old,)).fetchone()
+        if successor is not None:
+            raise EnrollError(f"device {old!r} is already replaced by {successor[0]!r}",
+                              hint=f"replace {successor[0]} instead (the chain is followed back)")
+
+
+def enroll_many(home: Path, devices: list[Enrollment]) -> None:
     """Enroll devices together: every id is checked first (nothing is written if one is bad), then
     one catalog transaction, one password-file rewrite and one broker reload for all of them."""
     config = load_config(home)
     paths = config.paths
     seen: set[str] = set()
-    for device_id, _ in devices:
+    for item in devices:
+        device_id = item.device_id
         try:
             check_device_id(device_id)
         except DecodeError as exc:
@@ -202,14 +239,17 @@ def enroll_many(home: Path, devices: list[tuple[str, Path]]) -> None:
     keys = load_keys(paths)
     ca = tls.ca_pem(paths) if config.broker.device_tls else None   # public: lets the box check the broker
     made: list[tuple[str, Path, nacl.signing.SigningKey, str]] = [
-        (device_id, out, nacl.signing.SigningKey.generate(), secrets.token_urlsafe(32))
-        for device_id, out in devices]
+        (item.device_id, item.out, nacl.signing.SigningKey.generate(), secrets.token_urlsafe(32))
+        for item in devices]
+    replaces = {item.device_id: item.replaces for item in devices}
     conn = catalog.connect(paths.catalog)
     try:
         conn.execute("BEGIN IMMEDIATE")
+        _check_replacements(conn, devices)
         for device_id, _, signing_key, _ in made:
             try:
-                catalog.add_device(conn, device_id, bytes(signing_key.verify_key))
+                catalog.add_device(conn, device_id, bytes(signing_key.verify_key),
+                                   replaces=replaces[device_id])
             except sqlite3.IntegrityError as exc:
                 raise EnrollError(f"device {device_id!r} is already enrolled") from exc
         # Bundles first, then broker accounts, then commit: a failure leaves no half-enrolled device.
@@ -231,7 +271,7 @@ def enroll_many(home: Path, devices: list[tuple[str, Path]]) -> None:
 
         def add_all(db: Any) -> None:
             for device_id, _, signing_key, _ in made:
-                db.add_device(device_id, bytes(signing_key.verify_key))
+                db.add_device(device_id, bytes(signing_key.verify_key), replaces=replaces[device_id])
 
         _on_ingest_catalog(config, add_all)
         conn.commit()
@@ -260,6 +300,7 @@ class Revoked:
     device_id: str
     was_active: bool            # False: it was already revoked (the broker side is re-applied anyway)
     broker_pid: int | None      # the broker that was told to reload; None if none was found running
+    awaiting_originals: int = 0  # its arrivals catalogued from notices whose originals never came
 
 
 def revoke(home: Path, device_id: str, *, actor: str = "cli") -> Revoked:
@@ -275,12 +316,13 @@ def revoke(home: Path, device_id: str, *, actor: str = "cli") -> Revoked:
         if device is None:
             raise DeviceError(f"no enrolled device {device_id!r}")
         catalog.set_device_status(conn, device_id, "revoked")
+        awaiting = catalog.awaiting_load(conn, device_id)[0]
         catalog.add_audit(conn, actor=actor, action="revoke_device", target=device_id)
         _on_ingest_catalog(load_config(home), lambda db: db.set_device_status(device_id, "revoked"))
     remove_user(paths, device_id)
     pid = reload_broker(paths)
     log.info("revoked %s%s", device_id, f"; broker {pid} reloaded" if pid else "; no running broker found")
-    return Revoked(device_id, device.status == "active", pid)
+    return Revoked(device_id, device.status == "active", pid, awaiting)
 
 
 @dataclass(frozen=True, slots=True)

@@ -407,7 +407,8 @@ async def _device_command(request: web.Request, command: Callable[..., _T]) -> t
 async def revoke_device(request: web.Request) -> web.Response:
     device_id, result = await _device_command(request, commands.revoke)
     return web.json_response({"device": device_id, "status": "revoked", "was_active": result.was_active,
-                              "broker_reloaded": result.broker_pid is not None})
+                              "broker_reloaded": result.broker_pid is not None,
+                              "awaiting_originals": result.awaiting_originals})
 
 
 async def clear_clone(request: web.Request) -> web.Response:

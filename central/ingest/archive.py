@@ -228,6 +228,15 @@ class Archiver:
             # The package names this transfer (tid, seq): never the stored arrival's own package.
             with contextlib.suppress(FileNotFoundError):
                 self._store.path_for(result.package_sha256).unlink()
+        for announced in db.replaced_awaiting(device, sha):
+            # The revoked box this one replaces announced these bytes and never sent them: they are
+            # here now, so its arrival gives way to this one (its notice and corrections move too).
+            db.drop_awaiting_document(announced, successor=document_id)
+            db.add_fixity(event="replaced_box_completed", device=device, tid=tid, at=stored_at,
+                          document_id=document_id, original_sha256=sha,
+                          detail=json.dumps({"announced_document_id": announced}))
+            log.info("document %d announced by the box %s replaces is completed by %s as document %d",
+                     announced, device, tid, document_id)
         if duplicate and result.put is not Put.KEPT:
             previous = "missing" if result.put is Put.STORED else "damaged"
             log.warning("object %s was %s; repaired from %s (document %d)", sha, previous, tid, document_id)

@@ -27,6 +27,7 @@ from typing import Any
 import psycopg
 
 from central.catalog import (
+    MAX_REPLACED,
     ArrivalKey,
     AwaitingDocument,
     DeviceLoad,
@@ -43,7 +44,7 @@ from protocol.names import fold
 from protocol.ranges import RangeSet
 from protocol.transfer import HeldSegment
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _V1 = """
 CREATE EXTENSION IF NOT EXISTS unaccent;
@@ -111,8 +112,14 @@ ALTER TABLE transfers ADD CONSTRAINT transfers_state_check
 CREATE INDEX transfers_by_device ON transfers (device, state);
 """
 
+# v4: the revoked device a device replaces (central.catalog v7).
+_V4 = """
+ALTER TABLE devices ADD COLUMN replaces text REFERENCES devices (id);
+CREATE UNIQUE INDEX devices_by_replaces ON devices (replaces) WHERE replaces IS NOT NULL;
+"""
+
 # schema version found → the SQL that brings it to the next one.
-_MIGRATIONS: dict[int, str] = {0: _V1, 1: _V2, 2: _V3}
+_MIGRATIONS: dict[int, str] = {0: _V1, 1: _V2, 2: _V3, 3: _V4}
 
 
 def connect(url: str, *, ensure_schema: bool = False) -> psycopg.Connection[Any]:
@@ -175,9 +182,9 @@ class PostgresIngestStore:
         return int(self.conn.execute(sql, params).rowcount)
 
     # -- devices ----------------------------------------------------------------------------------
-    def add_device(self, device_id: str, verify_key: bytes) -> None:
-        self._run("INSERT INTO devices (id, verify_key, enrolled_at, status) VALUES (%s, %s, %s, 'active')",
-                  (device_id, verify_key, utc_now()))
+    def add_device(self, device_id: str, verify_key: bytes, *, replaces: str | None = None) -> None:
+        self._run("INSERT INTO devices (id, verify_key, enrolled_at, status, replaces)"
+                  " VALUES (%s, %s, %s, 'active', %s)", (device_id, verify_key, utc_now(), replaces))
 
     def get_device(self, device_id: str) -> DeviceRecord | None:
         row = self._one("SELECT id, verify_key, status FROM devices WHERE id = %s", (device_id,))
@@ -432,6 +439,17 @@ class PostgresIngestStore:
             (doc.filename, doc.sha256, doc.captured_at, doc.key.text_sha256, doc.pages, doc.received_at,
              doc.text, doc.metadata, doc.package_sha256, folded_name, f"{folded_name} {fold(doc.text)}",
              doc_id))
+
+    def replaced_awaiting(self, device: str, sha256: str) -> list[int]:
+        rows = self.conn.execute(
+            "WITH RECURSIVE chain (id, depth) AS ("
+            " SELECT replaces, 1 FROM devices WHERE id = %s AND replaces IS NOT NULL"
+            " UNION SELECT d.replaces, c.depth + 1 FROM devices d JOIN chain c ON d.id = c.id"
+            "  WHERE d.replaces IS NOT NULL AND c.depth < %s)"
+            " SELECT doc.id FROM documents doc JOIN chain ON doc.device = chain.id"
+            " WHERE doc.sha256 = %s AND doc.state = 'awaiting_original' ORDER BY doc.id",
+            (device, MAX_REPLACED, sha256)).fetchall()
+        return [int(r[0]) for r in rows]
 
     def drop_awaiting_document(self, doc_id: int, *, successor: int) -> None:
         # Corrections are not in PostgreSQL yet (the HTTP side reads SQLite): only the notice moves.

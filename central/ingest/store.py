@@ -100,12 +100,13 @@ class IngestStore(Protocol):
                           doc_id: int | None = None) -> AwaitingDocument | None: ...
     def complete_document(self, doc_id: int, doc: NewDocument) -> None: ...
     def drop_awaiting_document(self, doc_id: int, *, successor: int) -> None: ...
+    def replaced_awaiting(self, device: str, sha256: str) -> list[int]: ...
 
 
 class AdminStore(IngestStore, Protocol):
     """What enrolment, revocation and search need besides (every backend has them too)."""
 
-    def add_device(self, device_id: str, verify_key: bytes) -> None: ...
+    def add_device(self, device_id: str, verify_key: bytes, *, replaces: str | None = None) -> None: ...
     def set_device_status(self, device_id: str, status: str) -> bool: ...
     def search(self, q: str, *, device: str | None = None, limit: int = 100) -> list[int]: ...
 
@@ -245,8 +246,11 @@ class SqliteIngestStore:
     def drop_awaiting_document(self, doc_id: int, *, successor: int) -> None:
         catalog.drop_awaiting_document(self.conn, doc_id, successor=successor)
 
-    def add_device(self, device_id: str, verify_key: bytes) -> None:
-        catalog.add_device(self.conn, device_id, verify_key)
+    def add_device(self, device_id: str, verify_key: bytes, *, replaces: str | None = None) -> None:
+        catalog.add_device(self.conn, device_id, verify_key, replaces=replaces)
+
+    def replaced_awaiting(self, device: str, sha256: str) -> list[int]:
+        return catalog.replaced_awaiting(self.conn, device, sha256)
 
     def set_device_status(self, device_id: str, status: str) -> bool:
         return catalog.set_device_status(self.conn, device_id, status)

@@ -16,6 +16,16 @@ function t(key, params) {
   for (const [name, value] of Object.entries(params || {})) text = text.split("{" + name + "}").join(String(value));
   return text;
 }
+
+// Why a document's original has not come (GET /api/documents: awaiting_reason): on its way over the
+// commune's link, or its box was revoked — replaced by a box that sends it once its held scans are
+// retried, or not replaced, so someone must fetch the box or the paper.
+function awaitingKey(doc) {
+  if (doc.awaiting_reason === "box_revoked") return "awaiting_box_revoked";
+  if (doc.awaiting_reason === "box_replaced") return "awaiting_box_replaced";
+  return "awaiting_original";
+}
+
 const locale = () => (lang === "vi" ? "vi-VN" : "en-GB");
 const number = (n) => new Intl.NumberFormat(locale()).format(n);
 
@@ -179,7 +189,11 @@ async function loadFleet() {
     stat(t("stat_oldest"), duration(b.oldest_age_s), "", b.oldest_device || null),
     stat(t("stat_today"), number(f.documents.today)),
     stat(t("stat_total"), number(f.documents.total), "",
-         t("stat_total_note", { objects: number(f.documents.objects), bytes: bytes(f.documents.bytes) })));
+         t("stat_total_note", { objects: number(f.documents.objects), bytes: bytes(f.documents.bytes) })),
+    // Catalogued from a notice of a box revoked and not replaced: nobody will send those originals.
+    f.documents.awaiting_from_revoked
+      ? stat(t("stat_awaiting_revoked"), number(f.documents.awaiting_from_revoked), "bad", t("stat_awaiting_revoked_note"))
+      : null);
   document.getElementById("fleet").replaceWith(list);
 }
 
@@ -266,7 +280,7 @@ async function loadDocuments() {
       el("div", { class: "meta" }, t("doc_from", { device: doc.device }), " · ", t("doc_pages", { pages: doc.pages }),
          " · ", bytes(doc.size), " · ", t("doc_received", { time: whenAgo(doc.received_at) }),
          doc.state === "awaiting_original" ? " · " : null,
-         doc.state === "awaiting_original" ? el("span", { class: "badge awaiting" }, t("awaiting_original")) : null),
+         doc.state === "awaiting_original" ? el("span", { class: "badge awaiting" }, t(awaitingKey(doc))) : null),
       doc.snippet ? el("p", { class: "snippet" }, ...segments(doc.snippet)) : null));
   }
   if (!rows.length) list.append(el("li", {}, t("no_documents")));
@@ -415,6 +429,9 @@ async function renderDevicePage(main, id) {
            [t("h_oldest"), d.backlog_docs ? duration(d.oldest_age_s) : ""],
            [t("h_last_receipt"), whenAgo(d.last_receipt)],
            [t("h_documents"), number(d.documents_total)],
+           [t("h_awaiting"), d.documents_awaiting_original ? number(d.documents_awaiting_original) : ""],
+           [t("h_replaces"), d.replaces ? el("a", { href: "/devices/" + encodeURIComponent(d.replaces) }, d.replaces) : ""],
+           [t("h_replaced_by"), d.replaced_by ? el("a", { href: "/devices/" + encodeURIComponent(d.replaced_by) }, d.replaced_by) : ""],
            [t("h_disk_free"), hl.disk_free_bytes === undefined ? "" : bytes(hl.disk_free_bytes), { id: "disk-free" }],
            [t("h_failed"), hl.failed_docs === undefined ? "" : number(hl.failed_docs)],
            [t("h_version"), hl.version],
@@ -451,7 +468,7 @@ async function renderDocumentPage(main, id) {
   const archival = doc.archival ? t("archival_" + doc.archival.state) : null;
   // Catalogued from the text the box sent ahead: searchable, but no original (no preview, no download) yet.
   const awaiting = doc.state === "awaiting_original";
-  let preview = el("p", { class: "muted", id: "preview" }, t("awaiting_original"));
+  let preview = el("p", { class: "muted", id: "preview" }, t(awaitingKey(doc)));
   if (!awaiting) {
     const image = el("img", { class: "preview", id: "preview", src: "/api/documents/" + doc.id + "/preview",
                               alt: t("preview_alt", { name: doc.filename }), width: 700, height: 990 });
@@ -460,8 +477,8 @@ async function renderDocumentPage(main, id) {
     preview = image;
   }
   const download = awaiting
-    ? el("p", { id: "awaiting", class: "notice" }, el("span", { class: "badge awaiting" }, t("awaiting_original")), " ",
-         t("awaiting_original_note"))
+    ? el("p", { id: "awaiting", class: "notice" }, el("span", { class: "badge awaiting" }, t(awaitingKey(doc))), " ",
+         t(awaitingKey(doc) + "_note"))
     : doc.can_download
     ? el("p", {}, el("a", { class: "button", id: "download", href: "/api/documents/" + doc.id + "/original", download: doc.filename },
                      t("download")), " ", el("small", { class: "muted" }, t("download_note")))

@@ -133,3 +133,35 @@ def test_bulk_enrollment_from_a_csv_is_all_or_none_and_fast(tmp_path: Path) -> N
     reserved.write_text("device_id\nsohoa-central-w1\n", encoding="utf-8")
     assert _cli("central", "enroll", "--from", str(reserved), "--out-dir", str(out),
                 "--home", str(home)) == 65
+
+
+def test_a_replacement_names_a_revoked_device_once(tmp_path: Path) -> None:
+    """`enroll NEW --replaces OLD` (or a replaces column): OLD must exist, be revoked (its identity
+    never sends again) and not be replaced already; a refused row enrolls nothing."""
+    home = tmp_path / "home"
+    assert _cli("central", "init", "--home", str(home), "--broker", f"mqtt://127.0.0.1:{free_port()}",
+                "--http", "127.0.0.1:0") == 0
+
+    def enroll(device: str, *extra: str) -> int:
+        return _cli("central", "enroll", device, "--home", str(home),
+                    "--out", str(tmp_path / f"{device}.toml"), *extra)
+
+    assert enroll("xa-cu") == 0
+    assert enroll("xa-moi", "--replaces", "xa-cu") == 65            # still active: revoke it first
+    assert enroll("xa-moi", "--replaces", "xa-khong-co") == 65      # no such device
+    assert _cli("central", "revoke", "xa-cu", "--home", str(home)) == 0
+    assert enroll("xa-moi", "--replaces", "xa-cu") == 0
+    assert enroll("xa-moi-2", "--replaces", "xa-cu") == 65          # already replaced by xa-moi
+    table = tmp_path / "devices.csv"
+    table.write_text("device_id,replaces\nxa-moi-3,\nxa-moi-4,xa-cu\n", encoding="utf-8")
+    assert _cli("central", "enroll", "--from", str(table), "--out-dir", str(tmp_path / "b"),
+                "--home", str(home)) == 65
+    conn = catalog.connect(load_config(home).paths.catalog, readonly=True)
+    rows = dict(conn.execute("SELECT id, replaces FROM devices").fetchall())
+    assert rows == {"xa-cu": None, "xa-moi": "xa-cu"}
+    assert "xa-moi-3" not in broker_config.read_users(load_config(home).paths)
+    table.write_text("device_id,replaces,commune\nxa-moi-3,,Xã Kim Bình\nxa-moi-4,,Xã Trung Yên\n",
+                     encoding="utf-8")
+    assert _cli("central", "enroll", "--from", str(table), "--out-dir", str(tmp_path / "b"),
+                "--home", str(home)) == 0
+    assert conn.execute("SELECT count(*) FROM devices WHERE replaces IS NULL").fetchone()[0] == 3

@@ -246,7 +246,7 @@ def test_a_v1_catalog_migrates_in_place(tmp_path: Path) -> None:
     v1.close()
 
     conn = catalog.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == catalog.SCHEMA_VERSION == 6
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == catalog.SCHEMA_VERSION == 7
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
     doc = catalog.get_document(conn, 2)
@@ -257,6 +257,7 @@ def test_a_v1_catalog_migrates_in_place(tmp_path: Path) -> None:
     assert conn.execute("SELECT count(*) FROM objects").fetchone()[0] == 2
     assert catalog.get_device(conn, "xa-tan-trao") is not None
     assert catalog.possible_clone(conn, "xa-tan-trao") is None
+    assert catalog.replaced_awaiting(conn, "xa-tan-trao", "0" * 64) == []   # v7: nothing replaced
     conn.close()
     # Opening it again is a no-op; a catalog from a newer sohoa is refused, not guessed at.
     catalog.connect(path).close()

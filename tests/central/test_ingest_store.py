@@ -295,6 +295,31 @@ def test_arrivals_awaiting_their_original(transaction: Transaction) -> None:
         assert db.search("khac") == [] and db.awaiting_load("xa-tan-trao") == (0, 0)
 
 
+def test_a_replacement_finds_what_the_boxes_it_replaces_announced(transaction: Transaction) -> None:
+    """Through a chain of replacements (a replacement that failed in its turn), and only the bytes the
+    new box sent, only while they still await their original, and never another commune's."""
+    content = b"the scan the stolen box announced"
+    with transaction() as db:
+        for device, replaces in (("xa-a", None), ("xa-b", None), ("xa-a-2", "xa-a"), ("xa-a-3", "xa-a-2")):
+            db.add_device(device, b"k" * 32, replaces=replaces)
+        first = db.insert_document(_document("xa-a", "a" * 32, 1, content, "Quyết định.pdf", "x"),
+                                   awaiting=True)
+        middle = db.insert_document(_document("xa-a-2", "b" * 32, 1, content, "Quyết định.pdf", "x"),
+                                    awaiting=True)
+        other = db.insert_document(_document("xa-a", "c" * 32, 2, b"other", "Khác.pdf", "y"), awaiting=True)
+        elsewhere = db.insert_document(_document("xa-b", "d" * 32, 1, content, "Quyết định.pdf", "x"),
+                                       awaiting=True)
+    sha = hashlib.sha256(content).hexdigest()
+    with transaction() as db:
+        assert db.replaced_awaiting("xa-a-3", sha) == [first, middle]
+        assert db.replaced_awaiting("xa-a-2", sha) == [first]
+        assert db.replaced_awaiting("xa-a", sha) == [] and db.replaced_awaiting("xa-b", sha) == []
+        assert db.replaced_awaiting("xa-a-3", hashlib.sha256(b"other").hexdigest()) == [other]
+        assert elsewhere not in db.replaced_awaiting("xa-a-3", sha)
+        db.complete_document(first, _document("xa-a", "a" * 32, 1, content, "Quyết định.pdf", "x"))
+        assert db.replaced_awaiting("xa-a-3", sha) == [middle]
+
+
 def test_transfers_whose_journal_is_lost_start_again_from_zero(transaction: Transaction) -> None:
     lost, kept = "journal-central-00000000-00000001.log", "journal-central-00000000-00000002.log"
     with transaction() as db:

@@ -177,6 +177,74 @@ async def test_a_revoked_box_tells_the_clerk_and_its_unsent_scans_come_back_afte
         assert await wait_until(all_in, within=60), await service.outbox.stats()
 
 
+async def test_a_replaced_box_completes_what_the_old_one_announced_once_not_twice(
+        deployment: Deployment, tmp_path: Path) -> None:
+    """With progressive sync central catalogues a scan from its notice before the original arrives.
+    If the box is revoked then, those documents can only be completed by the same box's held scans,
+    sent again under a new identity. The operator must see that nobody will send them (revoked, not
+    replaced), then that the replacement will; and once it has, each scan is one stored document:
+    the old box's announcement gives way to the replacement's arrival instead of staying "awaiting"
+    forever beside it."""
+    sources = make_documents(tmp_path / "src", 3, seed=43, side=300)
+    cfg = deployment.edge_config()
+    slow = dataclasses.replace(cfg, uplink=dataclasses.replace(cfg.uplink, rate_kbit=16))
+
+    async def documents() -> list[dict[str, object]]:
+        docs = await deployment.get_json("/api/documents")
+        assert isinstance(docs, list)
+        return docs
+
+    async with running(deployment, ocr_engine=FakeOcrEngine(), edge_config=slow):
+        for name in sorted(sources):
+            (cfg.watch_dir / name).write_bytes((tmp_path / "src" / name).read_bytes())
+
+        async def announced() -> bool:
+            docs = await documents()
+            return len(docs) == 3 and any(d["state"] == "awaiting_original" for d in docs)
+
+        assert await wait_until(announced, within=60), await documents()
+        revoked = await asyncio.to_thread(central_commands.revoke, deployment.central_home, DEVICE)
+        docs = await documents()
+        waiting = {int(str(d["id"])) for d in docs if d["state"] == "awaiting_original"}
+        assert waiting and revoked.awaiting_originals == len(waiting)
+        assert {d["awaiting_reason"] for d in docs if d["state"] == "awaiting_original"} == {"box_revoked"}
+        fleet = await deployment.get_json("/api/fleet")
+        assert isinstance(fleet, dict) and fleet["documents"]["awaiting_from_revoked"] == len(waiting)
+
+        bundle = tmp_path / "new-bundle.toml"
+        await asyncio.to_thread(central_commands.enroll, deployment.central_home, "xa-tan-trao-2", bundle,
+                                replaces=DEVICE)
+        docs = await documents()
+        assert {d["awaiting_reason"] for d in docs if d["state"] == "awaiting_original"} == {"box_replaced"}
+        fleet = await deployment.get_json("/api/fleet")
+        assert isinstance(fleet, dict) and fleet["documents"]["awaiting_from_revoked"] == 0
+        device = await deployment.get_json("/api/devices/xa-tan-trao-2")
+        assert isinstance(device, dict) and device["replaces"] == DEVICE
+
+    edge_cli.init(deployment.edge_home, bundle, cfg.watch_dir, force=True, abandon_queue=True)
+    assert edge_cli.retry(deployment.edge_home, [], every=True)
+    async with running(deployment, ocr_engine=FakeOcrEngine()) as service:
+        async def all_stored() -> bool:
+            docs = await documents()
+            return len(docs) >= 3 and all(d["state"] == "stored" for d in docs)
+
+        assert await wait_until(all_stored, within=60), (await documents(), await service.outbox.stats())
+        docs = await documents()
+        replaced = [await _document(deployment, int(str(d["id"])))
+                    for d in docs if d["device"] == "xa-tan-trao-2"]
+    assert sorted(str(d["sha256"]) for d in docs) == sorted(sources.values())     # each scan once
+    assert not {int(str(d["id"])) for d in docs} & waiting      # the announcements gave way
+    assert len(replaced) == len(waiting)
+    for detail in replaced:
+        assert "replaced_box_completed" in {e["event"] for e in detail["fixity"]}, detail["fixity"]
+
+
+async def _document(deployment: Deployment, doc_id: int) -> dict[str, list[dict[str, object]]]:
+    doc = await deployment.get_json(f"/api/documents/{doc_id}")
+    assert isinstance(doc, dict)
+    return doc
+
+
 async def test_a_zero_byte_placeholder_then_the_content_is_one_scan_not_a_refusal(
         deployment: Deployment, tmp_path: Path) -> None:
     """Some scanners (and copy tools) create the file empty, close it, and write the content a few
