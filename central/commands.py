@@ -403,6 +403,10 @@ def device_remove(home: Path, device_id: str, *, actor: str = "cli") -> None:
         if sent:
             raise DeviceError(f"device {device_id!r} has sent {sent} transfer(s); its documents name it",
                               hint=f"revoke it instead: sohoa central revoke {device_id} --home {home}")
+        successor = conn.execute("SELECT id FROM devices WHERE replaces = ?", (device_id,)).fetchone()
+        if successor is not None:
+            raise DeviceError(f"device {device_id!r} is replaced by {successor[0]!r}, which names it",
+                              hint=f"revoke it instead: sohoa central revoke {device_id} --home {home}")
         for table in ("device_history", "seq_collisions"):
             conn.execute(f"DELETE FROM {table} WHERE device = ?", (device_id,))  # noqa: S608 - fixed names
         conn.execute("DELETE FROM devices WHERE id = ?", (device_id,))

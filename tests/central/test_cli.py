@@ -152,6 +152,7 @@ def test_a_replacement_names_a_revoked_device_once(tmp_path: Path) -> None:
     assert _cli("central", "revoke", "xa-cu", "--home", str(home)) == 0
     assert enroll("xa-moi", "--replaces", "xa-cu") == 0
     assert enroll("xa-moi-2", "--replaces", "xa-cu") == 65          # already replaced by xa-moi
+    assert _cli("central", "device", "remove", "xa-cu", "--home", str(home)) != 0   # xa-moi names it
     table = tmp_path / "devices.csv"
     table.write_text("device_id,replaces\nxa-moi-3,\nxa-moi-4,xa-cu\n", encoding="utf-8")
     assert _cli("central", "enroll", "--from", str(table), "--out-dir", str(tmp_path / "b"),
