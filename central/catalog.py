@@ -871,6 +871,22 @@ def journal_in_use(conn: sqlite3.Connection, log: str) -> bool:
     return conn.execute("SELECT 1 FROM segments WHERE log = ? LIMIT 1", (log,)).fetchone() is not None
 
 
+def segments_in_journal(conn: sqlite3.Connection, log: str) -> list[tuple[str, StoredSegment, bool]]:
+    """Every segment row pointing into journal file ``log``: (tid, segment, movable). Movable: its
+    transfer is receiving and has no assembly job (no assembler can be reading its positions)."""
+    rows = conn.execute(
+        "SELECT s.tid, s.offset, s.length, s.crc, s.log, s.pos,"
+        " t.state = 'receiving' AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.tid = s.tid) AS movable"
+        " FROM segments s JOIN transfers t ON t.tid = s.tid WHERE s.log = ? ORDER BY s.log, s.pos", (log,))
+    return [(str(r[0]), StoredSegment(r[1], r[2], r[3], r[4], r[5]), bool(r[6])) for r in rows]
+
+
+def move_segments(conn: sqlite3.Connection, moves: Iterable[tuple[str, int, str, int]]) -> None:
+    """Point segments (tid, offset) at their copies (log, pos): journal compaction."""
+    conn.executemany("UPDATE segments SET log = ?, pos = ? WHERE tid = ? AND offset = ?",
+                     [(new_log, pos, tid, offset) for tid, offset, new_log, pos in moves])
+
+
 # -- admission state and expiry (central.ingest.quota) -------------------------------------------
 
 @dataclass(frozen=True, slots=True)

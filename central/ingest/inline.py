@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 from central.ingest.archive import Archiver, tmp_leftovers
 from central.ingest.batch import BatchStage, Reply
+from central.ingest.compact import compact
 from central.ingest.durability import Durability
 from central.ingest.expire import EXPIRE_AFTER_S, sweep
 from central.ingest.quota import Quotas
@@ -105,8 +106,13 @@ class Ingestor:
     def sweep(self, now: float | None = None) -> list[str]:
         """Expire stalled transfers (as the service's reconciler does), commit, then free their journal."""
         at = self.batch.clock() if now is None else now
-        expired = self.transaction(
-            lambda db: sweep(db, self.batch, now=at, expire_after_s=self.expire_after_s))
+
+        def sweep_and_compact(db: IngestStore) -> list[str]:
+            expired = sweep(db, self.batch, now=at, expire_after_s=self.expire_after_s)
+            compact(db, self.journal, now=at)
+            return expired
+
+        expired = self.transaction(sweep_and_compact)
         self.collect()
         return expired
 

@@ -341,6 +341,21 @@ class PostgresIngestStore:
     def journal_in_use(self, log: str) -> bool:
         return self._one("SELECT 1 FROM segments WHERE log = %s LIMIT 1", (log,)) is not None
 
+    def segments_in_journal(self, log: str) -> list[tuple[str, StoredSegment, bool]]:
+        # FOR UPDATE on the transfers: another worker completing one of them (and giving it a job,
+        # whose assembler reads these rows) waits for this move to commit, then reads the new rows.
+        rows = self.conn.execute(
+            "SELECT s.tid, s.\"offset\", s.length, s.crc, s.log, s.pos,"
+            " t.state = 'receiving' AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.tid = s.tid)"
+            " FROM segments s JOIN transfers t ON t.tid = s.tid WHERE s.log = %s ORDER BY s.pos"
+            " FOR UPDATE OF t", (log,)).fetchall()
+        return [(str(r[0]), StoredSegment(r[1], r[2], r[3], r[4], r[5]), bool(r[6])) for r in rows]
+
+    def move_segments(self, moves: Iterable[tuple[str, int, str, int]]) -> None:
+        with self.conn.cursor() as cur:
+            cur.executemany("UPDATE segments SET log = %s, pos = %s WHERE tid = %s AND \"offset\" = %s",
+                            [(new_log, pos, tid, offset) for tid, offset, new_log, pos in moves])
+
     # -- jobs ---------------------------------------------------------------------------------------
     def add_job(self, tid: str) -> None:
         self._run("INSERT INTO jobs (tid, kind, created_at) VALUES (%s, 'assemble', %s)"

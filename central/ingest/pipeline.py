@@ -48,6 +48,7 @@ from central.ingest.archive import (
     tmp_leftovers,
 )
 from central.ingest.batch import BatchOutcome, BatchStage, Reply
+from central.ingest.compact import compact
 from central.ingest.durability import Durability
 from central.ingest.expire import EXPIRE_AFTER_S, sweep
 from central.ingest.inline import remove_stale_staging
@@ -142,6 +143,7 @@ class IngestCore:
         if now >= self.next_sweep:
             self.next_sweep = now + self.settings.sweep_every_s
             sweep(db, self.batch, now=now, expire_after_s=self.settings.expire_after_s)
+            compact(db, self.journal, now=now)   # its files are freed by the next collect
         return taken
 
 

@@ -56,7 +56,7 @@ class SegmentJournal:
         self.directory = directory
         self.worker = re.sub(r"[^A-Za-z0-9_.-]", "_", worker)[:64] or "central"
         self._life = secrets.token_hex(4)   # never append to a file of an earlier life
-        self._rotate_bytes = rotate_bytes
+        self.rotate_bytes = rotate_bytes
         self._number = 0
         self._fd: int | None = None
         self._name: str | None = None
@@ -71,7 +71,7 @@ class SegmentJournal:
     def append(self, data: bytes) -> tuple[str, int]:
         """Write ``data`` at the end of the current file; return (file name, position). Not durable
         until ``sync``."""
-        if self._fd is None or self._size >= self._rotate_bytes:
+        if self._fd is None or self._size >= self.rotate_bytes:
             self._open_next()
         assert self._fd is not None and self._name is not None
         position = self._size
@@ -115,19 +115,23 @@ class SegmentJournal:
         closed and deleted too when nothing points into it.
         """
         removed: list[str] = []
-        prefix = f"journal-{self.worker}-"
-        for path in sorted(self.directory.glob(f"{prefix}*.log")):
-            name = path.name
-            if not _JOURNAL.fullmatch(name) or in_use(name):
+        for name in self.own_files():
+            if in_use(name):
                 continue
             if name == self._name:
                 if self._dirty:
                     continue   # appended but not yet synced and committed: rows may follow
                 self._close_current()
             with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+                (self.directory / name).unlink()
             removed.append(name)
         return removed
+
+    def own_files(self) -> list[str]:
+        """This worker's journal files (of every life), oldest first."""
+        prefix = f"journal-{self.worker}-"
+        return [path.name for path in sorted(self.directory.glob(f"{prefix}*.log"))
+                if _JOURNAL.fullmatch(path.name)]
 
     def close(self) -> None:
         self._close_current()

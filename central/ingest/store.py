@@ -74,6 +74,8 @@ class IngestStore(Protocol):
     def segment_at(self, tid: str, offset: int) -> HeldSegment | None: ...
     def stored_segments(self, tid: str) -> list[StoredSegment]: ...
     def journal_in_use(self, log: str) -> bool: ...
+    def segments_in_journal(self, log: str) -> list[tuple[str, StoredSegment, bool]]: ...
+    def move_segments(self, moves: Iterable[tuple[str, int, str, int]]) -> None: ...
 
     # jobs
     def add_job(self, tid: str) -> None: ...
@@ -197,6 +199,12 @@ class SqliteIngestStore:
 
     def journal_in_use(self, log: str) -> bool:
         return catalog.journal_in_use(self.conn, log)
+
+    def segments_in_journal(self, log: str) -> list[tuple[str, StoredSegment, bool]]:
+        return catalog.segments_in_journal(self.conn, log)
+
+    def move_segments(self, moves: Iterable[tuple[str, int, str, int]]) -> None:
+        catalog.move_segments(self.conn, moves)
 
     def add_job(self, tid: str) -> None:
         catalog.add_job(self.conn, tid)

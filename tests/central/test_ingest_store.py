@@ -105,6 +105,29 @@ def test_transfer_state_and_the_segment_log(transaction: Transaction) -> None:
         assert db.claimable_jobs(worker="w1") == []
 
 
+def test_segments_of_a_journal_file_and_moving_them(transaction: Transaction) -> None:
+    """Compaction's view: a file's rows, movable unless their transfer has an assembly job."""
+    old, new = "journal-w-00000000-00000001.log", "journal-w-00000000-00000009.log"
+    with transaction() as db:
+        db.add_device("xa-tan-trao", b"k" * 32)
+        db.insert_transfer(tid="a" * 32, device="xa-tan-trao", seq=1, header=b"h1", size=100)
+        db.insert_transfer(tid="b" * 32, device="xa-tan-trao", seq=2, header=b"h2", size=10)
+        db.add_segments("a" * 32, [StoredSegment(0, 40, 7, old, 0), StoredSegment(40, 20, 8, old, 40)])
+        db.add_segments("b" * 32, [StoredSegment(0, 10, 9, old, 60)])
+        db.set_held("b" * 32, RangeSet.of([(0, 10)]))
+        db.add_job("b" * 32)
+    with transaction() as db:
+        rows = db.segments_in_journal(old)
+        assert [(tid[0], seg.offset, seg.pos, movable) for tid, seg, movable in rows] == [
+            ("a", 0, 0, True), ("a", 40, 40, True), ("b", 0, 60, False)]
+        db.move_segments([("a" * 32, 0, new, 100), ("a" * 32, 40, new, 140)])
+    with transaction() as db:
+        assert [(s.offset, s.log, s.pos) for s in db.stored_segments("a" * 32)] == [
+            (0, new, 100), (40, new, 140)]
+        assert [tid[0] for tid, _, _ in db.segments_in_journal(old)] == ["b"]
+        assert db.journal_in_use(new) and db.segments_in_journal("journal-w-00000000-00000002.log") == []
+
+
 def test_job_leases(transaction: Transaction) -> None:
     with transaction() as db:
         db.add_device("xa-1", b"k" * 32)

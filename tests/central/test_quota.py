@@ -3,6 +3,7 @@ SQLite and files, then an honest edge's own sender state machine against central
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import secrets
 import time
@@ -18,6 +19,7 @@ from central.ingest import Ingestor, Reply
 from central.ingest.admission import Defer, Known, Refuse, Revive, admit
 from central.ingest.quota import COUNTED_REJECTIONS, OverQuota, Quotas, strike, weigh
 from central.keys import CentralKeys
+from central.storage import ObjectStore
 from protocol.envelope import key_id
 from protocol.messages import Ack, AckState, Fin, Init, Receipt, Segment, decode, encode
 from protocol.transfer import SendFin, SendInit, SendSegment, TransferSender
@@ -218,6 +220,46 @@ def test_a_stalled_transfer_expires_frees_its_journal_and_the_document_still_arr
     events = [r[0] for r in ing._conn.execute("SELECT event FROM fixity WHERE tid = ? ORDER BY id",
                                               (sealed.tid,))]
     assert events == ["expired", "ingest"]
+
+
+def test_a_transfer_kept_barely_alive_does_not_pin_journal_files(
+        config: CentralConfig, central_keys: CentralKeys, enroll: Enroll) -> None:
+    """A box that sends a segment every few hours keeps its transfer from expiring; before compaction
+    each journal file one of its segments landed in stayed on disk whole, whatever else it held.
+    Now its live segments move to the current file and the old file goes; the document still
+    arrives exactly once, its bytes intact."""
+    bundle = enroll(DEVICE)
+    ing = ingestor(config, central_keys, Quotas())
+    ing.journal.rotate_bytes = 128 * 1024
+    staging = config.paths.staging
+    trickle = _sealed(bundle, central_keys, 1, size=120_000)
+    messages = trickle.messages(16 * 1024)
+    segments = [m for m in messages if isinstance(m, Segment)]
+    ing.handle_batch(wire([trickle.init(), segments[0]]))
+    first = {p.name for p in staging.iterdir()}
+    assert len(first) == 1
+    for seq in range(2, 6):                      # honest documents fill the journal and are stored
+        doc = _sealed(bundle, central_keys, seq, size=60_000)
+        assert any(isinstance(r, Receipt) for r in ing.handle_batch(wire(doc.messages(16 * 1024))))
+    ing.handle_batch(wire([segments[1]]))        # hours later, one more segment
+    pinned = {p.name for p in staging.iterdir()}
+    assert first <= pinned and len(pinned) >= 2  # the first file is pinned by one 16 KiB segment
+    pinned_bytes = sum((staging / name).stat().st_size for name in first)
+    assert pinned_bytes > 4 * 16 * 1024
+
+    assert ing.sweep(now=time.time() + 600) == []        # written minutes ago: left alone
+    assert first <= {p.name for p in staging.iterdir()}
+    assert ing.sweep(now=time.time() + 2 * 3600) == []   # idle for hours, mostly dead: compacted
+    left = {p.name for p in staging.iterdir()}
+    assert not first & left and len(left) == 1
+    assert sum((staging / name).stat().st_size for name in left) < pinned_bytes
+    replies = ing.handle_batch(wire([*segments[2:], trickle.fin()]))
+    receipts = [r for r in replies if isinstance(r, Receipt)]
+    assert len(receipts) == 1 and receipts[0].body.tid == trickle.tid
+    stored = ObjectStore(config.paths.objects).path_for(receipts[0].body.sha256).read_bytes()
+    assert hashlib.sha256(stored).hexdigest() == receipts[0].body.sha256     # assembled from the copies
+    assert ing._conn.execute("SELECT count(*) FROM documents").fetchone()[0] == 5
+    assert [p.name for p in staging.iterdir()] == []
 
 
 def test_the_edge_sender_survives_an_expiry_and_central_deferrals(config: CentralConfig,
