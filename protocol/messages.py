@@ -30,6 +30,12 @@ MAX_ACK_RANGES = 4096       # an ack with more ranges is hostile: a sane receive
 MAX_TEXT = 4000             # error strings, abort reasons, status texts: enough for a hint, no more
 MAX_JSON_BYTES = 64 * 1024  # acks, status and receipts are small; refuse to parse anything bigger
 MAX_RETRY_AFTER = 24 * 3600  # a longer deferral is a misconfigured central
+# The MQTT v5 user property an edge puts on its init to say "a receipt is my STORED ack": central then
+# answers a stored transfer with the receipt alone instead of STORED + receipt (one QoS 1 publish
+# less per document). Central keeps sending STORED to edges that do not say so (older releases);
+# an older central ignores user properties and sends both, which such an edge handles as before.
+# Custody is unchanged: only a receipt that verifies and names the bytes on disk lets the edge forget.
+RECEIPT_IS_STORED = ("sohoa-receipt-is-stored", "1")
 _FIN = struct.Struct(">4sQ32s")
 _FIN_MAGIC = b"SFIN"
 
