@@ -50,7 +50,7 @@ from bench.mqttload import DevicePlan, Plan
 from central.broker_config import hash_password
 from central.keys import load_keys
 from central.paths import CentralPaths
-from protocol.messages import encode
+from protocol.messages import RECEIPT_IS_STORED, encode
 from tests.central.builders import seal_document
 from tests.support.broker import Broker, free_port, running_broker
 
@@ -172,8 +172,8 @@ def raw_baseline(root: Path, home: Home, broker: Broker, messages: dict[str, lis
     if not subscribed.wait(10):
         raise TimeoutError("null subscriber got no SUBACK")
     start = _start_line(root)
-    plan = Plan(port=home.device_port, start_file=str(start), devices=tuple(
-        DevicePlan(d, d, password, tuple(ms)) for d, ms in messages.items()))
+    plan = Plan(port=home.device_port, start_file=str(start), init_properties=(RECEIPT_IS_STORED,),
+                devices=tuple(DevicePlan(d, d, password, tuple(ms)) for d, ms in messages.items()))
     connected = threading.Event()
     result: dict[str, object] = {}
     runner = threading.Thread(target=lambda: result.update(run_load(root, plan, on_connected=connected)))
@@ -270,9 +270,9 @@ def central_run(root: Path, home: Home, messages: dict[str, list[tuple[str, byte
             for n, name in enumerate(names)]
         centrals = [_central_pid(proc, strace or profile is not None) for proc in procs]
         start = _start_line(root)
-        plan = Plan(port=home.device_port, start_file=str(start), devices=tuple(
-            DevicePlan(d, d, password, tuple(ms), expect=docs, subscribe=f"sohoa/v1/down/{d}/#")
-            for d, ms in messages.items()))
+        plan = Plan(port=home.device_port, start_file=str(start), init_properties=(RECEIPT_IS_STORED,),
+                    devices=tuple(DevicePlan(d, d, password, tuple(ms), expect=docs,
+                                             subscribe=f"sohoa/v1/down/{d}/#") for d, ms in messages.items()))
         connected = threading.Event()
         result: dict[str, object] = {}
         runner = threading.Thread(target=lambda: result.update(run_load(root, plan, on_connected=connected)))

@@ -40,6 +40,8 @@ class Plan:
     connect_concurrency: int = 64
     start_file: str = ""                 # wait for this file to exist before publishing (a start line)
     expect_topic_part: str = "/receipt"  # what counts towards ``expect``
+    # MQTT v5 user properties on every init (the edge's RECEIPT_IS_STORED, as the edge sends it)
+    init_properties: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(slots=True)
@@ -74,8 +76,13 @@ def connect_packet(client_id: str, username: str, password: str) -> bytes:
     return bytes([CONNECT << 4]) + varint(len(body)) + body
 
 
-def publish_packet(topic: str, payload: bytes, packet_id: int) -> bytes:
-    head = mqtt_string(topic) + packet_id.to_bytes(2, "big") + b"\x00"
+def user_properties(pairs: tuple[tuple[str, str], ...]) -> bytes:
+    """Encoded PUBLISH properties: one User Property (0x26) per pair."""
+    return b"".join(b"\x26" + mqtt_string(key) + mqtt_string(value) for key, value in pairs)
+
+
+def publish_packet(topic: str, payload: bytes, packet_id: int, properties: bytes = b"") -> bytes:
+    head = mqtt_string(topic) + packet_id.to_bytes(2, "big") + varint(len(properties)) + properties
     return bytes([(PUBLISH << 4) | 0x02]) + varint(len(head) + len(payload)) + head + payload
 
 
@@ -155,6 +162,7 @@ async def run_device(plan: Plan, device: DevicePlan, result: Result, connect_gat
 
     reading = asyncio.create_task(read_loop())
     packet_id = 1
+    init_properties = user_properties(plan.init_properties)
     for topic, payload in device.messages:
         await window.acquire()
         if reading.done():
@@ -162,7 +170,8 @@ async def run_device(plan: Plan, device: DevicePlan, result: Result, connect_gat
         if not result.first_publish:
             result.first_publish = time.monotonic()
         pending.add(packet_id)
-        writer.write(publish_packet(topic, payload, packet_id))
+        properties = init_properties if topic.endswith("/init") else b""
+        writer.write(publish_packet(topic, payload, packet_id, properties))
         packet_id = packet_id % 65000 + 1
         await writer.drain()
     all_sent.set()

@@ -49,6 +49,7 @@ class Inbound:
     qos: int
     retain: bool
     mid: int
+    user_properties: tuple[tuple[str, str], ...] = ()   # MQTT v5 user properties, in order
 
 
 class PublishError(ConnectionError):
@@ -98,8 +99,9 @@ class MqttClient:
         self._loop.call_soon_threadsafe(self._on_disconnected, str(reason))
 
     def _cb_message(self, _client: paho.Client, _userdata: Any, message: paho.MQTTMessage) -> None:
+        user = getattr(message.properties, "UserProperty", None)
         inbound = Inbound(message.topic, bytes(message.payload), message.qos, bool(message.retain),
-                          message.mid)
+                          message.mid, tuple(user) if user else ())
         self._post(self.inbox.put_nowait, inbound)
 
     def _post(self, fn: Callable[..., object], *args: Any) -> None:
@@ -121,7 +123,7 @@ class MqttClient:
 
     def _cb_publish(self, _client: paho.Client, _userdata: Any, mid: int, reason: ReasonCode,
                     _props: Any) -> None:
-        self._post(self._resolve, mid, reason)
+        self._post(self._resolve_publish, mid, reason)
 
     def _cb_subscribe(self, _client: paho.Client, _userdata: Any, mid: int, reasons: list[ReasonCode],
                       _props: Any) -> None:
@@ -166,37 +168,65 @@ class MqttClient:
         if not future.done():
             future.set_result(result)
 
+    def _resolve_publish(self, mid: int, reason: ReasonCode) -> None:
+        if not reason.is_failure:
+            self._resolve(mid, None)
+            return
+        refused = PublishError(f"broker refused publish {mid}: {reason} (0x{reason.value:02x})")
+        future = self._pending.pop(mid, None)
+        if future is None:
+            self._early[mid] = refused
+        elif not future.done():
+            future.set_exception(refused)
+
     def _track(self, mid: int) -> asyncio.Future[Any]:
         future: asyncio.Future[Any] = self._loop.create_future()
         if mid in self._early:
-            future.set_result(self._early.pop(mid))
+            early = self._early.pop(mid)
+            if isinstance(early, PublishError):
+                future.set_exception(early)
+            else:
+                future.set_result(early)
         else:
             self._pending[mid] = future
         return future
 
     # -- public API -----------------------------------------------------------------------------
-    async def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+    async def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
+                      properties: Properties | None = None) -> None:
         """Publish and wait for the broker's PUBACK; raise PublishError on refusal (e.g. 0x87)."""
+        answer = self.start_publish(topic, payload, qos=qos, retain=retain, properties=properties)
+        if answer is None:
+            return
+        try:
+            await answer
+        except PublishError as exc:
+            raise PublishError(f"{exc} to {topic}") from None
+
+    def start_publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
+                      properties: Properties | None = None) -> asyncio.Future[None] | None:
+        """Hand a message to paho and return at once. QoS 1: a future done at the broker's PUBACK,
+        failed with PublishError if the broker refuses it (e.g. 0x87) or the connection drops first;
+        QoS 0: None.
+
+        No task, timeout or lock per message: a future in the pending map, which a disconnect always
+        empties, is all a reply needs (central's replies are most of what it publishes).
+        """
         if not self.connected.is_set():
             raise PublishError("not connected to the broker")
-        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
         if info.rc != paho.MQTT_ERR_SUCCESS:
             raise PublishError(f"publish failed: {paho.error_string(info.rc)}")
         if qos == 0:
-            return
-        reason: ReasonCode = await self._track(info.mid)
-        if reason.is_failure:
-            raise PublishError(f"broker refused publish to {topic}: {reason} (0x{reason.value:02x})")
+            return None
+        answer: asyncio.Future[None] = self._track(info.mid)
+        return answer
 
     def publish_nowait(self, topic: str, payload: bytes, *, qos: int = 0) -> None:
         """Hand a QoS 0 message to paho and return (no PUBACK exists to wait for)."""
         if qos != 0:
-            raise ValueError("publish_nowait is for QoS 0; await publish() for QoS 1")
-        if not self.connected.is_set():
-            raise PublishError("not connected to the broker")
-        info = self._client.publish(topic, payload, qos=0)
-        if info.rc != paho.MQTT_ERR_SUCCESS:
-            raise PublishError(f"publish failed: {paho.error_string(info.rc)}")
+            raise ValueError("publish_nowait is for QoS 0; use start_publish or publish for QoS 1")
+        self.start_publish(topic, payload, qos=0)
 
     async def subscribe(self, topic: str, qos: int = 1) -> list[ReasonCode]:
         """Subscribe now; return the granted reason codes (0x87 means not authorised)."""

@@ -213,15 +213,19 @@ class MqttClient:
         self._connected = True
         return session_present
 
-    def start_publish(self, topic: str, payload: bytes, *, qos: int = 1,
-                      retain: bool = False) -> asyncio.Future[None]:
+    def start_publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
+                      user_properties: tuple[tuple[str, str], ...] = ()) -> asyncio.Future[None]:
         """Queue a publish; the future completes on PUBACK (QoS 1) or when written (QoS 0)."""
         loop = self._require_loop()
         future: asyncio.Future[None] = loop.create_future()
         if not self._connected:
             future.set_exception(ConnectionLost("not connected"))
             return future
-        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        props = None
+        if user_properties:
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            props.UserProperty = list(user_properties)
+        info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             future.set_exception(ConnectionLost(f"publish failed: {paho.error_string(info.rc)}"))
             return future

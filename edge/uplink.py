@@ -37,6 +37,7 @@ from edge.outbox import SENDABLE_STATES, Doc, DocState, Outbox, OutboxError
 from protocol.envelope import SignedHeader
 from protocol.errors import ProtocolError, ReceiptError
 from protocol.messages import (
+    RECEIPT_IS_STORED,
     Ack,
     AckState,
     Fin,
@@ -410,8 +411,10 @@ class Uplink:
                     action: SendInit | SendSegment | SendFin) -> bool:
         tid = transfer.doc.tid
         if isinstance(action, SendInit):
-            topic, payload = encode(transfer.init)
-        elif isinstance(action, SendFin):
+            # This box takes a receipt as its STORED ack: central may skip sending STORED.
+            self._publish(client, *encode(transfer.init), user_properties=(RECEIPT_IS_STORED,))
+            return True
+        if isinstance(action, SendFin):
             header = transfer.init.signed_header.header
             topic, payload = encode(Fin(self._device, tid, header.ciphertext_size, header.ciphertext_sha256))
         else:
@@ -436,11 +439,12 @@ class Uplink:
         self._publish(client, topic, payload)
         return True
 
-    def _publish(self, client: MqttClient, topic: str, payload: bytes) -> None:
+    def _publish(self, client: MqttClient, topic: str, payload: bytes, *,
+                 user_properties: tuple[tuple[str, str], ...] = ()) -> None:
         self.bytes_on_wire += len(payload)
         if self._bucket is not None:
             self._bucket.take(len(payload))
-        future = client.start_publish(topic, payload, qos=1)
+        future = client.start_publish(topic, payload, qos=1, user_properties=user_properties)
         future.add_done_callback(self._published)
 
     def _published(self, future: asyncio.Future[None]) -> None:

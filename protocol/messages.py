@@ -30,6 +30,12 @@ MAX_ACK_RANGES = 4096       # an ack with more ranges is hostile: a sane receive
 MAX_TEXT = 4000             # error strings, abort reasons, status texts: enough for a hint, no more
 MAX_JSON_BYTES = 64 * 1024  # acks, status and receipts are small; refuse to parse anything bigger
 MAX_RETRY_AFTER = 24 * 3600  # a longer deferral is a misconfigured central
+# The MQTT v5 user property an edge puts on its init to say "a receipt is my STORED ack": central then
+# answers a stored transfer with the receipt alone instead of STORED + receipt (one QoS 1 publish
+# less per document). Central keeps sending STORED to edges that do not say so (older releases);
+# an older central ignores user properties and sends both, which such an edge handles as before.
+# Custody is unchanged: only a receipt that verifies and names the bytes on disk lets the edge forget.
+RECEIPT_IS_STORED = ("sohoa-receipt-is-stored", "1")
 _FIN = struct.Struct(">4sQ32s")
 _FIN_MAGIC = b"SFIN"
 
@@ -229,17 +235,20 @@ class ReceiptBody:
     stored_at: str         # ISO 8601, UTC
     document_id: int       # central catalog id
     duplicate: bool = False
+    # The signed bytes, made once: signing, storing and publishing a receipt each need them.
+    _bytes: bytes = field(default=b"", init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         check_device_id(self.device)
         check_tid(self.tid)
         if len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256):
             raise ReceiptError("receipt sha256 must be 64 lowercase hex digits")
+        object.__setattr__(self, "_bytes", _canonical({
+            "device": self.device, "tid": self.tid, "sha256": self.sha256, "stored_at": self.stored_at,
+            "document_id": self.document_id, "duplicate": self.duplicate}))
 
     def canonical(self) -> bytes:
-        return _canonical({"device": self.device, "tid": self.tid, "sha256": self.sha256,
-                           "stored_at": self.stored_at, "document_id": self.document_id,
-                           "duplicate": self.duplicate})
+        return self._bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -317,8 +326,12 @@ def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not JSON")
 
 
+# One encoder for every canonical payload: json.dumps with options builds a new one per call.
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def _canonical(obj: object) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    return _CANONICAL.encode(obj).encode()
 
 
 def _json(payload: bytes, what: str) -> dict[str, Any]:

@@ -17,7 +17,8 @@ Sender (edge), one per transfer id:
   - Call ``poll`` after every input (connected, ack, receipt); ``next_deadline`` is only
     meaningful after a ``poll``.
   - When acks cover ``[0, size)`` it sends ``fin`` (repeated every ``resend_after`` until
-    central answers STORED). A STORED ack means "receipt follows"; the receipt ends the transfer.
+    central answers STORED). A STORED ack means "receipt follows"; the receipt ends the transfer,
+    with or without a STORED before it (the edge says so on its init: ``RECEIPT_IS_STORED``).
   - A REJECTED ack ends the transfer as failed; UNKNOWN means central lost it: announce again.
   - A DEFERRED ack (central is not taking this transfer now: a per-device quota) is not a failure:
     nothing is in flight any more and init is sent again only after ``retry_after`` (at least

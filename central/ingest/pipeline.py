@@ -31,7 +31,7 @@ import multiprocessing
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,14 +61,15 @@ from central.metrics import Metrics
 from central.mqtt import Inbound, MqttClient, PublishError
 from central.paths import CentralPaths
 from protocol.envelope import key_id
-from protocol.messages import Ack, AckState, Receipt, encode
+from protocol.errors import ProtocolError
+from protocol.messages import RECEIPT_IS_STORED, Ack, AckState, Receipt, encode
+from protocol.topics import parse_topic
 
 log = logging.getLogger("sohoa.central.ingest")
 
 RECONCILE_EVERY_S = 5.0
 LEASE_S = 120.0   # a worker that died holds its jobs this long; its own restart resumes them at once
 MAX_UNANSWERED_PUBLISHES = 2048
-PUBLISH_TIMEOUT_S = 30.0
 # With several workers on one shared subscription a transfer's first segments may reach a worker
 # before its init has been committed by another: such segments wait here (in memory; the device is
 # only acked what is durable) and are tried again, for up to PARK_S, before UNKNOWN is answered.
@@ -159,8 +160,12 @@ class IngestPipeline:
         self._wake = asyncio.Event()
         self._in_flight = asyncio.Semaphore(settings.batches_in_flight)
         self._ready: asyncio.Queue[AssemblyJob | str] = asyncio.Queue()
-        self._publishing = asyncio.Semaphore(MAX_UNANSWERED_PUBLISHES)
-        self._publishes: set[asyncio.Task[None]] = set()
+        self._publishes: set[asyncio.Future[None]] = set()   # QoS 1 replies without a PUBACK yet
+        # Devices whose latest init, as this worker saw it, said a receipt is their STORED ack
+        # (protocol.messages.RECEIPT_IS_STORED). A hint, not state: a device this worker has not
+        # heard say so (another worker got its init, a restart) gets STORED as well, as before.
+        self._receipt_is_stored: dict[str, bool] = {}
+        self._room = asyncio.Event()
         self._pool: Executor
         if settings.assembler_processes > 0:
             # spawn, not fork: this process has threads (paho's, the writer) whose locks a fork copies.
@@ -206,6 +211,9 @@ class IngestPipeline:
                     fresh.append(message)
             while len(fresh) < limit and not inbox.empty():
                 fresh.append(inbox.get_nowait())
+            for message in fresh:
+                if message.topic.endswith("/init"):
+                    self._note_capabilities(message)
             now = loop.time()
             parked, self._parked = self._parked, []
             pending = [*((m, since) for since, m in parked), *((m, now) for m in fresh)]
@@ -221,6 +229,14 @@ class IngestPipeline:
             call = functools.partial(_apply, stage, archive, items, park)
             task = asyncio.create_task(self.writer.call(call))
             await self._answers.put((fresh, pending, task))
+
+    def _note_capabilities(self, init: Inbound) -> None:
+        try:
+            device = parse_topic(init.topic).device
+        except ProtocolError:
+            return   # the batch stage answers it
+        # Each init says it again: an edge rolled back to a release that does not gets STORED again.
+        self._receipt_is_stored[device] = RECEIPT_IS_STORED in init.user_properties
 
     async def _next_or_wake(self) -> Inbound | None:
         """The next message, or None as soon as ``_answer`` parks something (nothing may arrive)."""
@@ -266,6 +282,7 @@ class IngestPipeline:
                 self._wake.set()
             metrics.segments_received += outcome.segments
             metrics.bytes_received += outcome.bytes
+            await self._wait_for_room()
             self._publish(outcome.replies)
             for job in outcome.jobs:
                 self._schedule(job)
@@ -331,7 +348,7 @@ class IngestPipeline:
             await asyncio.sleep(self.core.settings.reconcile_every_s)
 
     # -- publish ----------------------------------------------------------------------------------
-    def _publish(self, replies: Iterable[Reply]) -> None:
+    def _publish(self, replies: Sequence[Reply]) -> None:
         for reply in replies:
             if isinstance(reply, Ack) and reply.state is AckState.RECEIVING:
                 # Progress acks go at QoS 0: one lost costs the device a resend of what it covered
@@ -340,9 +357,11 @@ class IngestPipeline:
                 # (STORED, REJECTED, UNKNOWN) and receipts stay QoS 1.
                 self._publish_now(reply)
                 continue
-            task = asyncio.create_task(self._publish_one(reply))
-            self._publishes.add(task)
-            task.add_done_callback(self._publishes.discard)
+            if (isinstance(reply, Ack) and reply.state is AckState.STORED
+                    and self._receipt_is_stored.get(reply.device, False)
+                    and any(isinstance(r, Receipt) and r.tid == reply.tid for r in replies)):
+                continue   # the receipt right behind it says stored, to an edge that reads it so
+            self._publish_one(reply)
 
     def _publish_now(self, reply: Ack) -> None:
         try:
@@ -350,16 +369,33 @@ class IngestPipeline:
         except PublishError as exc:
             log.debug("progress ack not sent (the device will ask again): %s", exc)
 
-    async def _publish_one(self, reply: Reply) -> None:
-        async with self._publishing:
-            try:
-                async with asyncio.timeout(PUBLISH_TIMEOUT_S):
-                    await self.client.publish(*encode(reply))
-            except PublishError as exc:
-                log.warning("reply not delivered (the device will ask again): %s", exc)
-            except TimeoutError:
-                log.warning("broker did not acknowledge a reply in %.0f s (the device will ask again)",
-                            PUBLISH_TIMEOUT_S)
+    def _publish_one(self, reply: Reply) -> None:
+        """Hand a QoS 1 reply to paho; its PUBACK is only looked at (in a callback), never awaited.
+        A reply the broker refuses or loses with the connection is asked for again by the device."""
+        try:
+            answer = self.client.start_publish(*encode(reply))
+        except PublishError as exc:
+            log.warning("reply not delivered (the device will ask again): %s", exc)
+            return
+        if answer is not None:
+            self._publishes.add(answer)
+            answer.add_done_callback(self._published)
+
+    def _published(self, answer: asyncio.Future[None]) -> None:
+        self._publishes.discard(answer)
+        if len(self._publishes) < MAX_UNANSWERED_PUBLISHES:
+            self._room.set()
+        if answer.cancelled():
+            return
+        exc = answer.exception()
+        if exc is not None:
+            log.warning("reply not delivered (the device will ask again): %s", exc)
+
+    async def _wait_for_room(self) -> None:
+        """Backpressure: stop taking batches while the broker owes too many PUBACKs."""
+        while len(self._publishes) >= MAX_UNANSWERED_PUBLISHES:
+            self._room.clear()
+            await self._room.wait()
 
     async def drain(self) -> None:
         """Wait for the replies being published (tests, clean shutdown)."""

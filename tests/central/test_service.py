@@ -10,6 +10,8 @@ from urllib.parse import unquote
 
 import nacl.signing
 from aiohttp import web
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from pytest_aiohttp.plugin import AiohttpClient, AiohttpServer
 
 from central.app import create_app
@@ -19,7 +21,7 @@ from central.metrics import Metrics
 from central.mqtt import MqttClient
 from central.service import IngestService, IngestStarter
 from central.state import INGEST
-from protocol.messages import Ack, AckState, Message, Receipt, Status, decode, encode
+from protocol.messages import RECEIPT_IS_STORED, Ack, AckState, Message, Receipt, Status, decode, encode
 from tests.central.builders import Sealed, seal_document
 from tests.central.conftest import Enroll
 from tests.central.test_broker import TIMEOUT, connected
@@ -149,6 +151,60 @@ async def test_central_restart_mid_transfer_resumes(config: CentralConfig, centr
         receipt = await send_and_wait_receipt(device, Sealed(sealed.device, sealed.tid, sealed.seq,
                                                              sealed.signed, sealed.ciphertext))
     assert receipt.body.sha256 == hashlib.sha256(original).hexdigest()
+
+
+def receipt_is_stored() -> Properties:
+    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    props.UserProperty = [RECEIPT_IS_STORED]
+    return props
+
+
+async def answers_until_receipt(device: MqttClient, messages: list[Message],
+                                init_properties: Properties | None) -> list[Ack | Receipt]:
+    """Publish a transfer (its init with ``init_properties``); the outcome acks and the receipt."""
+    for message in messages:
+        await device.publish(*encode(message), properties=init_properties if message is messages[0] else None)
+    answers: list[Ack | Receipt] = []
+    async with asyncio.timeout(TIMEOUT):
+        while True:
+            inbound = await device.inbox.get()
+            reply = decode(inbound.topic, inbound.payload)
+            if isinstance(reply, Ack) and reply.state is not AckState.RECEIVING:
+                answers.append(reply)
+            if isinstance(reply, Receipt):
+                answers.append(reply)
+                return answers
+
+
+async def test_the_receipt_stands_for_stored_only_for_edges_that_say_so(
+        config: CentralConfig, central_broker: Broker, central_keys: CentralKeys, enroll: Enroll,
+        aiohttp_client: AiohttpClient) -> None:
+    """A rollout has both releases at once: an edge whose init carries RECEIPT_IS_STORED gets the
+    receipt alone; an older one (no property) still gets STORED, then the receipt; an edge rolled back
+    says so with its next init. Every receipt still names exactly the bytes sent."""
+    await ingest_ready((await aiohttp_client(create_app(config))).app)
+    for name, declares in (("xa-moi", True), ("xa-cu", False)):
+        bundle = enroll(name)
+        original = secrets.token_bytes(40_000)
+        sealed = seal_document(device=name, seq=1, signing_key=bundle.signing_key,
+                               central_key=central_keys.encryption.public_key, original=original)
+        props = receipt_is_stored() if declares else None
+        async with connected(central_broker.device_port, bundle.username, bundle.password,
+                             ((f"sohoa/v1/down/{name}/#", 1),)) as device:
+            # No fin: central assembles once it holds every byte, and a fin could be answered twice.
+            answers = await answers_until_receipt(device, [sealed.init(), *sealed.segments(16 * 1024)], props)
+            states = [a.state if isinstance(a, Ack) else "receipt" for a in answers]
+            assert states == (["receipt"] if declares else [AckState.STORED, "receipt"]), (name, states)
+            receipt = answers[-1]
+            assert isinstance(receipt, Receipt)
+            body = receipt.verify(central_keys.receipt.verify_key)
+            assert body.sha256 == hashlib.sha256(original).hexdigest()
+            # Announced again once stored: the same receipt, the same rule. The edge that declared
+            # it now announces without (rolled back to the older release): STORED comes again.
+            again = await answers_until_receipt(device, [sealed.init()], None)
+            assert again == [Ack(name, sealed.tid, AckState.STORED), receipt]
+            if declares:
+                assert await answers_until_receipt(device, [sealed.init()], receipt_is_stored()) == [receipt]
 
 
 class _DiesAtOnce(IngestService):

@@ -25,6 +25,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from protocol.envelope import EnvelopeOpener, SignedHeader, verify_ciphertext
 from protocol.errors import ProtocolError
 from protocol.messages import (
+    RECEIPT_IS_STORED,
     Ack,
     AckState,
     Fin,
@@ -57,6 +58,11 @@ class FakeCentral:
         self.receipt_key = receipt_key
         self.reject: set[str] = set()              # tids to refuse at init
         self.bad_receipt_once: set[str] = set()    # tids whose first receipt carries a bad signature
+        # Like central since the receipt stood for STORED: no STORED ack before a receipt to a device
+        # whose init said RECEIPT_IS_STORED (False: like an older central, which always sends both).
+        self.receipt_is_stored = False
+        self.declared: dict[str, bool] = {}        # device → did its latest init carry RECEIPT_IS_STORED
+        self.sent_stored = 0                       # STORED acks published
         self.transfers: dict[str, _Held] = {}
         self.assembled: Counter[str] = Counter()   # how many times each tid was assembled+stored
         self.fins: Counter[str] = Counter()
@@ -105,6 +111,8 @@ class FakeCentral:
             msg = decode(message.topic, bytes(message.payload))
             with self._cond:
                 if isinstance(msg, Init):
+                    user = getattr(message.properties, "UserProperty", None) or []
+                    self.declared[msg.device] = RECEIPT_IS_STORED in user
                     self._init(msg)
                 elif isinstance(msg, Segment):
                     self._segment(msg)
@@ -119,6 +127,8 @@ class FakeCentral:
                 self._cond.notify_all()
 
     def _send(self, msg: Ack | Receipt) -> None:
+        if isinstance(msg, Ack) and msg.state is AckState.STORED:
+            self.sent_stored += 1
         topic, payload = encode(msg)
         self._client.publish(topic, payload, qos=1)
 
@@ -173,7 +183,8 @@ class FakeCentral:
             held.document_id = self._next_id
             self._next_id += 1
             self.assembled[msg.tid] += 1
-        self._send(Ack(msg.device, msg.tid, AckState.STORED))
+        if not (self.receipt_is_stored and self.declared.get(msg.device)):
+            self._send(Ack(msg.device, msg.tid, AckState.STORED))
         assert held.plaintext is not None and held.document_id is not None
         body = ReceiptBody(device=msg.device, tid=msg.tid, sha256=hashlib.sha256(held.plaintext).hexdigest(),
                            stored_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

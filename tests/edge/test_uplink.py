@@ -165,6 +165,29 @@ async def test_delivers_documents_byte_exact_exactly_once(
     assert central.errors == []
 
 
+@pytest.mark.parametrize("receipt_is_stored", [False, True], ids=["older-central", "receipt-only"])
+async def test_the_init_says_a_receipt_is_stored_and_either_central_gets_documents_delivered(
+        tmp_path: Path, mosquitto: Broker, central: FakeCentral, outbox: Outbox, keys: Keys,
+        receipt_is_stored: bool) -> None:
+    """The edge's inits carry RECEIPT_IS_STORED. A central that still sends STORED before the receipt
+    (an older release) and one that sends the receipt alone both get every document delivered once,
+    and the edge forgets nothing without a verified receipt naming its bytes."""
+    central.receipt_is_stored = receipt_is_stored
+    docs = [await enqueue(outbox, keys, tmp_path, document(n, size), f"Tờ trình {n}.pdf")
+            for n, size in enumerate([3000, SEGMENT * 2 + 7])]
+    central.bad_receipt_once.add(docs[0].tid)   # a forged receipt is still no proof, STORED or not
+    outcomes = Outcomes()
+    async with running(make_uplink(mosquitto.url, outbox, keys, outcomes, resend_after=0.5)):
+        await outcomes.wait(delivered=len(docs))
+    assert central.declared == {DEVICE: True}
+    assert (central.sent_stored == 0) is receipt_is_stored
+    assert sorted(d.tid for d in outcomes.delivered) == sorted(d.tid for d in docs)
+    for doc in docs:
+        got = await outbox.get(doc.tid)
+        assert got is not None and got.state is DocState.DELIVERED and got.receipt_sha256 == doc.sha256
+    assert all(count == 1 for count in central.assembled.values())
+
+
 async def test_broker_restart_mid_transfer_resumes_from_central_ack(
         tmp_path: Path, mosquitto: Broker, central: FakeCentral, outbox: Outbox, keys: Keys) -> None:
     docs = [await enqueue(outbox, keys, tmp_path, document(n, 500_000), f"Tờ trình {n}.pdf")
