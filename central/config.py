@@ -91,6 +91,10 @@ class IngestSettings:
     flagged_new_transfers_per_hour: int = 6
     # A receiving transfer without progress this long has its bytes dropped; the box starts it again.
     expire_after_hours: int = 72
+    # Messages a device may send (central.ingest.rate): beyond them they are dropped unread, and the
+    # box resends what it still needs answered. An honest box on 3G sends about one a second.
+    max_messages_per_second: int = 200
+    max_messages_burst: int = 2000
 
 
 # Appended to the [ingest] table `central init` writes (the last table), so an operator sees the knobs.
@@ -104,6 +108,8 @@ INGEST_DEFAULTS_COMMENT = """\
 # rejected_transfers_window_hours = 24           # ... before the box is flagged and slowed to
 # flagged_new_transfers_per_hour = 6             # this many new transfers an hour, one open at a time
 # expire_after_hours = 72                        # no progress this long: bytes dropped, resent from zero
+# max_messages_per_second = 200                  # per device, beyond a burst of ... (dropped unread,
+# max_messages_burst = 2000                      # ... the box resends what it needs answered)
 """
 
 
@@ -235,7 +241,9 @@ def parse_config(home: Path, data: dict[str, Any], api_token: str) -> CentralCon
         rejected_transfers_budget=i.integer("rejected_transfers_budget", 10, minimum=1),
         rejected_transfers_window_hours=i.integer("rejected_transfers_window_hours", 24, minimum=1),
         flagged_new_transfers_per_hour=i.integer("flagged_new_transfers_per_hour", 6, minimum=1),
-        expire_after_hours=i.integer("expire_after_hours", 72, minimum=1))
+        expire_after_hours=i.integer("expire_after_hours", 72, minimum=1),
+        max_messages_per_second=i.integer("max_messages_per_second", 200, minimum=1),
+        max_messages_burst=i.integer("max_messages_burst", 2000, minimum=1))
     if ingest.durability not in ("syncfs", "fsync"):
         raise ConfigError(f"ingest.durability = {ingest.durability!r} is not 'syncfs' or 'fsync'",
                           hint="syncfs: one barrier per group commit (Linux); fsync: every file")

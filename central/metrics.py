@@ -34,6 +34,8 @@ METRICS: dict[str, tuple[str, str]] = {
     "sohoa_central_received_bytes": ("counter", "Ciphertext bytes of those segments."),
     "sohoa_central_documents_ingested": ("counter", "Transfers stored and receipted by this process."),
     "sohoa_central_ingest_errors": ("counter", "Messages or transfers refused, by error class."),
+    "sohoa_central_messages_paced": ("counter",
+                                     "Device messages that waited for their device's message rate."),
     "sohoa_central_ingest_failures": ("counter",
                                       "Times the ingest service ended unexpectedly or failed to restart."),
     "sohoa_central_ingest_running": ("gauge", "1 while the ingest service runs."),
@@ -65,6 +67,7 @@ class Metrics:
     ingest_running: bool = False   # the ingest service is up (see central.service.IngestSupervisor)
     ingest_failures: int = 0       # times it ended unexpectedly or could not be restarted
     ingest_errors: Counter[str] = field(default_factory=Counter)
+    messages_paced: int = 0        # waited for their device's rate (central.ingest.rate)
 
     def error(self, error_class: str) -> None:
         self.ingest_errors[error_class] += 1
@@ -98,7 +101,8 @@ class _Collector(Collector):
         for name, value in (("sohoa_central_segments_received", m.segments_received),
                             ("sohoa_central_received_bytes", m.bytes_received),
                             ("sohoa_central_documents_ingested", m.documents_ingested),
-                            ("sohoa_central_ingest_failures", m.ingest_failures)):
+                            ("sohoa_central_ingest_failures", m.ingest_failures),
+                            ("sohoa_central_messages_paced", m.messages_paced)):
             counter = CounterMetricFamily(name, METRICS[name][1], value=value)
             yield counter
         errors = CounterMetricFamily("sohoa_central_ingest_errors", METRICS["sohoa_central_ingest_errors"][1],

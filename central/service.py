@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from central.config import CentralConfig
 from central.ingest.pipeline import IngestCore, IngestPipeline, PipelineSettings
 from central.ingest.quota import Quotas
+from central.ingest.rate import MessageRate
 from central.ingest.writer import GroupWriter
 from central.keys import load_keys
 from central.metrics import Metrics
@@ -52,7 +53,9 @@ def pipeline_settings(config: CentralConfig) -> PipelineSettings:
                             batches_in_flight=ingest.batches_in_flight, assemblers=ingest.assemblers,
                             assembler_processes=ingest.assembler_processes,
                             durability=ingest.durability, quotas=quotas(config),
-                            expire_after_s=ingest.expire_after_hours * 3600.0)
+                            expire_after_s=ingest.expire_after_hours * 3600.0,
+                            message_rate=MessageRate(per_second=ingest.max_messages_per_second,
+                                                     burst=ingest.max_messages_burst))
 
 
 def quotas(config: CentralConfig) -> Quotas:

@@ -53,6 +53,7 @@ from central.ingest.durability import Durability
 from central.ingest.expire import EXPIRE_AFTER_S, sweep
 from central.ingest.inline import remove_stale_staging
 from central.ingest.quota import Quotas
+from central.ingest.rate import MessageRate, Pacer, RateLimiter, Verdict, topic_device
 from central.ingest.staging import SegmentJournal
 from central.ingest.store import OUR_TROUBLE, IngestStore
 from central.ingest.writer import GroupWriter
@@ -92,6 +93,7 @@ class PipelineSettings:
     quotas: Quotas = field(default_factory=Quotas)
     expire_after_s: float = EXPIRE_AFTER_S
     sweep_every_s: float = SWEEP_EVERY_S
+    message_rate: MessageRate = field(default_factory=MessageRate)
 
 
 @dataclass(slots=True)
@@ -165,6 +167,8 @@ class IngestPipeline:
         # (protocol.messages.RECEIPT_IS_STORED). A hint, not state: a device this worker has not
         # heard say so (another worker got its init, a restart) gets STORED as well, as before.
         self._receipt_is_stored: dict[str, bool] = {}
+        self._pacer: Pacer[Inbound] = Pacer(RateLimiter(settings.message_rate),
+                                            lambda message: topic_device(message.topic))
         self._room = asyncio.Event()
         self._pool: Executor
         if settings.assembler_processes > 0:
@@ -199,7 +203,7 @@ class IngestPipeline:
         loop = asyncio.get_running_loop()
         while True:
             fresh: list[Inbound] = []
-            if self._parked or self._wake.is_set():
+            if self._parked or self._wake.is_set() or self._pacer.waiting:
                 # Parked messages are tried again with whatever comes next, or alone after a pause.
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
@@ -211,16 +215,19 @@ class IngestPipeline:
                     fresh.append(message)
             while len(fresh) < limit and not inbox.empty():
                 fresh.append(inbox.get_nowait())
-            for message in fresh:
+            now = loop.time()
+            released, fresh = self._pace(fresh, now)
+            for message in (*released, *fresh):
                 if message.topic.endswith("/init"):
                     self._note_capabilities(message)
-            now = loop.time()
             parked, self._parked = self._parked, []
-            pending = [*((m, since) for since, m in parked), *((m, now) for m in fresh)]
+            # Only ``fresh`` gets its PUBACK after the batch: parked and released messages have theirs.
+            held = [*((m, since) for since, m in parked), *((m, now) for m in released)]
+            pending = [*held, *((m, now) for m in fresh)]
             if not pending:
                 continue
             # A sender may make up transfer ids: what waits here for an init is bounded in bytes.
-            room = PARK_MAX_BYTES - sum(len(m.payload) for m, _ in pending[:len(parked)])
+            room = PARK_MAX_BYTES - sum(len(m.payload) for m, _ in pending[:len(held)])
             await self._in_flight.acquire()
             self.batches += 1
             self.messages += len(fresh)
@@ -237,6 +244,25 @@ class IngestPipeline:
             return   # the batch stage answers it
         # Each init says it again: an edge rolled back to a release that does not gets STORED again.
         self._receipt_is_stored[device] = RECEIPT_IS_STORED in init.user_properties
+
+    def _pace(self, fresh: list[Inbound], now: float) -> tuple[list[Inbound], list[Inbound]]:
+        """Per-device message rate (``central.ingest.rate``): (released, now). ``released`` waited for
+        their device's bucket and have their PUBACK already; ``now`` are within their rate and get it
+        with the batch. Over its rate a message waits (PUBACK at once: it is held here, in memory, and
+        the device resends what it does not get answered), beyond its device's queue it is dropped."""
+        released = self._pacer.release(now)
+        now_ok: list[Inbound] = []
+        for message in fresh:
+            verdict = self._pacer.offer(message, now)
+            if verdict is Verdict.NOW:
+                now_ok.append(message)
+                continue
+            self.client.ack(message)
+            if verdict is Verdict.DROPPED:
+                self.core.metrics.error("MessageRateExceeded")
+            else:
+                self.core.metrics.messages_paced += 1
+        return released, now_ok
 
     async def _next_or_wake(self) -> Inbound | None:
         """The next message, or None as soon as ``_answer`` parks something (nothing may arrive)."""

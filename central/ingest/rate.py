@@ -4,23 +4,34 @@ Admission (``central.ingest.quota``) weighs new transfers; everything else a dev
 of held segments, statuses (a catalog UPDATE each), inits with bad signatures (an Ed25519 check
 each), notices — used to cost central its full price at whatever rate the box could send. This is a
 token bucket per device, checked on the topic alone before a message is decoded (the broker's ACL
-makes the topic's device the authenticated one). Over it, the message is dropped unread and counted:
+makes the topic's device the authenticated one).
 
-  - Dropping is safe for an honest box: it forgets nothing without a signed receipt and sends again
-    any segment, fin or init central has not answered (``protocol.transfer``); a status is replaced
-    by the next one. It is never a rejection and never a strike against the device.
+Over its rate a device's messages are **paced, not dropped**: they wait in its own small queue (in
+order; the broker has its PUBACK, as for parked segments) and go on as its bucket refills. An honest
+box never has more than a window of unanswered segments in flight (8 per transfer, 2 transfers), so it
+is only slowed to its rate, and loses nothing. Only a box with more than ``max_waiting`` messages
+waiting — one that does not wait for answers — has the excess dropped unread and counted:
+
+  - Dropping is safe even for an honest box: it forgets nothing without a signed receipt and sends
+    again any segment, fin or init central has not answered (``protocol.transfer``); a status is
+    replaced by the next one. It is never a rejection and never a strike against the device.
   - The defaults (``max_messages_per_second`` 200, ``max_messages_burst`` 2,000) are far above an
-    honest box: 3G moves about one 32 KiB segment a second, and a box on a LAN is held by its window
-    of 8 unacknowledged segments; a backlog after an outage starts inside the burst.
-  - One log line per device per ``LOG_EVERY_S`` with the count, and a metric per drop.
+    honest box on 3G (about one 32 KiB segment a second); on a LAN a box is paced to 200 × 32 KiB,
+    about 50 Mbit/s.
+  - One log line per device per ``LOG_EVERY_S`` with the count of drops.
 
-Memory is one small entry per device that sent something (devices are enrolled, so bounded).
+Memory is one small entry per device that sent something (devices are enrolled, so bounded) and at
+most ``max_waiting`` messages per device.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import Enum
+from typing import Generic, TypeVar
 
 from central.ingest.quota import refill
 from protocol.topics import UP
@@ -30,6 +41,9 @@ _UP = UP + "/"
 log = logging.getLogger("sohoa.central.ingest")
 
 LOG_EVERY_S = 300.0
+MAX_WAITING = 256   # messages of one device waiting for its bucket; beyond, dropped unread
+
+M = TypeVar("M")
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +75,14 @@ class RateLimiter:
     _buckets: dict[str, _Bucket] = field(default_factory=dict)
 
     def admit(self, device: str, now: float) -> bool:
-        """Take one message of ``device`` at ``now``; False: over its rate, drop it unread."""
+        """Take one message of ``device`` at ``now``; False: its bucket is empty."""
+        bucket = self._bucket(device, now)
+        if bucket.tokens >= 1.0:
+            bucket.tokens -= 1.0
+            return True
+        return False
+
+    def _bucket(self, device: str, now: float) -> _Bucket:
         bucket = self._buckets.get(device)
         if bucket is None:
             bucket = self._buckets[device] = _Bucket(self.rate.burst, now)
@@ -69,17 +90,68 @@ class RateLimiter:
             bucket.tokens = refill(bucket.tokens, bucket.at, now, per_hour=self.rate.per_second * 3600.0,
                                    burst=self.rate.burst)
             bucket.at = max(bucket.at, now)
-        if bucket.tokens >= 1.0:
-            bucket.tokens -= 1.0
-            return True
+        return bucket
+
+    def dropped(self, device: str, now: float) -> None:
+        """Count a message of ``device`` dropped unread; log once per device per ``LOG_EVERY_S``."""
+        bucket = self._bucket(device, now)
         bucket.dropped += 1
         self.dropped_total += 1
         if bucket.logged_at is None or now - bucket.logged_at >= LOG_EVERY_S:
-            log.warning("device %s sends more than %g messages a second: dropped %d unread (it resends what "
-                        "matters)", device, self.rate.per_second, bucket.dropped)
+            log.warning("device %s sends more than %g messages a second without waiting for answers: "
+                        "dropped %d unread (it resends what it needs answered)", device, self.rate.per_second,
+                        bucket.dropped)
             bucket.logged_at = now
             bucket.dropped = 0
-        return False
+
+
+class Verdict(Enum):
+    NOW = "now"           # within its rate: handle it now
+    HELD = "held"         # over its rate: waits in its device's queue, released by ``release``
+    DROPPED = "dropped"   # its device's queue is full: dropped unread
+
+
+class Pacer(Generic[M]):
+    """Messages over their device's rate wait in order in a per-device queue of at most
+    ``max_waiting``, and are released as the device's bucket refills."""
+
+    def __init__(self, limiter: RateLimiter, device_of: Callable[[M], str | None], *,
+                 max_waiting: int = MAX_WAITING) -> None:
+        self.limiter = limiter
+        self._device_of = device_of
+        self._max_waiting = max_waiting
+        self._waiting: dict[str, deque[M]] = {}
+
+    def offer(self, message: M, now: float) -> Verdict:
+        device = self._device_of(message)
+        if device is None:
+            return Verdict.NOW
+        queue = self._waiting.get(device)
+        if queue is None and self.limiter.admit(device, now):
+            return Verdict.NOW
+        if queue is None:
+            queue = self._waiting[device] = deque()
+        if len(queue) >= self._max_waiting:
+            self.limiter.dropped(device, now)
+            return Verdict.DROPPED
+        queue.append(message)
+        return Verdict.HELD
+
+    def release(self, now: float) -> list[M]:
+        """The waiting messages whose devices have tokens again, each device's in the order sent."""
+        out: list[M] = []
+        for device in list(self._waiting):
+            queue = self._waiting[device]
+            while queue and self.limiter.admit(device, now):
+                out.append(queue.popleft())
+            if not queue:
+                del self._waiting[device]
+        return out
+
+    @property
+    def waiting(self) -> bool:
+        """Some device's messages wait for its bucket (the receive loop then wakes to release them)."""
+        return bool(self._waiting)
 
 
 def topic_device(topic: str) -> str | None:

@@ -18,6 +18,7 @@ import pytest
 import tomli_w
 
 from central import commands as central_commands
+from central.ingest.rate import MAX_WAITING
 from edge.ocr import FakeOcrEngine
 from protocol.messages import Ack, AckState, Segment, decode, encode
 from tests.central.builders import Sealed, seal_stream
@@ -52,7 +53,8 @@ async def test_a_hostile_device_cannot_starve_an_honest_one(deployment: Deployme
     from central.keys import load_keys  # noqa: PLC0415
     from central.paths import CentralPaths  # noqa: PLC0415
 
-    _tune(deployment.central_home, rejected_transfers_budget=2)
+    # This one is about quotas: a message rate wide enough for everything it sends at once.
+    _tune(deployment.central_home, rejected_transfers_budget=2, max_messages_burst=100_000)
     out = tmp_path / "hostile.bundle.toml"
     central_commands.enroll(deployment.central_home, HOSTILE, out)
     deployment.broker.reload()
@@ -139,3 +141,106 @@ async def test_a_hostile_device_cannot_starve_an_honest_one(deployment: Deployme
     # box's documents (10 × ~21 KiB, original and package) and the catalog.
     assert home_grown < 16 * MiB
     assert list(CentralPaths(deployment.central_home).tmp.iterdir()) == []
+
+
+async def test_a_device_flooding_messages_is_held_to_its_rate(deployment: Deployment, tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """Every message costs central something before any quota can weigh it (a repeat of a held
+    segment: a decode, a lookup and an answer). A box sending thousands a second without waiting for
+    answers gets its burst, then its rate, a queue's worth paced, and the rest is dropped unread and
+    logged once; the honest box's scans still arrive once, and the flooding box, once it slows down,
+    is answered again."""
+    _tune(deployment.central_home, max_messages_per_second=50, max_messages_burst=200)
+    out = tmp_path / "hostile.bundle.toml"
+    central_commands.enroll(deployment.central_home, HOSTILE, out)
+    deployment.broker.reload()
+    hostile = read_bundle(out)
+    from central.keys import load_keys  # noqa: PLC0415
+    from central.paths import CentralPaths  # noqa: PLC0415
+
+    central_key = load_keys(CentralPaths(deployment.central_home)).encryption.public_key
+    sealed = seal_stream(device=HOSTILE, seq=1, signing_key=hostile.signing_key, central_key=central_key,
+                         pieces=[os.urandom(100_000)], size=100_000)
+    first = Segment(HOSTILE, sealed.tid, 0, sealed.ciphertext[:16_384])
+    flood = 3000
+    dropped = make_documents(tmp_path / "docs", 5, seed=12, side=144)
+
+    with caplog.at_level(logging.WARNING, logger="sohoa.central.ingest"):
+        async with running(deployment, ocr_engine=FakeOcrEngine()) as service:
+            async with connected(deployment.broker.device_port, hostile.username, hostile.password,
+                                 ((f"sohoa/v1/down/{HOSTILE}/#", 1),)) as box:
+                answers: list[Ack] = []
+
+                async def listen() -> None:
+                    while True:
+                        inbound = await box.inbox.get()
+                        msg = decode(inbound.topic, inbound.payload)
+                        if isinstance(msg, Ack) and msg.tid == sealed.tid:
+                            answers.append(msg)
+
+                listener = asyncio.create_task(listen())
+                async def answered_beyond(count: int) -> bool:
+                    return len(answers) > count
+
+                await box.publish(*encode(sealed.init()))
+                assert await wait_until(lambda: answered_beyond(0), within=20)
+                drop(tmp_path / "docs", deployment.edge_config().watch_dir)
+                started = time.monotonic()
+                topic, payload = encode(first)
+                # The same held segment, again and again, as fast as the broker takes them.
+                acks = [box.start_publish(topic, payload) for _ in range(flood)]
+                await asyncio.gather(*(a for a in acks if a is not None))
+                sent_s = time.monotonic() - started
+                quiet = len(answers)
+
+                async def settled() -> bool:
+                    nonlocal quiet
+                    await asyncio.sleep(1.0)
+                    before, quiet = quiet, len(answers)
+                    return before == quiet
+
+                assert await wait_until(settled, within=30)
+                answered = len(answers) - 1
+                await asyncio.sleep(1.0)                # slowed down: its next message is answered
+                await box.publish(*encode(first))
+                assert await wait_until(lambda: answered_beyond(answered + 1), within=10)
+                listener.cancel()
+
+            async def delivered() -> bool:
+                return (await service.outbox.stats()).counts.get("delivered", 0) == 5
+
+            assert await wait_until(delivered, within=60), await service.outbox.stats()
+            scrape = (await deployment.get_bytes("/metrics")).decode()
+
+    assert_exactly_once(dropped, catalog(deployment.central_home), device=DEVICE)
+    rate_drops = [line for line in scrape.splitlines()
+                  if line.startswith("sohoa_central_ingest_errors") and "MessageRateExceeded" in line]
+    unread = int(float(rate_drops[0].split()[-1])) if rate_drops else 0
+    # The burst, the rate while sending (with slack), and what may wait in its queue to be paced.
+    allowed = 200 + 50 * (sent_s + 2.0) + MAX_WAITING
+    print(f"flood: {flood} repeats in {sent_s:.1f} s, {flood - unread} read (at most {allowed:.0f} allowed), "
+          f"{unread} dropped unread, {answered} answers")
+    assert flood - unread <= allowed < flood
+    lines = [r for r in caplog.records if f"device {HOSTILE} sends more than" in r.getMessage()]
+    assert len(lines) == 1
+
+
+async def test_an_honest_box_over_its_rate_is_paced_not_dropped(deployment: Deployment,
+                                                                 tmp_path: Path) -> None:
+    """A box on a fast LAN may send faster than its message rate, but it waits for answers (a window
+    of segments per transfer): it is slowed to its rate and loses nothing, so it never sits out a
+    resend timeout."""
+    _tune(deployment.central_home, max_messages_per_second=10, max_messages_burst=5)
+    dropped = make_documents(tmp_path / "docs", 6, seed=13, side=400)
+    async with running(deployment, ocr_engine=FakeOcrEngine()) as service:
+        drop(tmp_path / "docs", deployment.edge_config().watch_dir)
+
+        async def delivered() -> bool:
+            return (await service.outbox.stats()).counts.get("delivered", 0) == 6
+
+        assert await wait_until(delivered, within=90), await service.outbox.stats()
+        scrape = (await deployment.get_bytes("/metrics")).decode()
+    assert_exactly_once(dropped, catalog(deployment.central_home), device=DEVICE)
+    assert "MessageRateExceeded" not in scrape
+    [paced] = [line for line in scrape.splitlines() if line.startswith("sohoa_central_messages_paced_total")]
+    assert float(paced.split()[-1]) > 0, paced     # it was over its rate, and waited

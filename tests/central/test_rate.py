@@ -6,31 +6,45 @@ import logging
 
 import pytest
 
-from central.ingest.rate import MessageRate, RateLimiter, topic_device
+from central.ingest.rate import MessageRate, Pacer, RateLimiter, Verdict, topic_device
+from protocol.topics import Kind, Topic
 
 
-def test_a_device_gets_its_burst_then_its_rate_and_others_are_not_touched(
-        caplog: pytest.LogCaptureFixture) -> None:
+def test_a_device_gets_its_burst_then_its_rate_and_others_are_not_touched() -> None:
     limiter = RateLimiter(MessageRate(per_second=10, burst=50))
+    flood = [limiter.admit("xa-tan-trao", 100.0) for _ in range(80)]
+    assert flood == [True] * 50 + [False] * 30
+    assert limiter.admit("xa-kim-binh", 100.0)                # its own bucket
+    assert [limiter.admit("xa-tan-trao", 101.0) for _ in range(12)].count(True) == 10
+    assert not limiter.admit("xa-tan-trao", 99.0)             # a clock that went back adds nothing
+    assert [limiter.admit("xa-tan-trao", 400.0) for _ in range(60)].count(True) == 50   # full again
+
+
+def test_over_its_rate_a_device_waits_in_order_and_beyond_its_queue_is_dropped_and_logged_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    pacer: Pacer[tuple[str, int]] = Pacer(RateLimiter(MessageRate(per_second=2, burst=3)),
+                                          lambda m: m[0] or None, max_waiting=4)
     with caplog.at_level(logging.WARNING, logger="sohoa.central.ingest"):
-        flood = [limiter.admit("xa-tan-trao", 100.0) for _ in range(80)]
-        assert flood.count(True) == 50 and flood[:50] == [True] * 50
-        assert limiter.admit("xa-kim-binh", 100.0)                # its own bucket
-        assert [limiter.admit("xa-tan-trao", 101.0) for _ in range(12)].count(True) == 10
-        assert not limiter.admit("xa-tan-trao", 99.0)             # a clock that went back adds nothing
-    assert limiter.dropped_total == 30 + 2 + 1
-    lines = [r for r in caplog.records if "xa-tan-trao" in r.getMessage()]
-    assert len(lines) == 1 and "dropped 1 unread" in lines[0].getMessage()   # once per 5 minutes
-    assert limiter.admit("xa-tan-trao", 400.0)                    # refilled to its burst
-    with caplog.at_level(logging.WARNING, logger="sohoa.central.ingest"):
-        dropped = [limiter.admit("xa-tan-trao", 400.0) for _ in range(60)].count(False)
-    assert dropped == 11 and any("dropped" in r.getMessage() for r in caplog.records[len(lines):])
+        verdicts = [pacer.offer(("xa-a", n), 0.0) for n in range(10)]
+        assert pacer.offer(("", 99), 0.0) is Verdict.NOW        # not a device topic: never paced
+        assert pacer.offer(("xa-b", 0), 0.0) is Verdict.NOW     # another device is not held up
+    assert verdicts == [Verdict.NOW] * 3 + [Verdict.HELD] * 4 + [Verdict.DROPPED] * 3
+    assert pacer.waiting and pacer.limiter.dropped_total == 3
+    lines = [r.getMessage() for r in caplog.records if "xa-a" in r.getMessage()]
+    assert len(lines) == 1 and "dropped 1 unread" in lines[0]
+    # Its bucket refills at 2 a second: the waiting messages go on in the order they came, and a new
+    # message waits behind them even when a token is there.
+    assert pacer.release(0.4) == []
+    assert pacer.release(1.0) == [("xa-a", 3), ("xa-a", 4)]
+    assert pacer.offer(("xa-a", 10), 1.6) is Verdict.HELD
+    assert pacer.release(2.0) == [("xa-a", 5), ("xa-a", 6)]
+    assert pacer.release(3.0) == [("xa-a", 10)] and not pacer.waiting
 
 
 def test_the_device_of_a_topic() -> None:
-    assert topic_device("sohoa/v1/up/xa-tan-trao/tx/" + "a" * 32 + "/seg/0") == "xa-tan-trao"
-    assert topic_device("sohoa/v1/up/xa-tan-trao/status") == "xa-tan-trao"
-    assert topic_device("sohoa/v1/down/xa-tan-trao/ack") is None
+    assert topic_device(str(Topic(Kind.SEG, "xa-tan-trao", "a" * 32, 0))) == "xa-tan-trao"
+    assert topic_device(str(Topic(Kind.STATUS, "xa-tan-trao"))) == "xa-tan-trao"
+    assert topic_device(str(Topic(Kind.ACK, "xa-tan-trao"))) is None
     assert topic_device("sohoa/v1/up/") is None and topic_device("other") is None
 
 
