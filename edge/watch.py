@@ -75,6 +75,12 @@ def _translate(event: FileSystemEvent) -> list[tuple[Path, FileEvent | None, boo
         if event.dest_path:
             moves.append((Path(os.fsdecode(event.dest_path)), FileEvent.MOVED_IN, False))
         return moves
+    if isinstance(event, FileCreatedEvent) and event.is_synthetic:
+        # Not a writer creating the file: watchdog listing a folder that was moved in whole, from
+        # its own thread. On a busy box that listing can arrive after the intake already scanned
+        # the folder; read as "created" it would mark every scan in it as held open (the 10-minute
+        # quiet) and a day's folder dropped at once would sit there. Moved in: complete.
+        return [(Path(os.fsdecode(event.src_path)), FileEvent.MOVED_IN, False)]
     for cls, kind in _FILE_EVENTS:
         if isinstance(event, cls):
             return [(Path(os.fsdecode(event.src_path)), kind, False)]
