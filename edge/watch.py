@@ -45,9 +45,12 @@ except ImportError:  # pragma: no cover - other platforms poll or use their own 
 log = logging.getLogger(__name__)
 
 # What each event says about a file's writer. Opening or reading a file (which we do ourselves)
-# and attribute changes (touch, chmod) say nothing and are not listened to.
-_FILE_EVENTS: tuple[tuple[type[FileSystemEvent], FileEvent], ...] = (
-    (FileCreatedEvent, FileEvent.WRITTEN), (FileModifiedEvent, FileEvent.WRITTEN),
+# and attribute changes (touch, chmod) say nothing and are not listened to. A create says only
+# that the file exists: watchdog also reports as created the files it finds in a new folder once
+# it watches it, and on a busy box a scanner has often written and closed them by then (no close
+# event will ever come). A writer that really holds the file shows itself by writing to it.
+_FILE_EVENTS: tuple[tuple[type[FileSystemEvent], FileEvent | None], ...] = (
+    (FileCreatedEvent, None), (FileModifiedEvent, FileEvent.WRITTEN),
     (FileClosedEvent, FileEvent.CLOSED), (FileDeletedEvent, FileEvent.GONE))
 Touch = Callable[[Path, "FileEvent | None", bool], None]
 

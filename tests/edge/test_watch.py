@@ -193,4 +193,43 @@ def test_watchdogs_listing_of_a_moved_in_folder_is_a_move_not_a_writer() -> None
     listed = FileCreatedEvent("/share/2026-11-30/Quyết định số 12.pdf", is_synthetic=True)
     created = FileCreatedEvent("/share/Quyết định số 12.pdf")
     assert _translate(listed) == [(Path(listed.src_path), FileEvent.MOVED_IN, False)]
-    assert _translate(created) == [(Path(created.src_path), FileEvent.WRITTEN, False)]
+    assert _translate(created) == [(Path(created.src_path), None, False)]   # exists; writer unknown
+
+
+async def test_scans_written_into_a_new_dated_folder_before_it_was_watched_are_not_held_open(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scanner makes today's folder and writes the first scans into it at once. On a busy box
+    they are written and closed before watchdog watches the new folder, so their close is never
+    seen; watchdog then reports them as "created". A create only says the file exists: the scans
+    must be taken after the closed-file quiet period, not wait the 10 minutes of a writer that
+    holds its file open (no close will ever come)."""
+    group = watchdog_inotify.InotifyWatchGroup
+    add_watches, simulate = group._add_all_callbacks, group._recursive_simulate
+
+    def late_watch(self: object, path: bytes) -> None:
+        time.sleep(0.3)   # the scans land before the new folder is watched
+        add_watches(self, path)
+
+    def late_listing(self: object, path: bytes) -> list[object]:
+        time.sleep(0.5)   # and the listing of what is already there comes after the intake's scan
+        return simulate(self, path)
+
+    monkeypatch.setattr(group, "_add_all_callbacks", late_watch)
+    monkeypatch.setattr(group, "_recursive_simulate", late_listing)
+    day = tmp_path / "2026-11-30"
+    names = ["scan0001.pdf", "scan0002.pdf"]
+    async with Intake(tmp_path, quiet=Quiet(closed=2.0, unknown_mtime_age=2.0, open=300.0),
+                      check_interval=0.05, rescan_seconds=3600.0) as intake:
+        stream = intake.stable()
+        first = asyncio.ensure_future(anext(stream))
+        await asyncio.sleep(0.2)   # the startup scan saw an empty share
+        day.mkdir()
+        for name in names:
+            write(day / name)
+        seen = set()
+        async with asyncio.timeout(10):
+            seen.add(await first)
+            while len(seen) < len(names):
+                seen.add(await anext(stream))
+        await stream.aclose()  # type: ignore[attr-defined]
+    assert seen == {day / name for name in names}
