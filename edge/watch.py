@@ -140,8 +140,9 @@ class Intake:
                           recursive=True)
         try:
             observer.start()
-        except OSError as exc:
-            # inotify watch limit reached or an exotic mount: polling by rescan still works.
+        except (OSError, RecursionError) as exc:
+            # inotify watch limit reached, an exotic mount, or a tree deeper than watchdog's
+            # recursive walk can go: polling by rescan still works, the box must still start.
             log.warning("file events unavailable for %s (%s); relying on rescans every %.0f s",
                         self.watch_dir, exc, self.rescan_seconds)
             return
@@ -231,22 +232,27 @@ class Intake:
 
 
 def _walk(top: Path, ignore_dirs: frozenset[str] = frozenset()) -> Iterator[Path]:
-    try:
-        entries = list(os.scandir(top))
-    except OSError as exc:
-        log.warning("cannot list %s: %s", top, exc)
-        return
-    for entry in entries:
-        if is_ignored(entry.name):
-            continue
+    # A stack, not recursion: a tree deeper than Python's recursion limit (a sync tool that
+    # copied a folder into itself) would otherwise raise out of the scan and stop the service.
+    folders = [top]
+    while folders:
+        folder = folders.pop()
         try:
-            if entry.is_dir(follow_symlinks=False):
-                if entry.name not in ignore_dirs:
-                    yield from _walk(Path(entry.path), ignore_dirs)
-            else:  # regular files, and symlinks/FIFOs/sockets to be refused with a reason
-                yield Path(entry.path)
-        except OSError:
+            entries = list(os.scandir(folder))
+        except OSError as exc:
+            log.warning("cannot list %s: %s", folder, exc)
             continue
+        for entry in entries:
+            if is_ignored(entry.name):
+                continue
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    if entry.name not in ignore_dirs:
+                        folders.append(Path(entry.path))
+                else:  # regular files, and symlinks/FIFOs/sockets to be refused with a reason
+                    yield Path(entry.path)
+            except OSError:
+                continue
 
 
 def _identity(folder: Path) -> tuple[int, int] | None:

@@ -233,3 +233,51 @@ async def test_scans_written_into_a_new_dated_folder_before_it_was_watched_are_n
                 seen.add(await anext(stream))
         await stream.aclose()  # type: ignore[attr-defined]
     assert seen == {day / name for name in names}
+
+
+def _nested(top: Path, depth: int) -> Path:
+    """``top/a/a/…/a`` ``depth`` levels deep, made relative to a descriptor (each call stays short)."""
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            os.mkdir("a", dir_fd=fd)
+            inner = os.open("a", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+    finally:
+        os.close(fd)
+    return top.joinpath(*["a"] * depth)
+
+
+def _remove_nested(top: Path) -> None:
+    """Undo :func:`_nested` a level at a time (shutil.rmtree, and pytest's clean-up of old
+    temporary folders, recurse and would fail on it)."""
+    while (level := top / "a").is_dir():
+        for entry in level.iterdir():
+            if entry.name != "a":
+                entry.unlink()
+        if (level / "a").is_dir():
+            (level / "a").rename(top / "next")
+            level.rmdir()
+            (top / "next").rename(level)
+        else:
+            level.rmdir()
+
+
+async def test_a_very_deep_folder_does_not_stop_the_intake(tmp_path: Path) -> None:
+    """A sync tool that copied a folder into itself leaves a tree a thousand levels deep. The scan
+    at the top must still be taken, and the one at the bottom too; one odd folder must never stop
+    the intake (the service would stop with it, and stop again at every restart)."""
+    top = write(tmp_path / "Quyết định số 12.pdf")
+    bottom = write(_nested(tmp_path, 1100) / "Công văn số 5.pdf")
+    try:
+        async with fast(tmp_path) as intake:
+            stream = intake.stable()
+            seen = set()
+            async with asyncio.timeout(30):
+                while len(seen) < 2:
+                    seen.add(await anext(stream))
+            await stream.aclose()  # type: ignore[attr-defined]
+    finally:
+        _remove_nested(tmp_path)
+    assert seen == {top, bottom}
