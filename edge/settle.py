@@ -6,12 +6,13 @@ Rules:
    device) will never become a scan: it is due at once, so the caller refuses it *with a reason*
    (quarantine) instead of leaving a mystery in the scan folder.
 2. File events tell whether a writer still holds the file:
-   - *open*: created or written since the last close (inotify create/modify) — a scanner writing
+   - *open*: written since the last close (inotify modify) — a scanner writing
      page by page keeps its descriptor open between pages, for as long as the clerk turns pages;
    - *closed*: the last word was close-after-write, or a rename into place (local writers and
      Samba produce both);
-   - *unknown*: no event was ever seen for it (a network mount, a lost event queue, a file that
-     was there before the service started).
+   - *unknown*: no event but its creation was ever seen for it (a network mount, a lost event
+     queue, a file that was there before the service started, or written into a new folder before
+     the folder was watched).
 3. A path is settled when its (size, mtime) stayed the same over at least two observations whose
    span is at least the quiet period of its writer state: ``quiet_seconds`` when closed,
    ``open_quiet_seconds`` when open (a writer that never closes: a lost event, or a scanner that
@@ -59,7 +60,7 @@ class Writer(Enum):
 
 
 class FileEvent(Enum):
-    WRITTEN = "written"      # created, or data written
+    WRITTEN = "written"      # data written
     CLOSED = "closed"        # closed after writing
     MOVED_IN = "moved_in"    # renamed or moved into place: complete by convention
     GONE = "gone"            # deleted or moved away

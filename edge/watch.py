@@ -45,9 +45,12 @@ except ImportError:  # pragma: no cover - other platforms poll or use their own 
 log = logging.getLogger(__name__)
 
 # What each event says about a file's writer. Opening or reading a file (which we do ourselves)
-# and attribute changes (touch, chmod) say nothing and are not listened to.
-_FILE_EVENTS: tuple[tuple[type[FileSystemEvent], FileEvent], ...] = (
-    (FileCreatedEvent, FileEvent.WRITTEN), (FileModifiedEvent, FileEvent.WRITTEN),
+# and attribute changes (touch, chmod) say nothing and are not listened to. A create says only
+# that the file exists: watchdog also reports as created the files it finds in a new folder once
+# it watches it, and on a busy box a scanner has often written and closed them by then (no close
+# event will ever come). A writer that really holds the file shows itself by writing to it.
+_FILE_EVENTS: tuple[tuple[type[FileSystemEvent], FileEvent | None], ...] = (
+    (FileCreatedEvent, None), (FileModifiedEvent, FileEvent.WRITTEN),
     (FileClosedEvent, FileEvent.CLOSED), (FileDeletedEvent, FileEvent.GONE))
 Touch = Callable[[Path, "FileEvent | None", bool], None]
 
@@ -75,6 +78,12 @@ def _translate(event: FileSystemEvent) -> list[tuple[Path, FileEvent | None, boo
         if event.dest_path:
             moves.append((Path(os.fsdecode(event.dest_path)), FileEvent.MOVED_IN, False))
         return moves
+    if isinstance(event, FileCreatedEvent) and event.is_synthetic:
+        # Not a writer creating the file: watchdog listing a folder that was moved in whole, from
+        # its own thread. On a busy box that listing can arrive after the intake already scanned
+        # the folder; read as "created" it would mark every scan in it as held open (the 10-minute
+        # quiet) and a day's folder dropped at once would sit there. Moved in: complete.
+        return [(Path(os.fsdecode(event.src_path)), FileEvent.MOVED_IN, False)]
     for cls, kind in _FILE_EVENTS:
         if isinstance(event, cls):
             return [(Path(os.fsdecode(event.src_path)), kind, False)]
@@ -131,8 +140,9 @@ class Intake:
                           recursive=True)
         try:
             observer.start()
-        except OSError as exc:
-            # inotify watch limit reached or an exotic mount: polling by rescan still works.
+        except (OSError, RecursionError) as exc:
+            # inotify watch limit reached, an exotic mount, or a tree deeper than watchdog's
+            # recursive walk can go: polling by rescan still works, the box must still start.
             log.warning("file events unavailable for %s (%s); relying on rescans every %.0f s",
                         self.watch_dir, exc, self.rescan_seconds)
             return
@@ -222,22 +232,27 @@ class Intake:
 
 
 def _walk(top: Path, ignore_dirs: frozenset[str] = frozenset()) -> Iterator[Path]:
-    try:
-        entries = list(os.scandir(top))
-    except OSError as exc:
-        log.warning("cannot list %s: %s", top, exc)
-        return
-    for entry in entries:
-        if is_ignored(entry.name):
-            continue
+    # A stack, not recursion: a tree deeper than Python's recursion limit (a sync tool that
+    # copied a folder into itself) would otherwise raise out of the scan and stop the service.
+    folders = [top]
+    while folders:
+        folder = folders.pop()
         try:
-            if entry.is_dir(follow_symlinks=False):
-                if entry.name not in ignore_dirs:
-                    yield from _walk(Path(entry.path), ignore_dirs)
-            else:  # regular files, and symlinks/FIFOs/sockets to be refused with a reason
-                yield Path(entry.path)
-        except OSError:
+            entries = list(os.scandir(folder))
+        except OSError as exc:
+            log.warning("cannot list %s: %s", folder, exc)
             continue
+        for entry in entries:
+            if is_ignored(entry.name):
+                continue
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    if entry.name not in ignore_dirs:
+                        folders.append(Path(entry.path))
+                else:  # regular files, and symlinks/FIFOs/sockets to be refused with a reason
+                    yield Path(entry.path)
+            except OSError:
+                continue
 
 
 def _identity(folder: Path) -> tuple[int, int] | None:

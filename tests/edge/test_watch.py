@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+import watchdog.observers.inotify as watchdog_inotify
+from watchdog.events import FileCreatedEvent, FileSystemEvent, generate_sub_created_events
 
 from edge.errors import EdgeError
-from edge.watch import Intake
+from edge.settle import FileEvent, Quiet
+from edge.watch import Intake, _translate
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -146,3 +149,135 @@ async def test_missing_watch_dir_is_an_edge_error(tmp_path: Path) -> None:
     with pytest.raises(EdgeError, match="does not exist"):
         async with Intake(tmp_path / "nope"):
             pass
+
+
+async def test_a_folder_moved_in_whole_is_taken_however_late_its_listing_events_arrive(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A clerk drops a day's folder into the share while the box is busy. watchdog reports the
+    folder, then lists what is inside it as "created" events from its own thread; on a loaded box
+    that listing can reach the intake *after* the intake already scanned the folder. Those
+    listings say nothing about a writer: the scans must still be taken after the closed-file
+    quiet period, not wait the 10 minutes a scanner holding its file open gets."""
+    share, staging = tmp_path / "share", tmp_path / "usb"
+    share.mkdir()
+    staging.mkdir()
+    names = ["Quyết định số 12.pdf", "Công văn số 5.png", "Tờ trình.jpg"]
+    for name in names:
+        write(staging / name)
+
+    def late_listing(path: bytes | str) -> Iterator[FileSystemEvent]:
+        # The emitter thread starved by OCR workers: its listing comes after the intake scanned
+        # the folder (within a check interval), but well inside the quiet period.
+        time.sleep(0.5)
+        yield from generate_sub_created_events(path)
+
+    monkeypatch.setattr(watchdog_inotify, "generate_sub_created_events", late_listing)
+    day = share / "2026-11-30"
+    # The quiet period a writer holding its file open gets (600 s in the field) stays far away.
+    async with Intake(share, quiet=Quiet(closed=2.0, unknown_mtime_age=2.0, open=300.0),
+                      check_interval=0.05, rescan_seconds=3600.0) as intake:
+        stream = intake.stable()
+        first = asyncio.ensure_future(anext(stream))
+        await asyncio.sleep(0.2)   # the startup scan saw an empty share
+        staging.rename(day)
+        seen = set()
+        async with asyncio.timeout(10):
+            seen.add(await first)
+            while len(seen) < len(names):
+                seen.add(await anext(stream))
+        await stream.aclose()  # type: ignore[attr-defined]
+    assert seen == {day / name for name in names}
+
+
+def test_watchdogs_listing_of_a_moved_in_folder_is_a_move_not_a_writer() -> None:
+    listed = FileCreatedEvent("/share/2026-11-30/Quyết định số 12.pdf", is_synthetic=True)
+    created = FileCreatedEvent("/share/Quyết định số 12.pdf")
+    assert _translate(listed) == [(Path(listed.src_path), FileEvent.MOVED_IN, False)]
+    assert _translate(created) == [(Path(created.src_path), None, False)]   # exists; writer unknown
+
+
+async def test_scans_written_into_a_new_dated_folder_before_it_was_watched_are_not_held_open(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scanner makes today's folder and writes the first scans into it at once. On a busy box
+    they are written and closed before watchdog watches the new folder, so their close is never
+    seen; watchdog then reports them as "created". A create only says the file exists: the scans
+    must be taken after the closed-file quiet period, not wait the 10 minutes of a writer that
+    holds its file open (no close will ever come)."""
+    group = watchdog_inotify.InotifyWatchGroup
+    add_watches, simulate = group._add_all_callbacks, group._recursive_simulate
+
+    def late_watch(self: object, path: bytes) -> None:
+        time.sleep(0.3)   # the scans land before the new folder is watched
+        add_watches(self, path)
+
+    def late_listing(self: object, path: bytes) -> list[object]:
+        time.sleep(0.5)   # and the listing of what is already there comes after the intake's scan
+        return simulate(self, path)
+
+    monkeypatch.setattr(group, "_add_all_callbacks", late_watch)
+    monkeypatch.setattr(group, "_recursive_simulate", late_listing)
+    day = tmp_path / "2026-11-30"
+    names = ["scan0001.pdf", "scan0002.pdf"]
+    async with Intake(tmp_path, quiet=Quiet(closed=2.0, unknown_mtime_age=2.0, open=300.0),
+                      check_interval=0.05, rescan_seconds=3600.0) as intake:
+        stream = intake.stable()
+        first = asyncio.ensure_future(anext(stream))
+        await asyncio.sleep(0.2)   # the startup scan saw an empty share
+        day.mkdir()
+        for name in names:
+            write(day / name)
+        seen = set()
+        async with asyncio.timeout(10):
+            seen.add(await first)
+            while len(seen) < len(names):
+                seen.add(await anext(stream))
+        await stream.aclose()  # type: ignore[attr-defined]
+    assert seen == {day / name for name in names}
+
+
+def _nested(top: Path, depth: int) -> Path:
+    """``top/a/a/…/a`` ``depth`` levels deep, made relative to a descriptor (each call stays short)."""
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            os.mkdir("a", dir_fd=fd)
+            inner = os.open("a", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+    finally:
+        os.close(fd)
+    return top.joinpath(*["a"] * depth)
+
+
+def _remove_nested(top: Path) -> None:
+    """Undo :func:`_nested` a level at a time (shutil.rmtree, and pytest's clean-up of old
+    temporary folders, recurse and would fail on it)."""
+    while (level := top / "a").is_dir():
+        for entry in level.iterdir():
+            if entry.name != "a":
+                entry.unlink()
+        if (level / "a").is_dir():
+            (level / "a").rename(top / "next")
+            level.rmdir()
+            (top / "next").rename(level)
+        else:
+            level.rmdir()
+
+
+async def test_a_very_deep_folder_does_not_stop_the_intake(tmp_path: Path) -> None:
+    """A sync tool that copied a folder into itself leaves a tree a thousand levels deep. The scan
+    at the top must still be taken, and the one at the bottom too; one odd folder must never stop
+    the intake (the service would stop with it, and stop again at every restart)."""
+    top = write(tmp_path / "Quyết định số 12.pdf")
+    bottom = write(_nested(tmp_path, 1100) / "Công văn số 5.pdf")
+    try:
+        async with fast(tmp_path) as intake:
+            stream = intake.stable()
+            seen = set()
+            async with asyncio.timeout(30):
+                while len(seen) < 2:
+                    seen.add(await anext(stream))
+            await stream.aclose()  # type: ignore[attr-defined]
+    finally:
+        _remove_nested(tmp_path)
+    assert seen == {top, bottom}
