@@ -178,10 +178,10 @@ def _token_revoke(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from central import commands
+    from central import worker
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return commands.run(args.home, worker=args.worker)
+    return worker.run(args.home, worker=args.worker)
 
 
 def _verify(args: argparse.Namespace) -> int:

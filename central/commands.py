@@ -1,20 +1,18 @@
 """The operator commands as plain functions: the CLI and the demo call these, tests too.
 
 ``init`` makes a home (keys, config, broker files, API token), ``enroll`` adds one device and
-writes its secret bundle, ``serve``/``run`` run ingest and HTTP until told to stop.
+writes its secret bundle, ``revoke``, ``user_*``, ``token_*`` and ``verify`` change or check one home.
+Running a central worker is ``central.worker``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import csv
-import dataclasses
 import json
 import logging
 import secrets
 import shutil
-import signal
 import sqlite3
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -393,38 +391,3 @@ def verify(home: Path, *, actor: str = "cli") -> list[str]:
     paths = load_config(home).paths
     catalog.connect(paths.catalog).close()   # an older catalog is migrated first (a no-op when current)
     return verify_store(paths, actor=actor).problems
-
-
-async def serve(home: Path, *, ready: asyncio.Event | None = None, worker: str | None = None) -> None:
-    """Run ingest and HTTP until cancelled; ``worker`` names one of several processes on this home."""
-    from central.app import serve_config  # noqa: PLC0415 - keeps `init` free of aiohttp/paho
-
-    await serve_config(as_worker(load_config(home), worker), ready=ready)
-
-
-def as_worker(config: CentralConfig, worker: str | None) -> CentralConfig:
-    """The config of worker ``worker``: its own MQTT client id (and so its own session and segment
-    journal) on the shared subscription; everything else shared through the catalog."""
-    if worker is None:
-        return config
-    if not worker or len(worker) > 32 or not all(c.isalnum() or c in "-_" for c in worker):
-        raise ConfigError(f"--worker {worker!r} must be 1-32 letters, digits, '-' or '_'")
-    return dataclasses.replace(config, broker=dataclasses.replace(
-        config.broker, client_id=f"{config.broker.client_id}-{worker}"))
-
-
-def run(home: Path, *, worker: str | None = None) -> int:
-    """``asyncio.run(serve)``, with SIGTERM and SIGINT turned into a clean shutdown."""
-    as_worker(load_config(home), worker)   # fail fast with a config error, before any loop starts
-
-    async def main() -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, task.cancel)
-        with contextlib.suppress(asyncio.CancelledError):
-            await serve(home, worker=worker)
-
-    asyncio.run(main())
-    return 0
