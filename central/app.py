@@ -17,6 +17,7 @@ from central import archive_jobs, auth, handlers, presence, records_http
 from central.config import CentralConfig
 from central.db import Database
 from central.keys import load_keys
+from central.limiter import LoginLimiter
 from central.metrics import Metrics
 from central.service import IngestService, IngestStarter, IngestSupervisor
 from central.state import AUTH_DB, CONFIG, INGEST, LIMITER, METRICS, READER
@@ -95,11 +96,11 @@ def create_app(config: CentralConfig, *, ingest: bool = True,
     app = web.Application(middlewares=[handlers.json_errors, auth.authenticate, handlers.known_parameters])
     app[CONFIG] = config
     app[METRICS] = Metrics()
-    app[LIMITER] = auth.LoginLimiter()
+    app[LIMITER] = LoginLimiter()
     if ingest:
         app[INGEST] = IngestSupervisor(config, app[METRICS], start=start_ingest)
         app.cleanup_ctx.append(_ingest_ctx)   # first: the writer creates or migrates the schema
-        app.cleanup_ctx.append(archive_jobs.worker_ctx)   # builds and signs the archival copies
+        app.cleanup_ctx.append(archive_jobs.worker_ctx(config.paths))   # builds and signs the archival copies
     # Auth writes (sessions, audit) get their own connection; browsing reads never block ingest.
     app.cleanup_ctx.append(_database_ctx(AUTH_DB, readonly=False, name="catalog-auth"))
     app.cleanup_ctx.append(_database_ctx(READER, readonly=True, name="catalog-reader"))

@@ -44,7 +44,6 @@ from central.archive_sign import CERT_NAME, DEFAULT_ARCHIVE_NAME, KEY_NAME, ensu
 from central.db import Database
 from central.fsutil import make_private_dir
 from central.paths import CentralPaths
-from central.state import CONFIG
 from central.storage import ObjectStore, file_sha256
 
 log = logging.getLogger("sohoa.central.archive")
@@ -446,22 +445,25 @@ def _hashes_to(path: Path, sha256: str) -> bool:
 ARCHIVE_WORKER: web.AppKey[ArchiveWorker] = web.AppKey("archive_worker")
 
 
-async def worker_ctx(app: web.Application) -> AsyncIterator[None]:
-    """cleanup_ctx: the archival worker, with its own catalog connection, for the app's lifetime."""
-    paths = app[CONFIG].paths
-    db = Database(paths.catalog, readonly=False, name="catalog-archive")
-    worker = ArchiveWorker(paths, db)
-    try:
-        await worker.start()
-    except BaseException:
-        await db.close()
-        raise
-    app[ARCHIVE_WORKER] = worker
-    task = asyncio.create_task(worker.run(), name="archive-worker")
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await db.close()
+def worker_ctx(paths: CentralPaths) -> Callable[[web.Application], AsyncIterator[None]]:
+    """A cleanup_ctx running the archival worker, with its own catalog connection, for the app's lifetime."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        db = Database(paths.catalog, readonly=False, name="catalog-archive")
+        worker = ArchiveWorker(paths, db)
+        try:
+            await worker.start()
+        except BaseException:
+            await db.close()
+            raise
+        app[ARCHIVE_WORKER] = worker
+        task = asyncio.create_task(worker.run(), name="archive-worker")
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await db.close()
+
+    return ctx

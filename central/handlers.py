@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import re
+import sqlite3
 from collections.abc import Awaitable, Callable
 from datetime import UTC, date, datetime, timedelta, timezone
 from importlib import resources
@@ -26,7 +27,7 @@ from central.auth import audit, require
 from central.errors import DeviceError
 from central.metrics import DEVICE_SERIES_MAX, Scrape, render
 from central.preview import PreviewCache, PreviewError
-from central.state import CONFIG, INGEST, METRICS, PRINCIPAL, READER
+from central.state import AUTH_DB, CONFIG, INGEST, METRICS, PRINCIPAL, READER
 from central.storage import ObjectStore
 from protocol.errors import DecodeError
 from protocol.names import check_device_id, fold
@@ -296,6 +297,25 @@ def content_disposition(filename: str) -> str:
     return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
 
 
+async def record_download(request: web.Request, doc: dict[str, Any], *, kind: str, sha256: str) -> None:
+    """A download of a stored object is a fixity event (who, which object, its hash), written before a
+    byte leaves; the audit log says the same for the security side."""
+    principal = request[PRINCIPAL]
+
+    def write(conn: sqlite3.Connection) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            fixity.add_event(conn, event="download", actor=principal.actor, document_id=int(doc["id"]),
+                             object_sha256=sha256, original_sha256=doc["sha256"],
+                             detail={"kind": kind, "remote": request.remote})
+            conn.commit()
+        except BaseException:
+            conn.rollback()
+            raise
+
+    await request.app[AUTH_DB].call(write)
+
+
 async def original(request: web.Request) -> web.StreamResponse:
     require(request, "operator")
     doc = await _document_or_404(request)
@@ -303,7 +323,7 @@ async def original(request: web.Request) -> web.StreamResponse:
     # Audited before a byte leaves: who took which original is the question a curious operator raises.
     await audit(request, "download_original", str(doc["id"]),
                 {"sha256": doc["sha256"], "filename": doc["filename"], "device": doc["device"]})
-    await fixity.record_download(request, doc, kind=fixity.ORIGINAL, sha256=doc["sha256"])
+    await record_download(request, doc, kind=fixity.ORIGINAL, sha256=doc["sha256"])
     return web.FileResponse(path, headers={"Content-Type": doc["media_type"],
                                            "Content-Disposition": content_disposition(doc["filename"]),
                                            "X-Content-SHA256": doc["sha256"]})

@@ -30,6 +30,7 @@ from central.handlers import (
     _int_param,
     _text_param,
     content_disposition,
+    record_download,
 )
 from central.state import AUTH_DB, CONFIG, READER
 from central.storage import ObjectStore
@@ -63,7 +64,7 @@ async def archival(request: web.Request) -> web.StreamResponse:
                           hint="run `sohoa central verify`: it queues the copy to be built again")
     await audit(request, "download_archival", str(doc["id"]),
                 {"sha256": sha, "original_sha256": doc["sha256"], "device": doc["device"]})
-    await fixity.record_download(request, doc, kind=fixity.ARCHIVAL, sha256=sha)
+    await record_download(request, doc, kind=fixity.ARCHIVAL, sha256=sha)
     stem = doc["filename"].rsplit(".", 1)[0] if "." in doc["filename"] else doc["filename"]
     disposition = content_disposition(f"{stem} (lưu trữ).pdf")
     return web.FileResponse(path, headers={"Content-Type": "application/pdf",
