@@ -13,9 +13,9 @@ import dataclasses
 import signal
 from pathlib import Path
 
-from central.app import serve_config
 from central.config import CentralConfig, load_config
 from central.errors import ConfigError
+from central.http.app import serve_config
 
 
 async def serve(home: Path, *, ready: asyncio.Event | None = None, worker: str | None = None) -> None:

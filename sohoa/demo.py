@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from central import commands as central_commands
 from central import worker as central_worker
+from central.admin import commands as central_commands
 from edge import cli as edge_cli
 from edge import config as edge_config
 from edge.service import EdgeService

@@ -26,8 +26,8 @@ from typing import Any
 
 import pytest
 
-from central import commands as central_commands
 from central import worker as central_worker
+from central.admin import commands as central_commands
 from central.paths import CentralPaths
 from edge import cli as edge_cli
 from edge import config as edge_config

@@ -12,13 +12,13 @@ import nacl.signing
 from aiohttp import web
 from pytest_aiohttp.plugin import AiohttpClient, AiohttpServer
 
-from central.app import create_app
 from central.config import CentralConfig
+from central.http.app import create_app
+from central.http.state import INGEST
+from central.ingest.mqtt import MqttClient
+from central.ingest.service import IngestService, IngestStarter
 from central.keys import CentralKeys
 from central.metrics import Metrics
-from central.mqtt import MqttClient
-from central.service import IngestService, IngestStarter
-from central.state import INGEST
 from protocol.messages import Ack, AckState, Message, Receipt, Status, decode, encode
 from tests.central.builders import Sealed, seal_document
 from tests.central.conftest import Enroll

@@ -10,8 +10,8 @@ import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-from central import commands as central_commands
 from central import worker as central_worker
+from central.admin import commands as central_commands
 from central.storage import ObjectStore
 from edge import cli as edge_cli
 from edge.config import EdgeConfig

@@ -13,8 +13,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from central import commands as central_commands
 from central import worker as central_worker
+from central.admin import commands as central_commands
 from edge import cli as edge_cli
 from edge import config as edge_config
 from edge.config import EdgeConfig

@@ -1,6 +1,6 @@
 """Login rate limiting: failed attempts per key (client address, operator name) in a sliding window.
 
-Kept apart from ``central.auth`` so the app's typed keys (``central.state``) can name it without
+Kept apart from ``central.http.auth`` so the app's typed keys (``central.http.state``) can name it without
 importing the handlers that read those keys.
 """
 

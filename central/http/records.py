@@ -1,7 +1,7 @@
 """HTTP handlers for the archive's records (issue 9): the archival copy, metadata corrections and their
-history, a document's fixity events, and the metadata export. Registered by ``central.app`` from
-``ROUTES``; roles, CSRF and JSON errors work as for every other route (``central.auth``,
-``central.handlers``).
+history, a document's fixity events, and the metadata export. Registered by ``central.http.app`` from
+``ROUTES``; roles, CSRF and JSON errors work as for every other route (``central.http.auth``,
+``central.http.handlers``).
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ from typing import Any
 
 from aiohttp import web
 
-from central import archive_jobs, catalog, corrections, export, fixity
-from central.auth import audit, require
+from central import catalog
+from central.catalog import fixity
 from central.fsutil import make_private_dir
-from central.handlers import (
+from central.http.auth import audit, require
+from central.http.handlers import (
     MAX_LIMIT,
     _bad_request,
     _device_param,
@@ -32,7 +33,8 @@ from central.handlers import (
     content_disposition,
     record_download,
 )
-from central.state import AUTH_DB, CONFIG, READER
+from central.http.state import AUTH_DB, CONFIG, READER
+from central.records import archive_jobs, corrections, export
 from central.storage import ObjectStore
 from protocol.schemas import DEFAULT_TEMPLATE, Template
 

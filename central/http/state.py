@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from central.admin.operators import Principal
+from central.catalog.db import Database
 from central.config import CentralConfig
-from central.db import Database
-from central.limiter import LoginLimiter
+from central.http.limiter import LoginLimiter
+from central.ingest.service import IngestSupervisor
 from central.metrics import Metrics
-from central.operators import Principal
-from central.service import IngestSupervisor
 
 CONFIG = web.AppKey("config", CentralConfig)
 METRICS = web.AppKey("metrics", Metrics)

@@ -38,12 +38,13 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from central import catalog, fixity
-from central.archive_build import BuildRequest
-from central.archive_sign import CERT_NAME, DEFAULT_ARCHIVE_NAME, KEY_NAME, ensure_signing_identity
-from central.db import Database
+from central import catalog
+from central.catalog import fixity
+from central.catalog.db import Database
 from central.fsutil import make_private_dir
 from central.paths import CentralPaths
+from central.records.archive_build import BuildRequest
+from central.records.archive_sign import CERT_NAME, DEFAULT_ARCHIVE_NAME, KEY_NAME, ensure_signing_identity
 from central.storage import ObjectStore, file_sha256
 
 log = logging.getLogger("sohoa.central.archive")
@@ -262,7 +263,8 @@ class LeaseLost(Exception):
 
 
 class ArchiveWorker:
-    """Claims due jobs one at a time and builds each in a child process (``central.archive_build``)."""
+    """Claims due jobs one at a time and builds each in a child process
+    (``central.records.archive_build``)."""
 
     def __init__(self, paths: CentralPaths, db: Database, settings: WorkerSettings | None = None, *,
                  archive_name: str = DEFAULT_ARCHIVE_NAME) -> None:
@@ -395,7 +397,7 @@ class ArchiveWorker:
                                key=keys / KEY_NAME, cert=keys / CERT_NAME,
                                address_space_mib=self.settings.address_space_mib, parent_pid=os.getpid())
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "central.archive_build", stdin=asyncio.subprocess.PIPE,
+            sys.executable, "-m", "central.records.archive_build", stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         talk = asyncio.ensure_future(proc.communicate(request.to_json()))
         loop = asyncio.get_running_loop()

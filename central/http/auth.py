@@ -18,9 +18,10 @@ from typing import Any
 
 from aiohttp import web
 
-from central import catalog, operators
-from central.operators import Principal
-from central.state import AUTH_DB, CONFIG, LIMITER, PRINCIPAL
+from central import catalog
+from central.admin import operators
+from central.admin.operators import Principal
+from central.http.state import AUTH_DB, CONFIG, LIMITER, PRINCIPAL
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 COOKIE = "sohoa_session"

@@ -22,8 +22,9 @@ from typing import Any
 import nacl.signing
 import tomli_w
 
-from central import catalog, operators, tls
-from central.broker_config import (
+from central import catalog
+from central.admin import operators, tls
+from central.admin.broker_config import (
     CENTRAL_USER,
     add_users,
     is_ip,
@@ -112,7 +113,7 @@ def init(home: Path, *, broker_url: str = "mqtt://127.0.0.1:1883", http: str = "
             make_private_dir(directory)
         generate_keys(paths)
         # Imported here: pyHanko and cryptography are central's archive, not every `sohoa` command's.
-        from central.archive_sign import DEFAULT_ARCHIVE_NAME, ensure_signing_identity  # noqa: PLC0415
+        from central.records.archive_sign import DEFAULT_ARCHIVE_NAME, ensure_signing_identity  # noqa: PLC0415
 
         # never replaced: the archive certificate signs every archival copy
         ensure_signing_identity(paths.keys, archive_name=archive_name or DEFAULT_ARCHIVE_NAME)
@@ -385,8 +386,8 @@ def token_revoke(home: Path, name: str, *, actor: str = "cli") -> None:
 
 def verify(home: Path, *, actor: str = "cli") -> list[str]:
     """Re-hash every stored object (originals, packages, archival copies), record the outcome as fixity
-    events, and return the problems (see ``central.fixity.verify_store``)."""
-    from central.fixity import verify_store  # noqa: PLC0415 - keeps the other commands free of aiohttp
+    events, and return the problems (see ``central.catalog.fixity.verify_store``)."""
+    from central.catalog.fixity import verify_store  # noqa: PLC0415 - keeps the other commands free of aiohttp
 
     paths = load_config(home).paths
     catalog.connect(paths.catalog).close()   # an older catalog is migrated first (a no-op when current)
