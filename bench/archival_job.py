@@ -21,11 +21,12 @@ from pathlib import Path
 import pikepdf
 
 from bench.archival_pdfa import ocr, pdfa_checks, scanner_pdf, word_recall
-from central import catalog, commands
-from central.archive_jobs import ArchiveWorker
+from central import catalog
+from central.admin import commands
+from central.catalog.db import Database
 from central.config import load_config
-from central.db import Database
 from central.keys import load_keys
+from central.records.archive_jobs import ArchiveWorker
 from central.storage import ObjectStore
 from tests.central.conftest import read_bundle
 from tests.central.records_builders import ingest

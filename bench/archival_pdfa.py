@@ -25,8 +25,8 @@ from PIL import Image
 from reportlab.pdfgen import canvas
 
 from bench.textmetrics import cer
-from central.archival import build_pdfa
-from central.archive_sign import make_signing_identity, sign_pdf
+from central.records.archival import build_pdfa
+from central.records.archive_sign import make_signing_identity, sign_pdf
 from edge.media import probe
 from edge.ocr import OcrResult, TesseractEngine
 from edge.testset import Degradation, degrade, make_document, render, truth_text

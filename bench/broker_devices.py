@@ -73,7 +73,7 @@ BACKOFF_INITIAL, BACKOFF_MAX = 1.0, 300.0   # edge/uplink.py's defaults
 SEGMENT = UplinkConfig().segment_size
 LINK_BYTES_S = 256_000 / 8    # a commune's 256 kbit/s uplink
 WINDOW = 64                   # unacked publishes per device before the generator holds back
-RECEIVE_MAXIMUM = 64          # central/mqtt.py's MqttSettings.receive_maximum
+RECEIVE_MAXIMUM = 64          # central/ingest/mqtt.py's MqttSettings.receive_maximum
 
 CONNECT, CONNACK, PUBLISH, PUBACK, SUBSCRIBE, SUBACK, PINGREQ, DISCONNECT = 1, 2, 3, 4, 8, 9, 12, 14
 

@@ -31,8 +31,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from central import commands
-from central.broker_config import MAX_QUEUED_BYTES, MAX_QUEUED_MESSAGES
+from central.admin import commands
+from central.admin.broker_config import MAX_QUEUED_BYTES, MAX_QUEUED_MESSAGES
 from central.config import load_config
 from tests.support.broker import Broker, free_port, running_broker
 

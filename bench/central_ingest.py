@@ -47,7 +47,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from bench.mqttload import DevicePlan, Plan
-from central.broker_config import hash_password
+from central.admin.broker_config import hash_password
 from central.keys import load_keys
 from central.paths import CentralPaths
 from protocol.messages import RECEIPT_IS_STORED, encode
@@ -78,7 +78,7 @@ def make_home(root: Path, code: Path, name: str) -> Home:
     """``central init`` by the code under test (its own catalog schema), on free ports."""
     home = root / name
     broker_port, device_port, http_port = free_port(), free_port(), free_port()
-    script = ("import sys; from pathlib import Path; from central import commands;"
+    script = ("import sys; from pathlib import Path; from central.admin import commands;"
               "commands.init(Path(sys.argv[1]), broker_url=sys.argv[2], http=sys.argv[3],"
               " device_url=sys.argv[4])")
     subprocess.run([sys.executable, "-c", script, str(home), f"mqtt://127.0.0.1:{broker_port}",

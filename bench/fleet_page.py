@@ -26,9 +26,10 @@ import aiohttp
 from aiohttp import web
 
 import tests.central.test_dashboard as fleet_data
-from central import catalog, commands
-from central.app import create_app
+from central import catalog
+from central.admin import commands
 from central.config import load_config
+from central.http.app import create_app
 from tests.support.broker import free_port
 
 REQUESTS = {

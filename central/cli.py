@@ -14,8 +14,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from central.admin.roles import ROLES
 from central.errors import CentralError
-from central.roles import ROLES
 from protocol.errors import ProtocolError
 
 log = logging.getLogger("sohoa.central")
@@ -38,7 +38,7 @@ def _guard(action: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Na
 
 
 def _init(args: argparse.Namespace) -> int:
-    from central import commands, tls
+    from central.admin import commands, tls
     from central.config import load_config
     given = (args.tls_cert, args.tls_key, args.tls_ca)
     if any(given) and not all(given):
@@ -57,7 +57,7 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _enroll(args: argparse.Namespace) -> int:
-    from central import commands
+    from central.admin import commands
     if args.from_csv is not None:
         if args.device_id is not None or args.out is not None or args.out_dir is None or args.replaces:
             raise CentralError("--from takes --out-dir DIR, and no DEVICE_ID, --out or --replaces (a "
@@ -78,7 +78,7 @@ def _enroll(args: argparse.Namespace) -> int:
 
 
 def _revoke(args: argparse.Namespace) -> int:
-    from central import commands
+    from central.admin import commands
     result = commands.revoke(args.home, args.device_id)
     state = "revoked" if result.was_active else "was already revoked; broker account removed again"
     broker = (f"broker (pid {result.broker_pid}) reloaded: live session cut" if result.broker_pid
@@ -94,7 +94,7 @@ def _revoke(args: argparse.Namespace) -> int:
 
 
 def _clear_clone(args: argparse.Namespace) -> int:
-    from central import commands
+    from central.admin import commands
     result = commands.clear_clone(args.home, args.device_id)
     if not result.was_flagged:
         print(f"{args.device_id} was not flagged as a possible clone")
@@ -109,14 +109,14 @@ def _read_password() -> str:
     if sys.stdin.isatty():
         first = getpass.getpass("password: ")
         if getpass.getpass("again: ") != first:
-            from central.operators import OperatorError
+            from central.admin.operators import OperatorError
             raise OperatorError("the two passwords differ")
         return first
     return sys.stdin.readline().rstrip("\r\n")
 
 
 def _user_add(args: argparse.Namespace) -> int:
-    from central import commands
+    from central.admin import commands
     commands.user_add(args.home, args.name, args.role, _read_password())
     print(f"operator {args.name} ({args.role}) saved")
     return 0
@@ -135,26 +135,26 @@ def _table(rows: list[dict[str, object]], columns: tuple[str, ...]) -> None:
 
 
 def _user_list(args: argparse.Namespace) -> int:
-    from central import commands
+    from central.admin import commands
     _table(commands.user_list(args.home), ("name", "role", "disabled", "sessions", "created_at"))
     return 0
 
 
 def _user_remove(args: argparse.Namespace) -> int:
-    from central import commands
+    from central.admin import commands
     commands.user_remove(args.home, args.name)
     print(f"operator {args.name} disabled and signed out (kept in the audit log)")
     return 0
 
 
 def _token_list(args: argparse.Namespace) -> int:
-    from central import commands
+    from central.admin import commands
     _table(commands.token_list(args.home), ("name", "role", "created_at", "revoked_at"))
     return 0
 
 
 def _device_list(args: argparse.Namespace) -> int:
-    from central import commands
+    from central.admin import commands
     rows = commands.device_list(args.home)
     for row in rows:
         row["online"] = "yes" if row["online"] else "no"
@@ -165,35 +165,35 @@ def _device_list(args: argparse.Namespace) -> int:
 
 
 def _device_remove(args: argparse.Namespace) -> int:
-    from central import commands
+    from central.admin import commands
     commands.device_remove(args.home, args.device_id)
     print(f"{args.device_id} removed (it had never sent anything); its broker account is gone")
     return 0
 
 
 def _token_create(args: argparse.Namespace) -> int:
-    from central import commands
+    from central.admin import commands
     token = commands.token_create(args.home, args.name, args.role)
     print(token)   # shown once, by design: only its hash is stored
     return 0
 
 
 def _token_revoke(args: argparse.Namespace) -> int:
-    from central import commands
+    from central.admin import commands
     commands.token_revoke(args.home, args.name)
     print(f"token {args.name} revoked")
     return 0
 
 
 def _run(args: argparse.Namespace) -> int:
-    from central import commands
+    from central import worker
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return commands.run(args.home, worker=args.worker)
+    return worker.run(args.home, worker=args.worker)
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from central import commands
+    from central.admin import commands
     problems = commands.verify(args.home)
     for problem in problems:
         print(problem)

@@ -64,7 +64,7 @@ class Metrics:
     segments_received: int = 0
     bytes_received: int = 0
     documents_ingested: int = 0
-    ingest_running: bool = False   # the ingest service is up (see central.service.IngestSupervisor)
+    ingest_running: bool = False   # the ingest service is up (see central.ingest.service.IngestSupervisor)
     ingest_failures: int = 0       # times it ended unexpectedly or could not be restarted
     ingest_errors: Counter[str] = field(default_factory=Counter)
     messages_paced: int = 0        # waited for their device's rate (central.ingest.rate)

@@ -119,7 +119,7 @@ class Will:
     topic: str
     payload: bytes
     qos: int = 1
-    retain: bool = False   # the broker refuses retain (central/broker_config.py): nothing is retained
+    retain: bool = False   # the broker refuses retain (central/admin/broker_config.py): nothing is retained
 
 
 @dataclass(frozen=True, slots=True)

@@ -246,11 +246,11 @@ def run_edge(home: Path, *, verbose: bool) -> int:
 
 def run_central(home: Path, *, verbose: bool, worker: str | None = None) -> int:
     """``sohoa central run [--worker NAME]``: ingest + HTTP under ``supervise``."""
-    from central import commands  # noqa: PLC0415 - keeps `sohoa --help` fast
+    from central import worker as central_worker  # noqa: PLC0415 - keeps `sohoa --help` fast
     from central.config import load_config  # noqa: PLC0415 - keeps `sohoa --help` fast
     from central.errors import CentralError  # noqa: PLC0415 - keeps `sohoa --help` fast
 
-    config = commands.as_worker(load_config(home), worker)   # a bad name fails before any loop starts
+    config = central_worker.as_worker(load_config(home), worker)   # a bad name fails before any loop starts
     _apply_level(config.log_level, verbose)
 
     async def main() -> None:
@@ -264,7 +264,7 @@ def run_central(home: Path, *, verbose: bool, worker: str | None = None) -> int:
             _apply_level(fresh.log_level, verbose)
             return f"log level {fresh.log_level}; other central.toml changes need a restart"
 
-        await supervise(commands.serve(home, ready=ready, worker=worker), ready=ready, reload=reload,
+        await supervise(central_worker.serve(home, ready=ready, worker=worker), ready=ready, reload=reload,
                         name=config.broker.client_id)
 
     asyncio.run(main())

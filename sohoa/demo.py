@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from central import commands as central_commands
+from central import worker as central_worker
+from central.admin import commands as central_commands
 from edge import cli as edge_cli
 from edge import config as edge_config
 from edge.service import EdgeService
@@ -75,7 +76,7 @@ async def _services(home: Path, files: list[Path], *, http_port: int, exit_when_
                     as_json: bool, give_up_after: float, login: tuple[str, str]) -> dict[str, Any]:
     central_home, edge_home = home / "central", home / "edge"
     ready = asyncio.Event()
-    central_task = asyncio.create_task(central_commands.serve(central_home, ready=ready), name="central")
+    central_task = asyncio.create_task(central_worker.serve(central_home, ready=ready), name="central")
     await asyncio.wait_for(ready.wait(), 30)
     cfg = edge_config.load(edge_home)
     # A demo should not make people wait for a slow scanner: settle after one quiet second.

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TABLES = {"central": ROOT / "central" / "static" / "i18n", "edge": ROOT / "edge" / "i18n"}
+TABLES = {"central": ROOT / "central" / "http" / "static" / "i18n", "edge": ROOT / "edge" / "i18n"}
 PLACEHOLDER = re.compile(r"\{([a-z_]+)\}")
 
 
@@ -26,8 +26,8 @@ def test_tables_match(side: str) -> None:
 
 def test_every_key_the_code_uses_exists() -> None:
     central = json.loads((TABLES["central"] / "vi.json").read_text(encoding="utf-8"))
-    script = (ROOT / "central" / "static" / "app.js").read_text(encoding="utf-8")
-    pages = "".join((ROOT / "central" / "static" / name).read_text(encoding="utf-8")
+    script = (ROOT / "central" / "http" / "static" / "app.js").read_text(encoding="utf-8")
+    pages = "".join((ROOT / "central" / "http" / "static" / name).read_text(encoding="utf-8")
                     for name in ("dashboard.html", "login.html"))
     # Whole keys only: a prefix followed by `+` (t("problem_" + d.problem)) is checked below.
     used = set(re.findall(r'\bt\("([a-z_]+)"[,)]', script))

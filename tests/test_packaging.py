@@ -35,7 +35,8 @@ def _extra(name: str) -> set[str]:
 @pytest.mark.parametrize(("side", "other", "argv", "modules"), [
     ("central", "edge", ["central", "init", "--home", "{tmp}/c", "--broker", "mqtt://127.0.0.1:1883",
                          "--http", "127.0.0.1:8080"],
-     ["central.app", "central.archive_jobs", "central.export", "central.ingest.pipeline"]),
+     ["central.http.app", "central.records.archive_jobs", "central.records.export",
+      "central.ingest.pipeline"]),
     ("edge", "central", ["edge", "status", "--home", "{tmp}/nothing"], ["edge.service", "edge.ocr.runner"]),
 ])
 def test_one_side_runs_without_the_other_sides_extra(tmp_path: Path, side: str, other: str,

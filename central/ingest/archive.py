@@ -30,9 +30,9 @@ from pathlib import Path
 import nacl.signing
 
 from central import catalog
-from central.assemble import assemble
 from central.errors import RevokedDeviceError
 from central.fsutil import fsync_dir, write_atomic
+from central.ingest.assemble import assemble
 from central.ingest.batch import Reply, count_rejection
 from central.ingest.durability import Durability
 from central.ingest.quota import Quotas

@@ -52,6 +52,7 @@ from central.ingest.compact import compact
 from central.ingest.durability import Durability
 from central.ingest.expire import EXPIRE_AFTER_S, sweep
 from central.ingest.inline import remove_stale_staging
+from central.ingest.mqtt import Inbound, MqttClient, PublishError
 from central.ingest.quota import Quotas
 from central.ingest.rate import MessageRate, Pacer, RateLimiter, Verdict, topic_device
 from central.ingest.staging import SegmentJournal
@@ -59,7 +60,6 @@ from central.ingest.store import OUR_TROUBLE, IngestStore
 from central.ingest.writer import GroupWriter
 from central.keys import CentralKeys
 from central.metrics import Metrics
-from central.mqtt import Inbound, MqttClient, PublishError
 from central.paths import CentralPaths
 from protocol.envelope import key_id
 from protocol.errors import ProtocolError

@@ -26,7 +26,8 @@ from typing import Any
 
 import pytest
 
-from central import commands as central_commands
+from central import worker as central_worker
+from central.admin import commands as central_commands
 from central.paths import CentralPaths
 from edge import cli as edge_cli
 from edge import config as edge_config
@@ -174,7 +175,7 @@ def scene(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scene]:
 
         ready = asyncio.Event()
         central_task = asyncio.run_coroutine_threadsafe(
-            central_commands.serve(central_home, ready=ready), loop
+            central_worker.serve(central_home, ready=ready), loop
         )
         run(asyncio.wait_for(ready.wait(), 30))
         cfg = edge_config.load(root / "edge")

@@ -10,7 +10,7 @@ from pathlib import Path
 import nacl.signing
 import pytest
 
-from central import commands
+from central.admin import commands
 from central.config import CentralConfig, load_config
 from central.keys import CentralKeys, load_keys, unb64
 from central.paths import CentralPaths

@@ -1,7 +1,7 @@
 """A bare paho MQTT v5 client for broker-policy tests: records CONNACKs, disconnects, PUBACK codes.
 
 Tests about what the broker allows (revocation, isolation, TLS) need to see reason codes and
-disconnects as they happen, without central.mqtt's reconnect loop hiding them.
+disconnects as they happen, without central.ingest.mqtt's reconnect loop hiding them.
 """
 
 from __future__ import annotations

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from central import catalog, commands, tls
+from central import catalog
+from central.admin import commands, tls
+from central.admin.operators import OperatorError
 from central.cli import register
 from central.config import load_config
 from central.errors import ConfigError, DeviceError
-from central.operators import OperatorError
 from tests.support.broker import free_port
 
 

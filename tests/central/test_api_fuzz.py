@@ -1,4 +1,4 @@
-"""Fuzz the JSON API against its OpenAPI description (central/openapi.json) with schemathesis.
+"""Fuzz the JSON API against its OpenAPI description (central/http/openapi.json) with schemathesis.
 
 Valid and invalid parameters, paths and bodies for every operation, against the real aiohttp app on a
 real catalog (two communes sharing one circular, a possible clone, an audit trail): no answer is a
@@ -30,16 +30,17 @@ from schemathesis.checks import (
 )
 from schemathesis.generation import GenerationMode
 
-from central import catalog, commands
-from central.app import create_app
+from central import catalog
+from central.admin import commands
 from central.config import load_config
+from central.http.app import create_app
 from central.ingest import Ingestor
 from central.keys import load_keys
 from tests.central.builders import seal_document, wire
 from tests.central.conftest import read_bundle
 from tests.support.broker import free_port
 
-SPEC = Path(__file__).resolve().parents[2] / "central" / "openapi.json"
+SPEC = Path(__file__).resolve().parents[2] / "central" / "http" / "openapi.json"
 EXAMPLES = 25      # per operation and generation mode: the whole file takes ~30-40 s on 2 busy cores
 
 schema = schemathesis.openapi.from_path(SPEC)

@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 
 from bench.archival_pdfa import pdfa_checks, scanner_pdf, word_recall
-from central.archival import build_pdfa
-from central.archive_sign import make_signing_identity, sign_pdf
+from central.records.archival import build_pdfa
+from central.records.archive_sign import make_signing_identity, sign_pdf
 from edge.media import probe
 from edge.ocr import OcrResult, TesseractEngine
 from edge.testset import Degradation, degrade, make_document, render

@@ -18,12 +18,14 @@ import pikepdf
 import pytest
 
 from bench.archival_pdfa import pdfa_checks
-from central import archive_jobs, catalog, commands
-from central.archive_jobs import ArchiveWorker, Job, WorkerSettings
-from central.archive_sign import CERT_NAME, KEY_NAME, SigningIdentityError, ensure_signing_identity
+from central import catalog
+from central.admin import commands
+from central.catalog.db import Database
 from central.config import CentralConfig
-from central.db import Database
 from central.keys import CentralKeys
+from central.records import archive_jobs
+from central.records.archive_jobs import ArchiveWorker, Job, WorkerSettings
+from central.records.archive_sign import CERT_NAME, KEY_NAME, SigningIdentityError, ensure_signing_identity
 from central.storage import ObjectStore
 from tests.central.conftest import Enroll
 from tests.central.records_builders import ingest, page_words, scanner_pdf

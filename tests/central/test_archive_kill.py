@@ -14,9 +14,9 @@ import psutil
 import pytest
 
 from central import catalog
-from central.archive_jobs import archive_tmp
 from central.config import CentralConfig
 from central.keys import CentralKeys
+from central.records.archive_jobs import archive_tmp
 from central.storage import ObjectStore
 from tests.central.conftest import Enroll
 from tests.central.records_builders import ingest, scanner_pdf
@@ -51,7 +51,8 @@ async def test_kill_9_mid_build_is_retried_once_and_leaves_one_copy(
 
         async def building() -> bool:   # the job claimed and its child at work
             try:
-                child = any("central.archive_build" in " ".join(c.cmdline()) for c in central.children())
+                child = any("central.records.archive_build" in " ".join(c.cmdline())
+                            for c in central.children())
             except psutil.Error:
                 return False
             return child and job(config).get("state") == "running"

@@ -12,12 +12,13 @@ import pytest
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp.plugin import AiohttpClient
 
-from central import catalog, commands
-from central.app import create_app
+from central import catalog
+from central.admin import commands
+from central.admin.operators import OperatorError
 from central.config import CentralConfig
+from central.http.app import create_app
 from central.ingest import Ingestor
 from central.keys import CentralKeys
-from central.operators import OperatorError
 from tests.central.builders import seal_document, wire
 from tests.central.conftest import Enroll
 

@@ -8,9 +8,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from central.broker_config import check_password, hash_password
+from central.admin.broker_config import check_password, hash_password
 from central.config import CentralConfig
-from central.mqtt import MqttClient, MqttSettings, PublishError
+from central.ingest.mqtt import MqttClient, MqttSettings, PublishError
 from tests.central.conftest import Enroll
 from tests.support.broker import Broker
 

@@ -11,7 +11,7 @@ import uuid
 
 import psutil
 
-from central.broker_config import MAX_PACKET_SIZE, MAX_QUEUED_BYTES, MAX_QUEUED_MESSAGES
+from central.admin.broker_config import MAX_PACKET_SIZE, MAX_QUEUED_BYTES, MAX_QUEUED_MESSAGES
 from central.config import CentralConfig
 from tests.central import rawmqtt
 from tests.central.conftest import Enroll
@@ -125,7 +125,7 @@ def test_retained_flood_is_refused_and_leaves_nothing(config: CentralConfig, cen
 
 
 def test_queue_bounds_in_the_generated_config(config: CentralConfig) -> None:
-    # The bounds, their reasoning and the measured figures: central/broker_config.py,
+    # The bounds, their reasoning and the measured figures: central/admin/broker_config.py,
     # docs/THREAT_MODEL.md §2 (python -m bench.broker_queue).
     conf = config.paths.mosquitto_conf.read_text()
     for line in (f"max_queued_messages {MAX_QUEUED_MESSAGES}", f"max_queued_bytes {MAX_QUEUED_BYTES}",

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from central import broker_config, catalog
+from central import catalog
+from central.admin import broker_config
 from central.cli import register
 from central.config import load_config
 from tests.central.conftest import read_bundle
@@ -22,7 +23,8 @@ from tests.support.broker import free_port, running_broker, wait_for_port
 ROOT = Path(__file__).resolve().parents[2]
 DRIVER = """\
 import argparse, sys
-from central import broker_config, catalog
+from central.admin import broker_config
+from central import catalog
 from central.cli import register
 from central.config import load_config
 p = argparse.ArgumentParser(prog="sohoa")

@@ -16,10 +16,11 @@ import pytest
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp.plugin import AiohttpClient
 
-from central import catalog, commands
-from central.app import create_app
+from central import catalog
+from central.admin import commands
 from central.config import CentralConfig
 from central.errors import ReplayError, SequenceReusedError
+from central.http.app import create_app
 from central.keys import CentralKeys
 from protocol.messages import Ack, AckState, Receipt, decode, encode
 from tests.central.builders import seal_document, wire

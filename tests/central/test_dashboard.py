@@ -15,8 +15,8 @@ from aiohttp.test_utils import TestClient
 from pytest_aiohttp.plugin import AiohttpClient
 
 from central import catalog
-from central.app import create_app
 from central.config import CentralConfig
+from central.http.app import create_app
 from protocol.messages import Status, encode
 
 FLEET = 3000

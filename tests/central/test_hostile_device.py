@@ -17,7 +17,7 @@ import psutil
 import pytest
 import tomli_w
 
-from central import commands as central_commands
+from central.admin import commands as central_commands
 from central.ingest.rate import MAX_WAITING
 from edge.ocr import FakeOcrEngine
 from protocol.messages import Ack, AckState, Segment, decode, encode

@@ -17,7 +17,7 @@ import nacl.signing
 import pytest
 
 from central import catalog
-from central.commands import verify
+from central.admin.commands import verify
 from central.config import CentralConfig
 from central.errors import CatalogError
 from central.ingest import Ingestor, Reply, max_ciphertext_size

@@ -9,10 +9,11 @@ import secrets
 
 import pytest
 
-from central import archive_jobs, catalog
+from central import catalog
 from central.config import CentralConfig
 from central.ingest import Ingestor, Reply, batch
 from central.keys import CentralKeys
+from central.records import archive_jobs
 from protocol.messages import Ack, AckState, Noted, NoticeState, Receipt, encode
 from tests.central.builders import Sealed, seal_document, seal_notice_for, wire
 from tests.central.conftest import Bundle, Enroll
@@ -241,7 +242,7 @@ def test_a_correction_of_a_notice_only_document_survives_whatever_original_comes
     device and transfer): it stays on the document the drop became, with its history, instead of
     blocking the original's catalogue entry (it used to: the notice's row was deleted, FOREIGN KEY
     failed on the correction, and the transfer was never catalogued)."""
-    from central import corrections  # noqa: PLC0415
+    from central.records import corrections  # noqa: PLC0415
 
     ingestor, device = setup
     drop = Drop(device, central_keys, 1)

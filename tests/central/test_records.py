@@ -19,12 +19,13 @@ import pytest
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp.plugin import AiohttpClient
 
-from central import catalog, commands
-from central.app import create_app
-from central.archive_jobs import ArchiveWorker
+from central import catalog
+from central.admin import commands
+from central.catalog.db import Database
 from central.config import CentralConfig
-from central.db import Database
+from central.http.app import create_app
 from central.keys import CentralKeys
+from central.records.archive_jobs import ArchiveWorker
 from protocol.schemas import TEMPLATES
 from tests.central.conftest import Enroll
 from tests.central.records_builders import FIELDS, Ingested, ingest, scanner_pdf

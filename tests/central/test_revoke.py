@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from pytest_aiohttp.plugin import AiohttpClient
 
-from central import commands
-from central.app import create_app
+from central.admin import commands
 from central.config import CentralConfig
 from central.errors import DeviceError, EnrollError
+from central.http.app import create_app
 from central.keys import CentralKeys
 from protocol.messages import Ack, AckState, Message, decode, encode
 from tests.central import rawmqtt

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from pytest_aiohttp.plugin import AiohttpClient
 
-from central import commands
-from central.app import create_app
+from central.admin import commands
 from central.config import CentralConfig
+from central.http.app import create_app
 from central.keys import CentralKeys, b64
 from tests.central.builders import seal_document
 from tests.central.conftest import Enroll

@@ -14,13 +14,13 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from pytest_aiohttp.plugin import AiohttpClient, AiohttpServer
 
-from central.app import create_app
 from central.config import CentralConfig
+from central.http.app import create_app
+from central.http.state import INGEST
+from central.ingest.mqtt import MqttClient
+from central.ingest.service import IngestService, IngestStarter
 from central.keys import CentralKeys
 from central.metrics import Metrics
-from central.mqtt import MqttClient
-from central.service import IngestService, IngestStarter
-from central.state import INGEST
 from protocol.messages import RECEIPT_IS_STORED, Ack, AckState, Message, Receipt, Status, decode, encode
 from tests.central.builders import Sealed, seal_document
 from tests.central.conftest import Enroll

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from central import commands, tls
-from central.broker_config import MAX_PACKET_SIZE
+from central.admin import commands, tls
+from central.admin.broker_config import MAX_PACKET_SIZE
 from central.config import CentralConfig, load_config
 from central.errors import ConfigError
 from protocol.messages import MAX_SEGMENT

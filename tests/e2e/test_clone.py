@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from central import commands as central_commands
+from central.admin import commands as central_commands
 from edge import cli as edge_cli
 from edge import config as edge_config
 from edge.alarms import IDENTITY_CLASH

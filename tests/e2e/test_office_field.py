@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from central import commands as central_commands
+from central.admin import commands as central_commands
 from edge import cli as edge_cli
 from edge.cli import status_report
 from edge.ocr import FakeOcrEngine

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from central import commands
+from central.admin import commands
 from edge import cli as edge_cli
 from edge.config import ConfigError
 from edge.outbox import Outbox

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from central import commands as central_commands
+from central.admin import commands as central_commands
 from edge import cli as edge_cli
 from tests.faults.jepsen import CatalogView
 from tests.faults.scenario import catalog, catalog_postgres, query

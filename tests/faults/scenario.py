@@ -10,7 +10,8 @@ import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-from central import commands as central_commands
+from central import worker as central_worker
+from central.admin import commands as central_commands
 from central.storage import ObjectStore
 from edge import cli as edge_cli
 from edge.config import EdgeConfig
@@ -99,7 +100,7 @@ async def running_edge(deployment: Deployment, cfg: EdgeConfig) -> AsyncIterator
     """Like ``tests.support.deployment.running`` (fake OCR), but the edge's task is handed out too,
     so a scenario can assert that the service is still alive (no crash, no crash loop)."""
     ready = asyncio.Event()
-    central_task = asyncio.create_task(central_commands.serve(deployment.central_home, ready=ready))
+    central_task = asyncio.create_task(central_worker.serve(deployment.central_home, ready=ready))
     await asyncio.wait_for(ready.wait(), 30)
     service = EdgeService(cfg, ocr_engine=FakeOcrEngine())
     edge_task = asyncio.create_task(service.run())

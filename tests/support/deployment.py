@@ -13,7 +13,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from central import commands as central_commands
+from central import worker as central_worker
+from central.admin import commands as central_commands
 from edge import cli as edge_cli
 from edge import config as edge_config
 from edge.config import EdgeConfig
@@ -93,7 +94,7 @@ async def running(deployment: Deployment, *, ocr_engine: OcrEngine | None = None
                   edge_config: EdgeConfig | None = None, **intake: float) -> AsyncIterator[EdgeService]:
     """Central and edge in this event loop; cancelled (like SIGTERM) on exit."""
     ready = asyncio.Event()
-    central_task = asyncio.create_task(central_commands.serve(deployment.central_home, ready=ready))
+    central_task = asyncio.create_task(central_worker.serve(deployment.central_home, ready=ready))
     await asyncio.wait_for(ready.wait(), 30)
     service = EdgeService(edge_config or deployment.edge_config(**intake), ocr_engine=ocr_engine)
     edge_task = asyncio.create_task(service.run())

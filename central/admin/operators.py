@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 import nacl.exceptions
 import nacl.pwhash
 
+from central.admin.roles import ROLES  # one list, also read by the CLI without importing this module
 from central.catalog import utc_now
 from central.errors import CentralError
-from central.roles import ROLES  # one list, also read by the CLI without importing this module
 
 SESSION_TTL_S = 8 * 3600
 MIN_PASSWORD = 12

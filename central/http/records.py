@@ -1,7 +1,7 @@
 """HTTP handlers for the archive's records (issue 9): the archival copy, metadata corrections and their
-history, a document's fixity events, and the metadata export. Registered by ``central.app`` from
-``ROUTES``; roles, CSRF and JSON errors work as for every other route (``central.auth``,
-``central.handlers``).
+history, a document's fixity events, and the metadata export. Registered by ``central.http.app`` from
+``ROUTES``; roles, CSRF and JSON errors work as for every other route (``central.http.auth``,
+``central.http.handlers``).
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ from typing import Any
 
 from aiohttp import web
 
-from central import archive_jobs, catalog, corrections, export, fixity
-from central.auth import audit, require
+from central import catalog
+from central.catalog import fixity
 from central.fsutil import make_private_dir
-from central.handlers import (
+from central.http.auth import audit, require
+from central.http.handlers import (
     MAX_LIMIT,
     _bad_request,
     _device_param,
@@ -30,8 +31,10 @@ from central.handlers import (
     _int_param,
     _text_param,
     content_disposition,
+    record_download,
 )
-from central.state import AUTH_DB, CONFIG, READER
+from central.http.state import AUTH_DB, CONFIG, READER
+from central.records import archive_jobs, corrections, export
 from central.storage import ObjectStore
 from protocol.schemas import DEFAULT_TEMPLATE, Template
 
@@ -63,7 +66,7 @@ async def archival(request: web.Request) -> web.StreamResponse:
                           hint="run `sohoa central verify`: it queues the copy to be built again")
     await audit(request, "download_archival", str(doc["id"]),
                 {"sha256": sha, "original_sha256": doc["sha256"], "device": doc["device"]})
-    await fixity.record_download(request, doc, kind=fixity.ARCHIVAL, sha256=sha)
+    await record_download(request, doc, kind=fixity.ARCHIVAL, sha256=sha)
     stem = doc["filename"].rsplit(".", 1)[0] if "." in doc["filename"] else doc["filename"]
     disposition = content_disposition(f"{stem} (lưu trữ).pdf")
     return web.FileResponse(path, headers={"Content-Type": "application/pdf",

@@ -1,7 +1,7 @@
 """The ingest service: MQTT in → the ingest pipeline (central.ingest.pipeline) → acks and receipts out.
 
 Runs as one TaskGroup (named tasks ``mqtt`` and the pipeline's) inside the web app's cleanup context,
-and ``central.app.serve_config`` runs that app until cancelled.
+and ``central.http.app.serve_config`` runs that app until cancelled.
 
 ``IngestSupervisor`` keeps it running: the HTTP side outlives an ingest that dies of an unexpected
 error, so without it /healthz would say ok while nothing is received. A dead service is logged,
@@ -19,13 +19,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from central.config import CentralConfig
+from central.ingest.mqtt import MqttClient, MqttSettings
 from central.ingest.pipeline import IngestCore, IngestPipeline, PipelineSettings
 from central.ingest.quota import Quotas
 from central.ingest.rate import MessageRate
 from central.ingest.writer import GroupWriter
 from central.keys import load_keys
 from central.metrics import Metrics
-from central.mqtt import MqttClient, MqttSettings
 from protocol.topics import CENTRAL_SHARED_FILTER
 
 log = logging.getLogger("sohoa.central.service")

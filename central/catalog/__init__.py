@@ -19,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from central import records_schema
+from central.catalog import records_schema
 from central.errors import CatalogError
 from protocol.errors import ProtocolError
 from protocol.names import fold
@@ -33,7 +33,7 @@ log = logging.getLogger("sohoa.central.catalog")
 # hourly ``device_history`` for the device page's chart; transfer state lives in the catalog (signed
 # size, held ranges) so several workers can share it, segments point into the shared segment journal,
 # ``jobs`` holds assemblies to run. v4 (issue 9): archival-copy jobs, metadata corrections, fixity
-# events beyond ingest (``central.records_schema``). v5 (issue 9, progressive sync): a document may be
+# events beyond ingest (``central.catalog.records_schema``). v5 (issue 9, progressive sync): a document may be
 # catalogued from its notice before its original is stored (``state`` 'awaiting_original', no object
 # yet, so ``documents.sha256`` no longer references ``objects``), and ``notices`` records each notice
 # taken. v6 (issue 7, hostile devices): per-device admission state on ``devices`` (init token
@@ -1112,7 +1112,7 @@ def complete_document(conn: sqlite3.Connection, doc_id: int, doc: NewDocument) -
     """The original of an arrival catalogued from its notice is stored: the same row (same id, so
     whatever a clerk found or bookmarked stays valid) takes the package's name, text and metadata,
     which are authoritative, and its object; an archival-copy job is made at once if the job
-    reconciler's cursor has already passed this id (``central.archive_jobs.enqueue_new``)."""
+    reconciler's cursor has already passed this id (``central.records.archive_jobs.enqueue_new``)."""
     conn.execute("INSERT INTO objects (sha256, size, media_type, stored_at) VALUES (?, ?, ?, ?)"
                  " ON CONFLICT (sha256) DO NOTHING", (doc.sha256, doc.size, doc.media_type, doc.received_at))
     conn.execute(

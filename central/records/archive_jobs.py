@@ -38,13 +38,13 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from central import catalog, fixity
-from central.archive_build import BuildRequest
-from central.archive_sign import CERT_NAME, DEFAULT_ARCHIVE_NAME, KEY_NAME, ensure_signing_identity
-from central.db import Database
+from central import catalog
+from central.catalog import fixity
+from central.catalog.db import Database
 from central.fsutil import make_private_dir
 from central.paths import CentralPaths
-from central.state import CONFIG
+from central.records.archive_build import BuildRequest
+from central.records.archive_sign import CERT_NAME, DEFAULT_ARCHIVE_NAME, KEY_NAME, ensure_signing_identity
 from central.storage import ObjectStore, file_sha256
 
 log = logging.getLogger("sohoa.central.archive")
@@ -263,7 +263,8 @@ class LeaseLost(Exception):
 
 
 class ArchiveWorker:
-    """Claims due jobs one at a time and builds each in a child process (``central.archive_build``)."""
+    """Claims due jobs one at a time and builds each in a child process
+    (``central.records.archive_build``)."""
 
     def __init__(self, paths: CentralPaths, db: Database, settings: WorkerSettings | None = None, *,
                  archive_name: str = DEFAULT_ARCHIVE_NAME) -> None:
@@ -396,7 +397,7 @@ class ArchiveWorker:
                                key=keys / KEY_NAME, cert=keys / CERT_NAME,
                                address_space_mib=self.settings.address_space_mib, parent_pid=os.getpid())
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "central.archive_build", stdin=asyncio.subprocess.PIPE,
+            sys.executable, "-m", "central.records.archive_build", stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         talk = asyncio.ensure_future(proc.communicate(request.to_json()))
         loop = asyncio.get_running_loop()
@@ -446,22 +447,25 @@ def _hashes_to(path: Path, sha256: str) -> bool:
 ARCHIVE_WORKER: web.AppKey[ArchiveWorker] = web.AppKey("archive_worker")
 
 
-async def worker_ctx(app: web.Application) -> AsyncIterator[None]:
-    """cleanup_ctx: the archival worker, with its own catalog connection, for the app's lifetime."""
-    paths = app[CONFIG].paths
-    db = Database(paths.catalog, readonly=False, name="catalog-archive")
-    worker = ArchiveWorker(paths, db)
-    try:
-        await worker.start()
-    except BaseException:
-        await db.close()
-        raise
-    app[ARCHIVE_WORKER] = worker
-    task = asyncio.create_task(worker.run(), name="archive-worker")
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await db.close()
+def worker_ctx(paths: CentralPaths) -> Callable[[web.Application], AsyncIterator[None]]:
+    """A cleanup_ctx running the archival worker, with its own catalog connection, for the app's lifetime."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        db = Database(paths.catalog, readonly=False, name="catalog-archive")
+        worker = ArchiveWorker(paths, db)
+        try:
+            await worker.start()
+        except BaseException:
+            await db.close()
+            raise
+        app[ARCHIVE_WORKER] = worker
+        task = asyncio.create_task(worker.run(), name="archive-worker")
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await db.close()
+
+    return ctx

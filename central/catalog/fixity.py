@@ -16,11 +16,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiohttp import web
-
 from central import catalog
 from central.paths import CentralPaths
-from central.state import AUTH_DB, PRINCIPAL
 from central.storage import ObjectStore, file_sha256
 
 log = logging.getLogger("sohoa.central.fixity")
@@ -156,24 +153,3 @@ def verify_store(paths: CentralPaths, *, actor: str = "cli") -> VerifyReport:
     log.info("verified %d stored objects (%d bytes) in %.1f s: %d problem(s)", report.checked, report.bytes,
              report.seconds, len(report.problems))
     return report
-
-
-# -- downloads ----------------------------------------------------------------------------------------------
-
-async def record_download(request: web.Request, doc: dict[str, Any], *, kind: str, sha256: str) -> None:
-    """A download of a stored object is a fixity event (who, which object, its hash), written before a
-    byte leaves; the audit log says the same for the security side."""
-    principal = request[PRINCIPAL]
-
-    def write(conn: sqlite3.Connection) -> None:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            add_event(conn, event="download", actor=principal.actor, document_id=int(doc["id"]),
-                      object_sha256=sha256, original_sha256=doc["sha256"],
-                      detail={"kind": kind, "remote": request.remote})
-            conn.commit()
-        except BaseException:
-            conn.rollback()
-            raise
-
-    await request.app[AUTH_DB].call(write)

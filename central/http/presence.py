@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from aiohttp import web
 
 from central import catalog
-from central.state import AUTH_DB, READER
+from central.http.state import AUTH_DB, READER
 
 log = logging.getLogger("sohoa.central.presence")
 

@@ -1,6 +1,6 @@
-"""Build and sign one archival copy, in a child process: ``python -m central.archive_build``.
+"""Build and sign one archival copy, in a child process: ``python -m central.records.archive_build``.
 
-The archival worker (``central.archive_jobs``) starts one child per job, hands it a JSON request on
+The archival worker (``central.records.archive_jobs``) starts one child per job, hands it a JSON request on
 stdin and reads a JSON answer on stdout. A child because the work is CPU-heavy (it would compete
 with ingest for the GIL) and decodes images a device sent (an address-space limit bounds what one
 hostile page can take; a kill on timeout ends it cleanly, which a thread cannot).
@@ -90,8 +90,8 @@ def read_package(package: Path) -> tuple[PackageMetadata, str]:
 
 def build(request: BuildRequest) -> dict[str, Any]:
     # Imported here: the parent imports this module for BuildRequest without pikepdf/pyHanko.
-    from central.archival import build_pdfa  # noqa: PLC0415
-    from central.archive_sign import sign_pdf  # noqa: PLC0415
+    from central.records.archival import build_pdfa  # noqa: PLC0415
+    from central.records.archive_sign import sign_pdf  # noqa: PLC0415
 
     started = time.monotonic()
     metadata, hocr = read_package(request.package)

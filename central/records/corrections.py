@@ -17,7 +17,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from central import archive_jobs, catalog, fixity
+from central import catalog
+from central.catalog import fixity
+from central.records import archive_jobs
 from protocol.bag import DOCUMENT_FIELDS
 
 # Longest accepted value per field (characters, after NFC): a number/symbol is short, a subject

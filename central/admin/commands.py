@@ -1,20 +1,18 @@
 """The operator commands as plain functions: the CLI and the demo call these, tests too.
 
 ``init`` makes a home (keys, config, broker files, API token), ``enroll`` adds one device and
-writes its secret bundle, ``serve``/``run`` run ingest and HTTP until told to stop.
+writes its secret bundle, ``revoke``, ``user_*``, ``token_*`` and ``verify`` change or check one home.
+Running a central worker is ``central.worker``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import csv
-import dataclasses
 import json
 import logging
 import secrets
 import shutil
-import signal
 import sqlite3
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,8 +22,9 @@ from typing import Any
 import nacl.signing
 import tomli_w
 
-from central import catalog, operators, tls
-from central.broker_config import (
+from central import catalog
+from central.admin import operators, tls
+from central.admin.broker_config import (
     CENTRAL_USER,
     add_users,
     is_ip,
@@ -114,7 +113,7 @@ def init(home: Path, *, broker_url: str = "mqtt://127.0.0.1:1883", http: str = "
             make_private_dir(directory)
         generate_keys(paths)
         # Imported here: pyHanko and cryptography are central's archive, not every `sohoa` command's.
-        from central.archive_sign import DEFAULT_ARCHIVE_NAME, ensure_signing_identity  # noqa: PLC0415
+        from central.records.archive_sign import DEFAULT_ARCHIVE_NAME, ensure_signing_identity  # noqa: PLC0415
 
         # never replaced: the archive certificate signs every archival copy
         ensure_signing_identity(paths.keys, archive_name=archive_name or DEFAULT_ARCHIVE_NAME)
@@ -433,44 +432,9 @@ def token_revoke(home: Path, name: str, *, actor: str = "cli") -> None:
 
 def verify(home: Path, *, actor: str = "cli") -> list[str]:
     """Re-hash every stored object (originals, packages, archival copies), record the outcome as fixity
-    events, and return the problems (see ``central.fixity.verify_store``)."""
-    from central.fixity import verify_store  # noqa: PLC0415 - keeps the other commands free of aiohttp
+    events, and return the problems (see ``central.catalog.fixity.verify_store``)."""
+    from central.catalog.fixity import verify_store  # noqa: PLC0415 - keeps the other commands free of aiohttp
 
     paths = load_config(home).paths
     catalog.connect(paths.catalog).close()   # an older catalog is migrated first (a no-op when current)
     return verify_store(paths, actor=actor).problems
-
-
-async def serve(home: Path, *, ready: asyncio.Event | None = None, worker: str | None = None) -> None:
-    """Run ingest and HTTP until cancelled; ``worker`` names one of several processes on this home."""
-    from central.app import serve_config  # noqa: PLC0415 - keeps `init` free of aiohttp/paho
-
-    await serve_config(as_worker(load_config(home), worker), ready=ready)
-
-
-def as_worker(config: CentralConfig, worker: str | None) -> CentralConfig:
-    """The config of worker ``worker``: its own MQTT client id (and so its own session and segment
-    journal) on the shared subscription; everything else shared through the catalog."""
-    if worker is None:
-        return config
-    if not worker or len(worker) > 32 or not all(c.isalnum() or c in "-_" for c in worker):
-        raise ConfigError(f"--worker {worker!r} must be 1-32 letters, digits, '-' or '_'")
-    return dataclasses.replace(config, broker=dataclasses.replace(
-        config.broker, client_id=f"{config.broker.client_id}-{worker}"))
-
-
-def run(home: Path, *, worker: str | None = None) -> int:
-    """``asyncio.run(serve)``, with SIGTERM and SIGINT turned into a clean shutdown."""
-    as_worker(load_config(home), worker)   # fail fast with a config error, before any loop starts
-
-    async def main() -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, task.cancel)
-        with contextlib.suppress(asyncio.CancelledError):
-            await serve(home, worker=worker)
-
-    asyncio.run(main())
-    return 0

@@ -1,6 +1,6 @@
 """HTTP handlers for DESIGN §7: JSON API, /metrics, /healthz, the dashboard and admin actions.
 
-Authentication happens in ``central.auth``; handlers only say which role they need.
+Authentication happens in ``central.http.auth``; handlers only say which role they need.
 
 Errors become HTTP statuses here and nowhere else; stored files are served by their hash path,
 with the sender's name only ever in a Content-Disposition header.
@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import re
+import sqlite3
 from collections.abc import Awaitable, Callable
 from datetime import UTC, date, datetime, timedelta, timezone
 from importlib import resources
@@ -21,12 +22,15 @@ from urllib.parse import quote
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from central import catalog, commands, corrections, fixity
-from central.auth import audit, require
+from central import catalog
+from central.admin import commands
+from central.catalog import fixity
 from central.errors import DeviceError
+from central.http.auth import audit, require
+from central.http.preview import PreviewCache, PreviewError
+from central.http.state import AUTH_DB, CONFIG, INGEST, METRICS, PRINCIPAL, READER
 from central.metrics import DEVICE_SERIES_MAX, Scrape, render
-from central.preview import PreviewCache, PreviewError
-from central.state import CONFIG, INGEST, METRICS, PRINCIPAL, READER
+from central.records import corrections
 from central.storage import ObjectStore
 from protocol.errors import DecodeError
 from protocol.names import check_device_id, fold
@@ -35,7 +39,7 @@ log = logging.getLogger("sohoa.central.http")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_LIMIT = 5000
-# Scripts and styles are files of our own (central/static), never inline: the policy can forbid
+# Scripts and styles are files of our own (central/http/static), never inline: the policy can forbid
 # inline script outright, so a device name or OCR text that slipped into the page could not run.
 PAGE_HEADERS = {
     "Cache-Control": "no-store",
@@ -296,6 +300,25 @@ def content_disposition(filename: str) -> str:
     return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
 
 
+async def record_download(request: web.Request, doc: dict[str, Any], *, kind: str, sha256: str) -> None:
+    """A download of a stored object is a fixity event (who, which object, its hash), written before a
+    byte leaves; the audit log says the same for the security side."""
+    principal = request[PRINCIPAL]
+
+    def write(conn: sqlite3.Connection) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            fixity.add_event(conn, event="download", actor=principal.actor, document_id=int(doc["id"]),
+                             object_sha256=sha256, original_sha256=doc["sha256"],
+                             detail={"kind": kind, "remote": request.remote})
+            conn.commit()
+        except BaseException:
+            conn.rollback()
+            raise
+
+    await request.app[AUTH_DB].call(write)
+
+
 async def original(request: web.Request) -> web.StreamResponse:
     require(request, "operator")
     doc = await _document_or_404(request)
@@ -303,7 +326,7 @@ async def original(request: web.Request) -> web.StreamResponse:
     # Audited before a byte leaves: who took which original is the question a curious operator raises.
     await audit(request, "download_original", str(doc["id"]),
                 {"sha256": doc["sha256"], "filename": doc["filename"], "device": doc["device"]})
-    await fixity.record_download(request, doc, kind=fixity.ORIGINAL, sha256=doc["sha256"])
+    await record_download(request, doc, kind=fixity.ORIGINAL, sha256=doc["sha256"])
     return web.FileResponse(path, headers={"Content-Type": doc["media_type"],
                                            "Content-Disposition": content_disposition(doc["filename"]),
                                            "X-Content-SHA256": doc["sha256"]})
@@ -311,7 +334,7 @@ async def original(request: web.Request) -> web.StreamResponse:
 
 async def openapi(request: web.Request) -> web.Response:
     """The description of this JSON API (OpenAPI 3.0), the one the fuzz test runs against."""
-    spec = resources.files("central").joinpath("openapi.json").read_text(encoding="utf-8")
+    spec = resources.files("central.http").joinpath("openapi.json").read_text(encoding="utf-8")
     return web.Response(text=spec, content_type="application/json", charset="utf-8")
 
 
@@ -364,7 +387,7 @@ async def page(request: web.Request) -> web.Response:
     """The dashboard's pages (fleet, a device, a document): one HTML shell, or the sign-in page."""
     signed_in = PRINCIPAL in request
     name = "static/dashboard.html" if signed_in else "static/login.html"
-    html = resources.files("central").joinpath(name).read_text(encoding="utf-8")
+    html = resources.files("central.http").joinpath(name).read_text(encoding="utf-8")
     # The sign-in page is a page like any other (200): a 401 document is a console error in browsers.
     return web.Response(text=html, content_type="text/html", charset="utf-8", headers=PAGE_HEADERS)
 
@@ -381,7 +404,7 @@ async def static(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     if not _STATIC_NAME.fullmatch(name):
         raise web.HTTPNotFound()
-    resource = resources.files("central").joinpath("static", *name.split("/"))
+    resource = resources.files("central.http").joinpath("static", *name.split("/"))
     if not resource.is_file():
         raise web.HTTPNotFound()
     suffix = name[name.rindex("."):]

@@ -13,53 +13,19 @@ from __future__ import annotations
 import hmac
 import json
 import secrets
-import time
-from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
-from central import catalog, operators
-from central.operators import Principal
-from central.state import AUTH_DB, CONFIG, LIMITER, PRINCIPAL
+from central import catalog
+from central.admin import operators
+from central.admin.operators import Principal
+from central.http.state import AUTH_DB, CONFIG, LIMITER, PRINCIPAL
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 COOKIE = "sohoa_session"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-LOGIN_MAX_FAILURES = 5
-LOGIN_WINDOW_S = 15 * 60
-
-
-@dataclass(slots=True)
-class LoginLimiter:
-    """At most ``max_failures`` failed logins per key (address, name) in a sliding window."""
-
-    max_failures: int = LOGIN_MAX_FAILURES
-    window_s: float = LOGIN_WINDOW_S
-    _failures: dict[str, deque[float]] = field(default_factory=lambda: defaultdict(deque))
-
-    def _recent(self, key: str, now: float) -> deque[float]:
-        times = self._failures[key]
-        while times and times[0] <= now - self.window_s:
-            times.popleft()
-        return times
-
-    def retry_after(self, keys: tuple[str, ...]) -> float:
-        now = time.monotonic()
-        waits = [times[0] + self.window_s - now for key in keys
-                 if len(times := self._recent(key, now)) >= self.max_failures]
-        return max(waits, default=0.0)
-
-    def failed(self, keys: tuple[str, ...]) -> None:
-        now = time.monotonic()
-        for key in keys:
-            self._recent(key, now).append(now)
-
-    def succeeded(self, keys: tuple[str, ...]) -> None:
-        for key in keys:
-            self._failures.pop(key, None)
 
 
 def _json_error(cls: type[web.HTTPException], error: str, hint: str, **kw: Any) -> web.HTTPException:

@@ -13,13 +13,15 @@ from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
-from central import archive_jobs, auth, handlers, presence, records_http
+from central.catalog.db import Database
 from central.config import CentralConfig
-from central.db import Database
+from central.http import auth, handlers, presence, records
+from central.http.limiter import LoginLimiter
+from central.http.state import AUTH_DB, CONFIG, INGEST, LIMITER, METRICS, READER
+from central.ingest.service import IngestService, IngestStarter, IngestSupervisor
 from central.keys import load_keys
 from central.metrics import Metrics
-from central.service import IngestService, IngestStarter, IngestSupervisor
-from central.state import AUTH_DB, CONFIG, INGEST, LIMITER, METRICS, READER
+from central.records import archive_jobs
 
 log = logging.getLogger("sohoa.central.app")
 
@@ -47,9 +49,9 @@ ROUTES = [
     web.post("/api/devices/{id}/clear-clone", handlers.clear_clone),
     web.post("/login", auth.login),
     web.post("/logout", auth.logout),
-    *records_http.ROUTES,   # issue 9: archival copy, metadata corrections and history, events, export
+    *records.ROUTES,   # issue 9: archival copy, metadata corrections and history, events, export
 ]
-handlers.QUERY_PARAMETERS.update(records_http.QUERY_PARAMETERS)
+handlers.QUERY_PARAMETERS.update(records.QUERY_PARAMETERS)
 
 
 async def _ingest_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -88,18 +90,18 @@ def create_app(config: CentralConfig, *, ingest: bool = True,
     """The aiohttp app; ``ingest=False`` serves the catalog without connecting to the broker.
 
     ``start_ingest`` builds each ingest service (tests inject failing ones). ``watch_presence``
-    (default: with ingest) runs ``central.presence``: online/offline log lines, history samples.
+    (default: with ingest) runs ``central.http.presence``: online/offline log lines, history samples.
     """
     load_keys(config.paths)   # refuse to start without keys, before anything listens
     # Outermost first: errors become JSON, then who is calling, then which parameters are known.
     app = web.Application(middlewares=[handlers.json_errors, auth.authenticate, handlers.known_parameters])
     app[CONFIG] = config
     app[METRICS] = Metrics()
-    app[LIMITER] = auth.LoginLimiter()
+    app[LIMITER] = LoginLimiter()
     if ingest:
         app[INGEST] = IngestSupervisor(config, app[METRICS], start=start_ingest)
         app.cleanup_ctx.append(_ingest_ctx)   # first: the writer creates or migrates the schema
-        app.cleanup_ctx.append(archive_jobs.worker_ctx)   # builds and signs the archival copies
+        app.cleanup_ctx.append(archive_jobs.worker_ctx(config.paths))   # builds and signs the archival copies
     # Auth writes (sessions, audit) get their own connection; browsing reads never block ingest.
     app.cleanup_ctx.append(_database_ctx(AUTH_DB, readonly=False, name="catalog-auth"))
     app.cleanup_ctx.append(_database_ctx(READER, readonly=True, name="catalog-reader"))

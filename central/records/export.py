@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from central import catalog, corrections
+from central import catalog
+from central.records import corrections
 from protocol.schemas import TEMPLATES, Template
 
 PAGE_ROWS = 500

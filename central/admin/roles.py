@@ -1,0 +1,3 @@
+"""Operator roles, in order: each can do everything the ones before it can (central.admin.operators)."""
+
+ROLES = ("viewer", "operator", "admin")

@@ -1,3 +1,0 @@
-"""Operator roles, in order: each can do everything the ones before it can (central.operators)."""
-
-ROLES = ("viewer", "operator", "admin")
