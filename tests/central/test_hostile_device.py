@@ -16,13 +16,14 @@ from pathlib import Path
 import psutil
 import pytest
 import tomli_w
+from nacl.public import PublicKey
 
 from central.admin import commands as central_commands
 from central.ingest.rate import MAX_WAITING
 from edge.ocr import FakeOcrEngine
 from protocol.messages import Ack, AckState, Segment, decode, encode
 from tests.central.builders import Sealed, seal_stream
-from tests.central.conftest import read_bundle
+from tests.central.conftest import Bundle, read_bundle
 from tests.central.test_broker import connected
 from tests.faults.cluster import drop, make_documents
 from tests.faults.jepsen import assert_exactly_once
@@ -44,22 +45,30 @@ def _tune(central_home: Path, **ingest: int) -> None:
     path.write_text(tomli_w.dumps(data))
 
 
+def _enroll_hostile(deployment: Deployment, tmp_path: Path, **ingest: int) -> tuple[Bundle, PublicKey]:
+    """Central tuned (``[ingest]``), the hostile device enrolled and its account live; its bundle and
+    central's encryption key (what a stolen box holds)."""
+    from central.keys import load_keys  # noqa: PLC0415
+    from central.paths import CentralPaths  # noqa: PLC0415
+
+    _tune(deployment.central_home, **ingest)
+    out = tmp_path / "hostile.bundle.toml"
+    central_commands.enroll(deployment.central_home, HOSTILE, out)
+    deployment.broker.reload()
+    return read_bundle(out), load_keys(CentralPaths(deployment.central_home)).encryption.public_key
+
+
 def _du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 async def test_a_hostile_device_cannot_starve_an_honest_one(deployment: Deployment, tmp_path: Path,
                                                             caplog: pytest.LogCaptureFixture) -> None:
-    from central.keys import load_keys  # noqa: PLC0415
     from central.paths import CentralPaths  # noqa: PLC0415
 
     # This one is about quotas: a message rate wide enough for everything it sends at once.
-    _tune(deployment.central_home, rejected_transfers_budget=2, max_messages_burst=100_000)
-    out = tmp_path / "hostile.bundle.toml"
-    central_commands.enroll(deployment.central_home, HOSTILE, out)
-    deployment.broker.reload()
-    hostile = read_bundle(out)
-    central_key = load_keys(CentralPaths(deployment.central_home)).encryption.public_key
+    hostile, central_key = _enroll_hostile(deployment, tmp_path, rejected_transfers_budget=2,
+                                           max_messages_burst=100_000)
 
     def seal(seq: int, pieces: list[bytes], size: int) -> Sealed:
         return seal_stream(device=HOSTILE, seq=seq, signing_key=hostile.signing_key, central_key=central_key,
@@ -150,15 +159,8 @@ async def test_a_device_flooding_messages_is_held_to_its_rate(deployment: Deploy
     answers gets its burst, then its rate, a queue's worth paced, and the rest is dropped unread and
     logged once; the honest box's scans still arrive once, and the flooding box, once it slows down,
     is answered again."""
-    _tune(deployment.central_home, max_messages_per_second=50, max_messages_burst=200)
-    out = tmp_path / "hostile.bundle.toml"
-    central_commands.enroll(deployment.central_home, HOSTILE, out)
-    deployment.broker.reload()
-    hostile = read_bundle(out)
-    from central.keys import load_keys  # noqa: PLC0415
-    from central.paths import CentralPaths  # noqa: PLC0415
-
-    central_key = load_keys(CentralPaths(deployment.central_home)).encryption.public_key
+    hostile, central_key = _enroll_hostile(deployment, tmp_path, max_messages_per_second=50,
+                                           max_messages_burst=200)
     sealed = seal_stream(device=HOSTILE, seq=1, signing_key=hostile.signing_key, central_key=central_key,
                          pieces=[os.urandom(100_000)], size=100_000)
     first = Segment(HOSTILE, sealed.tid, 0, sealed.ciphertext[:16_384])
