@@ -10,7 +10,7 @@ Rules:
      page by page keeps its descriptor open between pages, for as long as the clerk turns pages;
    - *closed*: the last word was close-after-write, or a rename into place (local writers and
      Samba produce both);
-   - *unknown*: no event but its creation was ever seen for it (a network mount, a lost event
+   - *unknown*: no event other than its creation was ever seen for it (a network mount, a lost event
      queue, a file that was there before the service started, or written into a new folder before
      the folder was watched).
 3. A path is settled when its (size, mtime) stayed the same over at least two observations whose
