@@ -1409,7 +1409,7 @@ def device_detail(conn: sqlite3.Connection, device_id: str, *, now: datetime | N
     at = now or datetime.now(UTC)
     row = conn.execute(
         f"SELECT d.id, d.status, d.enrolled_at, {_ONLINE} AS online, d.last_seen, d.backlog_docs,"  # noqa: S608
-        " d.backlog_bytes, d.last_error, d.status_json, d.possible_clone_since,"
+        " d.backlog_bytes, d.last_error, d.status_json, d.possible_clone_since, d.replaces,"
         f" {_OLDEST_AGE} AS oldest_age_s, {_PROBLEM.format(age=_OLDEST_AGE)} AS problem_rank"
         " FROM devices d WHERE d.id = :id",
         {"id": device_id, "fresh_since": fresh_since(at)}).fetchone()
@@ -1445,7 +1445,6 @@ def device_detail(conn: sqlite3.Connection, device_id: str, *, now: datetime | N
                                    (device_id,)).fetchone()[0]
     documents_awaiting = awaiting_load(conn, device_id)[0]
     replaced_by = conn.execute("SELECT id FROM devices WHERE replaces = ?", (device_id,)).fetchone()
-    replaces = conn.execute("SELECT replaces FROM devices WHERE id = ?", (device_id,)).fetchone()[0]
     return {
         "id": row["id"], "status": row["status"], "enrolled_at": row["enrolled_at"],
         "online": bool(row["online"]), "last_seen": row["last_seen"], "backlog_docs": row["backlog_docs"],
@@ -1456,7 +1455,7 @@ def device_detail(conn: sqlite3.Connection, device_id: str, *, now: datetime | N
                            if row["possible_clone_since"] else None),
         "health": _health(row["status_json"]), "documents_total": int(documents_total),
         "documents_awaiting_original": documents_awaiting,
-        "replaces": replaces, "replaced_by": replaced_by[0] if replaced_by else None,
+        "replaces": row["replaces"], "replaced_by": replaced_by[0] if replaced_by else None,
         "history": history, "recent_documents": documents, "recent_errors": errors,
     }
 

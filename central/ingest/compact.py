@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import zlib
-from dataclasses import dataclass
 
 from central.catalog import StoredSegment
 from central.ingest.staging import SegmentJournal, SegmentReader
@@ -36,16 +35,10 @@ MIN_AGE_S = 3600.0
 MAX_BYTES = 64 * 1024 * 1024
 
 
-@dataclass(frozen=True, slots=True)
-class Compacted:
-    files: list[str]       # files whose live segments moved (freed by the next collect)
-    segments: int
-    bytes: int
-
-
 def compact(db: IngestStore, journal: SegmentJournal, *, now: float, live_fraction: float = LIVE_FRACTION,
-            min_age_s: float = MIN_AGE_S, max_bytes: int = MAX_BYTES) -> Compacted:
-    """Move the live segments of this worker's sparse, idle journal files into the current one."""
+            min_age_s: float = MIN_AGE_S, max_bytes: int = MAX_BYTES) -> None:
+    """Move the live segments of this worker's sparse, idle journal files into the current one
+    (the files are freed by the next ``collect``, after this transaction commits)."""
     reader = SegmentReader(journal.directory)
     files: list[str] = []
     moved: list[tuple[str, int, str, int]] = []
@@ -80,7 +73,6 @@ def compact(db: IngestStore, journal: SegmentJournal, *, now: float, live_fracti
         db.move_segments(moved)
         log.info("compacted %d journal file(s): %d live segment(s), %d bytes moved to %s", len(files),
                  len(moved), copied, journal.current)
-    return Compacted(files, len(moved), copied)
 
 
 def _copy(reader: SegmentReader, journal: SegmentJournal, name: str,

@@ -62,9 +62,7 @@ from central.keys import CentralKeys
 from central.metrics import Metrics
 from central.paths import CentralPaths
 from protocol.envelope import key_id
-from protocol.errors import ProtocolError
 from protocol.messages import RECEIPT_IS_STORED, Ack, AckState, Receipt, encode
-from protocol.topics import parse_topic
 
 log = logging.getLogger("sohoa.central.ingest")
 
@@ -238,10 +236,9 @@ class IngestPipeline:
             await self._answers.put((fresh, pending, task))
 
     def _note_capabilities(self, init: Inbound) -> None:
-        try:
-            device = parse_topic(init.topic).device
-        except ProtocolError:
-            return   # the batch stage answers it
+        device = topic_device(init.topic)
+        if device is None:
+            return   # not a device topic: the batch stage answers it
         # Each init says it again: an edge rolled back to a release that does not gets STORED again.
         self._receipt_is_stored[device] = RECEIPT_IS_STORED in init.user_properties
 
@@ -375,6 +372,7 @@ class IngestPipeline:
 
     # -- publish ----------------------------------------------------------------------------------
     def _publish(self, replies: Sequence[Reply]) -> None:
+        receipted = {r.tid for r in replies if isinstance(r, Receipt)}
         for reply in replies:
             if isinstance(reply, Ack) and reply.state is AckState.RECEIVING:
                 # Progress acks go at QoS 0: one lost costs the device a resend of what it covered
@@ -385,7 +383,7 @@ class IngestPipeline:
                 continue
             if (isinstance(reply, Ack) and reply.state is AckState.STORED
                     and self._receipt_is_stored.get(reply.device, False)
-                    and any(isinstance(r, Receipt) and r.tid == reply.tid for r in replies)):
+                    and reply.tid in receipted):
                 continue   # the receipt right behind it says stored, to an edge that reads it so
             self._publish_one(reply)
 
