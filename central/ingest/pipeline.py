@@ -166,7 +166,8 @@ class IngestPipeline:
         # heard say so (another worker got its init, a restart) gets STORED as well, as before.
         self._receipt_is_stored: dict[str, bool] = {}
         self._pacer: Pacer[Inbound] = Pacer(RateLimiter(settings.message_rate),
-                                            lambda message: topic_device(message.topic))
+                                            lambda message: topic_device(message.topic),
+                                            size_of=lambda message: len(message.payload))
         self._room = asyncio.Event()
         self._pool: Executor
         if settings.assembler_processes > 0:

@@ -10,7 +10,7 @@ Over its rate a device's messages are **paced, not dropped**: they wait in its o
 order; the broker has its PUBACK, as for parked segments) and go on as its bucket refills. An honest
 box never has more than a window of unanswered segments in flight (8 per transfer, 2 transfers), so it
 is only slowed to its rate, and loses nothing. Only a box with more than ``max_waiting`` messages
-waiting — one that does not wait for answers — has the excess dropped unread and counted:
+(or 16 MiB) waiting — one that does not wait for answers — has the excess dropped unread and counted:
 
   - Dropping is safe even for an honest box: it forgets nothing without a signed receipt and sends
     again any segment, fin or init central has not answered (``protocol.transfer``); a status is
@@ -21,7 +21,7 @@ waiting — one that does not wait for answers — has the excess dropped unread
   - One log line per device per ``LOG_EVERY_S`` with the count of drops.
 
 Memory is one small entry per device that sent something (devices are enrolled, so bounded) and at
-most ``max_waiting`` messages per device.
+most ``max_waiting`` messages and ``max_waiting_bytes`` per device.
 """
 
 from __future__ import annotations
@@ -42,6 +42,9 @@ log = logging.getLogger("sohoa.central.ingest")
 
 LOG_EVERY_S = 300.0
 MAX_WAITING = 256   # messages of one device waiting for its bucket; beyond, dropped unread
+# ... and their bytes: a packet may be a whole 1 MiB segment, and 256 of them per device is too much
+# memory to hand a stolen key. An honest box waiting for answers (2 transfers × a window of 8) fits.
+MAX_WAITING_BYTES = 16 * 1024 * 1024
 
 M = TypeVar("M")
 
@@ -113,14 +116,19 @@ class Verdict(Enum):
 
 class Pacer(Generic[M]):
     """Messages over their device's rate wait in order in a per-device queue of at most
-    ``max_waiting``, and are released as the device's bucket refills."""
+    ``max_waiting`` messages and ``max_waiting_bytes`` (``size_of`` each), and are released as the
+    device's bucket refills."""
 
     def __init__(self, limiter: RateLimiter, device_of: Callable[[M], str | None], *,
-                 max_waiting: int = MAX_WAITING) -> None:
+                 size_of: Callable[[M], int], max_waiting: int = MAX_WAITING,
+                 max_waiting_bytes: int = MAX_WAITING_BYTES) -> None:
         self.limiter = limiter
         self._device_of = device_of
+        self._size_of = size_of
         self._max_waiting = max_waiting
+        self._max_waiting_bytes = max_waiting_bytes
         self._waiting: dict[str, deque[M]] = {}
+        self._waiting_bytes: dict[str, int] = {}
 
     def offer(self, message: M, now: float) -> Verdict:
         device = self._device_of(message)
@@ -131,10 +139,15 @@ class Pacer(Generic[M]):
             return Verdict.NOW
         if queue is None:
             queue = self._waiting[device] = deque()
-        if len(queue) >= self._max_waiting:
+        size = self._size_of(message)
+        held = self._waiting_bytes.get(device, 0)
+        if len(queue) >= self._max_waiting or held + size > self._max_waiting_bytes:
+            if not queue:
+                del self._waiting[device]
             self.limiter.dropped(device, now)
             return Verdict.DROPPED
         queue.append(message)
+        self._waiting_bytes[device] = held + size
         return Verdict.HELD
 
     def release(self, now: float) -> list[M]:
@@ -143,9 +156,12 @@ class Pacer(Generic[M]):
         for device in list(self._waiting):
             queue = self._waiting[device]
             while queue and self.limiter.admit(device, now):
-                out.append(queue.popleft())
+                message = queue.popleft()
+                self._waiting_bytes[device] -= self._size_of(message)
+                out.append(message)
             if not queue:
                 del self._waiting[device]
+                del self._waiting_bytes[device]
         return out
 
     @property

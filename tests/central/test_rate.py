@@ -23,7 +23,7 @@ def test_a_device_gets_its_burst_then_its_rate_and_others_are_not_touched() -> N
 def test_over_its_rate_a_device_waits_in_order_and_beyond_its_queue_is_dropped_and_logged_once(
         caplog: pytest.LogCaptureFixture) -> None:
     pacer: Pacer[tuple[str, int]] = Pacer(RateLimiter(MessageRate(per_second=2, burst=3)),
-                                          lambda m: m[0] or None, max_waiting=4)
+                                          lambda m: m[0] or None, size_of=lambda _: 1, max_waiting=4)
     with caplog.at_level(logging.WARNING, logger="sohoa.central.ingest"):
         verdicts = [pacer.offer(("xa-a", n), 0.0) for n in range(10)]
         assert pacer.offer(("", 99), 0.0) is Verdict.NOW        # not a device topic: never paced
@@ -39,6 +39,21 @@ def test_over_its_rate_a_device_waits_in_order_and_beyond_its_queue_is_dropped_a
     assert pacer.offer(("xa-a", 10), 1.6) is Verdict.HELD
     assert pacer.release(2.0) == [("xa-a", 5), ("xa-a", 6)]
     assert pacer.release(3.0) == [("xa-a", 10)] and not pacer.waiting
+
+
+def test_what_waits_is_bounded_in_bytes_too() -> None:
+    """A stolen key sending the largest packets the broker takes cannot park 256 MiB per worker:
+    past the byte bound its messages are dropped, and what is released frees its room."""
+    pacer: Pacer[bytes] = Pacer(RateLimiter(MessageRate(per_second=1, burst=1)), lambda _: "xa-a",
+                                size_of=len, max_waiting=100, max_waiting_bytes=10)
+    assert [pacer.offer(b"x" * 4, 0.0) for _ in range(5)] == [
+        Verdict.NOW, Verdict.HELD, Verdict.HELD, Verdict.DROPPED, Verdict.DROPPED]
+    assert pacer.offer(b"xx", 0.0) is Verdict.HELD                 # 4 + 4 + 2: exactly the bound
+    assert pacer.release(1.0) == [b"x" * 4]
+    assert pacer.offer(b"y" * 4, 1.0) is Verdict.HELD              # room again, behind the others
+    assert [pacer.release(at) for at in (2.0, 3.0, 4.0)] == [[b"x" * 4], [b"xx"], [b"y" * 4]]
+    assert not pacer.waiting
+    assert pacer.limiter.dropped_total == 2
 
 
 def test_the_device_of_a_topic() -> None:
