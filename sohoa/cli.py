@@ -13,7 +13,10 @@ Exit codes follow sysexits(3), the same table for every command (README, "Exit c
 from __future__ import annotations
 
 import argparse
+import contextlib
+import faulthandler
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -123,9 +126,19 @@ def _service(args: argparse.Namespace) -> int | None:
     return None
 
 
+def _stacks_on_sigusr1() -> None:
+    """`kill -USR1 PID` prints every thread's stack to stderr (the journal, for a service): a box
+    that hangs can say where, without a debugger on it. The process's own stderr, not a stand-in
+    (a test's captured stream has no file descriptor to write to from a signal handler)."""
+    if sys.__stderr__ is not None:
+        with contextlib.suppress(OSError, ValueError):   # io.UnsupportedOperation is both
+            faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _stacks_on_sigusr1()
     # The demo draws a progress bar: keep routine log lines out of its way unless asked.
     quiet = args.command == "demo" or getattr(args, "json", False)
     level = logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO

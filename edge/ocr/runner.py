@@ -21,9 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import multiprocessing
 import os
 import resource
+import shutil
+import signal
+import tempfile
 import time
 import unicodedata
 from collections.abc import Callable, Sequence
@@ -55,9 +59,14 @@ Extractor = Callable[[str], dict[str, DocumentField]]
 Corrector = Callable[[str], str]
 
 
-def worker_init(address_space: int | None = DEFAULT_ADDRESS_SPACE) -> None:
-    """Pool initializer: one OpenMP thread per tesseract (DESIGN §2) and a bounded address space."""
+def worker_init(address_space: int | None = DEFAULT_ADDRESS_SPACE, scratch: str | None = None) -> None:
+    """Pool initializer: one OpenMP thread per tesseract (DESIGN §2), a bounded address space, the
+    pool's own scratch folder, and a process group of its own (so a stop can end the worker and
+    the tesseract it is running in one signal, and a terminal's Ctrl-C reaches only the service)."""
     os.environ["OMP_THREAD_LIMIT"] = "1"
+    os.setpgid(0, 0)
+    if scratch is not None:
+        tempfile.tempdir = scratch   # page images go where the runner removes them, even after a kill
     if address_space:
         # RLIMIT_AS survives fork+exec, so each tesseract child is bounded by the same figure.
         resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
@@ -149,13 +158,17 @@ class OcrRunner:
         self.languages = languages
         self._version = version
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self._scratch: str | None = None
 
     def _executor(self) -> concurrent.futures.ProcessPoolExecutor:
         if self._pool is None:
+            # Page images (scan content) live here while a page is read: 0700, and removed whole
+            # when the pool stops, including what a killed worker could not clean up.
+            self._scratch = tempfile.mkdtemp(prefix="sohoa-ocr-pool-")
             # forkserver: the service has watchdog and MQTT threads; forking them is unsafe.
             self._pool = concurrent.futures.ProcessPoolExecutor(
                 max_workers=self.workers, mp_context=multiprocessing.get_context("forkserver"),
-                initializer=worker_init, initargs=(self.address_space,))
+                initializer=worker_init, initargs=(self.address_space, self._scratch))
         return self._pool
 
     def warm(self) -> None:
@@ -182,7 +195,7 @@ class OcrRunner:
             pages = await asyncio.wait_for(gathered,
                                            timeout=3 * self.page_timeout * media.pages + 60)
         except concurrent.futures.process.BrokenProcessPool as exc:
-            self._pool = None
+            await self._stop_pool()   # the next document starts a fresh pool
             raise OcrEngineError(f"an OCR worker process died: {exc}") from None
         except TimeoutError:
             raise OcrEngineError("OCR did not finish in time") from None
@@ -211,9 +224,19 @@ class OcrRunner:
         return self._version
 
     async def aclose(self) -> None:
+        """Stop now, pages being read included. A page can take minutes, and a stop (SIGTERM,
+        Ctrl-C, an upgrade) must not wait for it: its document is still taken-but-unpackaged in
+        the outbox, and the service's recovery reads it again at the next start."""
+        await self._stop_pool()
+
+    async def _stop_pool(self) -> None:
         pool, self._pool = self._pool, None
+        scratch, self._scratch = self._scratch, None
         if pool is not None:
+            _kill_workers(pool)
             await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
+        if scratch is not None:
+            await asyncio.to_thread(shutil.rmtree, scratch, ignore_errors=True)
 
 
 class TesseractEngine(OcrRunner):
@@ -247,6 +270,22 @@ class TesseractEngine(OcrRunner):
         if self._version is None:
             self._version = await asyncio.to_thread(tesseract_version, self.tesseract_cmd)
         return self._version
+
+
+def _kill_workers(pool: concurrent.futures.ProcessPoolExecutor) -> None:
+    """SIGKILL each worker's process group: the worker and the tesseract it runs.
+
+    The pids come from the executor's ``_processes``, the dict Python 3.14's own
+    ``ProcessPoolExecutor.kill_workers()`` reads (that method does not reach a worker's children).
+    loky's ``shutdown(kill_workers=True)`` does the same, but is a large dependency for one loop.
+    """
+    processes: dict[int, Any] = getattr(pool, "_processes", None) or {}
+    for pid in list(processes):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:   # not (yet) a group leader: a worker still starting
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:

@@ -14,6 +14,15 @@ import psutil
 import pytest
 
 
+def _stacks(pid: int, output: list[str]) -> str:
+    """Every thread's stack in the demo (``sohoa`` dumps them on SIGUSR1): a hang says where it is."""
+    os.kill(pid, signal.SIGUSR1)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and not any("most recent call first" in line for line in output):
+        time.sleep(0.1)
+    return "".join(output[-200:])
+
+
 @pytest.mark.timeout(180)
 def test_sigterm_cleans_up(tmp_path: Path) -> None:
     # Without --exit-when-synced the demo serves until stopped: the SIGTERM always lands mid-run
@@ -30,7 +39,8 @@ def test_sigterm_cleans_up(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, "the demo did not start"
         # Keep reading: a full pipe would block the demo's next progress line, and a process blocked in
         # write() cannot act on SIGTERM (the test would measure the pipe, not the demo).
-        threading.Thread(target=proc.stdout.read, daemon=True).start()
+        output: list[str] = []
+        threading.Thread(target=output.extend, args=(proc.stdout,), daemon=True).start()
         homes = list(tmp_path.glob("sohoa-demo-*"))
         assert len(homes) == 1 and (homes[0] / "central" / "keys").is_dir()
         children: list[psutil.Process] = []
@@ -41,7 +51,12 @@ def test_sigterm_cleans_up(tmp_path: Path) -> None:
             time.sleep(0.25)
         assert any("mosquitto" in c.name() for c in children), [c.name() for c in children]
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 130
+        try:
+            code = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            where = _stacks(proc.pid, output)
+            pytest.fail(f"the demo did not stop within 60 s of SIGTERM; where it was:\n{where}")
+        assert code == 130
     finally:
         if proc.poll() is None:
             proc.kill()

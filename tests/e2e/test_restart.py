@@ -7,13 +7,16 @@ the recovery after a restart, and the first receipt deleted the other's only cop
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 
-from edge.ocr import FakeOcrEngine
+from edge.ocr import FakeOcrEngine, TesseractEngine
+from edge.outbox import Outbox
 from tests.faults.cluster import make_documents
 from tests.support.deployment import Deployment, running
+from tests.support.stalled_tesseract import StalledTesseract, assert_gone
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -51,3 +54,33 @@ async def test_identical_scans_each_keep_their_plaintext_across_a_restart(
     assert len({d["sha256"] for d in docs}) == 1
     assert len(list((deployment.central_home / "storage" / "objects").rglob(docs[0]["sha256"]))) == 1
     assert list(cfg.processed_dir.iterdir()) == [] and not cfg.refused_dir.exists()
+
+
+async def test_a_stop_mid_page_kills_tesseract_counts_no_attempt_and_reads_the_page_again(
+        deployment: Deployment, tmp_path: Path) -> None:
+    """SIGTERM while tesseract reads a page (a real pool, a tesseract that never finishes): the stop
+    does not wait for the page, the scan is not charged an attempt (three upgrades must not
+    quarantine a good scan), and the next start reads it again and delivers it."""
+    cfg = deployment.edge_config()
+    stalled = StalledTesseract.make(tmp_path)
+    (name, _sha), = make_documents(tmp_path / "docs", 1, seed=11).items()
+    engine = TesseractEngine(workers=1, tesseract_cmd=str(stalled.command), page_timeout=600, filters=(),
+                             orientation="off")
+    async with running(deployment, ocr_engine=engine):
+        shutil.copyfile(tmp_path / "docs" / name, cfg.watch_dir / name)
+        pid = await stalled.started()
+        stopping = time.monotonic()
+    assert time.monotonic() - stopping < 30
+    assert_gone(pid)
+    outbox = await Outbox.open(cfg.outbox_path)
+    try:
+        (doc,) = await outbox.unfinished()
+    finally:
+        await outbox.close()
+    assert (doc.name, doc.attempts, doc.reason) == (name, 0, None)
+
+    async with running(deployment, ocr_engine=FakeOcrEngine()) as service:
+        async def delivered() -> bool:
+            return (await service.outbox.stats()).counts.get("delivered", 0) == 1
+
+        assert await wait_until(delivered, within=60), await service.outbox.stats()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+import tempfile
+import time
 import unicodedata
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from edge.errors import BadInputError, EdgeError, OcrEngineError
 from edge.media import MediaInfo, probe
 from edge.ocr import FakeOcrEngine, TesseractEngine, join_pages, mean_confidence, merge_hocr
 from edge.samples import generate_samples
+from tests.support.stalled_tesseract import StalledTesseract, assert_gone
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -104,3 +107,28 @@ async def test_fake_engine_is_deterministic(tmp_path: Path) -> None:
     with pytest.raises(OcrEngineError):
         await asyncio.wait_for(failing.recognize(tmp_path / "a.pdf", media), 5)
     await engine.aclose()
+
+
+async def test_a_stop_does_not_wait_for_the_page_being_read(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """aclose() mid-page ends the worker and its tesseract at once, and removes the page images.
+
+    The stand-in tesseract sleeps ten minutes: a stop that waited for the page would time out."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))   # the pool's scratch goes here
+    stalled = StalledTesseract.make(tmp_path)
+    page = tmp_path / "Công văn số 5 – Tuyên Quang.png"
+    Image.new("L", (400, 300), 255).save(page)
+    engine = TesseractEngine(workers=1, tesseract_cmd=str(stalled.command), page_timeout=600, filters=(),
+                             orientation="off")
+    reading = asyncio.create_task(engine.recognize(page, probe(page)))
+    pid = await stalled.started()
+    # While the page is read, its image is in the pool's scratch folder, not loose in TMPDIR.
+    assert list(tmp_path.glob("sohoa-ocr-pool-*/sohoa-ocr-*/page.*"))
+    reading.cancel()
+    started = time.monotonic()
+    await engine.aclose()
+    assert time.monotonic() - started < 30
+    assert_gone(pid)
+    assert list(tmp_path.glob("sohoa-ocr-pool-*")) == []
+    with pytest.raises(asyncio.CancelledError):
+        await reading
