@@ -157,30 +157,24 @@ class OcrRunner:
         self.address_space = address_space
         self.languages = languages
         self._version = version
-        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
-        self._scratch: str | None = None
+        self._workers: _Workers | None = None
 
-    def _executor(self) -> concurrent.futures.ProcessPoolExecutor:
-        if self._pool is None:
-            # Page images (scan content) live here while a page is read: 0700, and removed whole
-            # when the pool stops, including what a killed worker could not clean up.
-            self._scratch = tempfile.mkdtemp(prefix="sohoa-ocr-pool-")
-            # forkserver: the service has watchdog and MQTT threads; forking them is unsafe.
-            self._pool = concurrent.futures.ProcessPoolExecutor(
-                max_workers=self.workers, mp_context=multiprocessing.get_context("forkserver"),
-                initializer=worker_init, initargs=(self.address_space, self._scratch))
-        return self._pool
+    def _current(self) -> _Workers:
+        if self._workers is None:
+            self._workers = _Workers.start(self.workers, self.address_space)
+        return self._workers
 
     def warm(self) -> None:
         """Start every worker now (not on the first scan): imports and the forkserver cost ~1 s."""
-        pool = self._executor()
+        pool = self._current().executor
         for _ in range(self.workers):
             pool.submit(_warm)
 
     async def recognize(self, path: Path, media: MediaInfo) -> OcrResult:
         loop = asyncio.get_running_loop()
         started = time.monotonic()
-        pool = self._executor()
+        workers = self._current()
+        pool = workers.executor
         orientation = self.orientation_filter if self.orientation != "off" else None
         jobs = [PageJob(str(path), media.media_type, index, self.dpi, self.max_page_pixels,
                         self.page_timeout, self.page_engine, self.filters, orientation,
@@ -195,7 +189,10 @@ class OcrRunner:
             pages = await asyncio.wait_for(gathered,
                                            timeout=3 * self.page_timeout * media.pages + 60)
         except concurrent.futures.process.BrokenProcessPool as exc:
-            await self._stop_pool()   # the next document starts a fresh pool
+            # Only the pool that broke: another document may already run on a fresh one.
+            if self._workers is workers:
+                self._workers = None
+            await workers.stop()
             raise OcrEngineError(f"an OCR worker process died: {exc}") from None
         except TimeoutError:
             raise OcrEngineError("OCR did not finish in time") from None
@@ -227,16 +224,9 @@ class OcrRunner:
         """Stop now, pages being read included. A page can take minutes, and a stop (SIGTERM,
         Ctrl-C, an upgrade) must not wait for it: its document is still taken-but-unpackaged in
         the outbox, and the service's recovery reads it again at the next start."""
-        await self._stop_pool()
-
-    async def _stop_pool(self) -> None:
-        pool, self._pool = self._pool, None
-        scratch, self._scratch = self._scratch, None
-        if pool is not None:
-            _kill_workers(pool)
-            await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
-        if scratch is not None:
-            await asyncio.to_thread(shutil.rmtree, scratch, ignore_errors=True)
+        workers, self._workers = self._workers, None
+        if workers is not None:
+            await workers.stop()
 
 
 class TesseractEngine(OcrRunner):
@@ -272,20 +262,52 @@ class TesseractEngine(OcrRunner):
         return self._version
 
 
-def _kill_workers(pool: concurrent.futures.ProcessPoolExecutor) -> None:
-    """SIGKILL each worker's process group: the worker and the tesseract it runs.
+@dataclass
+class _Workers:
+    """One process pool and its scratch folder, stopped together, once."""
 
-    The pids come from the executor's ``_processes``, the dict Python 3.14's own
-    ``ProcessPoolExecutor.kill_workers()`` reads (that method does not reach a worker's children).
-    loky's ``shutdown(kill_workers=True)`` does the same, but is a large dependency for one loop.
-    """
-    processes: dict[int, Any] = getattr(pool, "_processes", None) or {}
-    for pid in list(processes):
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except ProcessLookupError:   # not (yet) a group leader: a worker still starting
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+    executor: concurrent.futures.ProcessPoolExecutor
+    scratch: str
+    _stopping: asyncio.Future[None] | None = None
+
+    @classmethod
+    def start(cls, count: int, address_space: int | None) -> _Workers:
+        # Page images (scan content) live here while a page is read: 0700, and removed whole when
+        # the pool stops, including what a killed worker could not clean up.
+        scratch = tempfile.mkdtemp(prefix="sohoa-ocr-pool-")
+        # forkserver: the service has watchdog and MQTT threads; forking them is unsafe.
+        executor = concurrent.futures.ProcessPoolExecutor(
+            max_workers=count, mp_context=multiprocessing.get_context("forkserver"),
+            initializer=worker_init, initargs=(address_space, scratch))
+        return cls(executor, scratch)
+
+    async def stop(self) -> None:
+        """Kill, shut down, clean up; every caller (the documents that saw it break, the service's
+        stop) waits for the one stop, which a cancelled caller does not interrupt."""
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._stop())
+        await asyncio.shield(self._stopping)
+
+    async def _stop(self) -> None:
+        self._kill()
+        await asyncio.to_thread(self.executor.shutdown, wait=True, cancel_futures=True)
+        await asyncio.to_thread(shutil.rmtree, self.scratch, ignore_errors=True)
+
+    def _kill(self) -> None:
+        """SIGKILL each worker's process group: the worker and the tesseract it runs.
+
+        The pids come from the executor's ``_processes``, the dict Python 3.14's own
+        ``ProcessPoolExecutor.kill_workers()`` reads (that method does not reach a worker's
+        children). loky's ``shutdown(kill_workers=True)`` does the same, but is a large dependency
+        for one loop.
+        """
+        processes: dict[int, Any] = getattr(self.executor, "_processes", None) or {}
+        for pid in list(processes):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:   # not (yet) a group leader: a worker still starting
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:

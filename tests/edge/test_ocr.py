@@ -9,6 +9,7 @@ import time
 import unicodedata
 from pathlib import Path
 
+import psutil
 import pytest
 from PIL import Image
 
@@ -132,3 +133,34 @@ async def test_a_stop_does_not_wait_for_the_page_being_read(tmp_path: Path,
     assert list(tmp_path.glob("sohoa-ocr-pool-*")) == []
     with pytest.raises(asyncio.CancelledError):
         await reading
+
+
+async def test_a_worker_killed_mid_page_fails_that_document_retryably_and_the_next_gets_a_fresh_pool(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The OOM killer (here SIGKILL) takes a worker mid-page: that document gets a retryable engine
+    error, the broken pool's page images are removed, and the next document is read by new workers."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    stalled = StalledTesseract.make(tmp_path)
+    page = tmp_path / "Quyết định số 12.png"
+    Image.new("L", (400, 300), 255).save(page)
+    engine = TesseractEngine(workers=1, tesseract_cmd=str(stalled.command), page_timeout=600, filters=(),
+                             orientation="off")
+    try:
+        first = asyncio.create_task(engine.recognize(page, probe(page)))
+        worker = psutil.Process(await stalled.started()).parent()
+        assert worker is not None
+        (broken_scratch,) = tmp_path.glob("sohoa-ocr-pool-*")
+        worker.kill()
+        with pytest.raises(OcrEngineError, match="worker process died") as info:
+            await first
+        assert not isinstance(info.value, BadInputError)
+        assert not broken_scratch.exists()
+        second = asyncio.create_task(engine.recognize(page, probe(page)))
+        again = psutil.Process(await stalled.started()).parent()
+        assert again is not None and again.pid != worker.pid
+        second.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await second
+    finally:
+        await engine.aclose()
+    assert list(tmp_path.glob("sohoa-ocr-pool-*")) == []
