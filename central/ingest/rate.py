@@ -21,7 +21,8 @@ is only slowed to its rate, and loses nothing. Only a box with more than ``max_w
   - One log line per device per ``LOG_EVERY_S`` with the count of drops.
 
 Memory is one small entry per device that sent something (devices are enrolled, so bounded) and at
-most ``max_waiting`` messages and ``max_waiting_bytes`` per device.
+most ``max_waiting`` messages and ``max_waiting_bytes`` per device, and ``max_total_bytes`` for all
+devices together: 16 MiB times 3,000 boxes whose keys leaked together would be 48 GB.
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ MAX_WAITING = 256   # messages of one device waiting for its bucket; beyond, dro
 # ... and their bytes: a packet may be a whole 1 MiB segment, and 256 of them per device is too much
 # memory to hand a stolen key. An honest box waiting for answers (2 transfers × a window of 8) fits.
 MAX_WAITING_BYTES = 16 * 1024 * 1024
+# ... and all devices' together, per worker: sixteen devices at their bound. Only a device over its
+# rate ever waits, so honest boxes are not crowded out by this; over-rate ones are dropped sooner.
+MAX_WAITING_TOTAL_BYTES = 256 * 1024 * 1024
 
 M = TypeVar("M")
 
@@ -116,19 +120,22 @@ class Verdict(Enum):
 
 class Pacer(Generic[M]):
     """Messages over their device's rate wait in order in a per-device queue of at most
-    ``max_waiting`` messages and ``max_waiting_bytes`` (``size_of`` each), and are released as the
-    device's bucket refills."""
+    ``max_waiting`` messages and ``max_waiting_bytes`` (``size_of`` each), all queues together at
+    most ``max_total_bytes``, and are released as the device's bucket refills."""
 
     def __init__(self, limiter: RateLimiter, device_of: Callable[[M], str | None], *,
                  size_of: Callable[[M], int], max_waiting: int = MAX_WAITING,
-                 max_waiting_bytes: int = MAX_WAITING_BYTES) -> None:
+                 max_waiting_bytes: int = MAX_WAITING_BYTES,
+                 max_total_bytes: int = MAX_WAITING_TOTAL_BYTES) -> None:
         self.limiter = limiter
         self._device_of = device_of
         self._size_of = size_of
         self._max_waiting = max_waiting
         self._max_waiting_bytes = max_waiting_bytes
+        self._max_total_bytes = max_total_bytes
         self._waiting: dict[str, deque[M]] = {}
         self._waiting_bytes: dict[str, int] = {}
+        self._total_bytes = 0
 
     def offer(self, message: M, now: float) -> Verdict:
         device = self._device_of(message)
@@ -141,13 +148,15 @@ class Pacer(Generic[M]):
             queue = self._waiting[device] = deque()
         size = self._size_of(message)
         held = self._waiting_bytes.get(device, 0)
-        if len(queue) >= self._max_waiting or held + size > self._max_waiting_bytes:
+        if (len(queue) >= self._max_waiting or held + size > self._max_waiting_bytes
+                or self._total_bytes + size > self._max_total_bytes):
             if not queue:
                 del self._waiting[device]
             self.limiter.dropped(device, now)
             return Verdict.DROPPED
         queue.append(message)
         self._waiting_bytes[device] = held + size
+        self._total_bytes += size
         return Verdict.HELD
 
     def release(self, now: float) -> list[M]:
@@ -157,7 +166,9 @@ class Pacer(Generic[M]):
             queue = self._waiting[device]
             while queue and self.limiter.admit(device, now):
                 message = queue.popleft()
-                self._waiting_bytes[device] -= self._size_of(message)
+                size = self._size_of(message)
+                self._waiting_bytes[device] -= size
+                self._total_bytes -= size
                 out.append(message)
             if not queue:
                 del self._waiting[device]

@@ -56,6 +56,24 @@ def test_what_waits_is_bounded_in_bytes_too() -> None:
     assert pacer.limiter.dropped_total == 2
 
 
+def test_all_devices_together_are_bounded_in_bytes() -> None:
+    """Many stolen keys at once: each under its own bound, together they are stopped at the
+    worker's; a device under its rate still goes through at once, whatever waits."""
+    pacer: Pacer[tuple[str, bytes]] = Pacer(
+        RateLimiter(MessageRate(per_second=1, burst=1)), lambda m: m[0], size_of=lambda m: len(m[1]),
+        max_waiting=100, max_waiting_bytes=8, max_total_bytes=12)
+    offered = [pacer.offer((device, b"x" * 4), 0.0) for device in ("xa-a", "xa-b", "xa-c", "xa-d")
+               for _ in range(3)]
+    assert offered == [Verdict.NOW, Verdict.HELD, Verdict.HELD,       # xa-a: 8 bytes wait
+                       Verdict.NOW, Verdict.HELD, Verdict.DROPPED,    # xa-b: 4 more, 12 in all
+                       Verdict.NOW, Verdict.DROPPED, Verdict.DROPPED,
+                       Verdict.NOW, Verdict.DROPPED, Verdict.DROPPED]
+    assert pacer.release(1.0) == [("xa-a", b"x" * 4), ("xa-b", b"x" * 4)]
+    assert pacer.offer(("xa-c", b"y" * 4), 1.0) is Verdict.NOW      # its bucket refilled
+    assert pacer.offer(("xa-c", b"z" * 4), 1.0) is Verdict.HELD     # room again: 4 + 4 waiting
+    assert pacer.limiter.dropped_total == 5
+
+
 def test_the_device_of_a_topic() -> None:
     assert topic_device(str(Topic(Kind.SEG, "xa-tan-trao", "a" * 32, 0))) == "xa-tan-trao"
     assert topic_device(str(Topic(Kind.STATUS, "xa-tan-trao"))) == "xa-tan-trao"
