@@ -31,7 +31,7 @@ import tempfile
 import time
 import unicodedata
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -268,7 +268,7 @@ class _Workers:
 
     executor: concurrent.futures.ProcessPoolExecutor
     scratch: str
-    _stopping: asyncio.Future[None] | None = None
+    _stopping: asyncio.Future[None] | None = field(default=None, init=False)
 
     @classmethod
     def start(cls, count: int, address_space: int | None) -> _Workers:

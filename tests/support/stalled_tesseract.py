@@ -26,8 +26,19 @@ class StalledTesseract:
         return cls(command, fifo)
 
     async def started(self, within: float = 60) -> int:
-        """The pid of the first page's tesseract, once it runs (a FIFO read: an event, not a clock)."""
-        return int(await asyncio.wait_for(asyncio.to_thread(self.fifo.read_text), within))
+        """The pid of the next tesseract to start, once it runs (a FIFO read: an event, not a clock).
+
+        If none starts in time, the reading thread is released before the test fails: a thread left
+        blocked on the FIFO would hang the event loop's shutdown, and the suite with it."""
+        reading = asyncio.ensure_future(asyncio.to_thread(self.fifo.read_text))
+        try:
+            return int(await asyncio.wait_for(asyncio.shield(reading), within))
+        except TimeoutError:
+            with contextlib.suppress(OSError):   # ENXIO: the reader is not there (any more)
+                os.close(os.open(self.fifo, os.O_WRONLY | os.O_NONBLOCK))   # it reads EOF
+            with contextlib.suppress(Exception):
+                await reading
+            raise
 
 
 def assert_gone(pid: int, within: float = 10) -> None:
