@@ -56,28 +56,30 @@ async def test_identical_scans_each_keep_their_plaintext_across_a_restart(
     assert list(cfg.processed_dir.iterdir()) == [] and not cfg.refused_dir.exists()
 
 
-async def test_a_stop_mid_page_kills_tesseract_counts_no_attempt_and_reads_the_page_again(
+async def test_stops_mid_page_kill_tesseract_count_no_attempt_and_read_the_page_again(
         deployment: Deployment, tmp_path: Path) -> None:
-    """SIGTERM while tesseract reads a page (a real pool, a tesseract that never finishes): the stop
-    does not wait for the page, the scan is not charged an attempt (three upgrades must not
-    quarantine a good scan), and the next start reads it again and delivers it."""
+    """SIGTERM while tesseract reads a page (a real pool, a tesseract that never finishes), twice in a
+    row, as an upgrade and its rollback do: no stop waits for the page, the scan is charged no
+    attempt (three upgrades must not quarantine a good scan), and the next start reads it again and
+    delivers it."""
     cfg = deployment.edge_config()
     stalled = StalledTesseract.make(tmp_path)
     (name, _sha), = make_documents(tmp_path / "docs", 1, seed=11).items()
     engine = TesseractEngine(workers=1, tesseract_cmd=str(stalled.command), page_timeout=600, filters=(),
                              orientation="off")
-    async with running(deployment, ocr_engine=engine):
-        shutil.copyfile(tmp_path / "docs" / name, cfg.watch_dir / name)
-        pid = await stalled.started()
-        stopping = time.monotonic()
-    assert time.monotonic() - stopping < 30
-    assert_gone(pid)
-    outbox = await Outbox.open(cfg.outbox_path)
-    try:
-        (doc,) = await outbox.unfinished()
-    finally:
-        await outbox.close()
-    assert (doc.name, doc.attempts, doc.reason) == (name, 0, None)
+    shutil.copyfile(tmp_path / "docs" / name, cfg.watch_dir / name)
+    for stop in ("upgrade", "rollback"):
+        async with running(deployment, ocr_engine=engine):
+            pid = await stalled.started()
+            stopping = time.monotonic()
+        assert time.monotonic() - stopping < 30, stop
+        assert_gone(pid)
+        outbox = await Outbox.open(cfg.outbox_path)
+        try:
+            (doc,) = await outbox.unfinished()
+        finally:
+            await outbox.close()
+        assert (doc.name, doc.attempts, doc.reason) == (name, 0, None), stop
 
     async with running(deployment, ocr_engine=FakeOcrEngine()) as service:
         async def delivered() -> bool:
