@@ -241,6 +241,11 @@ def test_a_v1_catalog_migrates_in_place(tmp_path: Path) -> None:
         v1.execute("INSERT INTO transfers (tid, device, seq, header, state, created_at, updated_at,"
                    " document_id, receipt, stored_at) VALUES (?, 'xa-tan-trao', ?, x'00', 'stored', 'x', 'x',"
                    " ?, x'00', 'x')", (f"{doc_id:032x}", doc_id, doc_id))
+    # A transfer half received when the box was upgraded: its held ranges come from its segments.
+    v1.execute("INSERT INTO transfers (tid, device, seq, header, state, created_at, updated_at) VALUES"
+               " (?, 'xa-tan-trao', 3, x'00', 'receiving', 'x', 'x')", ("3" * 32,))
+    v1.executemany("INSERT INTO segments (tid, offset, length, crc) VALUES (?, ?, ?, 0)",
+                   [("3" * 32, 100, 150), ("3" * 32, 0, 100), ("3" * 32, 400, 50)])
     v1.execute("PRAGMA user_version = 1")
     v1.commit()
     v1.close()
@@ -258,6 +263,9 @@ def test_a_v1_catalog_migrates_in_place(tmp_path: Path) -> None:
     assert catalog.get_device(conn, "xa-tan-trao") is not None
     assert catalog.possible_clone(conn, "xa-tan-trao") is None
     assert catalog.replaced_awaiting(conn, "xa-tan-trao", "0" * 64) == []   # v7: nothing replaced
+    half = catalog.get_transfer(conn, "3" * 32)
+    assert half is not None
+    assert (half.state, half.held, half.held_bytes) == ("receiving", ((0, 250), (400, 450)), 300)
     conn.close()
     # Opening it again is a no-op; a catalog from a newer sohoa is refused, not guessed at.
     catalog.connect(path).close()
