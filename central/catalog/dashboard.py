@@ -16,7 +16,7 @@ from central.catalog.devices import (
     fresh_since,
     possible_clone,
 )
-from central.catalog.documents import _SUMMARY, _WITH_OBJECT, _WORD, _summary, awaiting_load, fts_query
+from central.catalog.documents import _SUMMARY, _WITH_OBJECT, _WORD, _arrivals, _summary, awaiting_load
 from central.catalog.schema import _STORED
 from central.catalog.transfers import count_active_transfers
 from protocol.names import fold
@@ -236,33 +236,18 @@ def search_ranked(conn: sqlite3.Connection, *, device: str | None = None, q: str
     """Arrivals for the dashboard: with ``q``, best match first (bm25) with a highlighted snippet of
     the text and the file name; without, newest first. ``received_from``/``received_before`` are
     catalog times (the day boundaries the caller chose, e.g. midnight in Vietnam)."""
-    clauses: list[str] = []
-    params: list[Any] = []
+    found = _arrivals(q=q, device=device, received_from=received_from, received_before=received_before)
+    if found is None:
+        return []
+    source, where, params = found
     terms: set[str] = set()
-    source = f"documents d {_WITH_OBJECT}"
     order = "d.id DESC"
     extra = ""
     if q:
-        match = fts_query(q)
-        if match is None:
-            return []
         terms = set(_WORD.findall(fold(q)))
-        source = f"documents_fts f JOIN documents d ON d.id = f.rowid {_WITH_OBJECT}"
-        clauses.append("documents_fts MATCH ?")
-        params.append(match)
         # The file name weighs more than the body: a clerk's name for a scan says what it is.
         extra = ", d.text, bm25(documents_fts, 4.0, 1.0) AS score"
         order = "score, d.id DESC"
-    if device:
-        clauses.append("d.device = ?")
-        params.append(device)
-    if received_from:
-        clauses.append("d.received_at >= ?")
-        params.append(received_from)
-    if received_before:
-        clauses.append("d.received_at < ?")
-        params.append(received_before)
-    where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
     sql = (f"SELECT {_SUMMARY}{extra} FROM {source}{where}"  # noqa: S608
            f" ORDER BY {order} LIMIT ? OFFSET ?")
     results = []

@@ -218,23 +218,35 @@ def _summary(row: sqlite3.Row) -> dict[str, Any]:
             "awaiting_reason": row["awaiting_reason"]}
 
 
-def search_documents(conn: sqlite3.Connection, *, device: str | None = None, q: str | None = None,
-                     limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
-    """Arrivals, newest first: ``device`` lists what that box sent, ``q`` searches their text."""
+def _arrivals(*, q: str | None, device: str | None, received_from: str | None = None,
+              received_before: str | None = None) -> tuple[str, str, list[Any]] | None:
+    """FROM and WHERE (and their parameters) for arrivals filtered by search terms, device and
+    reception time; ``None`` when ``q`` holds no searchable word (nothing can match)."""
     clauses: list[str] = []
     params: list[Any] = []
     source = f"documents d {_WITH_OBJECT}"
     if q:
         match = fts_query(q)
         if match is None:
-            return []
+            return None
         source = f"documents_fts f JOIN documents d ON d.id = f.rowid {_WITH_OBJECT}"
         clauses.append("documents_fts MATCH ?")
         params.append(match)
-    if device:
-        clauses.append("d.device = ?")
-        params.append(device)
-    where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+    for clause, value in (("d.device = ?", device), ("d.received_at >= ?", received_from),
+                          ("d.received_at < ?", received_before)):
+        if value:
+            clauses.append(clause)
+            params.append(value)
+    return source, f" WHERE {' AND '.join(clauses)}" if clauses else "", params
+
+
+def search_documents(conn: sqlite3.Connection, *, device: str | None = None, q: str | None = None,
+                     limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+    """Arrivals, newest first: ``device`` lists what that box sent, ``q`` searches their text."""
+    found = _arrivals(q=q, device=device)
+    if found is None:
+        return []
+    source, where, params = found
     sql = f"SELECT {_SUMMARY} FROM {source}{where} ORDER BY d.id DESC LIMIT ? OFFSET ?"  # noqa: S608
     return [_summary(r) for r in conn.execute(sql, [*params, limit, offset])]
 
