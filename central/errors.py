@@ -35,6 +35,13 @@ class HomeError(CentralError):
     exit_code = 66  # EX_NOINPUT
 
 
+class AlreadyRunningError(CentralError):
+    """Another process already runs as this worker on this home."""
+
+    hint = "stop it first, or give this one its own name: sohoa central run --worker N"
+    exit_code = 75  # EX_TEMPFAIL: it can start once the other has stopped
+
+
 class EnrollError(CentralError):
     """A device id cannot be enrolled (reserved, invalid, already enrolled)."""
 

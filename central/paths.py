@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
+
+
+def worker_slug(worker: str) -> str:
+    """A worker's name (its MQTT client id) as it appears in file names: its journal files, its
+    lock and its work directory. Several workers share one home; each of them owns only these."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", worker)[:64] or "central"
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +102,18 @@ class CentralPaths:
     @property
     def tmp(self) -> Path:
         return self.home / "tmp"
+
+    def worker_tmp(self, worker: str) -> Path:
+        """Where one worker assembles: its own, so a worker starting up clears only its own
+        leftovers, never the half-written files of another worker on the same home."""
+        return self.tmp / worker_slug(worker)
+
+    @property
+    def locks(self) -> Path:
+        return self.home / "locks"
+
+    def worker_lock(self, worker: str) -> Path:
+        return self.locks / f"{worker_slug(worker)}.lock"
 
     @property
     def objects(self) -> Path:

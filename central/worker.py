@@ -14,13 +14,25 @@ import signal
 from pathlib import Path
 
 from central.config import CentralConfig, load_config
-from central.errors import ConfigError
+from central.errors import AlreadyRunningError, ConfigError
+from central.fsutil import LockHeld, exclusive_lock
 from central.http.app import serve_config
 
 
 async def serve(home: Path, *, ready: asyncio.Event | None = None, worker: str | None = None) -> None:
-    """Run ingest and HTTP until cancelled; ``worker`` names one of several processes on this home."""
-    await serve_config(as_worker(load_config(home), worker), ready=ready)
+    """Run ingest and HTTP until cancelled; ``worker`` names one of several processes on this home.
+
+    One process per worker name: the name owns its segment journal files, its assembly directory
+    and its broker session, and two processes under one name would delete each other's journal
+    (and take the client id from each other every few seconds). The second one is refused."""
+    config = as_worker(load_config(home), worker)
+    name = config.broker.client_id
+    try:
+        with exclusive_lock(config.paths.worker_lock(name)):
+            await serve_config(config, ready=ready)
+    except LockHeld as exc:
+        raise AlreadyRunningError(f"another central process is already running as {name!r} on {home} "
+                                  f"(pid {exc.holder or '?'})") from None
 
 
 def as_worker(config: CentralConfig, worker: str | None) -> CentralConfig:

@@ -31,7 +31,7 @@ import nacl.signing
 
 from central import catalog
 from central.errors import RevokedDeviceError
-from central.fsutil import fsync_dir, write_atomic
+from central.fsutil import fsync_dir, make_private_dir, write_atomic
 from central.ingest.assemble import assemble
 from central.ingest.batch import Reply, count_rejection
 from central.ingest.durability import Durability
@@ -98,8 +98,10 @@ Assembly = Archived | Quarantined | Deferred
 
 class Archiver:
     def __init__(self, paths: CentralPaths, keys: CentralKeys, *, max_plaintext: int,
-                 metrics: Metrics, durability: Durability, quotas: Quotas | None = None) -> None:
+                 metrics: Metrics, durability: Durability, quotas: Quotas | None = None,
+                 work_dir: Path | None = None) -> None:
         self._paths = paths
+        self.work_dir = work_dir or paths.tmp
         self._quotas = quotas or Quotas()
         self._durability = durability
         self._keys = keys
@@ -129,7 +131,7 @@ class Archiver:
     # -- assembler worker ---------------------------------------------------------------------
     def assemble(self, job: AssemblyJob) -> Assembly:
         result = assemble_job(job, self._paths, self._keys, max_plaintext=self._max_plaintext,
-                              sync=self._durability.sync_objects)
+                              sync=self._durability.sync_objects, work_dir=self.work_dir)
         if isinstance(result, Archived):
             self._durability.stored()
         return result
@@ -286,22 +288,26 @@ def check_journals(db: IngestStore, staging: Path) -> int:
     return lost
 
 
-def tmp_leftovers(tmp: Path) -> None:
-    """Half-written decrypted packages from an interrupted assembly; it restarts from the journal."""
-    for leftover in tmp.glob("*"):
-        if leftover.is_file():
-            leftover.unlink()
+def tmp_leftovers(work_dir: Path) -> None:
+    """Half-written decrypted packages of this worker's interrupted assemblies (they restart from
+    the journal), and files a release before per-worker directories left in ``tmp/`` itself. Never
+    another worker's directory: its assemblies may be running."""
+    make_private_dir(work_dir)
+    for directory in {work_dir, work_dir.parent}:
+        for leftover in directory.glob("*"):
+            if leftover.is_file():
+                leftover.unlink()
 
 
 def assemble_job(job: AssemblyJob, paths: CentralPaths, keys: CentralKeys, *, max_plaintext: int,
-                 sync: bool) -> Assembly:
+                 sync: bool, work_dir: Path) -> Assembly:
     """Verify, decrypt, unpack and store one complete transfer; no catalog (any thread or process)."""
     reader = SegmentReader(paths.staging)
     store = ObjectStore(paths.objects)
     try:
         assembled = assemble(lambda: (data for _, data in reader.chunks(job.tid, job.segments)),
                              job.signed, nacl.signing.VerifyKey(job.device_key), keys.encryption,
-                             max_plaintext=max_plaintext, work_dir=paths.tmp, sync=sync)
+                             max_plaintext=max_plaintext, work_dir=work_dir, sync=sync)
     except ProtocolError as exc:
         try:
             _keep_in_quarantine(reader, paths, job, exc)
@@ -339,18 +345,18 @@ def _keep_in_quarantine(reader: SegmentReader, paths: CentralPaths, job: Assembl
 
 # -- assembler processes: each loads the keys once, then assembles the jobs it is sent ----------
 
-_PROCESS: tuple[CentralPaths, CentralKeys, int, bool] | None = None
+_PROCESS: tuple[CentralPaths, CentralKeys, int, bool, Path] | None = None
 
 
-def init_process(home: Path, max_plaintext: int, sync: bool) -> None:
+def init_process(home: Path, max_plaintext: int, sync: bool, work_dir: Path) -> None:
     from central.keys import load_keys  # noqa: PLC0415 - in the child only
 
     global _PROCESS  # noqa: PLW0603 - one assembler per process, set once by the pool's initializer
     paths = CentralPaths(home)
-    _PROCESS = (paths, load_keys(paths), max_plaintext, sync)
+    _PROCESS = (paths, load_keys(paths), max_plaintext, sync, work_dir)
 
 
 def assemble_in_process(job: AssemblyJob) -> Assembly:
     assert _PROCESS is not None, "init_process was not run"
-    paths, keys, max_plaintext, sync = _PROCESS
-    return assemble_job(job, paths, keys, max_plaintext=max_plaintext, sync=sync)
+    paths, keys, max_plaintext, sync, work_dir = _PROCESS
+    return assemble_job(job, paths, keys, max_plaintext=max_plaintext, sync=sync, work_dir=work_dir)

@@ -59,10 +59,10 @@ class Ingestor:
                                lease_s=LEASE_S, notice_key=keys.encryption, quotas=quotas,
                                clock=clock)
         self.archive = Archiver(paths, keys, max_plaintext=max_plaintext, metrics=self.metrics,
-                                durability=self.durability, quotas=quotas)
+                                durability=self.durability, quotas=quotas, work_dir=paths.worker_tmp(worker))
         self.expire_after_s = expire_after_s
         remove_stale_staging(self._db, paths)
-        tmp_leftovers(paths.tmp)
+        tmp_leftovers(self.archive.work_dir)
 
     def transaction(self, fn: Callable[[IngestStore], T]) -> T:
         """Run ``fn`` in one write transaction; the journal is made durable before the commit."""

@@ -258,7 +258,14 @@ class MqttClient:
                 attempt = 0 if was_connected else attempt + 1
                 await asyncio.sleep(self._backoff(attempt))
         finally:
-            self._client.disconnect()
+            # A stopped worker ends its session: the broker would otherwise keep handing it a share
+            # of the shared subscription's messages, queued for nobody, for session_expiry_s (a
+            # worker scaled down black-holed part of every box's segments for 7 days). What was
+            # queued or unacknowledged goes with it; the boxes send it again (custody stays with
+            # them until the receipt). A crash keeps the session, so a restart picks its queue up.
+            goodbye = Properties(PacketTypes.DISCONNECT)  # type: ignore[no-untyped-call]
+            goodbye.SessionExpiryInterval = 0
+            self._client.disconnect(properties=goodbye)
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._on_disconnected("client stopped", expected=True)
 

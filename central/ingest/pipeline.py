@@ -123,13 +123,13 @@ class IngestCore:
                            max_plaintext=max_plaintext, worker=settings.worker, metrics=metrics,
                            lease_s=settings.lease_s, notice_key=keys.encryption, quotas=settings.quotas)
         archive = Archiver(paths, keys, max_plaintext=max_plaintext, metrics=metrics, durability=durability,
-                           quotas=settings.quotas)
+                           quotas=settings.quotas, work_dir=paths.worker_tmp(settings.worker))
         return cls(paths, settings, journal, durability, batch, archive, metrics)
 
     def start_up(self, db: IngestStore) -> None:
         remove_stale_staging(db, self.paths)
         check_journals(db, self.paths.staging)
-        tmp_leftovers(self.paths.tmp)
+        tmp_leftovers(self.archive.work_dir)
 
     def reconcile(self, db: IngestStore) -> list[str]:
         """Give complete transfers a job, take the jobs nobody holds, drop unused journal files."""
@@ -175,7 +175,8 @@ class IngestPipeline:
             self._pool = ProcessPoolExecutor(
                 max_workers=settings.assembler_processes, mp_context=multiprocessing.get_context("spawn"),
                 initializer=init_process,
-                initargs=(core.paths.home, core.archive.max_plaintext, core.archive.sync_objects))
+                initargs=(core.paths.home, core.archive.max_plaintext, core.archive.sync_objects,
+                          core.archive.work_dir))
         else:
             self._pool = ThreadPoolExecutor(max_workers=settings.assemblers, thread_name_prefix="assembler")
         self.batches = 0

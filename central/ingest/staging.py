@@ -29,6 +29,7 @@ from typing import IO
 
 from central.catalog import StoredSegment
 from central.fsutil import fsync_dir
+from central.paths import worker_slug
 
 ROTATE_BYTES = 64 * 1024 * 1024
 _JOURNAL = re.compile(r"journal-[A-Za-z0-9_.-]+-[0-9a-f]{8}-\d{8}\.log")
@@ -54,7 +55,10 @@ class SegmentJournal:
 
     def __init__(self, directory: Path, worker: str, *, rotate_bytes: int = ROTATE_BYTES) -> None:
         self.directory = directory
-        self.worker = re.sub(r"[^A-Za-z0-9_.-]", "_", worker)[:64] or "central"
+        self.worker = worker_slug(worker)
+        # Exactly this worker's files: "journal-sohoa-central-" must not take in those of
+        # "sohoa-central-2", which would delete a live worker's journal under it.
+        self._own = re.compile(re.escape(f"journal-{self.worker}-") + r"[0-9a-f]{8}-\d{8}\.log")
         self._life = secrets.token_hex(4)   # never append to a file of an earlier life
         self.rotate_bytes = rotate_bytes
         self._number = 0
@@ -111,8 +115,9 @@ class SegmentJournal:
     def collect(self, in_use: Callable[[str], bool]) -> list[str]:
         """Delete this worker's journal files no committed segment points into; return their names.
 
-        Files of earlier lives count as this worker's (same worker name). The current file is
-        closed and deleted too when nothing points into it.
+        Files of earlier lives count as this worker's (same worker name: one process at a time holds
+        it, ``central.worker``). The current file is closed and deleted too when nothing points into
+        it.
         """
         removed: list[str] = []
         for name in self.own_files():
@@ -129,9 +134,8 @@ class SegmentJournal:
 
     def own_files(self) -> list[str]:
         """This worker's journal files (of every life), oldest first."""
-        prefix = f"journal-{self.worker}-"
-        return [path.name for path in sorted(self.directory.glob(f"{prefix}*.log"))
-                if _JOURNAL.fullmatch(path.name)]
+        return [path.name for path in sorted(self.directory.glob(f"journal-{self.worker}-*.log"))
+                if self._own.fullmatch(path.name)]
 
     def close(self) -> None:
         self._close_current()
