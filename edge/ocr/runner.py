@@ -25,9 +25,11 @@ import contextlib
 import multiprocessing
 import os
 import resource
+import select
 import shutil
 import signal
 import tempfile
+import threading
 import time
 import unicodedata
 from collections.abc import Callable, Sequence
@@ -59,17 +61,52 @@ Extractor = Callable[[str], dict[str, DocumentField]]
 Corrector = Callable[[str], str]
 
 
-def worker_init(address_space: int | None = DEFAULT_ADDRESS_SPACE, scratch: str | None = None) -> None:
+def worker_init(address_space: int | None = DEFAULT_ADDRESS_SPACE, scratch: str | None = None,
+                service: int | None = None) -> None:
     """Pool initializer: one OpenMP thread per tesseract (DESIGN §2), a bounded address space, the
     pool's own scratch folder, and a process group of its own (so a stop can end the worker and
     the tesseract it is running in one signal, and a terminal's Ctrl-C reaches only the service)."""
     os.environ["OMP_THREAD_LIMIT"] = "1"
     os.setpgid(0, 0)
+    if service is not None:
+        _die_with(service)
     if scratch is not None:
         tempfile.tempdir = scratch   # page images go where the runner removes them, even after a kill
     if address_space:
         # RLIMIT_AS survives fork+exec, so each tesseract child is bounded by the same figure.
         resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
+
+
+def _die_with(service: int) -> None:
+    """A worker ends when the service does, however the service ends (SIGKILL, the OOM killer), and
+    takes the page being read with it: a thread waits on a pidfd of the service and then kills this
+    worker's process group (the worker and its tesseract). A group of its own keeps a terminal's
+    Ctrl-C and the stop signal away from the worker, and the forkserver does not end while a worker
+    lives (each holds its "alive" pipe), so without this a killed service left its workers running
+    for ever (each ~40 MB, holding the log open)."""
+    try:
+        pidfd = os.pidfd_open(service)
+    except ProcessLookupError:
+        os.killpg(0, signal.SIGKILL)   # gone already
+        return
+
+    def wait_then_end() -> None:
+        select.select([pidfd], [], [])   # readable once the service has exited
+        os.killpg(0, signal.SIGKILL)
+
+    threading.Thread(target=wait_then_end, name="die-with-service", daemon=True).start()
+
+
+def _forget_dead_pools() -> None:
+    """Scratch folders of pools whose service was killed (``sohoa-ocr-pool-<pid>-…`` of a pid that
+    is gone): page images of scans are not left in TMPDIR by a crash."""
+    for folder in Path(tempfile.gettempdir()).glob("sohoa-ocr-pool-*-*"):
+        pid = folder.name.removeprefix("sohoa-ocr-pool-").split("-", 1)[0]
+        if not pid.isdigit() or Path(f"/proc/{pid}").exists():
+            continue
+        with contextlib.suppress(OSError):
+            if folder.stat().st_uid == os.getuid():
+                shutil.rmtree(folder, ignore_errors=True)
 
 
 def _warm() -> int:
@@ -274,11 +311,12 @@ class _Workers:
     def start(cls, count: int, address_space: int | None) -> _Workers:
         # Page images (scan content) live here while a page is read: 0700, and removed whole when
         # the pool stops, including what a killed worker could not clean up.
-        scratch = tempfile.mkdtemp(prefix="sohoa-ocr-pool-")
+        _forget_dead_pools()
+        scratch = tempfile.mkdtemp(prefix=f"sohoa-ocr-pool-{os.getpid()}-")
         # forkserver: the service has watchdog and MQTT threads; forking them is unsafe.
         executor = concurrent.futures.ProcessPoolExecutor(
             max_workers=count, mp_context=multiprocessing.get_context("forkserver"),
-            initializer=worker_init, initargs=(address_space, scratch))
+            initializer=worker_init, initargs=(address_space, scratch, os.getpid()))
         return cls(executor, scratch)
 
     async def stop(self) -> None:

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import re
+import signal
+import sys
 import tempfile
 import time
 import unicodedata
@@ -133,6 +137,59 @@ async def test_a_stop_does_not_wait_for_the_page_being_read(tmp_path: Path,
     assert list(tmp_path.glob("sohoa-ocr-pool-*")) == []
     with pytest.raises(asyncio.CancelledError):
         await reading
+
+
+_READ_ONE_PAGE = """
+import asyncio, sys, tempfile
+from pathlib import Path
+from edge.media import probe
+from edge.ocr import TesseractEngine
+tempfile.tempdir = sys.argv[3]
+page = Path(sys.argv[2])
+engine = TesseractEngine(workers=1, tesseract_cmd=sys.argv[1], page_timeout=600, filters=(),
+                         orientation="off")
+asyncio.run(engine.recognize(page, probe(page)))
+"""
+
+
+async def test_a_service_killed_mid_page_takes_its_worker_and_tesseract_with_it(tmp_path: Path) -> None:
+    """SIGKILL of the service (kill -9, the OOM killer): its OCR worker, in a process group of its
+    own, and the tesseract reading a page end too, and the next start removes the page images the
+    dead pool left. Regression: each kill -9 left a ~40 MB worker running for ever."""
+    stalled = StalledTesseract.make(tmp_path)
+    page = tmp_path / "Công văn số 5 – Tuyên Quang.png"
+    Image.new("L", (400, 300), 255).save(page)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    service = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _READ_ONE_PAGE, str(stalled.command), str(page), str(scratch),
+        cwd=Path(__file__).resolve().parents[2])
+    worker: psutil.Process | None = None
+    try:
+        tesseract = await stalled.started()
+        worker = psutil.Process(tesseract).parent()
+        assert worker is not None and worker.pid != service.pid
+        service.kill()
+        await service.wait()
+        assert_gone(tesseract)
+        assert_gone(worker.pid)
+    finally:
+        if service.returncode is None:
+            service.kill()
+            await service.wait()
+        if worker is not None:   # a failing run must not leave them behind either
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(worker.pid, signal.SIGKILL)
+    (left,) = scratch.glob("sohoa-ocr-pool-*")   # a kill -9 cleans nothing up itself
+    engine = TesseractEngine(workers=1, tesseract_cmd=str(stalled.command), filters=(), orientation="off")
+    old = tempfile.tempdir
+    tempfile.tempdir = str(scratch)
+    try:
+        engine.warm()   # a new pool, as the next start makes
+        assert not left.exists()
+    finally:
+        tempfile.tempdir = old
+        await engine.aclose()
 
 
 async def test_a_worker_killed_mid_page_fails_that_document_retryably_and_the_next_gets_a_fresh_pool(
