@@ -36,7 +36,7 @@ from edge.settle import Quiet
 from edge.take import Taker
 from edge.uplink import Uplink
 from edge.watch import Intake
-from protocol.messages import Status, encode
+from protocol.messages import MAX_STATUS_COUNT, Status, encode
 from protocol.version import version
 
 log = logging.getLogger("sohoa.edge")
@@ -254,10 +254,14 @@ class EdgeService:
             device=self.config.device_id, online=bool(uplink and uplink.connected),
             queue_docs=stats.queued_docs, queue_bytes=stats.queued_bytes,
             oldest_age_s=round(stats.oldest_age_s, 1), failed_docs=stats.failed, last_receipt_at=last,
-            disk_free_bytes=disk_free(self.config.home), version=version(),
+            disk_free_bytes=_at_most(disk_free(self.config.home), MAX_STATUS_COUNT), version=version(),
             last_error=self.alarms.current_error() or link_error,
             alarms=tuple(sorted(self.alarms.active)),
             updated_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
+
+
+def _at_most(value: int | None, ceiling: int) -> int | None:
+    return None if value is None else min(value, ceiling)
 
 
 def _write_status(path: Path, payload: bytes) -> None:

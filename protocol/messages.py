@@ -113,6 +113,13 @@ class Abort:
         check_tid(self.tid)
 
 
+# What a box can plausibly hold (128 TiB, a century): a status beyond it is refused, so the fleet's
+# sums over tens of thousands of boxes stay within SQLite's 64-bit integers (one box reporting
+# 2^63 - 1 bytes used to make the dashboard's fleet summary and /metrics fail with an overflow).
+MAX_STATUS_COUNT = 1 << 47
+MAX_STATUS_AGE_S = 100 * 365 * 86400
+
+
 @dataclass(frozen=True, slots=True)
 class Status:
     """Retained device status; the last will is ``Status(device, online=False)``."""
@@ -133,10 +140,12 @@ class Status:
     def __post_init__(self) -> None:
         check_device_id(self.device)
         counts = (self.queue_docs, self.queue_bytes, self.failed_docs, self.disk_free_bytes or 0)
-        if any(not _is_int(c) or not 0 <= c < 1 << 63 for c in counts):
-            raise DecodeError("status counts must be non-negative integers", device=self.device)
-        if not math.isfinite(self.oldest_age_s):
-            raise DecodeError("status oldest_age_s must be a finite number", device=self.device)
+        if any(not _is_int(c) or not 0 <= c <= MAX_STATUS_COUNT for c in counts):
+            raise DecodeError(f"status counts must be integers from 0 to {MAX_STATUS_COUNT}",
+                              device=self.device)
+        if not math.isfinite(self.oldest_age_s) or not 0 <= self.oldest_age_s <= MAX_STATUS_AGE_S:
+            raise DecodeError(f"status oldest_age_s must be a number from 0 to {MAX_STATUS_AGE_S}",
+                              device=self.device)
 
 
 class NoticeState(StrEnum):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,7 +18,7 @@ from pytest_aiohttp.plugin import AiohttpClient
 from central import catalog
 from central.config import CentralConfig
 from central.http.app import create_app
-from protocol.messages import Status, encode
+from protocol.messages import MAX_STATUS_COUNT, Status, encode
 
 FLEET = 3000
 DOCS_PER_BOX = 2
@@ -307,3 +308,21 @@ async def test_metrics_per_device_series_are_bounded(fleet: Fleet) -> None:
     clones = [b.id for b in fleet.boxes if b.clone and b.active]
     assert all(f'sohoa_device_up{{device="{c}"}}' in samples for c in clones)
     assert samples['sohoa_devices{state="revoked"}'] == sum(b.revoked for b in fleet.boxes)
+
+
+def test_the_fleet_sums_stay_in_range_with_every_box_at_the_largest_status(tmp_path: Path) -> None:
+    """Statuses are capped (protocol.messages.MAX_STATUS_COUNT) so that 30,000 boxes each at the cap
+    still sum within SQLite's integers: one box's 2^63 - 1 used to fail the fleet page and /metrics."""
+    conn = catalog.connect(tmp_path / "catalog.db")
+    for n in range(3):
+        device = f"xa-{n}"
+        catalog.add_device(conn, device, b"\0" * 32)
+        catalog.update_device_status(conn, device, online=True, backlog_docs=MAX_STATUS_COUNT,
+                                     backlog_bytes=MAX_STATUS_COUNT, last_error=None,
+                                     status_json=f'{{"disk_free_bytes": {MAX_STATUS_COUNT}}}',
+                                     at=catalog.utc_now())
+    conn.execute("UPDATE devices SET backlog_bytes = backlog_bytes * 10000")   # 30,000 boxes' worth
+    summary = catalog.fleet_summary(conn, today_since="2000-01-01T00:00:00Z")
+    snapshot = catalog.metrics_snapshot(conn)
+    assert snapshot["backlog_bytes"] == 3 * 10000 * MAX_STATUS_COUNT
+    assert summary

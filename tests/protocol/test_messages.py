@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from protocol.errors import DecodeError, ProtocolError, ReceiptError, TopicError
 from protocol.messages import (
     MAX_ACK_RANGES,
+    MAX_STATUS_COUNT,
     Abort,
     Ack,
     AckState,
@@ -179,6 +180,9 @@ def test_hostile_ack_payloads(payload: bytes) -> None:
     {"online": "false"}, {"online": 1}, {"queue_docs": -1}, {"queue_docs": 1.5}, {"queue_docs": True},
     {"queue_bytes": "7"}, {"oldest_age_s": "old"}, {"disk_free_bytes": [1]}, {"alarms": "disk"},
     {"alarms": [1]}, {"version": 3}, {"device": "xa-khac"},
+    # Beyond what a box can hold: summed over the fleet they overflowed the dashboard's SQL.
+    {"queue_bytes": 2**63 - 1}, {"queue_docs": MAX_STATUS_COUNT + 1}, {"disk_free_bytes": 2**50},
+    {"oldest_age_s": 1e300},
 ])
 def test_hostile_status_payloads(change: dict[str, object]) -> None:
     topic, payload = encode(Status(DEVICE, online=True))
@@ -293,9 +297,10 @@ def test_decode_never_crashes(topic: str, payload: bytes) -> None:
 
 
 _statuses = st.builds(
-    Status, device=st.just(DEVICE), online=st.booleans(), queue_docs=st.integers(0, 2**62),
-    queue_bytes=st.integers(0, 2**62), oldest_age_s=st.floats(0, 1e9), failed_docs=st.integers(0, 1000),
-    last_receipt_at=st.none() | st.text(max_size=30), disk_free_bytes=st.none() | st.integers(0, 2**50),
+    Status, device=st.just(DEVICE), online=st.booleans(), queue_docs=st.integers(0, MAX_STATUS_COUNT),
+    queue_bytes=st.integers(0, MAX_STATUS_COUNT), oldest_age_s=st.floats(0, 1e9),
+    failed_docs=st.integers(0, 1000), last_receipt_at=st.none() | st.text(max_size=30),
+    disk_free_bytes=st.none() | st.integers(0, MAX_STATUS_COUNT),
     version=st.none() | st.text(max_size=10), last_error=st.none() | st.text(max_size=50),
     alarms=st.lists(st.text(max_size=10), max_size=4).map(tuple), updated_at=st.none() | st.text(max_size=30))
 
