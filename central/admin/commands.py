@@ -398,9 +398,12 @@ def device_remove(home: Path, device_id: str, *, actor: str = "cli") -> None:
     with _audited_change(home) as conn:
         if catalog.get_device(conn, device_id) is None:
             raise DeviceError(f"no enrolled device {device_id!r}")
-        sent = conn.execute("SELECT count(*) FROM transfers WHERE device = ?", (device_id,)).fetchone()[0]
+        sent = sum(conn.execute(f"SELECT count(*) FROM {table} WHERE device = ?",  # noqa: S608 - fixed names
+                                (device_id,)).fetchone()[0]
+                   for table in ("transfers", "notices", "documents"))
         if sent:
-            raise DeviceError(f"device {device_id!r} has sent {sent} transfer(s); its documents name it",
+            raise DeviceError(f"device {device_id!r} has sent {sent} transfer(s) or notice(s); its documents "
+                              "name it",
                               hint=f"revoke it instead: sohoa central revoke {device_id} --home {home}")
         successor = conn.execute("SELECT id FROM devices WHERE replaces = ?", (device_id,)).fetchone()
         if successor is not None:

@@ -261,8 +261,10 @@ def get_document(conn: sqlite3.Connection, doc_id: int) -> dict[str, Any] | None
     if row is None:
         return None
     doc = _summary(row)
-    same = [int(r[0]) for r in conn.execute(
-        "SELECT id FROM documents WHERE sha256 = ? AND id != ? ORDER BY id LIMIT ?",
+    # Only bytes central received and verified are "the same content": a notice's sha256 is a
+    # claim, and an unverified one must not link one commune's stored circular to another's.
+    same = [] if row["state"] != "stored" else [int(r[0]) for r in conn.execute(
+        f"SELECT id FROM documents WHERE sha256 = ? AND id != ? AND {_STORED} ORDER BY id LIMIT ?",  # noqa: S608
         (row["sha256"], doc_id, MAX_SAME_CONTENT))]
     doc.update(text=row["text"], metadata=row["metadata"], tid=row["tid"], seq=row["seq"],
                package_sha256=row["package_sha256"], same_content=same)

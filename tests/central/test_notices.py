@@ -10,7 +10,9 @@ import secrets
 import pytest
 
 from central import catalog
+from central.admin import commands
 from central.config import CentralConfig
+from central.errors import DeviceError
 from central.ingest import Ingestor, Reply, batch
 from central.keys import CentralKeys
 from central.records import archive_jobs
@@ -261,3 +263,35 @@ def test_a_correction_of_a_notice_only_document_survives_whatever_original_comes
     assert doc["state"] == "stored" and doc["id"] == receipt.document_id
     fixed = corrections.latest_corrections(conn, [receipt.document_id])[receipt.document_id]
     assert fixed["so_ky_hieu"].value == "12/QĐ-UBND" and fixed["so_ky_hieu"].actor == "op:lan"
+
+
+def test_a_notice_alone_links_no_stored_document_as_the_same_content(setup: tuple[Ingestor, Bundle],
+                                                                      central_keys: CentralKeys) -> None:
+    """A notice announcing the sha256 of bytes central holds, with no bytes of its own: the stored
+    arrival does not list it as the same content, nor it the stored one (a claim is not a copy)."""
+    ingestor, device = setup
+    stored = Drop(device, central_keys, 1)
+    receipt = receipt_of(ingestor.handle_batch(stored.transfer()))
+    claim = Drop(device, central_keys, 2, name="Bản sao.pdf")
+    notice = seal_notice_for(claim.sealed, signing_key=device.signing_key,
+                             central_key=central_keys.encryption.public_key, original=stored.original,
+                             name="Bản sao.pdf", text=TEXT)
+    (answer,) = noted(ingestor.handle_batch([encode(notice)]))
+    conn = ingestor._conn
+    mine = catalog.get_document(conn, receipt.body.document_id)
+    theirs = catalog.get_document(conn, answer.document_id)
+    assert mine is not None and theirs is not None and theirs["state"] == "awaiting_original"
+    assert theirs["sha256"] == mine["sha256"]
+    assert (mine["same_content"], theirs["same_content"]) == ([], [])
+
+
+def test_a_box_that_sent_only_a_notice_is_not_removed_but_told_to_revoke(
+        setup: tuple[Ingestor, Bundle], central_keys: CentralKeys, config: CentralConfig) -> None:
+    """``device remove`` is for a box that never sent anything; one notice is something (its
+    document names the box). It used to fail on the catalog's foreign key with a traceback."""
+    ingestor, device = setup
+    noted(ingestor.handle_batch([encode(Drop(device, central_keys, 1).notice)]))
+    with pytest.raises(DeviceError, match="notice") as refused:
+        commands.device_remove(config.paths.home, DEVICE)
+    assert "revoke" in refused.value.hint
+    assert catalog.get_device(ingestor._conn, DEVICE) is not None
