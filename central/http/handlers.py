@@ -16,6 +16,7 @@ import sqlite3
 from collections.abc import Awaitable, Callable
 from datetime import UTC, date, datetime, timedelta, timezone
 from importlib import resources
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote
 
@@ -31,7 +32,7 @@ from central.http.preview import PreviewCache, PreviewError
 from central.http.state import AUTH_DB, CONFIG, INGEST, METRICS, PRINCIPAL, READER
 from central.metrics import DEVICE_SERIES_MAX, Scrape, render
 from central.records import corrections
-from central.storage import ObjectStore
+from central.storage import ObjectStore, file_sha256
 from protocol.errors import DecodeError
 from protocol.names import check_device_id, fold
 
@@ -265,7 +266,7 @@ async def document(request: web.Request) -> web.Response:
     return web.json_response(doc, dumps=_dumps)
 
 
-def _stored_path(request: web.Request, doc: dict[str, Any]) -> Any:
+def _stored_path(request: web.Request, doc: dict[str, Any]) -> Path:
     if doc.get("state") == catalog.AWAITING:
         # Catalogued from its notice: searchable, but its original is still on the box's link.
         raise web.HTTPConflict(text=json.dumps({"error": "the original is on its way",
@@ -300,23 +301,39 @@ def content_disposition(filename: str) -> str:
     return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
 
 
-async def record_download(request: web.Request, doc: dict[str, Any], *, kind: str, sha256: str) -> None:
+async def record_download(request: web.Request, doc: dict[str, Any], *, kind: str, sha256: str,
+                          path: Path) -> None:
     """A download of a stored object is a fixity event (who, which object, its hash), written before a
-    byte leaves; the audit log says the same for the security side."""
+    byte leaves; the audit log says the same for the security side.
+
+    The object is hashed first: bytes that no longer match the hash central signed for are not
+    served as if they did (the response names that hash), and the failure is a fixity event."""
     principal = request[PRINCIPAL]
+    found = await asyncio.to_thread(file_sha256, path)
+    intact = found == sha256
 
     def write(conn: sqlite3.Connection) -> None:
         conn.execute("BEGIN IMMEDIATE")
         try:
             fixity.add_event(conn, event="download", actor=principal.actor, document_id=int(doc["id"]),
                              object_sha256=sha256, original_sha256=doc["sha256"],
-                             detail={"kind": kind, "remote": request.remote})
+                             outcome=None if intact else "failure",
+                             detail={"kind": kind, "remote": request.remote,
+                                     **({} if intact else {"problem": "does not hash to its name",
+                                                           "found_sha256": found})})
             conn.commit()
         except BaseException:
             conn.rollback()
             raise
 
     await request.app[AUTH_DB].call(write)
+    if not intact:
+        log.error("download of %s %s (document %s) refused: the stored bytes hash to %s", kind, sha256,
+                  doc["id"], found)
+        raise web.HTTPInternalServerError(
+            text=json.dumps({"error": f"the stored {kind} copy no longer matches its sha256; not served",
+                             "hint": "run `sohoa central verify` and restore the object from a backup"}),
+            content_type="application/json")
 
 
 async def original(request: web.Request) -> web.StreamResponse:
@@ -326,7 +343,7 @@ async def original(request: web.Request) -> web.StreamResponse:
     # Audited before a byte leaves: who took which original is the question a curious operator raises.
     await audit(request, "download_original", str(doc["id"]),
                 {"sha256": doc["sha256"], "filename": doc["filename"], "device": doc["device"]})
-    await record_download(request, doc, kind=fixity.ORIGINAL, sha256=doc["sha256"])
+    await record_download(request, doc, kind=fixity.ORIGINAL, sha256=doc["sha256"], path=path)
     return web.FileResponse(path, headers={"Content-Type": doc["media_type"],
                                            "Content-Disposition": content_disposition(doc["filename"]),
                                            "X-Content-SHA256": doc["sha256"]})

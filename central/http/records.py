@@ -66,7 +66,7 @@ async def archival(request: web.Request) -> web.StreamResponse:
                           hint="run `sohoa central verify`: it queues the copy to be built again")
     await audit(request, "download_archival", str(doc["id"]),
                 {"sha256": sha, "original_sha256": doc["sha256"], "device": doc["device"]})
-    await record_download(request, doc, kind=fixity.ARCHIVAL, sha256=sha)
+    await record_download(request, doc, kind=fixity.ARCHIVAL, sha256=sha, path=path)
     stem = doc["filename"].rsplit(".", 1)[0] if "." in doc["filename"] else doc["filename"]
     disposition = content_disposition(f"{stem} (lưu trữ).pdf")
     return web.FileResponse(path, headers={"Content-Type": "application/pdf",

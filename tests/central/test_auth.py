@@ -19,6 +19,7 @@ from central.config import CentralConfig
 from central.http.app import create_app
 from central.ingest import Ingestor
 from central.keys import CentralKeys
+from central.storage import ObjectStore
 from tests.central.builders import seal_document, wire
 from tests.central.conftest import Enroll
 
@@ -147,3 +148,23 @@ async def test_login_rate_limit_and_no_password_in_logs(config: CentralConfig, c
         audit = "\n".join(str(r) for r in conn.execute("SELECT * FROM audit"))
     for secret in [PASSWORD, *wrong]:
         assert secret not in caplog.text and secret not in audit
+
+
+async def test_an_original_rotten_on_disk_is_not_served_under_its_hash(config: CentralConfig,
+                                                                        client: TestClient) -> None:  # type: ignore[type-arg]
+    """One flipped byte in the object store: the download is refused (500) instead of serving other
+    bytes with ``X-Content-SHA256`` naming the signed hash, and it is a failed fixity event."""
+    bootstrap = {"Authorization": f"Bearer {config.api_token}"}
+    sha = hashlib.sha256(ORIGINAL).hexdigest()
+    path = ObjectStore(config.paths.objects).path_for(sha)
+    path.chmod(0o600)
+    rotten = bytearray(path.read_bytes())
+    rotten[len(rotten) // 2] ^= 0x01
+    path.write_bytes(bytes(rotten))
+    response = await client.get("/api/documents/1/original", headers=bootstrap)
+    assert response.status == 500 and "not served" in (await response.json())["error"]
+    conn = sqlite3.connect(config.paths.catalog)
+    (outcome, detail), = conn.execute(
+        "SELECT outcome, detail FROM fixity WHERE event = 'download'").fetchall()
+    conn.close()
+    assert outcome == "failure" and hashlib.sha256(bytes(rotten)).hexdigest() in detail
