@@ -7,7 +7,7 @@ structure that only a finished writer leaves behind:
 
 - PDF: the last ``startxref`` points at a cross-reference table (``xref``) or a cross-reference
   stream object inside the file, and ``%%EOF`` follows it;
-- PNG: the last chunk is a complete ``IEND`` (length 0, correct CRC);
+- PNG: a complete ``IEND`` chunk (length 0, correct CRC) near the end, padding after it allowed;
 - JPEG: the image data ends with an EOI marker (``FF D9``), allowing the padding and trailers some
   cameras append after it;
 - TIFF: every IFD in the chain lies inside the file (Pillow's full decode in ``edge.media`` then
@@ -51,7 +51,9 @@ def pdf_complete(size: int, tail: bytes, at_offset: bytes) -> str | None:
 
 
 def png_complete(tail: bytes) -> str | None:
-    return None if tail.endswith(_PNG_IEND) else "the PNG does not end with its IEND chunk"
+    # Some writers pad or append after IEND (as cameras do after a JPEG's EOI); decoders stop at IEND,
+    # and a complete IEND with its CRC does not occur by chance in a file still being written.
+    return None if _PNG_IEND in tail else "the PNG has no IEND chunk yet"
 
 
 def jpeg_complete(tail: bytes) -> str | None:
