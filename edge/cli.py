@@ -421,13 +421,16 @@ def retry(home: Path, names: list[str], *, every: bool = False) -> list[Path]:
 
 
 def _retry(args: argparse.Namespace) -> int:
+    from edge.quarantine import RefusedScanMissing
+
+    lang = lang_from_env()   # the clerk runs this: every refusal note tells them to
     try:
         moved = retry(args.home, args.names, every=args.all)
-    except FileNotFoundError as exc:
-        print(f"sohoa: {exc}")
+    except RefusedScanMissing as exc:
+        print(f"sohoa: {t(lang, 'retry_missing', name=exc.name, folder=exc.folder)}")
         return 1
     for path in moved:
-        print(f"back in the scan folder: {path.name}")
+        print(t(lang, "retry_back", name=path.name))
     if not moved:
-        print("nothing to retry: the refused folder is empty")
+        print(t(lang, "retry_none"))
     return 0

@@ -179,6 +179,15 @@ def list_failed(refused_dir: Path) -> list[FailedItem]:
     return result
 
 
+class RefusedScanMissing(FileNotFoundError):
+    """``edge retry NAME`` names no refused scan (a typo, or it was taken back already)."""
+
+    def __init__(self, name: str, folder: Path) -> None:
+        super().__init__(f"no refused scan named {name!r} in {folder}")
+        self.name = name
+        self.folder = folder
+
+
 def restore(refused_dir: Path, name: str, watch_dir: Path) -> Path:
     """Put one refused scan back into the scan folder (``sohoa edge retry``); return its new path.
 
@@ -186,7 +195,7 @@ def restore(refused_dir: Path, name: str, watch_dir: Path) -> Path:
     """
     source = refused_dir / safe_basename(name)
     if not os.path.lexists(source) or source.name.endswith(_SUFFIXES):
-        raise FileNotFoundError(f"no refused scan named {name!r} in {refused_dir}")
+        raise RefusedScanMissing(name, refused_dir)
     target = free_name(watch_dir, source.name)
     move_durably(source, target)
     for suffix in _SUFFIXES:

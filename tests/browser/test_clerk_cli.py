@@ -35,7 +35,7 @@ def test_status_in_vietnamese_and_english(scene: Scene) -> None:
     assert vi.returncode == 0, vi.stderr
     out = vi.stdout
     assert "Dịch vụ: đang chạy" in out
-    assert "Kết nối về kho trung tâm: Đang kết nối" in out
+    assert "Kết nối về kho trung tâm: Đã kết nối" in out
     assert "Bị từ chối (trong thư mục _Lỗi): 1" in out
     assert f"  {REFUSED_NAME} (" in out and "Tệp không phải là bản quét PDF, JPEG, PNG hoặc TIFF." in out
     # The pipeline's order, and the refused count is the length of the list below it.

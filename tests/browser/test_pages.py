@@ -219,7 +219,7 @@ def test_clerk_page_shows_the_refused_scan(scene: Scene, browser: Any, lang: str
         if lang == "vi":
             assert "Lý do: Tệp không phải là bản quét PDF, JPEG, PNG hoặc TIFF." in text
             assert "Cách xử lý: Quét lại tài liệu và lưu dưới dạng PDF hoặc JPEG." in text
-            assert p.page.locator("#facts").inner_text().count("Đang kết nối") == 1
+            assert p.page.locator("#facts").inner_text().count("Đã kết nối") == 1
         else:
             assert "The file is not a PDF, JPEG, PNG or TIFF scan." in text
         archived = p.page.locator("#recent tr[data-stage='archived']", has_text=scene.scan_name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import shutil
 from pathlib import Path
 
@@ -18,7 +19,9 @@ pytestmark = pytest.mark.timeout(120)
 NAME = "Công văn số 0 – Tuyên Quang.png"
 
 
-async def test_a_fixed_scan_is_taken_back_in_with_retry(deployment: Deployment, tmp_path: Path) -> None:
+async def test_a_fixed_scan_is_taken_back_in_with_retry(deployment: Deployment, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
     cfg = deployment.edge_config()
     make_documents(tmp_path / "docs", 1, seed=3)
     async with running(deployment, ocr_engine=FakeOcrEngine()) as service:
@@ -47,6 +50,15 @@ async def test_a_fixed_scan_is_taken_back_in_with_retry(deployment: Deployment, 
         assert await wait_until(lambda: _noted(cfg.refused_dir / "Ghi chú.png"), within=30)
     with pytest.raises(FileNotFoundError):
         edge_cli.retry(deployment.edge_home, ["không có.png"])
+    # The clerk runs it (every refusal note says so): it answers in the clerk's language.
+    monkeypatch.setenv("LANG", "vi_VN.UTF-8")
+    capsys.readouterr()
+    home = deployment.edge_home
+    assert edge_cli._retry(argparse.Namespace(home=home, names=["không có.png"], all=False)) == 1
+    assert edge_cli._retry(argparse.Namespace(home=home, names=[], all=True)) == 0   # Ghi chú.png again
+    said = capsys.readouterr().out
+    assert "Không có bản quét bị từ chối nào tên “không có.png”" in said
+    assert "Đã đưa lại vào thư mục quét: Ghi chú.png" in said
 
 
 async def _noted(path: Path) -> bool:
