@@ -22,6 +22,8 @@ from edge.quarantine import FailedItem
 from edge.reasons import explain
 
 VIEW_NAME = "status-view.json"
+# Held by the running service (``edge.fsutil.hold_lock``): whether it runs, whatever its files say.
+SERVICE_LOCK = "service.lock"
 ACK_NAME = "errors-acknowledged"   # its mtime: errors up to then were read (`sohoa edge ack`)
 VIEW_MODE = 0o640          # the group the installer gives the home may read it; others may not
 CHECK_EVERY_S = 2.0        # the view is recomputed this often, and written when it changed

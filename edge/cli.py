@@ -17,6 +17,7 @@ from edge import config as edge_config
 from edge.clerk import (
     ACK_NAME,
     RECENT,
+    SERVICE_LOCK,
     VIEW_NAME,
     age,
     alarm_text,
@@ -29,7 +30,7 @@ from edge.clerk import (
     vn_time,
 )
 from edge.config import CONFIG_NAME, KEY_PATH, Bundle, ConfigError
-from edge.fsutil import atomic_write_bytes
+from edge.fsutil import atomic_write_bytes, disk_free, lock_is_held
 from protocol.errors import ProtocolError
 from protocol.messages import Status, decode
 
@@ -174,6 +175,9 @@ def init(home: Path, bundle_path: Path, watch: Path, *, force: bool = False, aba
     if config_path.exists() and not force:
         raise ConfigError(f"{config_path} exists: pass --force to overwrite")
     if config_path.exists():
+        if lock_is_held(home / SERVICE_LOCK):
+            raise ConfigError(f"`sohoa edge run` is serving {home}: stop it first (systemctl stop "
+                              "sohoa-edge); re-initialising would move its running queue away")
         _set_aside_queue(home, abandon=abandon_queue)
     gid = None
     if status_group is not None:
@@ -283,7 +287,11 @@ async def status_report(home: Path) -> dict[str, Any]:
         view = None   # written under another identity (edge init --force with another bundle)
     if cfg is not None and status is not None and status.device != cfg.device_id:
         status = None
-    running = view_is_fresh(view, now=now)
+    # The service's lock says whether it runs; its files alone can mislead: on a full disk they stop
+    # being rewritten, and a root `edge status` that took a running service for stopped would open
+    # its outbox itself. The files decide only where the lock cannot be read (an older service).
+    held = lock_is_held(home / SERVICE_LOCK)
+    running = held if held is not None else view_is_fresh(view, now=now)
     device = cfg.device_id if cfg else (view or {}).get("device") or (status.device if status else "?")
     if running or cfg is None or not os.access(cfg.outbox_path, os.R_OK | os.W_OK):
         v = view or {}
@@ -306,7 +314,8 @@ async def status_report(home: Path) -> dict[str, Any]:
         "view_written_at": _iso((view or {}).get("written_at")),
         "online": bool(running and view and view.get("online")),
         "link_error": (view or {}).get("link_error") if running else None,
-        "disk_free_bytes": (view or {}).get("disk_free_bytes", status.disk_free_bytes if status else None),
+        "disk_free_bytes": free if (free := _disk_free_now(home)) is not None else (view or {}).get(
+            "disk_free_bytes", status.disk_free_bytes if status else None),
         "version": (view or {}).get("version") or (status.version if status else None),
         "counts": counts,
         "queued_docs": queued_docs,
@@ -392,6 +401,14 @@ def render_status(report: dict[str, Any], lang: str) -> str:
         for scan in report["recent"][:20]:
             lines.append(f"  {vn_time(scan['at'])}  {scan['name']} — {tr('stage_' + scan['stage'])}")
     return "\n".join(lines)
+
+
+def _disk_free_now(home: Path) -> int | None:
+    """Measured now, not the figure the service last wrote (which a full disk keeps from changing)."""
+    try:
+        return disk_free(home)
+    except OSError:
+        return None
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -57,3 +57,10 @@ class ContentChangedError(EdgeError):
     """
 
     hint = "the scanner was still writing; the box waits for it and sends the final file"
+
+
+class EdgeAlreadyRunning(EdgeError):
+    """Another ``sohoa edge run`` holds this home: two services would both take the same scans."""
+
+    hint = "stop the other one first (systemctl stop sohoa-edge)"
+    exit_code = 75   # EX_TEMPFAIL: it can start once the other has stopped

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import os
 import shutil
@@ -47,6 +48,75 @@ def atomic_writer(path: Path, mode: int = 0o600) -> Iterator[BinaryIO]:
 def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o600) -> None:
     with atomic_writer(path, mode) as handle:
         handle.write(data)
+
+
+def write_status_file(path: Path, data: bytes, mode: int) -> None:
+    """Replace a status file atomically; on a full disk, overwrite it in place instead.
+
+    A full disk is exactly when the clerk and the operator must see the alarm, and an atomic replace
+    needs a new block. Rewriting the existing file reuses its blocks (statuses are a few KiB); a
+    power cut in that instant could tear it, and the next atomic write repairs it.
+    """
+    try:
+        atomic_write_bytes(path, data, mode)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or not path.exists():
+            raise
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+        try:
+            written = os.pwrite(fd, data, 0)
+            if written != len(data):
+                raise OSError(errno.ENOSPC, f"short write of {path}") from exc
+            os.ftruncate(fd, len(data))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class LockHeld(OSError):
+    """Another process holds the lock; ``holder`` is the pid it wrote, if it could be read."""
+
+    def __init__(self, path: Path, holder: str) -> None:
+        super().__init__(f"{path} is held by process {holder or '?'}")
+        self.path = path
+        self.holder = holder
+
+
+@contextlib.contextmanager
+def hold_lock(path: Path, *, mode: int = 0o600) -> Iterator[None]:
+    """Hold ``path`` (flock, exclusive, not waiting) for the block; ``LockHeld`` if it is held. The
+    kernel releases it however the process ends, so a crash leaves no stale lock."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, mode)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LockHeld(path, os.pread(fd, 32, 0).decode(errors="replace").strip()) from None
+        with contextlib.suppress(OSError):   # the pid is for the message; a full disk must not stop us
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def lock_is_held(path: Path) -> bool | None:
+    """Whether some process holds ``path`` (``hold_lock``); None if that cannot be told (no such
+    file, or not ours to open)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return None
+    else:
+        return False
+    finally:
+        os.close(fd)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

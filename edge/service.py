@@ -14,9 +14,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
-import errno
 import logging
-import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +22,11 @@ from pathlib import Path
 from edge import config as edge_config
 from edge import statuspage
 from edge.alarms import ACCESS_REFUSED, IDENTITY_CLASH, OUTBOX_FULL, QUOTA_DEFERRED, Alarms, is_disk_full
-from edge.clerk import ACK_NAME
+from edge.clerk import ACK_NAME, SERVICE_LOCK
 from edge.config import EdgeConfig
 from edge.custody import Custody
-from edge.fsutil import atomic_write_bytes, disk_free
+from edge.errors import EdgeAlreadyRunning
+from edge.fsutil import LockHeld, disk_free, hold_lock, write_status_file
 from edge.job import Layout
 from edge.ocr import OcrEngine, build_engine
 from edge.outbox import Outbox
@@ -103,6 +102,17 @@ class EdgeService:
             alarms=frozenset(self.alarms.active), last_error=self.alarms.last_error)
 
     async def run(self) -> None:
+        """Serve until cancelled, holding the home's service lock: `sohoa edge status` asks it whether
+        the service runs (its status files can go stale on a full disk), and a second service on
+        one home, which would take the same scans under the same client id, is refused."""
+        try:
+            with hold_lock(self.config.home / SERVICE_LOCK, mode=0o640):
+                await self._serve()
+        except LockHeld as exc:
+            raise EdgeAlreadyRunning(f"another `sohoa edge run` (pid {exc.holder or '?'}) serves "
+                                     f"{self.config.home}") from None
+
+    async def _serve(self) -> None:
         cfg = self.config
         for directory in self.layout.private_dirs():
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -213,7 +223,9 @@ class EdgeService:
             if not unchanged:  # spare the SD card: write on change, and once a minute
                 payload = encode(status)[1]
                 try:
-                    await asyncio.to_thread(_write_status, self.config.status_path, payload)
+                    # 0640: the home's group (set by the installer) may read the box's status, never
+                    # the outbox.
+                    await asyncio.to_thread(write_status_file, self.config.status_path, payload, 0o640)
                 except OSError as exc:
                     # Never stop the service over its status file; the next round tries again.
                     log.warning("cannot write %s: %s", self.config.status_path, exc)
@@ -262,30 +274,6 @@ class EdgeService:
 
 def _at_most(value: int | None, ceiling: int) -> int | None:
     return None if value is None else min(value, ceiling)
-
-
-def _write_status(path: Path, payload: bytes) -> None:
-    """Replace the status file atomically; on a full disk, overwrite it in place instead.
-
-    A full disk is exactly when the operator must see the alarm, and an atomic replace needs a new
-    block. Rewriting the existing file reuses its block (a status is far below one block); a power
-    cut in that instant could tear it, and the next atomic write repairs it.
-    """
-    try:
-        # 0640: the home's group (set by the installer) may read the box's status, never the outbox.
-        atomic_write_bytes(path, payload, 0o640)
-    except OSError as exc:
-        if not is_disk_full(exc) or not path.exists():
-            raise
-        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
-        try:
-            written = os.pwrite(fd, payload, 0)
-            if written != len(payload):
-                raise OSError(errno.ENOSPC, f"short write of {path}") from exc
-            os.ftruncate(fd, len(payload))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def run(home: Path) -> int:

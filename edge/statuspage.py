@@ -50,7 +50,7 @@ from edge.clerk import (
     t,
     vn_time,
 )
-from edge.fsutil import atomic_write_bytes, disk_free
+from edge.fsutil import disk_free, write_status_file
 from edge.quarantine import list_failed
 from edge.reasons import explain
 from protocol.version import version
@@ -390,7 +390,7 @@ class StatusServer:
 
 
 def write_view(path: Path, view: dict[str, Any]) -> None:
-    atomic_write_bytes(path, json.dumps(view, ensure_ascii=False).encode("utf-8"), VIEW_MODE)
+    write_status_file(path, json.dumps(view, ensure_ascii=False).encode("utf-8"), VIEW_MODE)
 
 
 async def run(service: EdgeService) -> None:

@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokerStartError as exc:
         return _fail(EX_UNAVAILABLE, str(exc))
     except EdgeError as exc:
-        return _fail(EX_UNAVAILABLE, f"{exc}\nhint: {exc.hint}")
+        return _fail(getattr(exc, "exit_code", EX_UNAVAILABLE), f"{exc}\nhint: {exc.hint}")
     except PermissionError as exc:
         return _fail(EX_NOPERM, str(exc))
     except FileNotFoundError as exc:

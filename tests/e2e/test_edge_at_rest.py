@@ -49,9 +49,10 @@ async def test_private_files_no_plaintext_left_no_secrets_in_logs(
         assert await wait_until(packaged_or_done, within=60, interval=0.05)
         report = await status_report(deployment.edge_home)
 
-    # Everything the edge keeps is private to its user, except the two status files, which the
-    # home's group may read (0640; the home itself is 0700 unless `edge init --status-group`).
-    status_files = {"status.json", "status-view.json"}
+    # Everything the edge keeps is private to its user, except the two status files and the
+    # service's lock (whether it runs; a pid at most), which the home's group may read (0640; the
+    # home itself is 0700 unless `edge init --status-group`).
+    status_files = {"status.json", "status-view.json", "service.lock"}
 
     def status_file(path: Path) -> bool:   # the file, or its atomic write's temporary twin
         return path.parent == cfg.home and any(

@@ -12,8 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from edge import cli as edge_cli
+from edge.clerk import SERVICE_LOCK
+from edge.config import ConfigError
+from edge.fsutil import hold_lock
 from edge.ocr import FakeOcrEngine, TesseractEngine
 from edge.outbox import Outbox
+from sohoa import cli as sohoa_cli
 from tests.faults.cluster import make_documents
 from tests.support.deployment import Deployment, running
 from tests.support.stalled_tesseract import StalledTesseract, assert_gone
@@ -86,3 +91,14 @@ async def test_stops_mid_page_kill_tesseract_count_no_attempt_and_read_the_page_
             return (await service.outbox.stats()).counts.get("delivered", 0) == 1
 
         assert await wait_until(delivered, within=60), await service.outbox.stats()
+
+
+def test_one_service_per_home_and_no_re_init_under_a_running_one(deployment: Deployment,
+                                                                 tmp_path: Path) -> None:
+    """A second `sohoa edge run` on a home that is served exits 75 (both would take the same scans
+    and publish under one client id), and `edge init --force` refuses to move a running queue away."""
+    home = deployment.edge_home
+    with hold_lock(home / SERVICE_LOCK):
+        assert sohoa_cli.main(["edge", "run", "--home", str(home)]) == 75
+        with pytest.raises(ConfigError, match="stop it first"):
+            edge_cli.init(home, tmp_path / "bundle.toml", tmp_path / "scans", force=True)

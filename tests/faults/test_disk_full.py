@@ -10,6 +10,7 @@ The filesystem is a real size-capped tmpfs (skipped where mounting is not allowe
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from pathlib import Path
@@ -17,9 +18,12 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from edge.clerk import SERVICE_LOCK, VIEW_NAME
 from edge.cli import status_report
+from edge.fsutil import hold_lock
 from edge.outbox import DocState
 from edge.service import EdgeService
+from edge.statuspage import write_view
 from tests.faults.cluster import drop, make_documents
 from tests.faults.disk import fill, free, free_bytes, tmpfs
 from tests.faults.jepsen import assert_databases_intact, assert_exactly_once, resent_arrivals
@@ -165,3 +169,29 @@ async def test_central_disk_full_during_sync(tmp_path: Path, caplog: pytest.LogC
 async def _metrics(api: str) -> str:
     async with aiohttp.ClientSession() as session, session.get(api + "/metrics") as response:
         return await response.text()
+
+
+async def test_on_a_full_disk_edge_status_still_says_the_service_runs_and_how_full(tmp_path: Path) -> None:
+    """Found in the field: with the disk full the clerk's status files stopped being rewritten, so
+    `sohoa edge status` called a running service stopped and offline, showed the free space of an
+    hour ago, and (as root) would have opened the running service's outbox itself. The view is now
+    rewritten in place when no new block is to be had, and whether the service runs comes from the
+    lock it holds, not from how fresh its files are."""
+    with tmpfs(4) as disk:
+        home = disk / "edge"
+        home.mkdir()
+        view = {"device": "xa-tan-trao", "online": True, "disk_free_bytes": 3_000_000, "alarms": []}
+        write_view(home / VIEW_NAME, {**view, "written_at": time.time() - 3600})
+        filler = fill(disk)
+        try:
+            full = {**view, "written_at": time.time(), "alarms": ["disk full: no space left on device"] * 8}
+            write_view(home / VIEW_NAME, full)   # in place: there is no block for a new file
+            assert json.loads((home / VIEW_NAME).read_text())["alarms"] == full["alarms"]
+            write_view(home / VIEW_NAME, {**view, "written_at": time.time() - 3600})   # stale again
+            with hold_lock(home / SERVICE_LOCK):
+                report = await status_report(home)
+                assert report["service_running"] and report["online"]
+                assert report["disk_free_bytes"] < 64 * 1024   # measured now, not the view's 3 MB
+            assert not (await status_report(home))["service_running"]   # the lock is free: stopped
+        finally:
+            free(filler)
