@@ -201,9 +201,13 @@ _SUMMARY = ("d.id, d.device, d.filename, d.sha256,"
             " coalesce(o.size, json_extract(d.metadata, '$.original_size')) AS size, d.pages,"
             " coalesce(o.media_type, json_extract(d.metadata, '$.media_type')) AS media_type, d.captured_at,"
             " d.received_at, d.state,"
-            # Why an original has not come: on its way, or its box revoked (replaced by a box that
+            # Why an original has not come: its transfer was refused (the scan went back to the
+            # commune's clerk with the reason), on its way, or its box revoked (replaced by a box that
             # will send it when its held scans are retried, or not replaced: the operator must act).
-            " CASE WHEN d.state != 'awaiting_original' THEN NULL WHEN dv.status = 'active' THEN 'on_its_way'"
+            " CASE WHEN d.state != 'awaiting_original' THEN NULL"
+            "  WHEN EXISTS (SELECT 1 FROM transfers t WHERE t.tid = d.tid AND t.state = 'rejected')"
+            "   THEN 'transfer_refused'"
+            "  WHEN dv.status = 'active' THEN 'on_its_way'"
             "  WHEN EXISTS (SELECT 1 FROM devices r WHERE r.replaces = d.device) THEN 'box_replaced'"
             "  ELSE 'box_revoked' END AS awaiting_reason")
 _WITH_OBJECT = ("LEFT JOIN objects o ON o.sha256 = d.sha256 AND d.state = 'stored'"

@@ -295,3 +295,26 @@ def test_a_box_that_sent_only_a_notice_is_not_removed_but_told_to_revoke(
         commands.device_remove(config.paths.home, DEVICE)
     assert "revoke" in refused.value.hint
     assert catalog.get_device(ingestor._conn, DEVICE) is not None
+
+
+def test_a_noticed_document_whose_transfer_was_refused_says_so(setup: tuple[Ingestor, Bundle],
+                                                                central_keys: CentralKeys) -> None:
+    """Notice first, then the box gives up on the transfer (refused): the document no longer says
+    "on its way" for ever; it says its original was refused (the scan is back with the clerk)."""
+    from protocol.messages import Abort  # noqa: PLC0415
+
+    ingestor, device = setup
+    drop = Drop(device, central_keys, 1)
+    (answer,) = noted(ingestor.handle_batch([encode(drop.notice)]))
+    conn = ingestor._conn
+
+    def reason() -> object:
+        doc = catalog.get_document(conn, answer.document_id)
+        assert doc is not None and doc["state"] == "awaiting_original"
+        return doc["awaiting_reason"]
+
+    assert reason() == "on_its_way"
+    ingestor.handle_batch(drop.transfer()[:1])   # the init only
+    assert reason() == "on_its_way"
+    ingestor.handle_batch([encode(Abort(DEVICE, drop.sealed.tid, "gave up"))])
+    assert reason() == "transfer_refused"

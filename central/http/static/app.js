@@ -23,6 +23,7 @@ function t(key, params) {
 function awaitingKey(doc) {
   if (doc.awaiting_reason === "box_revoked") return "awaiting_box_revoked";
   if (doc.awaiting_reason === "box_replaced") return "awaiting_box_replaced";
+  if (doc.awaiting_reason === "transfer_refused") return "awaiting_transfer_refused";
   return "awaiting_original";
 }
 
