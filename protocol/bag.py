@@ -15,6 +15,7 @@ original's sender-supplied name lives only in ``metadata.json``.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import math
 import re
@@ -102,9 +103,35 @@ class OcrInfo:
         if not isinstance(self.dpi, int) or any(
                 isinstance(n, bool) or not isinstance(n, int | float) for n in numbers):
             raise BagError("ocr dpi, seconds and mean_confidence must be numbers")
+        # Bounded like every other field a device sends (it is catalogued and served back).
+        if len(self.engine) > MAX_SHORT_TEXT or len(self.languages) > 16 or any(
+                len(lang) > 64 for lang in self.languages):
+            raise BagError("ocr engine or languages are too long")
+        if not 0 <= self.dpi <= 10_000 or not _is_number(self.seconds) or not 0 <= self.seconds <= 1e7 or (
+                self.mean_confidence is not None and not (_is_number(self.mean_confidence)
+                                                          and -1 <= self.mean_confidence <= 100)):
+            raise BagError("ocr dpi, seconds or mean_confidence is out of range")
+        if len(self.page_info) > MAX_PAGES:
+            raise BagError(f"ocr page_info has more than {MAX_PAGES} pages")
         if not isinstance(self.dpi_estimated, bool) or not isinstance(self.page_info, tuple) or not all(
                 isinstance(page, OcrPage) for page in self.page_info):
             raise BagError("ocr dpi_estimated must be a bool and page_info a list of pages")
+
+
+# Bounds on what a device's metadata may carry: generous for any honest box (a register of a few
+# hundred pages, a tesseract version string), small enough that one hostile package cannot make a
+# catalogue row or an API answer megabytes long.
+MAX_PAGES = 100_000
+MAX_SHORT_TEXT = 200
+MAX_EXTRA_KEYS = 32
+
+
+def _is_timestamp(value: str) -> bool:
+    try:
+        dt.datetime.fromisoformat(value)
+    except ValueError:
+        return False
+    return True
 
 
 # The fields an archivist types for a "văn bản" (TT 02/2019/TT-BNV; see edge/ocr/schemas/).
@@ -180,6 +207,13 @@ class PackageMetadata:
             raise BagError("metadata sizes or hashes are invalid")
         if display_name(self.original_name) != self.original_name:
             raise BagError("original_name must be a normalised display name")
+        if self.pages > MAX_PAGES:
+            raise BagError(f"metadata pages is more than {MAX_PAGES}")
+        if len(self.captured_at) > MAX_SHORT_TEXT or not _is_timestamp(self.captured_at):
+            raise BagError(f"metadata captured_at is not an ISO 8601 time: {self.captured_at[:40]!r}")
+        if len(self.extra) > MAX_EXTRA_KEYS or any(
+                len(k) > MAX_SHORT_TEXT or len(v) > MAX_FIELD_CHARS for k, v in self.extra.items()):
+            raise BagError(f"metadata extra holds more than {MAX_EXTRA_KEYS} short fields")
 
     def to_json(self) -> bytes:
         obj = asdict(self)

@@ -26,6 +26,7 @@ from protocol.messages import Ack, AckState, Receipt
 from tests.central.builders import seal_stream, tar_of, wire
 from tests.central.conftest import Enroll
 from tests.central.test_ingest import make_ingestor
+from tests.support.files import leftover_files
 
 TRANSCODER = JxlTranscoder.find()
 pytestmark = pytest.mark.skipif(TRANSCODER is None, reason="libjxl-tools (cjxl, djxl) not installed")
@@ -92,7 +93,7 @@ def test_a_jxl_original_is_restored_bit_exact_and_receipted_for_the_jpeg(
     body = receipt.verify(central_keys.receipt.verify_key)
     assert body.sha256 == hashlib.sha256(jpeg).hexdigest()
     assert ObjectStore(config.paths.objects).path_for(body.sha256).read_bytes() == jpeg
-    assert list(config.paths.tmp.iterdir()) == []
+    assert leftover_files(config.paths.tmp) == []
 
 
 @pytest.mark.parametrize("case", ["other-jpeg", "garbage", "unknown-encoding"])
@@ -119,7 +120,7 @@ def test_a_transcode_that_does_not_restore_the_signed_jpeg_is_refused(
     final = [r for r in replies if isinstance(r, Ack)][-1]
     assert (final.state, final.error_class) == (AckState.REJECTED, "BagError")
     assert not [r for r in replies if isinstance(r, Receipt)]
-    assert list(config.paths.objects.rglob("*.jpg")) == [] and list(config.paths.tmp.iterdir()) == []
+    assert list(config.paths.objects.rglob("*.jpg")) == [] and leftover_files(config.paths.tmp) == []
 
 
 def test_the_edge_packages_a_jpeg_as_jxl_only_when_it_restores_exactly(tmp_path: Path) -> None:

@@ -51,6 +51,14 @@ def test_metadata_round_trip() -> None:
     {"ocr": {"engine": "t", "languages": "vie", "dpi": 300, "seconds": 1}},
     {"ocr": {"engine": "t", "languages": ["vie"], "dpi": "300", "seconds": 1}},
     {"ocr": "tesseract"}, {"ocr": None},
+    # Unbounded or nonsense values a hostile box sent, which central catalogued and served back.
+    {"captured_at": "../../etc/passwd<script>"}, {"captured_at": "2024-11-25T07:00:00Z" + " " * 200_000},
+    {"extra": {f"k{n}": "v" for n in range(33)}}, {"extra": {"ghi chú": "x" * 1_000_000}},
+    {"pages": 10**12},
+    {"ocr": {"engine": "t" * 500_000, "languages": ["vie"], "dpi": 300, "seconds": 1}},
+    {"ocr": {"engine": "t", "languages": ["vie"], "dpi": -5, "seconds": 1}},
+    {"ocr": {"engine": "t", "languages": ["vie"], "dpi": 300, "seconds": 1, "mean_confidence": float("nan")}},
+    {"ocr": {"engine": "t", "languages": ["vie"] * 100, "dpi": 300, "seconds": 1}},
 ])
 def test_bad_metadata_is_a_bag_error(change: dict[str, object]) -> None:
     obj = {**json.loads(META.to_json()), **change}
