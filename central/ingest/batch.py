@@ -57,6 +57,7 @@ from central.errors import (
 )
 from central.ingest import quota
 from central.ingest.admission import Admit, Clone, Defer, Known, Refuse, Revive, admit
+from central.ingest.rate import topic_device
 from central.ingest.staging import SegmentJournal, SegmentReader
 from central.ingest.store import IngestStore
 from central.metrics import Metrics
@@ -155,6 +156,7 @@ class BatchStage:
         self._lease_s = lease_s
         self.quotas = quotas or quota.Quotas()
         self.clock = clock   # wall-clock seconds for the quota buckets (a fake in tests)
+        self._refusal_log = LogBudget()
         self._deferred: dict[str, tuple[float, int]] = {}   # device → (last logged, deferred since)
         self.expired = 0   # transfers this worker expired (central.ingest.pipeline.sweep)
 
@@ -169,7 +171,7 @@ class BatchStage:
             try:
                 messages.append((index, decode(topic, payload)))
             except ProtocolError as exc:
-                self._refused(exc, f"undecodable message on {topic[:120]!r}")
+                self._refused(exc, f"undecodable message on {topic[:120]!r}", device=topic_device(topic))
         wanted = {m.tid for _, m in messages if isinstance(m, Segment | Fin)}
         known = db.get_transfers(wanted) if wanted else {}
         for index, msg in messages:
@@ -541,8 +543,15 @@ class BatchStage:
         with contextlib.suppress(FileNotFoundError):
             (self._paths.staging / f"{tid}.part").unlink()
 
-    def _refused(self, exc: ProtocolError, what: str) -> None:
+    def _refused(self, exc: ProtocolError, what: str, *, device: str | None = None) -> None:
         self._metrics.error(type(exc).__name__)
+        key = device or exc.device or "?"
+        suppressed = self._refusal_log.take(key, time.monotonic())
+        if suppressed is None:
+            return
+        if suppressed:
+            log.warning("%d more refusals of %s's messages were not logged (sohoa_errors_total counts them)",
+                        suppressed, key)
         log.warning("refused %s: %s: %s", what, type(exc).__name__, exc)
 
     def _reject(self, batch: _Batch, device: str, tid: str, exc: ProtocolError) -> None:
@@ -550,6 +559,34 @@ class BatchStage:
         batch.open.pop(tid, None)
         batch.reply(tid, Ack(device, tid, AckState.REJECTED, error=str(exc)[:500],
                              error_class=type(exc).__name__))
+
+
+@dataclass(slots=True)
+class LogBudget:
+    """At most ``burst`` log lines per key (a device) per ``window_s``; the rest are counted and the
+    count is said with the key's next logged line. One box sending junk at its message rate (200/s)
+    wrote a warning for every message, ~3 GB of journal a day, burying everyone else's lines."""
+
+    burst: int = 20
+    window_s: float = 60.0
+    max_keys: int = 10_000
+    # key -> [window start, lines logged in it, lines held back]
+    _spent: dict[str, list[float | int]] = field(default_factory=dict)
+
+    def take(self, key: str, now: float) -> int | None:
+        """None: do not log this one. Otherwise log it, after saying how many were held back."""
+        entry = self._spent.get(key)
+        if entry is None or now - entry[0] >= self.window_s:
+            held_back = int(entry[2]) if entry is not None else 0
+            if entry is None and len(self._spent) >= self.max_keys:
+                self._spent.clear()   # many keys at once: forget the counts rather than grow
+            self._spent[key] = [now, 1, 0]
+            return held_back
+        if entry[1] >= self.burst:
+            entry[2] += 1
+            return None
+        entry[1] += 1
+        return 0
 
 
 def count_rejection(db: IngestStore, device: str, tid: str, error_class: str, *, quotas: quota.Quotas,

@@ -19,6 +19,7 @@ import tomli_w
 from nacl.public import PublicKey
 
 from central.admin import commands as central_commands
+from central.ingest.batch import LogBudget
 from central.ingest.rate import MAX_WAITING
 from edge.ocr import FakeOcrEngine
 from protocol.messages import Ack, AckState, Segment, decode, encode
@@ -247,3 +248,13 @@ async def test_an_honest_box_over_its_rate_is_paced_not_dropped(deployment: Depl
     assert "MessageRateExceeded" not in scrape
     [paced] = [line for line in scrape.splitlines() if line.startswith("sohoa_central_messages_paced_total")]
     assert float(paced.split()[-1]) > 0, paced     # it was over its rate, and waited
+
+
+def test_refusals_are_logged_within_a_budget_per_device_and_the_rest_counted() -> None:
+    """A box sending junk at its message rate used to write one warning per message (~3 GB of
+    journal a day); now 20 lines per device per minute, then how many were held back."""
+    budget = LogBudget(burst=3, window_s=60)
+    said = [budget.take("xa-on", t) for t in range(10)] + [budget.take("xa-khac", 5)]
+    assert said == [0, 0, 0, None, None, None, None, None, None, None, 0]   # another device logs
+    assert budget.take("xa-on", 61) == 7   # the next window's first line says what was held back
+    assert budget.take("xa-on", 62) == 0
