@@ -266,14 +266,10 @@ class EdgeService:
             device=self.config.device_id, online=bool(uplink and uplink.connected),
             queue_docs=stats.queued_docs, queue_bytes=stats.queued_bytes,
             oldest_age_s=round(stats.oldest_age_s, 1), failed_docs=stats.failed, last_receipt_at=last,
-            disk_free_bytes=_at_most(disk_free(self.config.home), MAX_STATUS_COUNT), version=version(),
+            disk_free_bytes=min(disk_free(self.config.home), MAX_STATUS_COUNT), version=version(),
             last_error=self.alarms.current_error() or link_error,
             alarms=tuple(sorted(self.alarms.active)),
             updated_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
-
-
-def _at_most(value: int | None, ceiling: int) -> int | None:
-    return None if value is None else min(value, ceiling)
 
 
 def run(home: Path) -> int:

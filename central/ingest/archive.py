@@ -98,10 +98,10 @@ Assembly = Archived | Quarantined | Deferred
 
 class Archiver:
     def __init__(self, paths: CentralPaths, keys: CentralKeys, *, max_plaintext: int,
-                 metrics: Metrics, durability: Durability, quotas: Quotas | None = None,
-                 work_dir: Path | None = None) -> None:
+                 metrics: Metrics, durability: Durability, work_dir: Path,
+                 quotas: Quotas | None = None) -> None:
         self._paths = paths
-        self.work_dir = work_dir or paths.tmp
+        self.work_dir = work_dir   # this worker's own folder under tmp/ (CentralPaths.worker_tmp)
         self._quotas = quotas or Quotas()
         self._durability = durability
         self._keys = keys
@@ -288,12 +288,12 @@ def check_journals(db: IngestStore, staging: Path) -> int:
     return lost
 
 
-def tmp_leftovers(work_dir: Path) -> None:
-    """Half-written decrypted packages of this worker's interrupted assemblies (they restart from
-    the journal), and files a release before per-worker directories left in ``tmp/`` itself. Never
-    another worker's directory: its assemblies may be running."""
+def tmp_leftovers(tmp: Path, work_dir: Path) -> None:
+    """Half-written decrypted packages of this worker's interrupted assemblies (in ``work_dir``; they
+    restart from the journal), and files a release before per-worker folders left in ``tmp`` itself.
+    Never another worker's folder: its assemblies may be running."""
     make_private_dir(work_dir)
-    for directory in {work_dir, work_dir.parent}:
+    for directory in (work_dir, tmp):
         for leftover in directory.glob("*"):
             if leftover.is_file():
                 leftover.unlink()

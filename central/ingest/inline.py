@@ -62,7 +62,7 @@ class Ingestor:
                                 durability=self.durability, quotas=quotas, work_dir=paths.worker_tmp(worker))
         self.expire_after_s = expire_after_s
         remove_stale_staging(self._db, paths)
-        tmp_leftovers(self.archive.work_dir)
+        tmp_leftovers(paths.tmp, self.archive.work_dir)
 
     def transaction(self, fn: Callable[[IngestStore], T]) -> T:
         """Run ``fn`` in one write transaction; the journal is made durable before the commit."""

@@ -129,7 +129,7 @@ class IngestCore:
     def start_up(self, db: IngestStore) -> None:
         remove_stale_staging(db, self.paths)
         check_journals(db, self.paths.staging)
-        tmp_leftovers(self.archive.work_dir)
+        tmp_leftovers(self.paths.tmp, self.archive.work_dir)
 
     def reconcile(self, db: IngestStore) -> list[str]:
         """Give complete transfers a job, take the jobs nobody holds, drop unused journal files."""

@@ -89,6 +89,8 @@ def _die_with(service: int) -> None:
     except ProcessLookupError:
         os.killpg(0, signal.SIGKILL)   # gone already
         return
+    except OSError:   # a kernel before 5.3: no watcher, but OCR still works (the stop kills us)
+        return
 
     def wait_then_end() -> None:
         select.select([pidfd], [], [])   # readable once the service has exited
